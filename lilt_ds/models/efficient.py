@@ -1,0 +1,189 @@
+"""Parameter-efficient unlock sets for a locked tower: what trains, and the modules some items add.
+
+An unlock set is a list such as ``[ln, adapters]`` or ``[bitfit, top_k:2]``. Each item is one
+entry of ``UNLOCKS``: it may add modules to the tower (adapters, LoRA) and names the parameters
+that train. Items that need transformer blocks find them through the tower's ``TowerLayout``, a
+few regular expressions over module names, so one implementation serves timm ViTs and BERTs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """Where a tower's transformer parts live: regexes that a module name must end with (at a dot)."""
+
+    block: str           # one transformer block; group 1 is its index
+    attn_linears: str    # every linear of the attention
+    attn_out: str        # the attention output projection (an adapter follows it)
+    mlp_linears: str     # every linear of the MLP
+    mlp_out: str         # the MLP output linear (an adapter follows it)
+
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
+
+
+class Adapter(nn.Module):
+    """Houlsby bottleneck: x + up(GELU(down(x))). ``up`` starts at zero, so a new adapter is the identity."""
+
+    def __init__(self, width: int, reduction: int = 4):
+        super().__init__()
+        if reduction < 1 or width // reduction < 1:
+            raise ConfigError(f"adapter_reduction {reduction} is invalid for width {width}: use 1..{width}")
+        self.down = nn.Linear(width, width // reduction)
+        self.act = nn.GELU()
+        self.up = nn.Linear(width // reduction, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.act(self.down(x)))
+
+
+def _apply_adapter_hook(module: nn.Module, inputs, output):
+    return module.adapter(output)
+
+
+def _suffix_regex(pattern: str) -> re.Pattern:
+    return re.compile(r"(?:^|\.)(?:" + pattern + r")$")
+
+
+def modules_matching(tower: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    regex = _suffix_regex(pattern)
+    return [(name, m) for name, m in tower.trunk.named_modules() if name and regex.search(name)]
+
+
+def transformer_blocks(tower: nn.Module) -> list[tuple[int, str]]:
+    """(index, module name) of every block that holds attention; empty for convolutional towers."""
+    regex = _suffix_regex(tower.layout.block) if tower.layout else None
+    attn = {name for name, _ in modules_matching(tower, tower.layout.attn_out)} if tower.layout else set()
+    blocks = []
+    for name, _ in tower.trunk.named_modules():
+        match = regex.search(name) if regex else None
+        if match and any(a.startswith(name + ".") for a in attn):
+            blocks.append((int(match.group(1)), name))
+    return blocks
+
+
+def _require_blocks(tower: nn.Module, item: str) -> list[tuple[int, str]]:
+    blocks = transformer_blocks(tower)
+    if not blocks:
+        raise ConfigError(
+            f"unlock item {item!r} needs transformer blocks, but the {tower.kind} tower {tower.model_name!r} has "
+            "none (a convolutional network?). Use ln or bitfit for it, or a transformer model."
+        )
+    return blocks
+
+
+def _param_names_under(tower: nn.Module, module_names) -> set[str]:
+    prefixes = tuple(n + "." for n in module_names)
+    return {n for n, _ in tower.trunk.named_parameters() if n.startswith(prefixes)}
+
+
+def _ln(tower, arg, tower_cfg) -> set[str]:
+    names = [n for n, m in tower.trunk.named_modules() if isinstance(m, NORM_TYPES)]
+    return {f"{n}.{p}" for n in names for p, _ in tower.trunk.get_submodule(n).named_parameters(recurse=False)}
+
+
+def _bitfit(tower, arg, tower_cfg) -> set[str]:
+    return {n for n, _ in tower.trunk.named_parameters() if n.endswith("bias")}
+
+
+def _attn(tower, arg, tower_cfg) -> set[str]:
+    _require_blocks(tower, "attn")
+    return _param_names_under(tower, [n for n, _ in modules_matching(tower, tower.layout.attn_linears)])
+
+
+def _mlp(tower, arg, tower_cfg) -> set[str]:
+    _require_blocks(tower, "mlp")
+    return _param_names_under(tower, [n for n, _ in modules_matching(tower, tower.layout.mlp_linears)])
+
+
+def _top_k(tower, arg, tower_cfg) -> set[str]:
+    blocks = _require_blocks(tower, "top_k")
+    try:
+        k = int(arg)
+    except (TypeError, ValueError):
+        raise ConfigError(f"unlock item top_k needs a block count, as in top_k:2 (got top_k:{arg})") from None
+    if not 1 <= k <= len(blocks):
+        raise ConfigError(f"top_k:{k} is out of range: the {tower.kind} tower has {len(blocks)} blocks")
+    last = sorted(blocks)[-k:]
+    return _param_names_under(tower, [name for _, name in last])
+
+
+def _adapters(tower, arg, tower_cfg) -> set[str]:
+    _require_blocks(tower, "adapters")
+    targets = modules_matching(tower, tower.layout.attn_out) + modules_matching(tower, tower.layout.mlp_out)
+    for _, linear in targets:
+        linear.adapter = Adapter(linear.out_features, tower_cfg.get("adapter_reduction", 4))
+        linear.register_forward_hook(_apply_adapter_hook)
+    return {n for n, _ in tower.trunk.named_parameters() if ".adapter." in n}
+
+
+def default_lora_targets(tower) -> str:
+    """A regex (peft full-matches it) over the attention and MLP linears of the blocks."""
+    return f"(?:.*\\.)?(?:{tower.layout.attn_linears}|{tower.layout.mlp_linears})"
+
+
+def _lora(tower, arg, tower_cfg) -> set[str]:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora_cfg = tower_cfg.get("lora") or {}
+    targets = lora_cfg.get("target_modules")
+    if targets is None:
+        _require_blocks(tower, "lora")
+        targets = default_lora_targets(tower)
+    config = LoraConfig(
+        r=lora_cfg.get("rank", 8),
+        lora_alpha=lora_cfg.get("alpha", 16),
+        lora_dropout=lora_cfg.get("dropout", 0.0),
+        target_modules=targets,
+    )
+    try:
+        inject_adapter_in_model(config, tower.trunk)
+    except ValueError as e:
+        raise ConfigError(f"LoRA on the {tower.kind} tower: {e} (model.{tower.kind}.lora.target_modules)") from None
+    return {n for n, _ in tower.trunk.named_parameters() if "lora_" in n}
+
+
+# name -> function(tower, argument, tower config) -> trunk parameter names that train.
+# Items that add modules (lora before adapters, so an adapter follows a LoRA-wrapped linear) run first.
+UNLOCKS: dict[str, Callable] = {
+    "lora": _lora,
+    "adapters": _adapters,
+    "ln": _ln,
+    "bitfit": _bitfit,
+    "attn": _attn,
+    "mlp": _mlp,
+    "top_k": _top_k,
+}
+
+
+def parse_unlock(items, where: str) -> list[tuple[str, str | None]]:
+    parsed = []
+    for item in items:
+        name, _, arg = str(item).partition(":")
+        if name not in UNLOCKS:
+            raise ConfigError(
+                f"unknown unlock item {item!r} in {where}: choose from {', '.join(UNLOCKS)} (top_k as top_k:K)"
+            )
+        parsed.append((name, arg or None))
+    order = list(UNLOCKS)
+    return sorted(parsed, key=lambda p: order.index(p[0]))
+
+
+def apply_unlocks(tower: nn.Module, items, tower_cfg, where: str) -> set[str]:
+    """Add the modules the items ask for and return the trunk parameter names that train."""
+    names: set[str] = set()
+    for name, arg in parse_unlock(items, where):
+        names |= UNLOCKS[name](tower, arg, tower_cfg)
+    return names

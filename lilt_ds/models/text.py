@@ -1,0 +1,107 @@
+"""The text tower: a transformers encoder (BERT family), CLS or mean pooled."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
+
+from ..config import ConfigError
+from .efficient import TowerLayout
+from .weights import PKG_PREFIX, resolve_pkg
+
+# architecture (so a model can be built and counted offline) and the weights the LilT paper used
+TEXT_PRESETS = {
+    "tiny": (dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+             "google/bert_uncased_L-2_H-128_A-2"),
+    "small": (dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+              "prajjwal1/bert-small"),
+    "base": (dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+             "princeton-nlp/unsup-simcse-bert-base-uncased"),
+    "large": (dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+              "princeton-nlp/unsup-simcse-bert-large-uncased"),
+}
+
+# BERT and its relatives (RoBERTa, ELECTRA, MiniLM) name their parts alike
+BERT_LAYOUT = TowerLayout(
+    block=r"encoder\.layer\.(\d+)",
+    attn_linears=r"encoder\.layer\.\d+\.attention\.(?:self\.(?:query|key|value)|output\.dense)",
+    attn_out=r"encoder\.layer\.\d+\.attention\.output\.dense",
+    mlp_linears=r"encoder\.layer\.\d+\.(?:intermediate|output)\.dense",
+    mlp_out=r"encoder\.layer\.\d+\.output\.dense",
+)
+
+POOLINGS = ("cls", "mean")
+
+
+def _check_local(source: str, key: str) -> str:
+    if source.startswith(("/", "./", "../", "~")):
+        path = os.path.expanduser(source)
+        if not os.path.isdir(path):
+            raise ConfigError(f"text model folder {path} does not exist ({key}={source})")
+        return path
+    return source
+
+
+def text_sources(tower_cfg) -> tuple[dict | None, str, str | None]:
+    """(preset architecture or None, architecture source, weights source or None) of ``model.text``."""
+    name, pretrained = tower_cfg["name"], tower_cfg.get("pretrained")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model.text.name must be a preset ({', '.join(TEXT_PRESETS)}), a hub name or a folder")
+    preset = TEXT_PRESETS.get(name)
+    arch_source = preset[1] if preset else _check_local(resolve_pkg(name), "model.text.name")
+    if pretrained is True:
+        weights = arch_source
+    elif pretrained in (None, False):
+        weights = None
+    elif isinstance(pretrained, str):
+        weights = _check_local(resolve_pkg(pretrained), "model.text.pretrained")
+    else:
+        raise ConfigError(f"model.text.pretrained must be true, false, a hub name or a folder, got {pretrained!r}")
+    return (preset[0] if preset else None), arch_source, weights
+
+
+def build_tokenizer(tower_cfg):
+    """The tokenizer of the text tower: ``model.text.tokenizer``, else where its weights come from."""
+    _, arch_source, weights = text_sources(tower_cfg)
+    source = tower_cfg.get("tokenizer") or weights or arch_source
+    return AutoTokenizer.from_pretrained(_check_local(resolve_pkg(source), "model.text.tokenizer"))
+
+
+class TextTower(nn.Module):
+    """A transformers encoder without its pooler; ``forward(ids, mask)`` returns pooled features [B, width]."""
+
+    kind = "text"
+
+    def __init__(self, tower_cfg, load_weights: bool = True):
+        super().__init__()
+        preset_arch, arch_source, weights = text_sources(tower_cfg)
+        self.model_name = tower_cfg["name"]
+        self.pooling = tower_cfg.get("pooling", "cls")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"unknown model.text.pooling {self.pooling!r}: choose {' or '.join(POOLINGS)}")
+        if load_weights and weights is not None:
+            trunk = AutoModel.from_pretrained(weights)
+        else:
+            config = BertConfig(**preset_arch) if preset_arch else AutoConfig.from_pretrained(arch_source)
+            trunk = AutoModel.from_config(config)
+        if getattr(trunk, "pooler", None) is not None:
+            trunk.pooler = None  # unused: we pool ourselves, and a parameter without gradient confuses ZeRO
+        self.trunk = trunk
+        self.width = trunk.config.hidden_size
+        self.layout = BERT_LAYOUT
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:  # non-reentrant: works when no input requires grad (frozen embeddings feeding adapters)
+            self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.trunk.gradient_checkpointing_disable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -1,0 +1,112 @@
+"""The image tower: any timm model by name, pooled features out (CLS token for ViTs)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+
+import timm
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .efficient import TowerLayout
+from .weights import PKG_PREFIX, resolve_pkg
+
+# the LilT paper's sizes: DeiT (ViT patch 16) at widths 192/384/768/1024 (DeiT has no large)
+VISION_PRESETS = {
+    "tiny": "deit_tiny_patch16_224",
+    "small": "deit_small_patch16_224",
+    "base": "deit_base_patch16_224",
+    "large": "vit_large_patch16_224",
+}
+
+# timm's ViT family (and models that name their parts like it)
+TIMM_TRANSFORMER = TowerLayout(
+    block=r"blocks\.(\d+)",
+    attn_linears=r"blocks\.\d+\.attn\.(?:qkv|q_proj|k_proj|v_proj|proj)",
+    attn_out=r"blocks\.\d+\.attn\.proj",
+    mlp_linears=r"blocks\.\d+\.mlp\.(?:fc1|fc2)",
+    mlp_out=r"blocks\.\d+\.mlp\.fc2",
+)
+
+
+def timm_model_name(name: str) -> str:
+    name = VISION_PRESETS.get(name, name)
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" Closest timm models: {', '.join(close)}." if close else ""
+        raise ConfigError(
+            f"unknown vision model {name!r} (model.vision.name).{hint} Use a preset "
+            f"({', '.join(VISION_PRESETS)}) or any name from timm.list_models()."
+        )
+    return name
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.path.splitext(source)[1] in (".pth", ".pt", ".bin", ".safetensors")
+
+
+def _local_dir_weights(folder: str) -> str:
+    for fname in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, fname)):
+            return os.path.join(folder, fname)
+    raise ConfigError(f"local-dir:{folder} holds no model.safetensors or pytorch_model.bin (model.vision.pretrained)")
+
+
+def pretrained_kwargs(pretrained) -> dict:
+    """Translate ``model.vision.pretrained`` into timm.create_model arguments (timm resizes pos embeds)."""
+    if pretrained in (None, False):
+        return {"pretrained": False}
+    if pretrained is True:
+        return {"pretrained": True}
+    if not isinstance(pretrained, str):
+        raise ConfigError(f"model.vision.pretrained must be true, false or a string, got {pretrained!r}")
+    if pretrained.startswith("hf-hub:"):
+        return {"pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": pretrained[len("hf-hub:"):]}}
+    source = pretrained
+    if pretrained.startswith(PKG_PREFIX):
+        source = resolve_pkg(pretrained)
+    elif pretrained.startswith("local-dir:"):
+        folder = os.path.expanduser(pretrained[len("local-dir:"):])
+        if not os.path.isdir(folder):
+            raise ConfigError(f"vision weights folder {folder} does not exist (model.vision.pretrained={pretrained})")
+        source = _local_dir_weights(folder)
+    elif _is_local(pretrained):
+        source = os.path.expanduser(pretrained)
+    else:
+        raise ConfigError(
+            f"model.vision.pretrained={pretrained!r} is neither a file nor a known source: use true (timm's "
+            "default weights), hf-hub:ORG/NAME, local-dir:DIR, a .pth/.safetensors path or pkg:PACKAGE"
+        )
+    if not os.path.isfile(source):
+        raise ConfigError(f"vision weights file {source} does not exist (model.vision.pretrained={pretrained})")
+    return {"pretrained": True, "pretrained_cfg_overlay": {"file": source}}
+
+
+class VisionTower(nn.Module):
+    """A timm trunk without classifier; ``forward(images)`` returns its pooled features [B, width]."""
+
+    kind = "vision"
+
+    def __init__(self, tower_cfg, image_size: int, load_weights: bool = True):
+        super().__init__()
+        self.model_name = timm_model_name(tower_cfg["name"])
+        kwargs = pretrained_kwargs(tower_cfg.get("pretrained")) if load_weights else {"pretrained": False}
+        try:
+            trunk = timm.create_model(self.model_name, num_classes=0, img_size=image_size, **kwargs)
+        except TypeError as e:  # convolutional nets take any size and have no img_size argument
+            if "img_size" not in str(e):
+                raise
+            trunk = timm.create_model(self.model_name, num_classes=0, **kwargs)
+        self.trunk = trunk
+        self.width = trunk.num_features
+        self.layout = TIMM_TRANSFORMER
+        self.mean = tuple(trunk.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(trunk.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)  # timm checkpoints non-reentrantly
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images)

