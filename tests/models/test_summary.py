@@ -1,0 +1,50 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lilt_ds.config import load_config
+from lilt_ds.models import build_model, trainable_summary
+from lilt_ds.models.summary import main
+from tests.conftest import tiny_overrides
+
+
+def total_percent(output: str) -> float:
+    line = next(l for l in output.splitlines() if l.startswith("total"))
+    return float(re.search(r"([\d.]+)%$", line).group(1))
+
+
+# the LilT paper's base/base, 256 px figures (ranges from the issue)
+@pytest.mark.parametrize("preset,low,high", [
+    ("lilt", 6.5, 7.5), ("lilt_ln", 0.0, 0.5), ("lilt_bitfit", 0.0, 0.5), ("lit", 50, 60), ("clip", 100, 100),
+])
+def test_summary_of_base_presets(preset, low, high, capsys):
+    main(["--config", preset])
+    out = capsys.readouterr().out
+    assert "vision=base text=base image_size=256" in out
+    assert low <= total_percent(out) <= high
+
+
+def test_summary_counts_match_the_parameters():
+    model = build_model(load_config("lilt", tiny_overrides(vision_unlock=["ln"], text_unlock=["bitfit"])))
+    counts = trainable_summary(model)
+    assert counts["total"]["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["total"]["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts["vision"]["trainable"] == sum(p.numel() for n, p in model.vision.named_parameters() if "norm" in n)
+    assert counts["heads"]["trainable"] == counts["heads"]["total"] == sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith(("vision.", "text.")))
+
+
+def test_summary_command_runs_offline_with_overrides():
+    out = subprocess.run(
+        [sys.executable, "-m", "lilt_ds.models", "--config", "lilt", "--overrides", "vision_encoder=large",
+         "text_encoder=small"], capture_output=True, text=True, check=True).stdout
+    assert "vision=large text=small" in out and out.count("\n") >= 5
+
+
+def test_summary_command_reports_bad_overrides():
+    result = subprocess.run([sys.executable, "-m", "lilt_ds.models", "--config", "lilt", "--overrides", "visionencoder=x"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown config key 'visionencoder'" in result.stderr
+    assert "vision_encoder" in result.stderr and "Traceback" not in result.stderr
