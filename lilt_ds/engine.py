@@ -1,0 +1,175 @@
+"""The DeepSpeed engine: ds_config loading with "auto" values, trainable-only parameter groups.
+
+The ds_config owns ZeRO stage, precision, offload and the optimizer/scheduler blocks; the experiment
+config owns batch sizes, learning rate and schedule length. ``"auto"`` (the Hugging Face
+convention, which core DeepSpeed does not resolve) and absent keys are filled from the experiment
+config; explicit values that contradict it are refused, naming both. Only trainable parameters
+reach ``deepspeed.initialize``, so frozen ones get no gradient, fp32 copy or optimizer state.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .models.dual_encoder import MAX_LOGIT_SCALE
+
+AUTO = "auto"
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def load_ds_config(path: str) -> dict:
+    if not path:
+        raise ConfigError("no ds_config given: pass --deepspeed_config ds_configs/zero2.json (or another file there)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"ds_config {path} does not exist: pick one of ds_configs/*.json")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"ds_config {path} must hold a JSON object")
+    return ds
+
+
+def _fill(ds: dict, path: str, expected, source: str, ds_name: str) -> None:
+    """Set ds[path] to ``expected`` when absent or "auto"; refuse an explicit value that differs."""
+    *parents, leaf = path.split(".")
+    node = ds
+    for key in parents:
+        node = node.setdefault(key, {})
+    value = node.get(leaf, AUTO)
+    if value == AUTO:
+        node[leaf] = expected
+        return
+    same = abs(float(value) - float(expected)) <= 1e-12 * max(1.0, abs(float(expected))) \
+        if isinstance(value, (int, float)) and isinstance(expected, (int, float)) else value == expected
+    if not same:
+        raise ConfigError(
+            f"ds_config {ds_name} sets {path}={value!r} but the experiment config gives {source}={expected!r}: "
+            f'make them agree, or write "auto" in the ds_config'
+        )
+
+
+def _check_precision_and_stage(ds: dict, ds_name: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"ds_config {ds_name}: unknown ZeRO stage {stage!r} in zero_optimization.stage; use 0, 1, 2 or 3")
+    accel = get_accelerator()
+    if ds.get("fp16", {}).get("enabled") and not accel.is_fp16_supported():
+        raise ConfigError(
+            f"ds_config {ds_name} enables fp16, which the {accel.device_name()} accelerator does not support: "
+            "use a bf16 config such as ds_configs/zero2.json"
+        )
+    if ds.get("bf16", {}).get("enabled") and not accel.is_bf16_supported():
+        raise ConfigError(f"ds_config {ds_name} enables bf16, which this device does not support: use ds_configs/zero2_fp16.json")
+    for key in ("offload_optimizer", "offload_param"):
+        offload = ds.get("zero_optimization", {}).get(key) or {}
+        if offload.get("device") == "nvme":
+            path = offload.get("nvme_path")
+            if not path or not os.path.isdir(path) or not os.access(path, os.W_OK):
+                raise ConfigError(
+                    f"ds_config {ds_name}: zero_optimization.{key}.nvme_path={path!r} is not a writable folder: "
+                    "point it at a folder on a local NVMe drive"
+                )
+
+
+def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name: str = "ds_config") -> dict:
+    """A copy of ``ds`` with every "auto" filled from the experiment config, checked for contradictions."""
+    ds = copy.deepcopy(ds)
+    train = cfg["train"]
+    micro, accum = train["micro_batch_size"], train["grad_accum_steps"]
+    for name, value in (("train.micro_batch_size", micro), ("train.grad_accum_steps", accum)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    ratio = train["min_lr"] / train["lr"] if train["lr"] else 0.0
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", ds_name)
+    _fill(ds, "gradient_accumulation_steps", accum, "train.grad_accum_steps", ds_name)
+    _fill(ds, "train_batch_size", micro * accum * world_size,
+          f"train.micro_batch_size x train.grad_accum_steps x world size ({micro} x {accum} x {world_size})", ds_name)
+    _fill(ds, "gradient_clipping", float(train["grad_clip"]), "train.grad_clip", ds_name)
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    _fill(ds, "optimizer.params.lr", float(train["lr"]), "train.lr", ds_name)
+    _fill(ds, "optimizer.params.weight_decay", float(train["weight_decay"]), "train.weight_decay", ds_name)
+    ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
+    if ds["scheduler"].get("type") == "WarmupCosineLR":
+        warmup = max(1, min(int(train["warmup_steps"]), total_steps))  # DeepSpeed needs >= 1
+        _fill(ds, "scheduler.params.total_num_steps", total_steps, "the schedule length (train.epochs / train.max_steps)", ds_name)
+        _fill(ds, "scheduler.params.warmup_num_steps", warmup, "train.warmup_steps", ds_name)
+        _fill(ds, "scheduler.params.warmup_min_ratio", ratio, "train.min_lr / train.lr", ds_name)
+        _fill(ds, "scheduler.params.cos_min_ratio", ratio, "train.min_lr / train.lr", ds_name)
+    leftover = [k for k, v in _walk(ds) if v == AUTO]
+    if leftover:
+        raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
+    _check_precision_and_stage(ds, ds_name)
+    return ds
+
+
+def _walk(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only, in two groups: decayed matrices, and undecayed biases, norms, scalars.
+
+    No group is ever empty (DeepSpeed ZeRO-1/2 index into each group's first parameter).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("the model has no trainable parameter: check mode, model.*.unlock and freeze_* settings")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
+    """``deepspeed.initialize`` with the trainable parameter groups; returns (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    model.to(engine_dtype(ds_config))  # buffers too (BatchNorm statistics), which DeepSpeed leaves as they are
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def engine_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+@torch.no_grad()
+def clamp_logit_scale(engine) -> None:
+    """Clamp the temperature to [0, ln 100] after a step: the module copy and the fp32 master alike.
+
+    Clamping only the bf16 module parameter would be undone at the next step, which copies the
+    (unclamped) fp32 master back; under ZeRO-3 the parameter must be gathered to be written.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    param = engine.module.logit_scale
+    if not param.requires_grad:
+        return
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+        param.data.clamp_(0, MAX_LOGIT_SCALE)
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))

@@ -1,0 +1,123 @@
+"""What a run reports: the log file, the progress bar, periodic metrics, wandb and results.jsonl.
+
+wandb is optional in every sense: missing, offline or failing, it never stops a run. Without
+credentials it logs offline (``wandb sync`` uploads later).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import psutil
+import torch
+
+log = logging.getLogger("lilt_ds")
+
+
+def setup_logging(output_dir: str, rank: int) -> None:
+    """Rank 0 logs INFO to the console and to ``train.log``; other ranks log warnings only."""
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    log.addHandler(console)
+    if rank == 0:
+        file = logging.FileHandler(os.path.join(output_dir, "train.log"))
+        file.setFormatter(fmt)
+        log.addHandler(file)
+
+
+def memory_in_use(device: torch.device) -> float:
+    """GiB held: allocated accelerator memory, or this process's resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _has_wandb_credentials() -> bool:
+    return bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
+
+
+def start_wandb(cfg, output_dir: str):
+    """A wandb run, or None when disabled or unavailable (never an exception)."""
+    if cfg.logging.disable_wandb:
+        return None
+    try:
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_credentials() else "offline")
+        return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name, dir=output_dir,
+                          config=cfg.to_dict(), mode=mode)
+    except Exception as e:  # noqa: BLE001 - wandb must never fail a run
+        log.warning("wandb unavailable (%s: %s): continuing without it", type(e).__name__, e)
+        return None
+
+
+class MetricLogger:
+    """Rank 0's reporting: every ``train.log_every`` steps a log line (and wandb), each evaluation a
+    line of ``results.jsonl`` (OpenCLIP's convention: one JSON object per evaluation)."""
+
+    def __init__(self, cfg, output_dir: str, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.results_path = os.path.join(output_dir, "results.jsonl")
+        self.wandb = start_wandb(cfg, output_dir) if rank == 0 else None
+        self.window_samples, self.window_time, self.bar = 0, 0.0, None
+
+    def progress(self, loader, epoch: int, step: int, total_steps: int):
+        """Iterate the loader, with a progress bar on rank 0."""
+        if self.rank != 0:
+            return loader
+        from tqdm import tqdm
+
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False, file=sys.stderr)
+        return self.bar
+
+    def step(self, step: int, loss: float, engine, seconds: float, samples_per_rank: int) -> None:
+        self.window_samples += samples_per_rank
+        self.window_time += seconds
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix(step=step, loss=f"{loss:.4f}")
+        if step % self.cfg.train.log_every and step != 1:
+            return
+        per_device = self.window_samples / max(self.window_time, 1e-9)
+        scale = engine.module.logit_scale.detach().float()
+        metrics = {
+            "loss": loss,
+            "lr": engine.get_lr()[0],
+            "logit_scale": scale.exp().item() if scale.numel() else float("nan"),
+            "samples_per_s": per_device * self.world_size,
+            "samples_per_s_per_device": per_device,
+            "memory_gib": memory_in_use(engine.device),
+        }
+        self.window_samples, self.window_time = 0, 0.0
+        log.info("step %d " + " ".join(f"{k}=%.4g" for k in metrics), step, *metrics.values())
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def evaluation(self, step: int, epoch: int, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        record = {"step": step, "epoch": epoch, "time": time.time(), **metrics}
+        with open(self.results_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("eval epoch %d step %d: %s", epoch, step,
+                 " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,254 @@
+"""The training loop, top to bottom: set-up, steps with accumulation, logging, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+
+import numpy as np
+import torch
+
+from . import engine as ds_engine
+from .config import Config, ConfigError, save_config
+from .data import build_eval_data, build_train_loader, global_bad_sample_counts
+from .evaluate import evaluate_retrieval, format_retrieval_table
+from .losses import build_loss, exact_accumulation_step
+from .models import build_model, build_tokenizer, trainable_summary
+from .models.summary import format_summary
+from .run_logging import MetricLogger, setup_logging
+
+log = logging.getLogger("lilt_ds")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher set up; a plain ``python`` run becomes a world of one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # not started by the deepspeed launcher (or torchrun)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(cfg: Config, rank: int) -> str:
+    """Create (and check we can write to) the run folder before any expensive work."""
+    out = cfg.output_dir or os.path.join("outputs", f"{cfg.config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.output_dir = out
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"output folder {out} is not writable ({e.strerror}): choose another --output_dir") from None
+    return out
+
+
+def checkpoint_folder(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> tuple[str, str] | None:
+    """``--resume DIR|latest`` -> (checkpoint folder, tag)."""
+    if not resume:
+        return None
+    folder = checkpoint_folder(output_dir) if resume == "latest" else resume
+    if resume != "latest" and os.path.isfile(os.path.join(resume, "latest")) is False and \
+            os.path.isdir(os.path.join(os.path.dirname(resume.rstrip("/")), "")) and \
+            os.path.isfile(os.path.join(os.path.dirname(resume.rstrip("/")), "latest")):
+        # a tag folder (checkpoints/step100) rather than the checkpoints folder
+        return os.path.dirname(resume.rstrip("/")), os.path.basename(resume.rstrip("/"))
+    latest = os.path.join(folder, "latest")
+    if not os.path.isfile(latest):
+        raise ConfigError(f"--resume {resume}: no checkpoint found ({latest} does not exist)")
+    with open(latest) as f:
+        return folder, f.read().strip()
+
+
+def to_device(batch: dict, device, dtype) -> dict:
+    return {
+        "images": batch["images"].to(device, dtype, non_blocking=True),
+        "input_ids": batch["input_ids"].to(device, non_blocking=True),
+        "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
+    }
+
+
+def as_fp32(outputs):
+    """The loss runs in fp32 whatever the engine's precision (exp and log-sum-exp need the range)."""
+    return tuple(o.float() for o in outputs)
+
+
+class Trainer:
+    """Holds what the loop needs; ``run()`` reads top to bottom like nanoGPT's loop."""
+
+    def __init__(self, cfg: Config, ds_config_path: str, resume: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed()
+        self.output_dir = prepare_output_dir(cfg, self.rank)
+        torch.distributed.barrier()
+        setup_logging(self.output_dir, self.rank)
+        ds_raw = ds_engine.load_ds_config(ds_config_path)
+        self.resume = resolve_resume(resume, self.output_dir)
+
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.tokenizer = build_tokenizer(cfg.model.text)
+        self.model = build_model(cfg)
+        mean, std, size = self.model.vision.mean, self.model.vision.std, cfg.model.image_size
+        self.loader, self.dataset, self.sampler = build_train_loader(
+            cfg.data, self.tokenizer, size, mean, std, self.rank, self.world_size, cfg.train.micro_batch_size, cfg.seed)
+        self.eval_data = build_eval_data(cfg.data, self.tokenizer, size, mean, std)
+
+        accum = cfg.train.grad_accum_steps
+        self.steps_per_epoch = self.loader.batches_per_epoch // accum
+        if self.steps_per_epoch < 1:
+            raise ConfigError(
+                f"an epoch has {self.loader.batches_per_epoch} micro-batches per rank, fewer than "
+                f"train.grad_accum_steps={accum}: lower it or add data")
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, int(cfg.train.max_steps))
+        self.ds_config = ds_engine.resolve_ds_config(ds_raw, cfg, self.world_size, self.total_steps, ds_config_path)
+        self.dtype = ds_engine.engine_dtype(self.ds_config)
+        self.loss_fn = build_loss(cfg.loss)
+        if self.rank == 0:
+            save_config(cfg, os.path.join(self.output_dir, "config.yaml"))
+            with open(os.path.join(self.output_dir, "ds_config.json"), "w") as f:
+                json.dump(self.ds_config, f, indent=2)
+        log.info("parameters (trainable only reach DeepSpeed):\n%s", format_summary(trainable_summary(self.model)))
+
+        self.engine, self.optimizer, self.scheduler = ds_engine.initialize(
+            self.model, self.ds_config, cfg.train.weight_decay)
+        self.device = self.engine.device
+        seed_everything(cfg.seed + 1000 * self.rank)  # per-rank dropout noise
+        self.step, self.epoch, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0, 0
+        self.metrics = MetricLogger(cfg, self.output_dir, self.rank, self.world_size)
+        if self.resume:
+            self.load_checkpoint(*self.resume)
+
+    # ---------------------------------------------------------------- one optimizer step
+    def train_step(self, micro_batches: list[dict]) -> float:
+        """Forward/backward every micro-batch, one optimizer step; returns the loss (global batch)."""
+        engine = self.engine
+        if self.cfg.train.exact_accumulation:
+            def backward(loss):
+                engine.backward(loss, scale_wrt_gas=False)  # each pass gives its micro-batch's exact share
+                engine.step()
+
+            return float(exact_accumulation_step(
+                lambda *a: as_fp32(engine(*a)), micro_batches, self.loss_fn, backward))
+        total = 0.0
+        for batch in micro_batches:
+            loss = self.loss_fn(*as_fp32(engine(batch["images"], batch["input_ids"], batch["attention_mask"])))
+            if not torch.isfinite(loss):  # the loss is global, so every rank takes the same branch
+                return float("nan")
+            engine.backward(loss)
+            engine.step()
+            total += loss.item() / len(micro_batches)
+        return total
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
+        log.info("training %d steps (%d per epoch), %d rank(s), micro batch %d x accumulation %d, ds_config stage %s %s",
+                 self.total_steps, self.steps_per_epoch, self.world_size, cfg.train.micro_batch_size, accum,
+                 self.ds_config.get("zero_optimization", {}).get("stage", 0), self.dtype)
+        results = {}
+        while self.step < self.total_steps:
+            self.loader.set_epoch(self.epoch)
+            pending = []
+            for batch in self.metrics.progress(self.loader, self.epoch, self.step, self.total_steps):
+                pending.append(to_device(batch, self.device, self.dtype))
+                if len(pending) < accum:
+                    continue
+                start = time.perf_counter()
+                loss = self.train_step(pending)
+                pending = []
+                if not math.isfinite(loss):
+                    self.skip_nonfinite(loss)
+                    continue
+                self.nonfinite_in_row = 0
+                ds_engine.clamp_logit_scale(self.engine)
+                self.step += 1
+                self.metrics.step(self.step, loss, self.engine, time.perf_counter() - start,
+                                  cfg.train.micro_batch_size * accum)
+                if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
+                    self.save_checkpoint()
+                if self.step >= self.total_steps:
+                    break
+            bad = global_bad_sample_counts(self.dataset.bad_samples)
+            if bad.get("bad", 0):
+                log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
+            self.epoch += 1
+            if self.eval_data is not None and cfg.eval.every_epochs and \
+                    (self.epoch % cfg.eval.every_epochs == 0 or self.step >= self.total_steps):
+                results = self.evaluate()
+        self.save_checkpoint()
+        if results and self.rank == 0:
+            print("\nretrieval on the held-out split after training:\n" + format_retrieval_table(results), flush=True)
+        self.metrics.close()
+        return results
+
+    def skip_nonfinite(self, loss: float) -> None:
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        self.engine.zero_grad()
+        log.warning("non-finite loss (%s) at step %d: step skipped (%d in a row, %d in total)",
+                    loss, self.step, self.nonfinite_in_row, self.nonfinite_total)
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}: training diverged. "
+                "Lower train.lr, raise train.warmup_steps, or check the data; "
+                f"the limit is train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}")
+
+    def evaluate(self) -> dict:
+        metrics = evaluate_retrieval(self.engine.module, self.eval_data, self.cfg.eval.batch_size,
+                                     self.device, self.dtype)
+        self.metrics.evaluation(self.step, self.epoch, metrics)
+        return metrics
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        folder = checkpoint_folder(self.output_dir)
+        tag = f"step{self.step}"
+        state = {"step": self.step, "epoch": self.epoch, "sampler": self.sampler.state_dict(),
+                 "nonfinite_total": self.nonfinite_total}
+        self.engine.save_checkpoint(folder, tag=tag, client_state=state, exclude_frozen_parameters=True)
+        if self.cfg.checkpoint.save_last_only and self.rank == 0:
+            for old in os.listdir(folder):
+                if old.startswith("step") and old != tag and os.path.isdir(os.path.join(folder, old)):
+                    shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+        log.info("checkpoint saved: %s", os.path.join(folder, tag))
+
+    def load_checkpoint(self, folder: str, tag: str) -> None:
+        path, state = self.engine.load_checkpoint(folder, tag=tag, load_module_strict=False)
+        if path is None:
+            raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {tag} from {folder}")
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.sampler.load_state_dict(state["sampler"])
+        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+
+def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> dict:
+    return Trainer(cfg, ds_config_path, resume).run()
