@@ -1,0 +1,88 @@
+"""The pretraining dataset: image-caption pairs from a validated CaptionTable.
+
+Items are addressed by `(epoch, index)` pairs, which is what `ResumableDistributedSampler`
+yields: DataLoader workers (persistent ones especially) hold their own copy of the dataset, so
+the epoch has to travel with the index for the caption draw and the augmentation to follow it.
+A plain `index` means epoch 0.
+"""
+
+from typing import Dict, List, Tuple, Union
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from .bad_samples import BadSample, BadSampleLog, check_bad_sample_policy
+from .captions import CaptionTable
+from .errors import DataError, format_list
+from .images import open_rgb
+from .sample_rng import AUGMENT_STREAM, CAPTION_STREAM, REPLACE_STREAM, sample_rng, seeded_global_rngs
+
+MAX_REPLACEMENT_DRAWS = 50
+_SKIP_FIX = ("or set data.on_bad_sample=skip to replace bad images by others (counted, and the "
+             "run stops above data.max_bad_fraction)")
+
+
+class CaptionDataset(Dataset):
+    """`dataset[(epoch, index)]` -> `{"image": FloatTensor[3,H,W], "caption": str, "index": int,
+    "bad_samples": [BadSample, ...]}`.
+
+    `index` is the entry actually served (a replacement under on_bad_sample=skip) and
+    `bad_samples` lists the bad entries it replaced; `TrainLoader` records them in
+    `self.bad_samples` (a BadSampleLog) in the main process. Every file is checked for existence
+    once here; decoding failures surface when an item is read.
+    """
+
+    def __init__(self, table: CaptionTable, transform, seed: int = 0, on_bad_sample: str = "error",
+                 max_bad_fraction: float = 0.01, check_files: bool = True):
+        check_bad_sample_policy(on_bad_sample, max_bad_fraction)
+        self.table = table
+        self.transform = transform
+        self.seed = seed
+        self.on_bad_sample = on_bad_sample
+        self.bad_samples = BadSampleLog(len(table), max_bad_fraction)
+        missing = table.missing_images() if check_files else []
+        self._missing = np.zeros(len(table), dtype=bool)
+        self._missing[[s.index for s in missing]] = True
+        if missing and on_bad_sample == "error":
+            raise DataError(f"{len(missing)} of {len(table)} images are missing:\n"
+                            f"{format_list([s.describe() for s in missing])}\n"
+                            "Fix the paths (data.image_root can rewrite a prefix), " + _SKIP_FIX + ".")
+        self.bad_samples.record_missing(missing)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        replaced: List[BadSample] = []
+        for draw in range(MAX_REPLACEMENT_DRAWS + 1):
+            served = index if draw == 0 else self._replacement(epoch, index, draw)
+            if self._missing[served]:
+                replaced.append(self.table.bad_sample(served, "file not found"))
+                continue
+            try:
+                image = open_rgb(self.table.image_path(served))
+            except Exception as err:  # any decoding failure of a user's file is bad data
+                bad = self.table.bad_sample(served, f"cannot decode: {type(err).__name__}: {err}")
+                if self.on_bad_sample == "error":
+                    raise DataError(f"{bad.describe()}. Replace or delete the file, {_SKIP_FIX}.") from err
+                replaced.append(bad)
+                continue
+            with seeded_global_rngs(sample_rng(self.seed, epoch, index, AUGMENT_STREAM, served)):
+                pixels = self.transform(image)
+            return {"image": pixels, "caption": self.caption(epoch, served), "index": served,
+                    "bad_samples": replaced}
+        raise DataError(f"on_bad_sample=skip drew {MAX_REPLACEMENT_DRAWS} replacements for entry "
+                        f"{index} and every one was bad, e.g. {replaced[-1].describe()}. Most of "
+                        "the images cannot be read: check the files and data.image_root.")
+
+    def caption(self, epoch: int, index: int) -> str:
+        """The caption of `index` for `epoch`: drawn from (seed, epoch, index) when the entry has
+        several."""
+        count = self.table.num_captions(index)
+        choice = 0 if count == 1 else int(sample_rng(self.seed, epoch, index, CAPTION_STREAM).integers(count))
+        return self.table.caption(index, choice)
+
+    def _replacement(self, epoch: int, index: int, draw: int) -> int:
+        return int(sample_rng(self.seed, epoch, index, REPLACE_STREAM, draw).integers(len(self)))
+

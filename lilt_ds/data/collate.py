@@ -1,0 +1,34 @@
+"""Batching image-caption samples: images stacked, captions tokenized and padded to the longest."""
+
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from .text import check_tokenizer, tokenize_captions
+
+
+def stack_images(images: List[torch.Tensor]) -> torch.Tensor:
+    """torch.stack through numpy: single-threaded, see transforms.ToNormalizedTensor."""
+    return torch.from_numpy(np.stack([image.numpy() for image in images]))
+
+
+class ImageTextCollator:
+    """`collate(samples)` -> `{"images": FloatTensor[B,3,H,W], "input_ids": LongTensor[B,L],
+    "attention_mask": LongTensor[B,L], "index": LongTensor[B], "bad_samples": [BadSample, ...]}`.
+
+    Tokenizing here, in the DataLoader worker, keeps it off the training process. `bad_samples`
+    carries the skipped entries of the batch to the main process (TrainLoader records and removes
+    it)."""
+
+    def __init__(self, tokenizer, max_length: int):
+        check_tokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, samples: List[Dict]) -> Dict:
+        batch = {"images": stack_images([s["image"] for s in samples])}
+        batch.update(tokenize_captions(self.tokenizer, [s["caption"] for s in samples], self.max_length))
+        batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+        batch["bad_samples"] = [bad for s in samples for bad in s["bad_samples"]]
+        return batch

@@ -1,0 +1,40 @@
+"""Randomness of one sample derived from (seed, epoch, index), never from process state.
+
+The caption drawn from a list, the augmentation and the replacement of a bad sample then depend
+only on which sample is drawn, not on the number of DataLoader workers or on how far the run had
+got before it was resumed: a resumed epoch replays exactly.
+"""
+
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+# Stream tags keep the draws for different purposes independent of each other.
+CAPTION_STREAM = 1
+AUGMENT_STREAM = 2
+REPLACE_STREAM = 3
+
+
+def sample_rng(seed: int, epoch: int, index: int, stream: int, *extra: int) -> np.random.Generator:
+    """A generator seeded from the sample's identity and the purpose of the draw."""
+    return np.random.default_rng([k % 2**64 for k in (seed, epoch, index, stream, *extra)])
+
+
+@contextmanager
+def seeded_global_rngs(rng: np.random.Generator):
+    """Seed `random`, `numpy.random` and torch's CPU generator from `rng` for the duration of the
+    block (torchvision and timm transforms draw from these), then restore them, so a caller in
+    the main process (num_workers=0) keeps its own random streams."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    seeds = rng.integers(0, 2**32, size=3)
+    with torch.random.fork_rng(devices=[]):
+        random.seed(int(seeds[0]))
+        np.random.seed(int(seeds[1]))
+        torch.manual_seed(int(seeds[2]))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)

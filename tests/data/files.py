@@ -1,0 +1,19 @@
+"""Writing small real test inputs: JPEG images and JSON files."""
+
+import json
+
+from PIL import Image
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def write_image(path, colour=(200, 30, 30), size=40):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, format="JPEG")
+    return str(path)
+
+
+def write_json(path, data):
+    path.write_text(json.dumps(data, indent=1))
+    return str(path)
