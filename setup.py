@@ -24,6 +24,8 @@ setup(
         "peft>=0.11",
         "safetensors",
         "numpy",
+        "psutil",
+        "tqdm",
     ],
     extras_require={
         "demo": DEMO,

@@ -156,6 +156,22 @@ def engine_dtype(ds_config: dict) -> torch.dtype:
 
 
 @torch.no_grad()
+def trainable_fingerprint(engine) -> str:
+    """sha256 of every trainable weight (gathered under ZeRO-3); call on all ranks together."""
+    import hashlib
+
+    import deepspeed
+
+    digest = hashlib.sha256()
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                digest.update(name.encode())
+                digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
 def clamp_logit_scale(engine) -> None:
     """Clamp the temperature to [0, ln 100] after a step: the module copy and the fp32 master alike.
 
@@ -163,13 +179,20 @@ def clamp_logit_scale(engine) -> None:
     (unclamped) fp32 master back; under ZeRO-3 the parameter must be gathered to be written.
     """
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
+                                 safe_set_full_fp32_param, safe_set_local_fp32_param)
 
     param = engine.module.logit_scale
     if not param.requires_grad:
         return
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+    zero3 = hasattr(param, "ds_id")
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
         param.data.clamp_(0, MAX_LOGIT_SCALE)
+    if zero3:  # each rank clamps its own fp32 partition (the "full" setter mis-slices a 1-element param)
+        local = safe_get_local_fp32_param(param)
+        if local is not None:
+            safe_set_local_fp32_param(param, local.clamp(0, MAX_LOGIT_SCALE))
+        return
     master = safe_get_full_fp32_param(param)
     if master is not None:
         safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))

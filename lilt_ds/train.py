@@ -197,13 +197,14 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
             bad = global_bad_sample_counts(self.dataset.bad_samples)
-            if bad.get("bad", 0):
+            if bad["replaced"] or bad["bad_entries"]:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
             self.epoch += 1
             if self.eval_data is not None and cfg.eval.every_epochs and \
                     (self.epoch % cfg.eval.every_epochs == 0 or self.step >= self.total_steps):
                 results = self.evaluate()
         self.save_checkpoint()
+        self.verify_replicas()
         if results and self.rank == 0:
             print("\nretrieval on the held-out split after training:\n" + format_retrieval_table(results), flush=True)
         self.metrics.close()
@@ -226,6 +227,15 @@ class Trainer:
                                      self.device, self.dtype)
         self.metrics.evaluation(self.step, self.epoch, metrics)
         return metrics
+
+    def verify_replicas(self) -> None:
+        """Data parallelism must end with the same trainable weights on every rank: check it."""
+        digests = [None] * self.world_size
+        torch.distributed.all_gather_object(digests, ds_engine.trainable_fingerprint(self.engine))
+        if len(set(digests)) == 1:
+            log.info("trainable weights identical on all %d rank(s): sha256 %s", self.world_size, digests[0][:16])
+        else:
+            log.error("trainable weights differ between ranks: %s", [d[:16] for d in digests])
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:

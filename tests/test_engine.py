@@ -1,0 +1,167 @@
+import glob
+import json
+import math
+import os
+
+import pytest
+
+from lilt_ds.config import ConfigError, load_config
+from lilt_ds.engine import load_ds_config, param_groups, resolve_ds_config
+from lilt_ds.models import build_model
+from tests.conftest import tiny_overrides, tiny_training_overrides
+from tests.distributed import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
+
+
+def test_auto_values_are_filled_from_the_experiment_config():
+    cfg = load_config("lilt", ["train.micro_batch_size=16", "train.grad_accum_steps=2", "train.lr=2e-4",
+                               "train.min_lr=2e-5", "train.warmup_steps=50", "train.grad_clip=0.5"])
+    ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json")), cfg, 4, 1000)
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 16 * 2 * 4
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 2e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.02
+    sched = ds["scheduler"]["params"]
+    assert sched["total_num_steps"] == 1000 and sched["warmup_num_steps"] == 50
+    assert sched["warmup_min_ratio"] == pytest.approx(0.1) and sched["cos_min_ratio"] == pytest.approx(0.1)
+    assert "auto" not in json.dumps(ds)
+
+
+def test_absent_blocks_are_filled_too():
+    ds = resolve_ds_config({"zero_optimization": {"stage": 1}}, load_config("lilt"), 1, 10)
+    assert ds["optimizer"]["type"] == "AdamW" and ds["scheduler"]["params"]["total_num_steps"] == 10
+    assert ds["gradient_clipping"] == 1.0  # explicit: DeepSpeed's own default changed between releases
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train_micro_batch_size_per_gpu", 64, r"train_micro_batch_size_per_gpu=64 but the experiment config gives train\.micro_batch_size=128"),
+    ("train_batch_size", 100, r"train_batch_size=100 but the experiment config gives train\.micro_batch_size x"),
+    ("gradient_accumulation_steps", 4, r"gradient_accumulation_steps=4 .* train\.grad_accum_steps=1"),
+])
+def test_contradicting_explicit_values_are_refused_naming_both(key, value, message):
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
+    ds[key] = value
+    with pytest.raises(ConfigError, match=message):
+        resolve_ds_config(ds, load_config("lilt"), 2, 100, "mine.json")
+
+
+def test_matching_explicit_values_are_accepted():
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
+    ds.update(train_micro_batch_size_per_gpu=128, train_batch_size=256)
+    ds["optimizer"]["params"]["lr"] = 1e-4
+    assert resolve_ds_config(ds, load_config("lilt"), 2, 100)["train_batch_size"] == 256
+
+
+def test_bad_ds_configs(tmp_path):
+    with pytest.raises(ConfigError, match=r"ds_config .*nope\.json does not exist"):
+        load_ds_config(str(tmp_path / "nope.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text("{\"zero_optimization\": {\"stage\": 2,}}")
+    with pytest.raises(ConfigError, match="broken.json is not valid JSON"):
+        load_ds_config(str(broken))
+    with pytest.raises(ConfigError, match=r"unknown ZeRO stage 4 .*use 0, 1, 2 or 3"):
+        resolve_ds_config({"zero_optimization": {"stage": 4}}, load_config("lilt"), 1, 10, "s4.json")
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/no/such/nvme"}}}
+    with pytest.raises(ConfigError, match=r"nvme_path='/no/such/nvme' is not a writable folder"):
+        resolve_ds_config(nvme, load_config("lilt"), 1, 10)
+
+
+def test_param_groups_hold_only_trainable_parameters_and_never_an_empty_group():
+    model = build_model(load_config("lilt", tiny_overrides(vision_unlock=["ln"], text_unlock=["adapters"])))
+    groups = param_groups(model, 0.02)
+    grouped = [p for g in groups for p in g["params"]]
+    assert {id(p) for p in grouped} == {id(p) for p in model.parameters() if p.requires_grad}
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    only_ln = build_model(load_config("lilt", tiny_overrides(vision_unlock=["ln"], extra=[
+        "model.freeze_projections=true"])))
+    assert [g["weight_decay"] for g in param_groups(only_ln, 0.02)] == [0.0]  # no empty decay group
+    nothing = build_model(load_config("lilt", tiny_overrides(extra=["model.freeze_projections=true",
+                                                                    "model.freeze_logit_scale=true"])))
+    with pytest.raises(ConfigError, match="no trainable parameter"):
+        param_groups(nothing, 0.02)
+
+
+def _train_every_ds_config(rank, world_size, tmp_dir, configs):
+    """Two steps per ds_config on this rank; what the optimizer holds, the loss, the temperature."""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from lilt_ds.models.dual_encoder import MAX_LOGIT_SCALE
+    from lilt_ds.train import Trainer
+
+    results = {}
+    for path in configs:
+        name = os.path.basename(path)
+        ds = json.load(open(path))
+        if ds.get("fp16", {}).get("enabled") and not get_accelerator().is_fp16_supported():
+            results[name] = {"skipped": "fp16 is not supported by DeepSpeed's CPU accelerator here"}
+            continue
+        if "nvme" in json.dumps(ds):
+            if not AsyncIOBuilder().is_compatible():
+                results[name] = {"skipped": "NVMe offload needs async I/O (libaio), not available here"}
+                continue
+            nvme_dir = os.path.join(tmp_dir, "nvme")
+            os.makedirs(nvme_dir, exist_ok=True)
+            for key in ("offload_optimizer", "offload_param"):
+                ds["zero_optimization"][key]["nvme_path"] = nvme_dir
+            path = os.path.join(tmp_dir, f"rank{rank}-{name}")
+            json.dump(ds, open(path, "w"))
+        cfg = load_config("lilt", tiny_training_overrides(tmp_dir, [
+            f"output_dir={os.path.join(tmp_dir, name)}", "model.init_logit_scale=6.0", "+train.no_eval=1"]))
+        trainer = Trainer(cfg, path)
+        losses = []
+        for _ in range(2):
+            batch = next(iter(trainer.loader))
+            from lilt_ds.train import to_device
+            losses.append(trainer.train_step([to_device(batch, trainer.device, trainer.dtype)]))
+            from lilt_ds import engine as ds_engine
+            ds_engine.clamp_logit_scale(trainer.engine)
+        model = trainer.engine.module
+        frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+        state_numel = sum(t.numel() for st in trainer.engine.optimizer.optimizer.state.values()
+                          for k, t in st.items() if k == "exp_avg")
+        scale = model.logit_scale
+        master = safe_get_full_fp32_param(scale)
+        with deepspeed.zero.GatheredParameters([scale], enabled=hasattr(scale, "ds_id")):
+            scale_value = float(scale.detach().float().max())
+        results[name] = {
+            "losses": losses, "frozen_with_grad": frozen_with_grad, "exp_avg_numel": state_numel,
+            "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
+            "total": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "scale": scale_value,
+            "master_scale": None if master is None else float(master.max()), "max_scale": MAX_LOGIT_SCALE,
+        }
+        trainer.engine.destroy()
+        torch.distributed.barrier()
+    return results
+
+
+def test_every_ds_config_trains_two_steps_on_two_ranks_with_frozen_parameters_free(tmp_path, capfd):
+    results = run_ranks(_train_every_ds_config, 2, tmp_path, str(tmp_path), DS_CONFIGS)
+    ran = 0
+    for name in map(os.path.basename, DS_CONFIGS):
+        per_rank = [r[name] for r in results]
+        if "skipped" in per_rank[0]:
+            print(f"{name}: skipped: {per_rank[0]['skipped']}")
+            continue
+        ran += 1
+        for r in per_rank:
+            assert all(math.isfinite(l) for l in r["losses"]), (name, r["losses"])
+            assert r["frozen_with_grad"] == [], name
+            assert r["scale"] <= r["max_scale"] + 1e-2, (name, r)  # bf16 rounding of ln 100
+            if r["master_scale"] is not None:
+                assert r["master_scale"] <= r["max_scale"] + 1e-6, (name, r)
+        assert per_rank[0]["losses"] == per_rank[1]["losses"], name  # the loss is global
+        # optimizer state exists for trainable parameters only (partitioned across the ranks)
+        state = sum(r["exp_avg_numel"] for r in per_rank)
+        trainable, total = per_rank[0]["trainable"], per_rank[0]["total"]
+        assert trainable <= state <= trainable * 2 + 4096, (name, state, trainable)
+        assert state < total / 5, (name, state, total)
+    assert ran >= 6
