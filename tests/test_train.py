@@ -1,0 +1,134 @@
+"""The main command end to end through real launchers: several processes, two nodes, resume, bad input."""
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_training_overrides
+from tests.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+
+
+def pretrain_args(output_dir, ds_config="zero2.json", extra=()):
+    return ["launch/pretrain.py", "--deepspeed_config", os.path.join("ds_configs", ds_config),
+            "--output_dir", str(output_dir), "--overrides", *tiny_training_overrides(output_dir, extra)]
+
+
+def run(cmd, timeout=600, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def test_deepspeed_launcher_two_processes_writes_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
+                  *pretrain_args(out, extra=["train.max_steps=3", "train.epochs=1"])])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "trainable weights identical on all 2 rank(s)" in result.stdout
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["vision"]["name"] == "tiny" and resolved["train"]["max_steps"] == 3
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 4 * 2 and ds["zero_optimization"]["stage"] == 2
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert records and {"step", "epoch", "txt_r1", "img_r10", "r_mean"} <= set(records[-1])
+    assert records[-1]["step"] == 3
+    assert "step 1 loss=" in (out / "train.log").read_text()
+    assert "| image->text |" in result.stdout
+
+
+def test_two_nodes_on_localhost_train_together(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port, out = str(free_port()), tmp_path / "run"
+    procs = [subprocess.Popen(
+        [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
+         "--master_port", port, *pretrain_args(out, extra=["train.max_steps=2"])],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "trainable weights identical on all 2 rank(s)" in outputs[0]
+
+
+def _wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - start < timeout, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_a_run_killed_after_its_first_checkpoint_resumes_and_finishes(tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(out, extra=["train.max_steps=6", "checkpoint.every_steps=2", "train.epochs=10"])
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(out / "checkpoints" / "latest", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step6").exists()
+    resumed = run([sys.executable, *args, "--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert (out / "checkpoints" / "step6").is_dir()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step6"
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    contradicting = json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json")))
+    contradicting["train_micro_batch_size_per_gpu"] = 64
+    (tmp / "contradicting.json").write_text(json.dumps(contradicting))
+    stage5 = dict(contradicting, train_micro_batch_size_per_gpu="auto", zero_optimization={"stage": 5})
+    (tmp / "stage5.json").write_text(json.dumps(stage5))
+    (tmp / "a_file").write_text("not a folder")
+    return tmp
+
+
+@pytest.mark.parametrize("case,message", [
+    ("contradicting", r"sets train_micro_batch_size_per_gpu=64 but the experiment config gives train\.micro_batch_size=4"),
+    ("stage5", "unknown ZeRO stage 5"),
+    ("missing_data", "missing.json"),
+    ("unwritable", "is not writable"),
+    ("missing_ds_config", "does not exist: pick one of ds_configs"),
+])
+def test_bad_input_stops_before_training_with_a_clear_message(bad_inputs, case, message):
+    out, ds, extra = bad_inputs / f"out-{case}", "zero2.json", []
+    if case in ("contradicting", "stage5"):
+        ds = str(bad_inputs / f"{case}.json")
+    elif case == "missing_data":
+        extra = [f"data.train_files=[{bad_inputs / 'missing.json'}]"]
+    elif case == "unwritable":
+        out = bad_inputs / "a_file" / "run"
+    elif case == "missing_ds_config":
+        ds = str(bad_inputs / "nope.json")
+    args = pretrain_args(out, extra=extra)
+    args[2] = ds if os.path.isabs(ds) else args[2]
+    result = run([sys.executable, *args], timeout=300)
+    assert result.returncode != 0
+    assert "error:" in result.stderr and re.search(message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "training " not in result.stdout  # stopped before the loop
+
+
+def test_hostfile_check_names_the_line_and_the_fix(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\nworker-1 slots=4\nworker-2 4\n")
+    result = run([sys.executable, "-m", "lilt_ds.hostfile", str(hostfile)])
+    assert result.returncode != 0 and "line 3" in result.stderr and "'hostname slots=N'" in result.stderr
+    hostfile.write_text("worker-1 slots=4\nworker-1 slots=4\n")
+    assert "listed twice" in run([sys.executable, "-m", "lilt_ds.hostfile", str(hostfile)]).stderr
+    ok = run([sys.executable, "-m", "lilt_ds.hostfile", os.path.join(ROOT, "launch", "hostfile.example")])
+    assert ok.returncode == 0 and "2 node(s), 8 process(es)" in ok.stdout
+    script = subprocess.run(["bash", os.path.join(ROOT, "launch", "pretrain_lilt.sh"), "train.json"], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, HOSTFILE=str(hostfile),
+                                                                     PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"]))
+    assert script.returncode != 0 and "listed twice" in script.stderr
