@@ -10,13 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..losses import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from .efficient import apply_unlocks
 from .text import TextTower
 from .vision import VisionTower
 
-CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
-SIGLIP_INIT_LOGIT_BIAS = -10.0
 MAX_LOGIT_SCALE = math.log(100.0)
 
 # which towers each mode locks; a locked tower trains only its `unlock` set
@@ -98,7 +96,8 @@ def _freeze_tower(tower, mode: str, tower_cfg) -> bool:
 def build_model(cfg, load_weights: bool = True, device: str | torch.device | None = None) -> DualEncoder:
     """Build the DualEncoder an experiment config describes, with its parameters frozen per mode.
 
-    ``load_weights=False`` skips every weight file and download (random init); with
+    Random initialisation is seeded from ``cfg.seed``. ``load_weights=False`` skips every weight
+    file and download (random init); with
     ``device="meta"`` nothing is allocated either, which is how the summary counts any preset offline.
     """
     from ..config import MODES
@@ -113,7 +112,10 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
         init_scale = SIGLIP_INIT_LOGIT_SCALE if siglip else CLIP_INIT_LOGIT_SCALE
     if init_bias is None and siglip:
         init_bias = SIGLIP_INIT_LOGIT_BIAS
-    with torch.device(device) if device is not None else contextlib.nullcontext():
+    # randomly initialised weights (a tower without pretrained weights, adapters, projections) are a
+    # function of the config alone, so a checkpoint's frozen part can always be rebuilt
+    with torch.random.fork_rng(devices=[]), (torch.device(device) if device is not None else contextlib.nullcontext()):
+        torch.manual_seed(cfg.get("seed", 0))
         vision = VisionTower(mcfg["vision"], mcfg["image_size"], load_weights=load_weights)
         text = TextTower(mcfg["text"], load_weights=load_weights)
         model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias)
