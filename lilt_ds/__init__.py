@@ -8,3 +8,10 @@ def build_model(cfg):
     from .models import build_model as _build
 
     return _build(cfg)
+
+
+def load_exported(path):
+    """Rebuild a trained DualEncoder from its base towers and an exported weights file."""
+    from .export import load_exported as _load
+
+    return _load(path)

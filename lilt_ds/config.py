@@ -58,11 +58,11 @@ class Config(dict):
         return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
 
 
-def _wrap(value: Any) -> Any:
+def to_config(value: Any) -> Any:
     if isinstance(value, dict):
-        return Config({k: _wrap(v) for k, v in value.items()})
+        return Config({k: to_config(v) for k, v in value.items()})
     if isinstance(value, list):
-        return [_wrap(v) for v in value]
+        return [to_config(v) for v in value]
     return value
 
 
@@ -170,7 +170,7 @@ def apply_override(cfg: dict, text: str) -> None:
             raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} holds a value, not a section")
     if parts[-1] not in node and not add:
         raise _unknown_key_error(key, cfg, f"override {text!r}")
-    node[parts[-1]] = _wrap(value)
+    node[parts[-1]] = to_config(value)
 
 
 def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
@@ -178,7 +178,7 @@ def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
     cfg = _read_yaml(_preset_path(BASE_PRESET))
     preset = _read_yaml(_preset_path(name))
     _merge(cfg, preset, f"config {name}")
-    cfg = _wrap(cfg)
+    cfg = to_config(cfg)
     cfg["config_name"] = os.path.splitext(os.path.basename(name))[0]
     for text in overrides:
         apply_override(cfg, text)

@@ -60,12 +60,13 @@ def start_wandb(cfg, output_dir: str):
 
 
 class MetricLogger:
-    """Rank 0's reporting: every ``train.log_every`` steps a log line (and wandb), each evaluation a
-    line of ``results.jsonl`` (OpenCLIP's convention: one JSON object per evaluation)."""
+    """Rank 0's reporting: every ``train.log_every`` steps a log line, a line of ``steps.jsonl`` (and
+    wandb); each evaluation a line of ``results.jsonl`` (OpenCLIP's convention)."""
 
     def __init__(self, cfg, output_dir: str, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.results_path = os.path.join(output_dir, "results.jsonl")
+        self.steps_path = os.path.join(output_dir, "steps.jsonl")
         self.wandb = start_wandb(cfg, output_dir) if rank == 0 else None
         self.window_samples, self.window_time, self.bar = 0, 0.0, None
 
@@ -99,6 +100,8 @@ class MetricLogger:
         }
         self.window_samples, self.window_time = 0, 0.0
         log.info("step %d " + " ".join(f"{k}=%.4g" for k in metrics), step, *metrics.values())
+        with open(self.steps_path, "a") as f:  # full precision, for comparing runs step by step
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
 

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import socket
 import time
 
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt
 from . import engine as ds_engine
 from .config import Config, ConfigError, save_config
 from .data import build_eval_data, build_train_loader, global_bad_sample_counts
+from .export import save_exported, trainable_state_from_engine
 from .evaluate import evaluate_retrieval, format_retrieval_table
-from .losses import build_loss, exact_accumulation_step
+from .losses import NonFiniteInputError, build_loss, exact_accumulation_step
 from .models import build_model, build_tokenizer, trainable_summary
 from .models.summary import format_summary
 from .run_logging import MetricLogger, setup_logging
@@ -70,20 +72,10 @@ def checkpoint_folder(output_dir: str) -> str:
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> tuple[str, str] | None:
-    """``--resume DIR|latest`` -> (checkpoint folder, tag)."""
+    """``--resume latest`` (this output folder's newest checkpoint) or a path -> (folder, tag)."""
     if not resume:
         return None
-    folder = checkpoint_folder(output_dir) if resume == "latest" else resume
-    if resume != "latest" and os.path.isfile(os.path.join(resume, "latest")) is False and \
-            os.path.isdir(os.path.join(os.path.dirname(resume.rstrip("/")), "")) and \
-            os.path.isfile(os.path.join(os.path.dirname(resume.rstrip("/")), "latest")):
-        # a tag folder (checkpoints/step100) rather than the checkpoints folder
-        return os.path.dirname(resume.rstrip("/")), os.path.basename(resume.rstrip("/"))
-    latest = os.path.join(folder, "latest")
-    if not os.path.isfile(latest):
-        raise ConfigError(f"--resume {resume}: no checkpoint found ({latest} does not exist)")
-    with open(latest) as f:
-        return folder, f.read().strip()
+    return ckpt.resolve_checkpoint(checkpoint_folder(output_dir) if resume == "latest" else resume)
 
 
 def to_device(batch: dict, device, dtype) -> dict:
@@ -136,32 +128,49 @@ class Trainer:
             with open(os.path.join(self.output_dir, "ds_config.json"), "w") as f:
                 json.dump(self.ds_config, f, indent=2)
         log.info("parameters (trainable only reach DeepSpeed):\n%s", format_summary(trainable_summary(self.model)))
+        self.identity = ckpt.run_identity(cfg, self.model)  # before DeepSpeed casts and partitions
 
         self.engine, self.optimizer, self.scheduler = ds_engine.initialize(
             self.model, self.ds_config, cfg.train.weight_decay)
         self.device = self.engine.device
         seed_everything(cfg.seed + 1000 * self.rank)  # per-rank dropout noise
         self.step, self.epoch, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0, 0
+        self.restored_rng = None
+        self.last_saved_step = None
         self.metrics = MetricLogger(cfg, self.output_dir, self.rank, self.world_size)
         if self.resume:
             self.load_checkpoint(*self.resume)
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self, micro_batches: list[dict]) -> float:
-        """Forward/backward every micro-batch, one optimizer step; returns the loss (global batch)."""
+        """Forward/backward every micro-batch, one optimizer step; returns the loss of the step.
+
+        A NaN/inf loss input (raised on every rank at once by the loss) skips the step: returns NaN
+        before any backward. With naive accumulation that is only possible in the first micro-batch;
+        later, DeepSpeed has already accumulated gradients, so the run stops with a clear error.
+        """
         engine = self.engine
         if self.cfg.train.exact_accumulation:
             def backward(loss):
                 engine.backward(loss, scale_wrt_gas=False)  # each pass gives its micro-batch's exact share
                 engine.step()
 
-            return float(exact_accumulation_step(
-                lambda *a: as_fp32(engine(*a)), micro_batches, self.loss_fn, backward))
-        total = 0.0
-        for batch in micro_batches:
-            loss = self.loss_fn(*as_fp32(engine(batch["images"], batch["input_ids"], batch["attention_mask"])))
-            if not torch.isfinite(loss):  # the loss is global, so every rank takes the same branch
+            try:  # the first loss already sees every micro-batch's features: nothing is back-propagated yet
+                return float(exact_accumulation_step(
+                    lambda *a: as_fp32(engine(*a)), micro_batches, self.loss_fn, backward))
+            except NonFiniteInputError:
                 return float("nan")
+        total = 0.0
+        for i, batch in enumerate(micro_batches):
+            try:
+                loss = self.loss_fn(*as_fp32(engine(batch["images"], batch["input_ids"], batch["attention_mask"])))
+            except NonFiniteInputError as e:
+                if i == 0:
+                    return float("nan")
+                raise NonFiniteLossError(
+                    f"{e} in micro-batch {i + 1} of {len(micro_batches)} of step {self.step + 1}: the earlier "
+                    "micro-batches are already accumulated, so the step cannot be skipped. Set "
+                    "train.exact_accumulation=true (or train.grad_accum_steps=1) to skip such steps") from None
             engine.backward(loss)
             engine.step()
             total += loss.item() / len(micro_batches)
@@ -177,7 +186,14 @@ class Trainer:
         while self.step < self.total_steps:
             self.loader.set_epoch(self.epoch)
             pending = []
-            for batch in self.metrics.progress(self.loader, self.epoch, self.step, self.total_steps):
+            batches = iter(self.metrics.progress(self.loader, self.epoch, self.step, self.total_steps))
+            if self.restored_rng is not None:
+                # the DataLoader draws its seed from the global RNG when its first batch is asked for;
+                # the interrupted run had done that at the start of the epoch, so restore after it
+                batches = itertools.chain([next(batches)], batches)
+                ckpt.set_rng_state(self.restored_rng)
+                self.restored_rng = None
+            for batch in batches:
                 pending.append(to_device(batch, self.device, self.dtype))
                 if len(pending) < accum:
                     continue
@@ -203,7 +219,9 @@ class Trainer:
             if self.eval_data is not None and cfg.eval.every_epochs and \
                     (self.epoch % cfg.eval.every_epochs == 0 or self.step >= self.total_steps):
                 results = self.evaluate()
-        self.save_checkpoint()
+        if self.last_saved_step != self.step:
+            self.save_checkpoint()
+        self.export()
         self.verify_replicas()
         if results and self.rank == 0:
             print("\nretrieval on the held-out split after training:\n" + format_retrieval_table(results), flush=True)
@@ -228,6 +246,14 @@ class Trainer:
         self.metrics.evaluation(self.step, self.epoch, metrics)
         return metrics
 
+    def export(self) -> None:
+        """The trained weights alone (fp32), rebuildable with lilt_ds.load_exported."""
+        state = trainable_state_from_engine(self.engine)
+        if self.rank == 0:
+            path = os.path.join(self.output_dir, "trainable.safetensors")
+            save_exported(state, self.cfg.to_dict(), self.identity, path)
+            log.info("exported the %d trained tensors to %s", len(state), path)
+
     def verify_replicas(self) -> None:
         """Data parallelism must end with the same trainable weights on every rank: check it."""
         digests = [None] * self.world_size
@@ -239,25 +265,25 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        folder = checkpoint_folder(self.output_dir)
-        tag = f"step{self.step}"
         state = {"step": self.step, "epoch": self.epoch, "sampler": self.sampler.state_dict(),
                  "nonfinite_total": self.nonfinite_total}
-        self.engine.save_checkpoint(folder, tag=tag, client_state=state, exclude_frozen_parameters=True)
-        if self.cfg.checkpoint.save_last_only and self.rank == 0:
-            for old in os.listdir(folder):
-                if old.startswith("step") and old != tag and os.path.isdir(os.path.join(folder, old)):
-                    shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
-        log.info("checkpoint saved: %s", os.path.join(folder, tag))
+        meta = {"identity": self.identity, "world_size": self.world_size, "step": self.step,
+                "client_state": state, "config": self.cfg.to_dict()}
+        path = ckpt.save_checkpoint(self.engine, checkpoint_folder(self.output_dir), self.step, state, meta,
+                                    self.rank, keep_only_latest=self.cfg.checkpoint.save_last_only)
+        self.last_saved_step = self.step
+        log.info("checkpoint saved: %s", path)
 
     def load_checkpoint(self, folder: str, tag: str) -> None:
-        path, state = self.engine.load_checkpoint(folder, tag=tag, load_module_strict=False)
-        if path is None:
-            raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {tag} from {folder}")
-        self.step, self.epoch = state["step"], state["epoch"]
+        state = ckpt.load_checkpoint(self.engine, folder, tag, self.identity, self.world_size, self.rank)
+        self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.sampler.load_state_dict(state["sampler"])
-        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+        self.epoch = self.sampler.epoch  # a finished epoch is saved as the start of the next
+        self.restored_rng = state.get("rng")
+        if self.scheduler is not None and self.step:  # the schedule continues even when its state was not loaded
+            self.scheduler.step(self.step - 1)
+        log.info("resumed from %s at step %d (epoch %d)", os.path.join(folder, tag), self.step, self.epoch)
 
 
 def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> dict:

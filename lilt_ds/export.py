@@ -1,0 +1,136 @@
+"""Trainable-weights export: a small safetensors file that, with the named base towers, is the model.
+
+A LilT run trains a few percent of the weights; its export holds only those (fp32), with the
+resolved config and the frozen-weight fingerprint as metadata, so ``load_exported(path)`` rebuilds
+the full model from the base towers and refuses different ones. ``--full`` writes a consolidated
+fp32 state_dict of the whole model instead, for users who want one self-contained file.
+
+    python -m lilt_ds.export --checkpoint outputs/run --out run.safetensors [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import torch
+
+from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
+from .config import Config, ConfigError, to_config
+
+CONFIG_KEY = "lilt_ds_config"
+IDENTITY_KEY = "lilt_ds_identity"
+
+
+def trainable_state_from_engine(engine) -> dict[str, torch.Tensor]:
+    """fp32 values of the trainable weights: the optimizer's fp32 masters where there are any
+    (bf16/fp16, every ZeRO stage), else the parameters themselves. Call on all ranks together."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                master = param.detach().clone()
+        state[name] = master.float().cpu().contiguous()
+    return state
+
+
+def trainable_state_from_checkpoint(root: str, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 trainable weights from a checkpoint folder, without an engine or a process group."""
+    folder = os.path.join(root, tag)
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, exclude_frozen_parameters=True)
+    except Exception:  # noqa: BLE001 - ZeRO-0 without fp32 masters: the module file holds the weights
+        files = glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt"))
+        if not files:
+            raise ConfigError(f"checkpoint {folder} has no model states file; it is incomplete") from None
+        try:
+            state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"checkpoint {files[0]} cannot be read ({type(e).__name__}: {e}); it is corrupt") from None
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def save_exported(state: dict[str, torch.Tensor], cfg: dict, identity: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    metadata = {CONFIG_KEY: json.dumps(cfg), IDENTITY_KEY: json.dumps(identity)}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(state, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_exported(path: str) -> torch.nn.Module:
+    """Rebuild the trained DualEncoder from its base towers and an export (trainable-only or --full)."""
+    from safetensors import safe_open
+
+    from .models import build_model
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"exported weights {path} do not exist")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if CONFIG_KEY not in metadata:
+        raise ConfigError(f"{path} carries no lilt_ds config: export it with python -m lilt_ds.export")
+    cfg = to_config(json.loads(metadata[CONFIG_KEY]))
+    full = metadata.get("lilt_ds_full") == "1"
+    model = build_model(cfg, load_weights=not full)
+    if not full:
+        check_identity(json.loads(metadata[IDENTITY_KEY]), run_identity(cfg, model), f"export {path}")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    lacking = sorted(trainable - set(state)) if not full else sorted(missing)
+    if unexpected or lacking:
+        raise ConfigError(f"export {path} does not fit the model its config builds: "
+                          f"unexpected {unexpected[:5]}, missing {lacking[:5]}")
+    return model.eval()
+
+
+def export_checkpoint(checkpoint: str, out: str, full: bool = False) -> str:
+    root, tag = resolve_checkpoint(checkpoint)
+    meta = read_meta(root, tag)
+    state = trainable_state_from_checkpoint(root, tag)
+    cfg, identity = meta["config"], meta["identity"]
+    if not full:
+        save_exported(state, cfg, identity, out)
+        return out
+    from safetensors.torch import save_file
+
+    save_exported(state, cfg, identity, out + ".trainable")
+    model = load_exported(out + ".trainable")
+    os.remove(out + ".trainable")
+    full_state = {k: v.float().contiguous() for k, v in model.state_dict().items()}
+    save_file(full_state, out, metadata={CONFIG_KEY: json.dumps(cfg), "lilt_ds_full": "1"})
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lilt_ds.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="run folder, its checkpoints folder, or one stepN folder")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--full", action="store_true", help="write the whole model (frozen weights too) in fp32")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, args.full)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
