@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import yaml
 
 BASE_PRESET = "_base"
+RESOLVED_MARKER = "config_name"  # written into every resolved config: the preset it came from
 
 # short names of the original project's command lines -> dotted keys of our schema
 ALIASES = {
@@ -117,15 +118,18 @@ def _unknown_key_error(key: str, tree: dict, source: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {source}.{hint} Use +{key}=VALUE to add a new key.")
 
 
-def _merge(base: dict, update: dict, source: str, root: dict | None = None, path: str = "") -> None:
-    """Merge ``update`` into ``base`` in place; a key ``base`` lacks is an error."""
+def _merge(base: dict, update: dict, source: str, allow_new: bool = False, root: dict | None = None,
+           path: str = "") -> None:
+    """Merge ``update`` into ``base`` in place; a key ``base`` lacks is an error unless ``allow_new``."""
     root = base if root is None else root
     for k, v in update.items():
         dotted = path + k
         if k not in base:
-            raise _unknown_key_error(dotted, root, source)
+            if not allow_new:
+                raise _unknown_key_error(dotted, root, source)
+            base[k] = copy.deepcopy(v)
         elif isinstance(base[k], dict) and isinstance(v, dict):
-            _merge(base[k], v, source, root, dotted + ".")
+            _merge(base[k], v, source, allow_new, root, dotted + ".")
         else:
             base[k] = copy.deepcopy(v)
 
@@ -177,9 +181,10 @@ def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
     """Resolve a preset name or YAML path, then the overrides, into a validated Config."""
     cfg = _read_yaml(_preset_path(BASE_PRESET))
     preset = _read_yaml(_preset_path(name))
-    _merge(cfg, preset, f"config {name}")
+    # a run's resolved config.yaml (it names its preset) may carry keys added with +key=value
+    _merge(cfg, preset, f"config {name}", allow_new=RESOLVED_MARKER in preset)
     cfg = to_config(cfg)
-    cfg["config_name"] = os.path.splitext(os.path.basename(name))[0]
+    cfg.setdefault(RESOLVED_MARKER, os.path.splitext(os.path.basename(name))[0])
     for text in overrides:
         apply_override(cfg, text)
     validate(cfg)

@@ -52,3 +52,12 @@ def test_yaml_file_preset_is_checked_against_the_schema(tmp_path):
         load_config(str(path))
     path.write_text("mode: lit\nmodel:\n  vision: {name: tiny}\n")
     assert load_config(str(path)).model.vision.name == "tiny"
+
+
+def test_a_saved_resolved_config_reloads_identically(tmp_path):
+    from lilt_ds.config import save_config
+
+    cfg = load_config("lilt", ["+train.my_new_key=3", "text_encoder=small"])
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert again == cfg and again.config_name == "lilt"

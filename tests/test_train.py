@@ -23,9 +23,9 @@ def pretrain_args(output_dir, ds_config="zero2.json", extra=()):
             "--output_dir", str(output_dir), "--overrides", *tiny_training_overrides(output_dir, extra)]
 
 
-def run(cmd, timeout=600, **kwargs):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+def run(cmd, timeout=600, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1") if env is None else env
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_deepspeed_launcher_two_processes_writes_the_run_folder(tmp_path):
