@@ -48,10 +48,12 @@ def frozen_fingerprint(model: torch.nn.Module) -> dict:
     return {"tensors": count, "numel": numel, "sha256": digest.hexdigest()}
 
 
-def run_identity(cfg, model: torch.nn.Module) -> dict:
-    """What a checkpoint must match to be loaded into this run."""
-    return {"mode": cfg["mode"], "model": json.loads(json.dumps(cfg["model"])),
-            "frozen": frozen_fingerprint(model)}
+def run_identity(cfg, model: torch.nn.Module | None = None) -> dict:
+    """What a checkpoint must match to be loaded into this run (the frozen weights: given a model)."""
+    identity = {"mode": cfg["mode"], "model": json.loads(json.dumps(cfg["model"]))}
+    if model is not None:
+        identity["frozen"] = frozen_fingerprint(model)
+    return identity
 
 
 def check_identity(saved: dict, current: dict, where: str) -> None:
@@ -62,7 +64,7 @@ def check_identity(saved: dict, current: dict, where: str) -> None:
     if diffs:
         raise ConfigError(f"{where} was trained with other towers or settings: {'; '.join(diffs[:6])}. "
                           "Use the run's own config (its config.yaml) to load it")
-    if saved["frozen"] != current["frozen"]:
+    if "frozen" in saved and "frozen" in current and saved["frozen"] != current["frozen"]:
         raise ConfigError(
             f"{where}: the frozen base weights differ from those the run started from "
             f"(sha256 {saved['frozen']['sha256'][:12]}... vs {current['frozen']['sha256'][:12]}...): "

@@ -1,16 +1,22 @@
-"""Zero-shot retrieval: recall@K image->text and text->image from the similarity matrix.
+"""Zero-shot evaluation: retrieval recall@K both ways, and classification from prompt templates.
 
 An image counts as retrieved by any of its captions, as in the original evaluation. Ties are
 broken against the model: a positive ranks behind every negative with an equal score, so a
 collapsed model (all scores equal) scores zero, not a perfect recall. Similarities are computed in
-chunks, so 25k captions x 5k images never build the full matrix at once.
+chunks, so 25k captions x 5k images never build the full matrix at once. Under several ranks
+each encodes a shard (padded so all run the same forwards, as ZeRO-3 needs) and the embeddings are
+gathered: the numbers are the same with any number of ranks.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
+
+from .config import ConfigError
+from .distributed import world_info
 
 RECALL_KS = (1, 5, 10)
 
@@ -63,25 +69,114 @@ def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, img2txt: 
     return out
 
 
-@torch.no_grad()
-def encode_retrieval_data(model, data, batch_size: int, device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of every image and text of a ``lilt_ds.data.RetrievalData``, in order.
+# ------------------------------------------------------------------------ encoding, sharded over ranks
+def shard_indices(n: int) -> tuple[list[int], int]:
+    """This rank's items (a strided share, padded by repeating item 0 so every rank runs the same
+    number of forwards, which ZeRO-3 requires) and the padded share length."""
+    rank, world = world_info()
+    per_rank = -(-n // world)
+    mine = [i for i in range(rank, per_rank * world, world)]
+    return [i if i < n else 0 for i in mine], per_rank
 
-    Every rank runs every forward (ZeRO-3 gathers parameters collectively, so a rank that skipped a
-    batch would hang the others).
-    """
-    was_training = model.training
-    model.eval()
-    images = [model.encode_image(b["images"].to(device, dtype)).float().cpu() for b in data.image_loader(batch_size)]
-    texts = [model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu()
-             for b in data.text_batches(batch_size)]
-    model.train(was_training)
-    return torch.cat(images), torch.cat(texts)
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Undo ``shard_indices``: every rank's rows back in item order, padding dropped."""
+    rank, world = world_info()
+    if world == 1:
+        return local[:n]
+    parts = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(parts, local.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, local.shape[-1])[:n]
+
+
+@torch.no_grad()
+def encode_images(model, dataset, batch_size: int, device, dtype=torch.float32, num_workers: int = 0) -> torch.Tensor:
+    """L2-normalised embeddings of every image of ``dataset`` (items ``{"image", ...}``), in order."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import collate_images
+
+    indices, _ = shard_indices(len(dataset))
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_images)
+    dim = model.vision_proj.out_features
+    local = [model.encode_image(b["images"].to(device, dtype)).float() for b in loader]
+    local = torch.cat(local) if local else torch.empty(0, dim, device=device)
+    return gather_rows(local, len(dataset)).cpu()
+
+
+@torch.no_grad()
+def encode_texts(model, texts, tokenizer, max_length: int, batch_size: int, device) -> torch.Tensor:
+    """L2-normalised embeddings of every text, in order."""
+    from .data import tokenize_captions
+
+    indices, _ = shard_indices(len(texts))
+    local = []
+    for start in range(0, len(indices), batch_size):
+        tokens = tokenize_captions(tokenizer, [texts[i] for i in indices[start:start + batch_size]], max_length)
+        local.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float())
+    local = torch.cat(local) if local else torch.empty(0, model.text_proj.out_features, device=device)
+    return gather_rows(local, len(texts)).cpu()
 
 
 def evaluate_retrieval(model, data, batch_size: int, device, dtype=torch.float32) -> dict:
-    image_emb, text_emb = encode_retrieval_data(model, data, batch_size, device, dtype)
+    """Recall@K of a ``lilt_ds.data.RetrievalData``; every rank encodes a shard and gets the numbers."""
+    was_training = model.training
+    model.eval()
+    image_emb = encode_images(model, data.images, batch_size, device, dtype)
+    text_emb = encode_texts(model, data.texts, data.tokenizer, data.max_length, batch_size, device)
+    model.train(was_training)
     return retrieval_metrics(image_emb, text_emb, data.img2txt, data.txt2img)
+
+
+# ------------------------------------------------------------------------ zero-shot classification
+def load_templates(spec: str) -> list[str]:
+    """``imagenet`` (the 80 CLIP ImageNet prompts), a file with one template per line, or one template."""
+    if spec == "imagenet":
+        from importlib import resources
+
+        text = (resources.files("lilt_ds") / "configs" / "imagenet_templates.txt").read_text()
+    elif os.path.isfile(spec):
+        with open(spec) as f:
+            text = f.read()
+    else:
+        text = spec
+    templates = [t.strip() for t in text.splitlines() if t.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ConfigError(f"prompt template(s) {bad or spec!r} need a '{{}}' where the class name goes, "
+                          "as in 'a photo of a {}.'")
+    return templates
+
+
+def classifier_weights(model, classnames, templates, tokenizer, max_length: int, batch_size: int, device):
+    """One text embedding per class: the mean over the templates, re-normalised (CLIP's ensemble)."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = encode_texts(model, prompts, tokenizer, max_length, batch_size, device)
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+def classification_metrics(image_emb: torch.Tensor, class_emb: torch.Tensor, labels, classnames) -> dict:
+    """Top-1 / top-5 accuracy (percent) and per-class top-1 accuracy."""
+    labels = torch.as_tensor(list(labels))
+    scores = image_emb.float() @ class_emb.float().T
+    k = min(5, scores.shape[1])
+    topk = scores.topk(k, dim=1).indices
+    hit1 = topk[:, 0] == labels
+    hit5 = (topk == labels[:, None]).any(dim=1)
+    per_class = {name: 100.0 * hit1[labels == i].float().mean().item()
+                 for i, name in enumerate(classnames) if (labels == i).any()}
+    return {"top1": 100.0 * hit1.float().mean().item(), "top5": 100.0 * hit5.float().mean().item(),
+            "per_class_top1": per_class, "num_images": len(labels), "num_classes": len(classnames)}
+
+
+def evaluate_classification(model, dataset, tokenizer, templates, batch_size: int, device,
+                            dtype=torch.float32, max_length: int = 30) -> dict:
+    model.eval()
+    class_emb = classifier_weights(model, dataset.classnames, templates, tokenizer, max_length, batch_size, device)
+    image_emb = encode_images(model, dataset, batch_size, device, dtype)
+    return classification_metrics(image_emb, class_emb, dataset.labels, dataset.classnames)
 
 
 def format_retrieval_table(metrics: dict, ks: Sequence[int] = RECALL_KS) -> str:
@@ -91,3 +186,77 @@ def format_retrieval_table(metrics: dict, ks: Sequence[int] = RECALL_KS) -> str:
     rows = [f"| image->text | " + " | ".join(f"{metrics[f'txt_r{k}']:.2f}" for k in ks) + f" | {metrics['txt_r_mean']:.2f} |",
             f"| text->image | " + " | ".join(f"{metrics[f'img_r{k}']:.2f}" for k in ks) + f" | {metrics['img_r_mean']:.2f} |"]
     return "\n".join([head, rule, *rows])
+
+
+def format_classification_table(metrics: dict) -> str:
+    return "\n".join(["| images | classes | top-1 | top-5 |", "|---:|---:|---:|---:|",
+                      f"| {metrics['num_images']} | {metrics['num_classes']} | {metrics['top1']:.2f} | {metrics['top5']:.2f} |"])
+
+
+# ------------------------------------------------------------------------ the command line
+def main(argv=None) -> dict:
+    """``launch/evaluate.py``: evaluate a checkpoint, an export or the untrained base towers."""
+    import argparse
+    import json
+    import time
+
+    from .config import load_config
+    from .data import build_eval_transform, build_retrieval_data
+    from .data.classification import build_classification_data
+    from .export import load_trained
+    from .models import build_model, build_tokenizer
+
+    parser = argparse.ArgumentParser(prog="launch/evaluate.py", description=main.__doc__)
+    parser.add_argument("--checkpoint", help="run folder, checkpoint folder or exported .safetensors; "
+                                             "without it, the untrained base towers of --config (a baseline)")
+    parser.add_argument("--config", default=None, help="preset or YAML (baseline; with --checkpoint it must match)")
+    parser.add_argument("--overrides", nargs="*", default=[])
+    parser.add_argument("--task", choices=("retrieval", "classification"), required=True)
+    parser.add_argument("--data", required=True, help="retrieval JSON; classification folder or JSON")
+    parser.add_argument("--image_root", default=None)
+    parser.add_argument("--classnames", default=None, help="file with one class name per line (JSON with int labels)")
+    parser.add_argument("--templates", default="a photo of a {}.", help="a template, a file of templates, or 'imagenet' (80 prompts)")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--output", default=None, help="JSON file for the metrics (default outputs/eval-<task>-<time>.json)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+
+    from .train import init_distributed
+
+    rank, _ = init_distributed()
+    device = torch.device("cuda", max(args.local_rank, 0)) if torch.cuda.is_available() else torch.device("cpu")
+    expected = load_config(args.config, args.overrides) if args.config else None
+    if args.checkpoint:
+        model, cfg = load_trained(args.checkpoint)
+        if expected is not None:
+            from .checkpoint import check_identity, run_identity
+
+            check_identity(run_identity(cfg), run_identity(expected), f"checkpoint {args.checkpoint}")
+    else:
+        cfg = expected or load_config("demo")
+        model = build_model(cfg).eval()
+    model.to(device)
+    tokenizer = build_tokenizer(cfg.model.text)
+    size, mean, std = cfg.model.image_size, model.vision.mean, model.vision.std
+    if args.task == "retrieval":
+        data = build_retrieval_data(args.data, args.image_root, tokenizer, size, mean, std,
+                                    max_length=cfg.data.eval_max_length)
+        metrics = evaluate_retrieval(model, data, args.batch_size, device)
+        table = format_retrieval_table(metrics)
+    else:
+        classnames = None
+        if args.classnames:
+            with open(args.classnames) as f:
+                classnames = [line.strip() for line in f if line.strip()]
+        dataset = build_classification_data(args.data, build_eval_transform(size, mean, std), args.image_root, classnames)
+        metrics = evaluate_classification(model, dataset, tokenizer, load_templates(args.templates), args.batch_size,
+                                          device, max_length=cfg.data.eval_max_length)
+        table = format_classification_table(metrics)
+    if rank == 0:
+        out = args.output or os.path.join("outputs", f"eval-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        record = {"task": args.task, "checkpoint": args.checkpoint, "data": args.data, **metrics}
+        with open(out, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"{args.task} on {args.data} ({args.checkpoint or 'untrained base towers'}):\n{table}\nwrote {out}", flush=True)
+    return metrics

@@ -101,6 +101,25 @@ def load_exported(path: str) -> torch.nn.Module:
     return model.eval()
 
 
+def load_trained(source: str):
+    """(model, config) from a run folder, a checkpoint folder or an exported ``.safetensors`` file."""
+    if source.endswith(".safetensors"):
+        model = load_exported(source)
+        from safetensors import safe_open
+
+        with safe_open(source, "pt") as f:
+            return model, to_config(json.loads(f.metadata()[CONFIG_KEY]))
+    from .models import build_model
+
+    root, tag = resolve_checkpoint(source)
+    meta = read_meta(root, tag)
+    cfg = to_config(meta["config"])
+    model = build_model(cfg)
+    check_identity(meta["identity"], run_identity(cfg, model), f"checkpoint {os.path.join(root, tag)}")
+    model.load_state_dict(trainable_state_from_checkpoint(root, tag), strict=False)
+    return model.eval(), cfg
+
+
 def export_checkpoint(checkpoint: str, out: str, full: bool = False) -> str:
     root, tag = resolve_checkpoint(checkpoint)
     meta = read_meta(root, tag)

@@ -1,0 +1,101 @@
+"""Zero-shot classification data: an ImageFolder-style directory or a JSON list of {image, label}.
+
+Directory: one sub-folder per class (sorted names are the classes, underscores read as spaces),
+images inside. JSON: ``[{"image": "path.jpg", "label": "dog" | 3}, ...]`` with relative paths
+resolved against ``image_root``; integer labels need the class names (``classnames``), string
+labels name the classes themselves (sorted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+from torch.utils.data import Dataset
+
+from .errors import DataError
+from .images import open_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ClassificationImages(Dataset):
+    """``dataset[i] -> {"image": FloatTensor[3,H,W], "index": i}``; ``labels[i]`` its class index."""
+
+    def __init__(self, paths: List[str], labels: List[int], classnames: List[str], transform):
+        self.paths, self.labels, self.classnames, self.transform = paths, labels, classnames, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Dict:
+        try:
+            image = open_rgb(self.paths[index])
+        except Exception as err:  # noqa: BLE001 - any decoding failure of a user's file
+            raise DataError(f"image {self.paths[index]} (entry {index}) cannot be read: {err}. "
+                            "Replace or remove it.") from err
+        return {"image": self.transform(image), "index": index}
+
+
+def _from_folder(root: str):
+    if not os.path.isdir(root):
+        raise DataError(f"classification data {root} does not exist: give a folder with one sub-folder "
+                        "per class, or a JSON list of {image, label}")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise DataError(f"classification folder {root} has no class folder: put the images of class C "
+                        f"in {os.path.join(root, 'C')}/")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"class folder {os.path.join(root, name)} holds no image "
+                            f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder")
+        paths += [os.path.join(root, name, f) for f in files]
+        labels += [label] * len(files)
+    return paths, labels, [c.replace("_", " ") for c in classes]
+
+
+def _from_json(path: str, image_root: Optional[str], classnames: Optional[Sequence[str]]):
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"classification file {path} cannot be read as JSON: {e}") from None
+    if not isinstance(entries, list):
+        raise DataError(f"classification file {path} must hold a JSON list of {{image, label}}")
+    if not entries:
+        raise DataError(f"classification data {path} is empty: it lists no image")
+    if entries and all(isinstance(e, dict) and isinstance(e.get("label"), str) for e in entries):
+        classnames = sorted({e["label"] for e in entries})
+    elif not classnames:
+        raise DataError(f"{path} has integer labels: give the class names (--classnames FILE, one per line)")
+    index = {name: i for i, name in enumerate(classnames)}
+    paths, labels = [], []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise DataError(f"{path}, entry {i}: expected {{\"image\": ..., \"label\": ...}}, got {entry!r}")
+        label = index.get(entry["label"], entry["label"])
+        if not isinstance(label, int) or not 0 <= label < len(classnames):
+            raise DataError(f"{path}, entry {i}: label {entry['label']!r} is not one of the {len(classnames)} classes")
+        image = entry["image"]
+        if not os.path.isabs(image):
+            if image_root is None:
+                raise DataError(f"{path}, entry {i}: relative image path {image!r} needs --image_root")
+            image = os.path.join(image_root, image)
+        paths.append(image)
+        labels.append(label)
+    return paths, labels, list(classnames)
+
+
+def build_classification_data(source: str, transform, image_root: Optional[str] = None,
+                              classnames: Optional[Sequence[str]] = None) -> ClassificationImages:
+    paths, labels, names = (_from_json(source, image_root, classnames) if source.endswith(".json")
+                            else _from_folder(source))
+    if not paths:
+        raise DataError(f"classification data {source} is empty: it lists no image")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{len(missing)} images of {source} are missing, e.g. {missing[0]}")
+    return ClassificationImages(paths, labels, names, transform)
