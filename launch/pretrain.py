@@ -9,7 +9,7 @@ import sys
 
 from lilt_ds.config import ConfigError, load_config
 from lilt_ds.data import DataError
-from lilt_ds.train import train
+from lilt_ds.train import NonFiniteLossError, train
 
 
 def parse_args(argv=None):
@@ -31,7 +31,7 @@ def main(argv=None):
         if args.output_dir:
             cfg.output_dir = args.output_dir
         train(cfg, args.deepspeed_config, resume=args.resume)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, NonFiniteLossError) as e:
         sys.exit(f"error: {e}")
 
 

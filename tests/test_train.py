@@ -132,3 +132,12 @@ def test_hostfile_check_names_the_line_and_the_fix(tmp_path):
                             capture_output=True, text=True, env=dict(os.environ, HOSTFILE=str(hostfile),
                                                                      PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"]))
     assert script.returncode != 0 and "listed twice" in script.stderr
+
+
+def test_non_finite_losses_skip_steps_then_abort(tmp_path):
+    out = tmp_path / "run"
+    result = run([sys.executable, *pretrain_args(out, extra=[
+        "train.lr=1e30", "train.grad_clip=0", "train.max_steps=10", "train.max_nonfinite_steps=2"])])
+    assert result.returncode != 0
+    assert "step skipped (1 in a row, 1 in total)" in result.stdout
+    assert "error: 2 non-finite losses in a row" in result.stderr and "Traceback" not in result.stderr
