@@ -102,6 +102,11 @@ def _preset_path(name: str) -> str:
     return str(path)
 
 
+def base_defaults() -> dict:
+    """Every valid key with its default (``configs/_base.yaml``), as plain dicts."""
+    return _read_yaml(_preset_path(BASE_PRESET))
+
+
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for k, v in tree.items():
@@ -179,7 +184,7 @@ def apply_override(cfg: dict, text: str) -> None:
 
 def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
     """Resolve a preset name or YAML path, then the overrides, into a validated Config."""
-    cfg = _read_yaml(_preset_path(BASE_PRESET))
+    cfg = base_defaults()
     preset = _read_yaml(_preset_path(name))
     # a run's resolved config.yaml (it names its preset) may carry keys added with +key=value
     _merge(cfg, preset, f"config {name}", allow_new=RESOLVED_MARKER in preset)

@@ -1,7 +1,7 @@
-"""Data for contrastive pretraining: caption JSON files in the original LilT format, image and
-text preprocessing, a resumable distributed sampler, retrieval evaluation data and the built-in
-demo dataset. `build_train_loader` and `build_eval_data` build it all from the `data` section of
-the experiment config."""
+"""Data for contrastive pretraining: caption JSON files in the original LilT format (or tar shards
+in the WebDataset layout), image and text preprocessing, a resumable distributed sampler,
+retrieval evaluation data and the built-in demo dataset. `build_train_loader` and
+`build_eval_data` build it all from the `data` section of the experiment config."""
 
 from .bad_samples import BadSample, BadSampleLog, global_bad_sample_counts
 from .caption_dataset import CaptionDataset
@@ -14,14 +14,18 @@ from .image_root import ImageRoot
 from .loader import TrainLoader, build_eval_data, build_train_loader
 from .retrieval import RetrievalData, RetrievalImages, build_retrieval_data, collate_images
 from .sampler import ResumableDistributedSampler
+from .shard import write_shards
+from .shard_dataset import ShardDataset
+from .shard_files import ShardFiles, find_shards
+from .shard_progress import ShardProgress
 from .text import pre_caption, tokenize_captions
 from .transforms import LILT_RANDAUGMENT_OPS, build_eval_transform, build_train_transform
 
 __all__ = [
     "BadSample", "BadSampleLog", "CaptionDataset", "CaptionTable", "DATA_DEFAULTS", "DataError",
     "ImageRoot", "ImageTextCollator", "LILT_RANDAUGMENT_OPS", "ResumableDistributedSampler",
-    "RetrievalData", "RetrievalImages", "TrainLoader", "build_eval_data", "build_eval_transform",
-    "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
-    "ensure_demo_data", "generate_demo", "global_bad_sample_counts", "load_caption_files",
-    "pre_caption", "resolve_data_config", "tokenize_captions",
+    "RetrievalData", "RetrievalImages", "ShardDataset", "ShardFiles", "ShardProgress", "TrainLoader",
+    "build_eval_data", "build_eval_transform", "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
+    "ensure_demo_data", "find_shards", "generate_demo", "global_bad_sample_counts",
+    "load_caption_files", "pre_caption", "resolve_data_config", "tokenize_captions", "write_shards",
 ]

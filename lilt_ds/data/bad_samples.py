@@ -16,19 +16,26 @@ from .errors import DataError, format_list
 logger = logging.getLogger("lilt_ds.data")
 
 ON_BAD_SAMPLE = ("error", "skip")
+# The end of every error that on_bad_sample=skip would have avoided.
+SKIP_FIX = ("or set data.on_bad_sample=skip to replace bad images by others (counted, and the "
+            "run stops above data.max_bad_fraction)")
 _LOGGED_ONE_BY_ONE = 20   # after this many, bad entries are logged in summary only
 _EXAMPLES_KEPT = 5
 
 
 @dataclass(frozen=True)
 class BadSample:
-    """One bad image: its dataset index, where the entry came from and what went wrong."""
+    """One bad image: its dataset index, where the entry came from and what went wrong.
+
+    `lost` > 0 marks instead a run of samples that cannot be told apart, such as the unreadable
+    rest of a truncated tar shard (`index` is then -1 and `entry` is where the file breaks)."""
 
     index: int
     file: str
     entry: int
     path: str
     reason: str
+    lost: int = 0
 
     def describe(self) -> str:
         return f"{self.file}, entry {self.entry}: image {self.path}: {self.reason}"
@@ -45,20 +52,22 @@ def check_bad_sample_policy(on_bad_sample: str, max_bad_fraction: float) -> None
 
 class BadSampleLog:
     """The bad entries one rank has met: `missing` (found by the existence check at load, the same
-    on every rank), `unreadable` (failed to decode on this rank) and `replaced` (draws served by a
-    replacement). `count` is the number of distinct bad entries."""
+    on every rank), `unreadable` (failed to decode on this rank), `lost` (per file, samples lost
+    in a damaged shard) and `replaced` (draws served by a replacement, or skipped). `count` is
+    the number of distinct bad entries."""
 
     def __init__(self, dataset_size: int, max_bad_fraction: float):
         self.dataset_size = dataset_size
         self.max_bad_fraction = max_bad_fraction
         self.missing: set = set()
         self.unreadable: set = set()
+        self.lost: Dict[str, int] = {}
         self.replaced = 0
         self.examples: List[BadSample] = []
 
     @property
     def count(self) -> int:
-        return len(self.missing) + len(self.unreadable)
+        return len(self.missing) + len(self.unreadable) + sum(self.lost.values())
 
     def record_missing(self, samples: Iterable[BadSample]) -> None:
         """Entries whose file does not exist (the load-time check)."""
@@ -72,7 +81,16 @@ class BadSampleLog:
         self.check()
 
     def record(self, sample: BadSample) -> None:
-        """A draw that was replaced because its image is missing or does not decode."""
+        """A draw that was replaced because its image is missing or does not decode, or samples
+        lost in a damaged file (counted once per file, however often it is read)."""
+        if sample.lost:
+            if sample.lost > self.lost.get(sample.file, 0):
+                self.lost[sample.file] = sample.lost
+                logger.warning("on_bad_sample=skip: %s", sample.describe())
+                self.examples.append(sample)
+                del self.examples[_EXAMPLES_KEPT:]
+                self.check()
+            return
         self.replaced += 1
         if sample.index in self.missing or sample.index in self.unreadable:
             return
@@ -93,28 +111,32 @@ class BadSampleLog:
         raise DataError(
             f"{self.count} of {self.dataset_size} entries ({self.count / self.dataset_size:.2%}) "
             f"have a missing or unreadable image ({len(self.missing)} missing, "
-            f"{len(self.unreadable)} unreadable), more than data.max_bad_fraction = "
-            f"{self.max_bad_fraction}. For example:\n{examples}\n"
+            f"{len(self.unreadable) + sum(self.lost.values())} unreadable), more than "
+            f"data.max_bad_fraction = {self.max_bad_fraction}. For example:\n{examples}\n"
             "Fix the image paths (data.image_root can rewrite a prefix) or the files; raise "
             "data.max_bad_fraction only if losing this much data is acceptable.")
 
     def state_dict(self) -> Dict:
-        return {"unreadable": sorted(self.unreadable), "replaced": self.replaced}
+        return {"unreadable": sorted(self.unreadable), "replaced": self.replaced, "lost": dict(self.lost)}
 
     def load_state_dict(self, state: Dict) -> None:
         self.unreadable = set(state["unreadable"])
         self.replaced = int(state["replaced"])
+        self.lost = dict(state.get("lost", {}))
 
 
 def global_bad_sample_counts(log: BadSampleLog) -> Dict[str, int]:
     """Counts over all ranks when torch.distributed is initialised (a collective: call it on every
     rank), else this rank's: `bad_entries` (distinct), `missing`, `unreadable`, `replaced`."""
-    unreadable, replaced = set(log.unreadable), log.replaced
+    unreadable, replaced, lost = set(log.unreadable), log.replaced, dict(log.lost)
     if dist.is_available() and dist.is_initialized():
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (sorted(log.unreadable), log.replaced))
-        unreadable = set().union(*(set(u) for u, _ in gathered))
-        replaced = sum(r for _, r in gathered)
-    unreadable -= log.missing
-    return {"bad_entries": len(log.missing) + len(unreadable), "missing": len(log.missing),
-            "unreadable": len(unreadable), "replaced": replaced}
+        dist.all_gather_object(gathered, (sorted(log.unreadable), log.replaced, log.lost))
+        unreadable = set().union(*(set(u) for u, _, _ in gathered))
+        replaced = sum(r for _, r, _ in gathered)
+        for _, _, rank_lost in gathered:
+            for file, count in rank_lost.items():
+                lost[file] = max(lost.get(file, 0), count)
+    unreadable_count = len(unreadable - log.missing) + sum(lost.values())
+    return {"bad_entries": len(log.missing) + unreadable_count, "missing": len(log.missing),
+            "unreadable": unreadable_count, "replaced": replaced}

@@ -11,15 +11,13 @@ from typing import Dict, List, Tuple, Union
 import numpy as np
 from torch.utils.data import Dataset
 
-from .bad_samples import BadSample, BadSampleLog, check_bad_sample_policy
+from .bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
 from .captions import CaptionTable
 from .errors import DataError, format_list
 from .images import open_rgb
-from .sample_rng import AUGMENT_STREAM, CAPTION_STREAM, REPLACE_STREAM, sample_rng, seeded_global_rngs
+from .sample_rng import REPLACE_STREAM, augmented, caption_choice, sample_rng
 
 MAX_REPLACEMENT_DRAWS = 50
-_SKIP_FIX = ("or set data.on_bad_sample=skip to replace bad images by others (counted, and the "
-             "run stops above data.max_bad_fraction)")
 
 
 class CaptionDataset(Dataset):
@@ -46,7 +44,7 @@ class CaptionDataset(Dataset):
         if missing and on_bad_sample == "error":
             raise DataError(f"{len(missing)} of {len(table)} images are missing:\n"
                             f"{format_list([s.describe() for s in missing])}\n"
-                            "Fix the paths (data.image_root can rewrite a prefix), " + _SKIP_FIX + ".")
+                            "Fix the paths (data.image_root can rewrite a prefix), " + SKIP_FIX + ".")
         self.bad_samples.record_missing(missing)
 
     def __len__(self) -> int:
@@ -65,11 +63,10 @@ class CaptionDataset(Dataset):
             except Exception as err:  # any decoding failure of a user's file is bad data
                 bad = self.table.bad_sample(served, f"cannot decode: {type(err).__name__}: {err}")
                 if self.on_bad_sample == "error":
-                    raise DataError(f"{bad.describe()}. Replace or delete the file, {_SKIP_FIX}.") from err
+                    raise DataError(f"{bad.describe()}. Replace or delete the file, {SKIP_FIX}.") from err
                 replaced.append(bad)
                 continue
-            with seeded_global_rngs(sample_rng(self.seed, epoch, index, AUGMENT_STREAM, served)):
-                pixels = self.transform(image)
+            pixels = augmented(self.transform, image, self.seed, epoch, index, served)
             return {"image": pixels, "caption": self.caption(epoch, served), "index": served,
                     "bad_samples": replaced}
         raise DataError(f"on_bad_sample=skip drew {MAX_REPLACEMENT_DRAWS} replacements for entry "
@@ -79,9 +76,7 @@ class CaptionDataset(Dataset):
     def caption(self, epoch: int, index: int) -> str:
         """The caption of `index` for `epoch`: drawn from (seed, epoch, index) when the entry has
         several."""
-        count = self.table.num_captions(index)
-        choice = 0 if count == 1 else int(sample_rng(self.seed, epoch, index, CAPTION_STREAM).integers(count))
-        return self.table.caption(index, choice)
+        return self.table.caption(index, caption_choice(self.seed, epoch, index, self.table.num_captions(index)))
 
     def _replacement(self, epoch: int, index: int, draw: int) -> int:
         return int(sample_rng(self.seed, epoch, index, REPLACE_STREAM, draw).integers(len(self)))

@@ -3,19 +3,35 @@
 Each JSON file holds a list of entries `{"image": "/abs/path.jpg", "image_id": ..., "caption":
 "..." | ["...", ...]}`; `image_id` is optional and unused. A caption list means one caption per
 entry is drawn each epoch. Several files are concatenated in the order given.
+
+Files are streamed (constant memory) into a few packed arrays, which are cached in a
+memory-mapped file beside the JSON (see `index_cache`): a later run maps the cache in a fraction of
+a second, and every process of the machine shares its pages. A table of millions of entries thus
+holds no per-entry Python object, and DataLoader workers never copy it.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple
+import functools
+import hashlib
+import inspect
+import os
+from array import array
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .array_file import ArrayFile
 from .bad_samples import BadSample
 from .errors import DataError, format_list
 from .image_root import ImageRoot, ImageRootSpec
 from .images import find_missing_files
-from .jsonfile import json_type_name, read_json_list
-from .packed import PackedStrings
+from .index_cache import cached_index
+from .jsonfile import iter_json_list, json_type_name
+from .packed import PackedPaths, PackedPathsBuilder, PackedStrings, PackedStringsBuilder, smallest_offset_dtype
 
+# Bump when the arrays of a caption index change meaning: older caches are then rebuilt.
+INDEX_FORMAT = 1
+_EXISTENCE_CHUNK = 100_000
+_PROBLEMS_KEPT = 10
 
 
 class CaptionTable:
@@ -24,11 +40,30 @@ class CaptionTable:
 
     def __init__(self, sources: List[str], counts: List[int], paths: List[str],
                  captions: List[List[str]]):
-        self.sources = list(sources)
-        self._source_ends = np.cumsum(counts, dtype=np.int64)
-        self._paths = PackedStrings(paths)
-        self._captions = PackedStrings(c for entry in captions for c in entry)
-        self._caption_ends = np.cumsum([len(entry) for entry in captions], dtype=np.int64)
+        builder = _TableBuilder()
+        for path, texts in zip(paths, captions):
+            builder.add(path, texts)
+        self._attach(list(sources), builder.arrays(counts))
+
+    @classmethod
+    def from_index(cls, sources: List[str], index: Union[ArrayFile, Dict[str, np.ndarray]]) -> "CaptionTable":
+        """A table over arrays built by `load_caption_files` (a mapped file or in memory)."""
+        table = cls.__new__(cls)
+        table._attach(list(sources), index)
+        return table
+
+    def _attach(self, sources: List[str], index) -> None:
+        self.sources = sources
+        self._index = index
+        arrays = index.arrays if isinstance(index, ArrayFile) else index
+        self._source_ends = arrays["source_ends"]
+        self._paths = PackedPaths(arrays, "path")
+        self._captions = PackedStrings.from_arrays(arrays, "caption")
+        self._caption_ends = arrays["entry_caption_ends"]
+
+    def __reduce__(self):
+        # A mapped index pickles as its file name (ArrayFile), so a spawned worker maps it again.
+        return CaptionTable.from_index, (self.sources, self._index)
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -37,13 +72,20 @@ class CaptionTable:
         return self._paths[index]
 
     def num_captions(self, index: int) -> int:
-        start = int(self._caption_ends[index - 1]) if index > 0 else 0
-        return int(self._caption_ends[index]) - start
+        return int(self._caption_ends[index]) - self._first_caption(index) if len(self._caption_ends) else 1
 
     def caption(self, index: int, choice: int = 0) -> str:
         """Caption number `choice` of entry `index`."""
-        start = int(self._caption_ends[index - 1]) if index > 0 else 0
-        return self._captions[start + choice]
+        return self._captions[self._first_caption(index) + choice]
+
+    def _first_caption(self, index: int) -> int:
+        if not len(self._caption_ends):  # one caption per entry: the table stores no offsets
+            return index
+        return int(self._caption_ends[index - 1]) if index > 0 else 0
+
+    def captions(self, index: int) -> List[str]:
+        """Every caption of entry `index`."""
+        return [self.caption(index, choice) for choice in range(self.num_captions(index))]
 
     def locate(self, index: int) -> Tuple[str, int]:
         """(source file, entry index inside that file) of a dataset index."""
@@ -57,40 +99,124 @@ class CaptionTable:
         return BadSample(index, file, entry, self.image_path(index), reason)
 
     def missing_images(self) -> List[BadSample]:
-        """The entries whose image file does not exist (one existence check per entry)."""
-        missing = find_missing_files([self.image_path(i) for i in range(len(self))])
-        return [self.bad_sample(int(i), "file not found") for i in np.flatnonzero(missing)]
+        """The entries whose image file does not exist (one existence check per entry, a chunk of
+        paths at a time)."""
+        missing = []
+        for start in range(0, len(self), _EXISTENCE_CHUNK):
+            found = find_missing_files(self._paths.slice(start, start + _EXISTENCE_CHUNK))
+            missing.extend(start + int(i) for i in np.flatnonzero(found))
+        return [self.bad_sample(i, "file not found") for i in missing]
+
+    @property
+    def mapped_file(self) -> Optional[str]:
+        """The cache file the table is mapped from; None for a table held in memory."""
+        return self._index.path if isinstance(self._index, ArrayFile) else None
+
+    def make_resident(self) -> None:
+        """Map every page of a cached table into this process now (see
+        `ArrayFile.touch_all_pages`); DataLoader workers call it when they start."""
+        if isinstance(self._index, ArrayFile):
+            self._index.touch_all_pages()
+
+
+class _TableBuilder:
+    """Entries appended one by one into the packed arrays of a CaptionTable."""
+
+    def __init__(self):
+        self._paths = PackedPathsBuilder()
+        self._captions = PackedStringsBuilder()
+        self._caption_ends = array("q")
+
+    def add(self, path: str, captions: List[str]) -> None:
+        self._paths.append(path)
+        for text in captions:
+            self._captions.append(text)
+        self._caption_ends.append(len(self._captions))
+
+    def arrays(self, counts: List[int]) -> Dict[str, np.ndarray]:
+        ends = np.array(self._caption_ends, dtype=np.int64)
+        if np.array_equal(ends, np.arange(1, len(ends) + 1)):
+            ends = ends[:0]  # one caption per entry: offsets would only repeat the entry index
+        return {"source_ends": np.cumsum(counts, dtype=np.int64),
+                "entry_caption_ends": ends.astype(smallest_offset_dtype(len(self._captions))),
+                **self._paths.arrays("path"), **self._captions.arrays("caption")}
 
 
 def load_caption_files(files: Sequence[str], image_root: ImageRootSpec = None,
                        clean: Optional[Callable[[str], str]] = None,
                        setting: str = "data.train_files",
-                       root_setting: str = "data.image_root") -> CaptionTable:
+                       root_setting: str = "data.image_root",
+                       cache: Optional[str] = "auto") -> CaptionTable:
     """Read and validate every file; `clean` (e.g. `pre_caption`) is applied to the stored
-    captions. Raises DataError listing every invalid entry (file, entry index, fix)."""
+    captions. Raises DataError listing every invalid entry (file, entry index, fix).
+
+    `cache` ("auto", a folder, or None) says where the packed table is cached (see
+    `index_cache.cached_index`); a `clean` function that cannot be identified across runs (a
+    lambda, a local function) builds the table in memory instead."""
     if isinstance(files, str):
         files = [files]
     if not files:
         raise DataError(f"{setting} is empty; list at least one caption JSON file.")
     root = ImageRoot(image_root, root_setting)
+    sources = [str(f) for f in files]
+    for source in sources:
+        if not os.path.isfile(source):
+            raise DataError(f"{source}: file not found (given in {setting}). Fix the path in {setting}.")
+    build = functools.partial(_read_entries, sources, root, clean, setting)
+    clean_identity = _callable_identity(clean)
+    if clean_identity is None:
+        cache = None
+    root_spec = os.fspath(image_root) if isinstance(image_root, os.PathLike) else image_root
+    settings = {"format": INDEX_FORMAT, "image_root": root_spec, "clean": clean_identity}
+    return CaptionTable.from_index(sources, cached_index(sources, settings, build, cache, "caption-index"))
+
+
+def _read_entries(sources: List[str], root: ImageRoot, clean: Optional[Callable[[str], str]],
+                  setting: str) -> Dict[str, np.ndarray]:
+    """Stream and validate every entry into packed arrays; every invalid entry is counted and
+    the first ones are quoted in the error."""
+    builder, counts = _TableBuilder(), []
     problems: List[str] = []
-    counts, paths, captions = [], [], []
-    for source in files:
-        entries = read_json_list(str(source), setting)
-        if not entries:
+    invalid = 0
+    for source in sources:
+        count = 0
+        for count, entry in enumerate(iter_json_list(source, setting), start=1):
+            path, errors = _entry_image(entry, root)
+            texts, caption_errors = entry_captions(entry, clean)
+            if errors or caption_errors:
+                invalid += len(errors) + len(caption_errors)
+                problems.extend(f"{source}, entry {count - 1}: {e}" for e in errors + caption_errors)
+                del problems[_PROBLEMS_KEPT:]
+            builder.add(path or "", texts)
+        if count == 0:
             raise DataError(f"{source}: holds an empty list; remove the file from {setting} "
                             "or fill it.")
-        counts.append(len(entries))
-        for number, entry in enumerate(entries):
-            where = f"{source}, entry {number}"
-            path, errors = _entry_image(entry, root)
-            texts, caption_errors = _entry_captions(entry, clean)
-            problems.extend(f"{where}: {e}" for e in errors + caption_errors)
-            paths.append(path or "")
-            captions.append(texts)
-    if problems:
-        raise DataError(f"{len(problems)} invalid entries in {setting}:\n{format_list(problems)}")
-    return CaptionTable([str(f) for f in files], counts, paths, captions)
+        counts.append(count)
+    if invalid:
+        raise DataError(f"{invalid} invalid entries in {setting}:\n"
+                        f"{format_list(problems, _PROBLEMS_KEPT, total=invalid)}")
+    return builder.arrays(counts)
+
+
+def _callable_identity(function: Optional[Callable]) -> Optional[str]:
+    """A name for a caption cleaning function that is the same in every run while the function
+    and its module's code are (a cached table holds cleaned captions); None when there is none."""
+    if function is None:
+        return "none"
+    if isinstance(function, functools.partial):
+        inner = _callable_identity(function.func)
+        arguments = repr((function.args, sorted(function.keywords.items())))
+        return None if inner is None or " at 0x" in arguments else f"{inner}{arguments}"
+    name = getattr(function, "__qualname__", "<")
+    try:
+        source = inspect.getsourcefile(function)
+    except TypeError:
+        return None
+    if "<" in name or source is None or not os.path.isfile(source):
+        return None  # a lambda or local function: two of them cannot be told apart
+    with open(source, "rb") as handle:
+        code = hashlib.sha256(handle.read()).hexdigest()[:16]
+    return f"{function.__module__}.{name}@{code}"
 
 
 def _entry_image(entry: dict, root: ImageRoot) -> Tuple[Optional[str], List[str]]:
@@ -108,7 +234,9 @@ def _entry_image(entry: dict, root: ImageRoot) -> Tuple[Optional[str], List[str]
     return resolved, []
 
 
-def _entry_captions(entry: dict, clean: Optional[Callable[[str], str]]) -> Tuple[List[str], List[str]]:
+def entry_captions(entry: dict, clean: Optional[Callable[[str], str]]) -> Tuple[List[str], List[str]]:
+    """The (cleaned) captions of an entry and what is wrong with them; the tar shard reader checks
+    its `.txt` / `.json` captions with it too."""
     if "caption" not in entry:
         return [], [f"missing key 'caption' (the entry has keys: {_keys(entry)}); every entry "
                     'needs "image" and "caption" (a string or a list of strings).']

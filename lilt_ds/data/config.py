@@ -4,28 +4,13 @@ keys and bad values before anything is loaded."""
 import copy
 from typing import Any, Dict
 
+from ..config import base_defaults
 from .bad_samples import check_bad_sample_policy
 from .errors import DataError
 from .image_root import ImageRoot
 
-DATA_DEFAULTS: Dict[str, Any] = {
-    "train_files": [],           # caption JSON files in the original format; empty -> built-in demo
-    "image_root": None,          # None | "/root" | {"from": "/old", "to": "/new"}
-    "eval_file": None,           # retrieval JSON; None with the demo -> the demo's eval split
-    "eval_image_root": None,
-    "on_bad_sample": "error",    # error | skip
-    "max_bad_fraction": 0.01,
-    "clean_captions": True,
-    "max_words": 30,
-    "max_length": 25,            # train tokens
-    "eval_max_length": 30,
-    "hflip": True,
-    "randaugment": "rand-m7-n2",  # None to disable
-    "num_workers": 2,
-    "pin_memory": False,
-    "persistent_workers": True,
-    "demo": {"n": 5000, "eval_n": 500, "seed": 0, "size": 128},
-}
+# the one list of keys and defaults is the experiment schema, lilt_ds/configs/_base.yaml
+DATA_DEFAULTS: Dict[str, Any] = base_defaults()["data"]
 
 _POSITIVE_INTS = ("max_words", "max_length", "eval_max_length")
 _BOOLS = ("clean_captions", "hflip", "pin_memory", "persistent_workers")
@@ -48,6 +33,21 @@ def resolve_data_config(data_cfg: Dict[str, Any] = None) -> Dict[str, Any]:
     if not isinstance(files, (list, tuple)) or not all(isinstance(f, str) and f for f in files):
         raise DataError(f"data.train_files = {files!r}: expected a list of JSON file paths "
                         "(empty for the built-in demo).")
+    shards = cfg["train_shards"]
+    if isinstance(shards, str):
+        shards = [shards]
+    if shards is not None and (not isinstance(shards, (list, tuple)) or not shards
+                               or not all(isinstance(s, str) and s for s in shards)):
+        raise DataError(f"data.train_shards = {cfg['train_shards']!r}: expected a brace pattern such "
+                        'as "/data/shard-{000000..000099}.tar", a list of .tar files, or null.')
+    cfg["train_shards"] = None if shards is None else list(shards)
+    if shards is not None and files:
+        raise DataError("data.train_files and data.train_shards are both set; train on one of them "
+                        "(set the other to [] / null).")
+    cache = cfg["index_cache"]
+    if cache is not None and not (isinstance(cache, str) and cache):
+        raise DataError(f"data.index_cache = {cache!r}: expected auto, a folder, or null (no cache).")
+    _check_int(cfg["shuffle_buffer"], "data.shuffle_buffer", minimum=0)
     ImageRoot(cfg["image_root"], "data.image_root")
     ImageRoot(cfg["eval_image_root"], "data.eval_image_root")
     if cfg["eval_file"] is not None and not (isinstance(cfg["eval_file"], str) and cfg["eval_file"]):

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 from PIL import Image, ImageDraw
 
 from .errors import DataError
+from .index_cache import lilt_ds_cache_folder
 
 COLOURS = {"red": (215, 35, 35), "green": (35, 160, 60), "blue": (40, 75, 215),
            "yellow": (235, 200, 25), "purple": (135, 55, 175), "orange": (240, 130, 25),
@@ -36,8 +37,6 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 INVERSE_RELATION = {"above": "below", "below": "above", "next to": "next to"}
 _GAP = 0.02                                     # minimum free space between objects and borders
 _POOL_THRESHOLD = 400                           # fewer images are drawn in this process
-
-DEFAULT_CACHE = os.path.join("~", ".cache", "lilt_ds")
 
 
 @dataclass(frozen=True)
@@ -206,8 +205,7 @@ def ensure_demo_data(cache_dir: Optional[str] = None, n: int = 5000, seed: int =
     renamed into place, so ranks calling this at the same time never see a half-written dataset
     (each may generate; the first rename wins)."""
     if cache_dir is None:
-        cache_root = os.path.expanduser(os.environ.get("LILT_DS_CACHE") or DEFAULT_CACHE)
-        cache_dir = os.path.join(cache_root, f"demo-{n}-{seed}-eval{eval_n}-{size}px")
+        cache_dir = os.path.join(lilt_ds_cache_folder(), f"demo-{n}-{seed}-eval{eval_n}-{size}px")
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
     paths = {"train": os.path.join(cache_dir, "train.json"), "eval": os.path.join(cache_dir, "eval.json"),
              "image_root": cache_dir}

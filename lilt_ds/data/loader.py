@@ -1,10 +1,16 @@
-"""Building the training loader and the evaluation data from the `data` section of the config."""
+"""Building the training loader and the evaluation data from the `data` section of the config.
+
+Training reads either caption JSON files (`data.train_files`, a map-style CaptionDataset under a
+ResumableDistributedSampler) or tar shards (`data.train_shards`, a ShardDataset that batches in
+its workers and whose sampler is its ShardProgress); both give the same batches and the same
+TrainLoader interface."""
 
 import functools
+import gc
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from .caption_dataset import CaptionDataset
 from .captions import load_caption_files
@@ -14,8 +20,14 @@ from .demo import ensure_demo_data
 from .errors import DataError
 from .retrieval import RetrievalData, build_retrieval_data
 from .sampler import ResumableDistributedSampler
+from .shard_dataset import ShardDataset
+from .shard_files import find_shards
+from .shard_progress import ShardProgress
 from .text import pre_caption
 from .transforms import build_train_transform
+
+
+Sampler = Union[ResumableDistributedSampler, ShardProgress]
 
 
 class TrainLoader:
@@ -25,17 +37,19 @@ class TrainLoader:
     `dataset.bad_samples` (workers hold copies of the dataset). Batches are
     `{"images", "input_ids", "attention_mask", "index"}`."""
 
-    def __init__(self, loader: DataLoader, dataset: CaptionDataset, sampler: ResumableDistributedSampler):
+    def __init__(self, loader: DataLoader, dataset: Union[CaptionDataset, ShardDataset],
+                 sampler: Sampler, batch_size: Optional[int] = None):
         self.loader = loader
         self.dataset = dataset
         self.sampler = sampler
-        self.batch_size = loader.batch_size
+        self.batch_size = batch_size or loader.batch_size
 
     def __iter__(self):
+        self.sampler.start_pass()
         for batch in self.loader:
             for bad in batch.pop("bad_samples"):
                 self.dataset.bad_samples.record(bad)
-            self.sampler.advance(len(batch["index"]))
+            self.sampler.record_batch(batch)
             yield batch
         self.sampler.finish_epoch()
 
@@ -53,35 +67,75 @@ class TrainLoader:
 
 def build_train_loader(data_cfg: Dict, tokenizer, image_size: int, mean: Sequence[float],
                        std: Sequence[float], rank: int, world_size: int, micro_batch_size: int,
-                       seed: int) -> Tuple[TrainLoader, CaptionDataset, ResumableDistributedSampler]:
-    """Everything for training from the `data` config section (see `DATA_DEFAULTS`); empty
-    `train_files` trains on the built-in demo dataset (generated on first use)."""
+                       seed: int) -> Tuple[TrainLoader, Union[CaptionDataset, ShardDataset], Sampler]:
+    """Everything for training from the `data` config section (see `DATA_DEFAULTS`): tar shards
+    when `train_shards` is set, else the `train_files`; neither trains on the built-in demo
+    dataset (generated on first use)."""
     cfg = resolve_data_config(data_cfg)
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise DataError(f"micro batch size {micro_batch_size!r}: expected a positive integer.")
-    files, image_root = cfg["train_files"], cfg["image_root"]
-    if not files:
-        files, image_root = [_demo(cfg)["train"]], None
-    clean = functools.partial(pre_caption, max_words=cfg["max_words"]) if cfg["clean_captions"] else None
-    table = load_caption_files(files, image_root, clean)
     transform = build_train_transform(image_size, mean, std, hflip=cfg["hflip"],
                                       randaugment=cfg["randaugment"])
-    dataset = CaptionDataset(table, transform, seed=seed, on_bad_sample=cfg["on_bad_sample"],
-                             max_bad_fraction=cfg["max_bad_fraction"])
-    sampler = ResumableDistributedSampler(len(dataset), rank, world_size, seed=seed)
-    if sampler.num_samples < micro_batch_size:
-        raise DataError(f"each of the {world_size} ranks gets {sampler.num_samples} of the "
-                        f"{len(dataset)} training samples per epoch, fewer than the micro batch "
-                        f"size {micro_batch_size}: no full batch. Add data or lower the batch size.")
+    collate = ImageTextCollator(tokenizer, cfg["max_length"])
     workers = cfg["num_workers"]
     if workers > 0:
         # Fast tokenizers used before the fork warn and disable themselves in workers anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader = DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=cfg["pin_memory"],
-                        persistent_workers=cfg["persistent_workers"] and workers > 0,
-                        drop_last=True, collate_fn=ImageTextCollator(tokenizer, cfg["max_length"]))
-    return TrainLoader(loader, dataset, sampler), dataset, sampler
+    loader_args = {"num_workers": workers, "pin_memory": cfg["pin_memory"],
+                   "persistent_workers": cfg["persistent_workers"] and workers > 0,
+                   "worker_init_fn": start_worker}
+    build = _shard_loader if cfg["train_shards"] is not None else _json_loader
+    loader, dataset, sampler, size = build(cfg, transform, collate, micro_batch_size, rank, world_size,
+                                           seed, loader_args)
+    if sampler.num_samples < micro_batch_size:
+        raise DataError(f"each of the {world_size} ranks gets {sampler.num_samples} of the "
+                        f"{size} training samples per epoch, fewer than the micro batch "
+                        f"size {micro_batch_size}: no full batch. Add data or lower the batch size.")
+    return TrainLoader(loader, dataset, sampler, micro_batch_size), dataset, sampler
+
+
+def _caption_cleaning(cfg):
+    return functools.partial(pre_caption, max_words=cfg["max_words"]) if cfg["clean_captions"] else None
+
+
+def _json_loader(cfg, transform, collate, batch_size, rank, world_size, seed, loader_args):
+    files, image_root = cfg["train_files"], cfg["image_root"]
+    if not files:
+        files, image_root = [_demo(cfg)["train"]], None
+    table = load_caption_files(files, image_root, _caption_cleaning(cfg), cache=cfg["index_cache"])
+    table.make_resident()
+    dataset = CaptionDataset(table, transform, seed=seed, on_bad_sample=cfg["on_bad_sample"],
+                             max_bad_fraction=cfg["max_bad_fraction"])
+    sampler = ResumableDistributedSampler(len(dataset), rank, world_size, seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=collate, **loader_args)
+    return loader, dataset, sampler, len(dataset)
+
+
+def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, loader_args):
+    shards = find_shards(cfg["train_shards"], cfg["on_bad_sample"])
+    workers = max(cfg["num_workers"], 1)
+    if len(shards.paths) < world_size * workers:
+        raise DataError(f"data.train_shards has {len(shards.paths)} shards, fewer than ranks x "
+                        f"DataLoader workers = {world_size} x {workers}: some would read the same "
+                        "shards. Write more, smaller shards (--shard-size) or lower data.num_workers.")
+    dataset = ShardDataset(shards, transform, collate, batch_size, rank, world_size, seed,
+                           on_bad_sample=cfg["on_bad_sample"], max_bad_fraction=cfg["max_bad_fraction"],
+                           clean=_caption_cleaning(cfg), shuffle_buffer=cfg["shuffle_buffer"])
+    loader = DataLoader(dataset, batch_size=None, **loader_args)  # the dataset batches
+    return loader, dataset, dataset.progress, shards.total
+
+
+def start_worker(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn` that keeps a worker's memory flat through the epoch. A forked
+    worker shares the training process's memory copy-on-write, but its garbage collector, on a
+    full collection, writes into every object it inherited (about 100 MB of torch and
+    transformers objects), copying the pages that hold them: freeze them. A cached caption index
+    is mapped into the worker at once rather than page by page as samples reach it."""
+    gc.freeze()
+    dataset = get_worker_info().dataset
+    if isinstance(dataset, CaptionDataset):
+        dataset.table.make_resident()
 
 
 def build_eval_data(data_cfg: Dict, tokenizer, image_size: int, mean: Sequence[float],
@@ -91,14 +145,15 @@ def build_eval_data(data_cfg: Dict, tokenizer, image_size: int, mean: Sequence[f
     cfg = resolve_data_config(data_cfg)
     if cfg["eval_file"] is not None:
         path, image_root = cfg["eval_file"], cfg["eval_image_root"]
-    elif not cfg["train_files"]:
+    elif not cfg["train_files"] and cfg["train_shards"] is None:
         demo = _demo(cfg)
         path, image_root = demo["eval"], demo["image_root"]
     else:
         return None
     return build_retrieval_data(path, image_root, tokenizer, image_size, mean, std,
                                 max_length=cfg["eval_max_length"],
-                                clean_captions=cfg["clean_captions"], max_words=cfg["max_words"])
+                                clean_captions=cfg["clean_captions"], max_words=cfg["max_words"],
+                                index_cache=cfg["index_cache"])
 
 
 def _demo(cfg: Dict) -> Dict[str, str]:

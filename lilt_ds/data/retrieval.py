@@ -7,7 +7,7 @@ recall over a different set of images would not be comparable between runs.
 """
 
 import functools
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -75,12 +75,13 @@ class RetrievalData:
 
 def build_retrieval_data(path: str, image_root, tokenizer, image_size: int, mean: Sequence[float],
                          std: Sequence[float], max_length: int = 30, clean_captions: bool = True,
-                         max_words: int = 30) -> RetrievalData:
-    """Read and validate a retrieval JSON; `image_root` takes the forms of `ImageRoot`."""
+                         max_words: int = 30, index_cache: Optional[str] = "auto") -> RetrievalData:
+    """Read and validate a retrieval JSON; `image_root` takes the forms of `ImageRoot`,
+    `index_cache` those of `load_caption_files`' `cache`."""
     check_tokenizer(tokenizer)
     clean = functools.partial(pre_caption, max_words=max_words) if clean_captions else None
     table = load_caption_files([path], image_root, clean, setting="data.eval_file",
-                               root_setting="data.eval_image_root")
+                               root_setting="data.eval_image_root", cache=index_cache)
     missing = table.missing_images()
     if missing:
         raise DataError(f"{len(missing)} of {len(table)} evaluation images are missing:\n"

@@ -22,6 +22,17 @@ def sample_rng(seed: int, epoch: int, index: int, stream: int, *extra: int) -> n
     return np.random.default_rng([k % 2**64 for k in (seed, epoch, index, stream, *extra)])
 
 
+def caption_choice(seed: int, epoch: int, index: int, count: int) -> int:
+    """Which of a sample's `count` captions epoch `epoch` trains on."""
+    return 0 if count == 1 else int(sample_rng(seed, epoch, index, CAPTION_STREAM).integers(count))
+
+
+def augmented(transform, image, seed: int, epoch: int, index: int, served: int):
+    """`transform(image)` with the random draws of sample `index` (served by entry `served`)."""
+    with seeded_global_rngs(sample_rng(seed, epoch, index, AUGMENT_STREAM, served)):
+        return transform(image)
+
+
 @contextmanager
 def seeded_global_rngs(rng: np.random.Generator):
     """Seed `random`, `numpy.random` and torch's CPU generator from `rng` for the duration of the
@@ -32,7 +43,9 @@ def seeded_global_rngs(rng: np.random.Generator):
     with torch.random.fork_rng(devices=[]):
         random.seed(int(seeds[0]))
         np.random.seed(int(seeds[1]))
-        torch.manual_seed(int(seeds[2]))
+        # The CPU generator only: torch.manual_seed also queues a CUDA seeding, with a formatted
+        # stack trace, on every call (a millisecond per sample where CUDA is not initialised).
+        torch.default_generator.manual_seed(int(seeds[2]))
         try:
             yield
         finally:

@@ -54,6 +54,10 @@ class ResumableDistributedSampler(Sampler):
         """Record that every rank consumed `samples_per_rank` more samples."""
         self.position += samples_per_rank * self.world_size
 
+    def record_batch(self, batch) -> None:
+        """Record a batch the training loop received (TrainLoader calls it)."""
+        self.advance(len(batch["index"]))
+
     def finish_epoch(self) -> None:
         """Record that the epoch was read to its end (a drop_last remainder included)."""
         self.position = max(self.position, self.dataset_size)
@@ -70,8 +74,13 @@ class ResumableDistributedSampler(Sampler):
         positions = start + self.rank + self.world_size * np.arange(self._count_from(start))
         return self.epoch_order()[positions % self.dataset_size]
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def start_pass(self) -> None:
+        """A pass over the epoch starts: from the saved position, or from the beginning when the
+        epoch was read to its end."""
         self.position = self._start()
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        self.start_pass()
         epoch, shard = self.epoch, self.shard()
         return ((epoch, int(i)) for i in shard)
 
@@ -90,6 +99,9 @@ class ResumableDistributedSampler(Sampler):
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         missing = {"epoch", "consumed"} - set(state)
+        if "consumed_shards" in state:
+            raise DataError("the data position was saved for data.train_shards, this run reads "
+                            "data.train_files; use the same data, or resume without the data state.")
         if missing:
             raise DataError(f"sampler state {state!r} lacks {sorted(missing)}; pass what "
                             "ResumableDistributedSampler.state_dict() returned.")

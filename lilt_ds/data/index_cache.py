@@ -1,0 +1,135 @@
+"""Where a derived index of some source files is cached, and whether a cached one still matches.
+
+An index is built once and stored beside its first source file, or in the lilt_ds cache folder
+when that folder is not writable, under a name derived from the source paths and the build
+settings. Its header records a fingerprint of every source (path, size, modification time and a
+hash of its first and last MiB); a cache whose fingerprint differs from the files on disk was built
+from other data, and is rebuilt with a warning that says what changed.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from typing import Callable, Dict, List, Optional, Union
+
+import numpy as np
+
+from .array_file import ArrayFile, ArrayFileError, write_array_file
+
+logger = logging.getLogger("lilt_ds.data")
+
+DEFAULT_CACHE = os.path.join("~", ".cache", "lilt_ds")
+_HASHED_BYTES = 1 << 20
+
+Index = Union[ArrayFile, Dict[str, np.ndarray]]
+
+
+def lilt_ds_cache_folder() -> str:
+    """`$LILT_DS_CACHE`, else ~/.cache/lilt_ds: where lilt_ds keeps what it derives and reuses."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("LILT_DS_CACHE") or DEFAULT_CACHE))
+
+
+def source_fingerprint(paths: List[str]) -> List[Dict]:
+    """What identifies the content of each file without reading all of it."""
+    prints = []
+    for path in paths:
+        stat = os.stat(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            digest.update(handle.read(_HASHED_BYTES))
+            if stat.st_size > 2 * _HASHED_BYTES:
+                handle.seek(-_HASHED_BYTES, os.SEEK_END)
+            digest.update(handle.read(_HASHED_BYTES))
+        prints.append({"path": os.path.abspath(path), "size": stat.st_size,
+                       "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()})
+    return prints
+
+
+def fingerprint_difference(saved: List[Dict], current: List[Dict]) -> Optional[str]:
+    """How the files an index was built from differ from the current ones; None if they match."""
+    if [s.get("path") for s in saved] != [c["path"] for c in current]:
+        return f"built from {[s.get('path') for s in saved]}"
+    for old, new in zip(saved, current):
+        if old.get("size") != new["size"]:
+            return f"{new['path']} changed size from {old.get('size')} to {new['size']} bytes"
+        if old.get("sha256_ends") != new["sha256_ends"]:
+            return f"{new['path']} has other content"
+        if old.get("mtime_ns") != new["mtime_ns"]:
+            return f"{new['path']} was modified since"
+    return None
+
+
+def cached_index(sources: List[str], settings: Dict, build: Callable[[], Dict[str, np.ndarray]],
+                 cache: Optional[str] = "auto", kind: str = "index") -> Index:
+    """The arrays `build()` makes from `sources` with `settings`, from the cache when a file there
+    matches both, else built now and cached. `cache`: "auto" (beside the first source, else the
+    lilt_ds cache folder), a folder, or None (build in memory, no file)."""
+    if cache is None:
+        return build()
+    current = source_fingerprint(sources)
+    candidates = _cache_paths(sources, settings, cache, kind)
+    with _exclusive(sources[0]):  # ranks on one machine: one builds, the others then read
+        for path in candidates:
+            found = _open_matching(path, settings, current)
+            if found is not None:
+                return found
+        arrays = build()
+        meta = {"settings": settings, "sources": current}
+        for path in candidates:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_array_file(path, arrays, meta)
+            except OSError as err:
+                logger.info("cannot write the %s cache %s (%s)", kind, path, err.strerror or err)
+                continue
+            logger.info("%s of %s cached in %s", kind, ", ".join(sources), path)
+            return ArrayFile(path)
+        logger.warning("could not cache the %s of %s in %s; it is rebuilt by every process",
+                       kind, ", ".join(sources), " or ".join(candidates))
+        return arrays
+
+
+def _cache_paths(sources: List[str], settings: Dict, cache: str, kind: str) -> List[str]:
+    identity = json.dumps([[os.path.abspath(s) for s in sources], settings], sort_keys=True)
+    name = f"{os.path.basename(sources[0])}.{hashlib.sha256(identity.encode()).hexdigest()[:16]}.lilt-{kind}"
+    if cache != "auto":
+        return [os.path.join(os.path.abspath(os.path.expanduser(cache)), name)]
+    beside = os.path.dirname(os.path.abspath(sources[0]))
+    return [os.path.join(beside, name), os.path.join(lilt_ds_cache_folder(), kind, name)]
+
+
+def _open_matching(path: str, settings: Dict, current: List[Dict]) -> Optional[ArrayFile]:
+    if not os.path.exists(path):
+        return None
+    try:
+        found = ArrayFile(path)
+    except (ArrayFileError, OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("%s: unreadable cache (%s); rebuilding it.", path, err)
+        return None
+    if found.meta.get("settings") != settings:
+        logger.warning("%s: cache built with other settings; rebuilding it.", path)
+        return None
+    difference = fingerprint_difference(found.meta.get("sources", []), current)
+    if difference is not None:
+        logger.warning("%s: cache built from other source files (%s); rebuilding it.", path, difference)
+        return None
+    return found
+
+
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """An advisory lock on `path` for the duration of the block, where the file system offers
+    one; without it every process builds (the atomic rename keeps that safe)."""
+    with open(path, "rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,124 @@
+"""Converting caption JSON files in the original LilT format into tar shards (WebDataset layout).
+
+    python -m lilt_ds.data.shard --json train.json [more.json ...] --out DIR --shard-size 10000
+                                 [--image-root ROOT] [--skip-missing]
+
+writes DIR/shard-000000.tar, DIR/shard-000001.tar, ... and DIR/sizes.json (samples per shard), and
+prints the `data.train_shards` pattern to train on. Entry k of the concatenated files becomes
+sample `{k:09d}`: the image file's bytes as they are (`.jpg`, `.png`, ...) and its caption as
+`.txt`, or its captions as `.json` (`{"caption": [...]}`) when it has several. Captions are stored
+as written and cleaned when training reads them, and the key keeps the entry's index, so the
+shards train on the same samples as the JSON files. Image paths are checked first; missing ones
+stop the conversion unless --skip-missing leaves them out (and counts them).
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .captions import load_caption_files
+from .errors import DataError, format_list
+from .image_root import ImageRootSpec
+from .shard_files import IMAGE_EXTENSIONS, SIZES_FILE, webdataset
+
+SHARD_NAME = "shard-{:06d}.tar"
+
+
+def write_shards(files: Sequence[str], out: str, shard_size: int, image_root: ImageRootSpec = None,
+                 skip_missing: bool = False) -> Dict:
+    """Convert `files` into shards of `shard_size` samples in the folder `out` (new or empty of
+    shards). Returns `{"train_shards": pattern, "shards", "samples", "skipped_missing"}`."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise DataError(f"--shard-size {shard_size!r}: expected a positive number of samples per shard.")
+    webdataset()
+    files = [files] if isinstance(files, str) else list(files)
+    out = os.path.abspath(out)
+    if glob.glob(os.path.join(out, "shard-*.tar")) or os.path.exists(os.path.join(out, SIZES_FILE)):
+        raise DataError(f"{out} already holds shards; write into a new or empty folder.")
+    table = load_caption_files(files, image_root, clean=None, setting="--json",
+                               root_setting="--image-root", cache=None)
+    unsupported = [table.bad_sample(i, "not a .jpg, .jpeg, .png or .webp image").describe()
+                   for i in range(len(table)) if _image_type(table.image_path(i)) is None]
+    if unsupported:
+        raise DataError(f"{len(unsupported)} images of an unsupported type:\n{format_list(unsupported)}\n"
+                        "Convert them to JPEG or PNG first.")
+    missing = table.missing_images()
+    if missing and not skip_missing:
+        raise DataError(f"{len(missing)} of {len(table)} images are missing:\n"
+                        f"{format_list([s.describe() for s in missing])}\n"
+                        "Fix the paths (--image-root ROOT resolves relative ones) or pass "
+                        "--skip-missing to leave them out.")
+    present = np.ones(len(table), dtype=bool)
+    present[[s.index for s in missing]] = False
+    kept = np.flatnonzero(present)
+    if not len(kept):
+        raise DataError(f"every image of {', '.join(map(str, files))} is missing: nothing to convert. "
+                        "Fix the paths (--image-root ROOT resolves relative ones).")
+    os.makedirs(out, exist_ok=True)
+    sizes = {}
+    for number, start in enumerate(range(0, len(kept), shard_size)):
+        name = SHARD_NAME.format(number)
+        entries = kept[start:start + shard_size].tolist()
+        _write_shard(os.path.join(out, name), table, entries)
+        sizes[name] = len(entries)
+    with open(os.path.join(out, SIZES_FILE), "w", encoding="utf-8") as handle:
+        json.dump(sizes, handle, indent=1)
+    pattern = os.path.join(out, "shard-{" + f"{0:06d}..{len(sizes) - 1:06d}" + "}.tar")
+    return {"train_shards": pattern, "shards": len(sizes), "samples": len(kept),
+            "skipped_missing": len(missing)}
+
+
+def _write_shard(path: str, table, entries: List[int]) -> None:
+    """One tar, written under a temporary name and renamed: an interrupted conversion leaves no
+    half shard under a shard's name."""
+    handle, scratch = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            writer = webdataset().TarWriter(stream, encoder=False, mtime=0.0)
+            for index in entries:
+                image = table.image_path(index)
+                with open(image, "rb") as source:
+                    sample = {"__key__": f"{index:09d}", _image_type(image): source.read()}
+                captions = table.captions(index)
+                if len(captions) == 1:
+                    sample["txt"] = captions[0].encode("utf-8")
+                else:
+                    sample["json"] = json.dumps({"caption": captions}, ensure_ascii=False).encode("utf-8")
+                writer.write(sample)
+            writer.close()
+        os.chmod(scratch, 0o644)
+        os.replace(scratch, path)
+    except BaseException:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+        raise
+
+
+def _image_type(path: str) -> Optional[str]:
+    extension = os.path.splitext(path)[1].lower().lstrip(".")
+    return extension if extension in IMAGE_EXTENSIONS else None
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lilt_ds.data.shard", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", nargs="+", required=True, help="caption JSON files in the original format")
+    parser.add_argument("--out", required=True, help="folder to write the shards into")
+    parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
+    parser.add_argument("--image-root", default=None, help="folder that relative image paths start from")
+    parser.add_argument("--skip-missing", action="store_true", help="leave out entries whose image is missing")
+    args = parser.parse_args(argv)
+    try:
+        result = write_shards(args.json, args.out, args.shard_size, args.image_root, args.skip_missing)
+    except DataError as err:
+        sys.exit(f"error: {err}")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
