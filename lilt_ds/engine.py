@@ -144,6 +144,10 @@ def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
     model.to(engine_dtype(ds_config))  # buffers too (BatchNorm statistics), which DeepSpeed leaves as they are
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    if getattr(scheduler, "last_batch_iteration", None) == -1:
+        # DeepSpeed's schedules start "before step 0" with lr 0, which wastes the first optimizer
+        # step; start at step 0 (warmup's first value), as the scheduler steps after every update
+        scheduler.step(0)
     return engine, optimizer, scheduler
 
 

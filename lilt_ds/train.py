@@ -103,7 +103,6 @@ class Trainer:
         ds_raw = ds_engine.load_ds_config(ds_config_path)
         self.resume = resolve_resume(resume, self.output_dir)
 
-        seed_everything(cfg.seed)  # identical initial weights on every rank
         self.tokenizer = build_tokenizer(cfg.model.text)
         self.model = build_model(cfg)
         mean, std, size = self.model.vision.mean, self.model.vision.std, cfg.model.image_size
@@ -281,8 +280,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.epoch = self.sampler.epoch  # a finished epoch is saved as the start of the next
         self.restored_rng = state.get("rng")
-        if self.scheduler is not None and self.step:  # the schedule continues even when its state was not loaded
-            self.scheduler.step(self.step - 1)
+        if self.scheduler is not None:  # the schedule continues even when its state was not loaded
+            self.scheduler.step(self.step)
         log.info("resumed from %s at step %d (epoch %d)", os.path.join(folder, tag), self.step, self.epoch)
 
 

@@ -165,3 +165,42 @@ def test_every_ds_config_trains_two_steps_on_two_ranks_with_frozen_parameters_fr
         assert trainable <= state <= trainable * 2 + 4096, (name, state, trainable)
         assert state < total / 5, (name, state, total)
     assert ran >= 6
+
+
+def _one_step_weights(rank, world_size, tmp_dir, ds_path, runs):
+    """Trainable weights after one optimizer step, for each (micro batch, accumulation, exact) run."""
+    from lilt_ds.export import trainable_state_from_engine
+    from lilt_ds.train import Trainer, to_device
+
+    out = {}
+    for micro, accum, exact in runs:
+        cfg = load_config("lilt", tiny_training_overrides(tmp_dir, [
+            f"output_dir={tmp_dir}/m{micro}a{accum}{exact}", f"train.micro_batch_size={micro}",
+            f"train.grad_accum_steps={accum}", f"train.exact_accumulation={exact}", "model.text.unlock=[]",
+            "train.weight_decay=0", "train.min_lr=0.5", "train.lr=0.5", "train.grad_clip=0"]))
+        trainer = Trainer(cfg, ds_path)
+        batches = iter(trainer.loader)
+        trainer.train_step([to_device(next(batches), trainer.device, trainer.dtype) for _ in range(accum)])
+        out[f"{micro}x{accum}{'exact' if exact else ''}"] = {
+            k: v.flatten().tolist() for k, v in trainable_state_from_engine(trainer.engine).items()}
+        trainer.engine.destroy()
+    return out
+
+
+def test_exact_accumulation_through_deepspeed_equals_one_large_batch(tmp_path):
+    """SGD (update = lr x gradient) under ZeRO-2 fp32 on 2 ranks: 2 x 4 exact == 1 x 8, naive differs."""
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
+    ds.pop("bf16")
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}}
+    ds["zero_allow_untested_optimizer"] = True
+    path = tmp_path / "sgd.json"
+    path.write_text(json.dumps(ds))
+    runs = [(8, 1, False), (4, 2, True), (4, 2, False)]
+    weights = run_ranks(_one_step_weights, 2, tmp_path, str(tmp_path), str(path), runs)[0]
+    big, exact, naive = weights["8x1"], weights["4x2exact"], weights["4x2"]
+
+    def max_diff(a, b):
+        return max(max(abs(x - y) for x, y in zip(a[k], b[k])) for k in a)
+
+    assert max_diff(big, exact) < 1e-6
+    assert max_diff(big, naive) > 1e-4
