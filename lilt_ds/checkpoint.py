@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .fileio import atomic_path
 
 log = logging.getLogger("lilt_ds")
 
@@ -103,12 +104,10 @@ def _barrier() -> None:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as scratch, open(scratch, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _maybe_inject_fault(step: int) -> None:

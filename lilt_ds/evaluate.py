@@ -183,8 +183,8 @@ def format_retrieval_table(metrics: dict, ks: Sequence[int] = RECALL_KS) -> str:
     """A Markdown table of recall@K in both directions."""
     head = "| direction | " + " | ".join(f"R@{k}" for k in ks) + " | mean |"
     rule = "|---|" + "---:|" * (len(ks) + 1)
-    rows = [f"| image->text | " + " | ".join(f"{metrics[f'txt_r{k}']:.2f}" for k in ks) + f" | {metrics['txt_r_mean']:.2f} |",
-            f"| text->image | " + " | ".join(f"{metrics[f'img_r{k}']:.2f}" for k in ks) + f" | {metrics['img_r_mean']:.2f} |"]
+    rows = ["| image->text | " + " | ".join(f"{metrics[f'txt_r{k}']:.2f}" for k in ks) + f" | {metrics['txt_r_mean']:.2f} |",
+            "| text->image | " + " | ".join(f"{metrics[f'img_r{k}']:.2f}" for k in ks) + f" | {metrics['img_r_mean']:.2f} |"]
     return "\n".join([head, rule, *rows])
 
 

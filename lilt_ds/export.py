@@ -19,7 +19,8 @@ import sys
 import torch
 
 from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
-from .config import Config, ConfigError, to_config
+from .config import ConfigError, to_config
+from .fileio import atomic_path
 
 CONFIG_KEY = "lilt_ds_config"
 IDENTITY_KEY = "lilt_ds_identity"
@@ -64,11 +65,9 @@ def trainable_state_from_checkpoint(root: str, tag: str) -> dict[str, torch.Tens
 def save_exported(state: dict[str, torch.Tensor], cfg: dict, identity: dict, path: str) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     metadata = {CONFIG_KEY: json.dumps(cfg), IDENTITY_KEY: json.dumps(identity)}
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(state, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as scratch:
+        save_file(state, scratch, metadata=metadata)
 
 
 def load_exported(path: str) -> torch.nn.Module:

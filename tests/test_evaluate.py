@@ -12,7 +12,7 @@ from lilt_ds.data import DataError
 from lilt_ds.evaluate import classification_metrics, load_templates, retrieval_metrics
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
-from tests.test_train import ROOT, run
+from tests.test_train import run
 
 
 def brute_force_recall(sim: np.ndarray, img2txt, k: int) -> float:

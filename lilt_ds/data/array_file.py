@@ -10,11 +10,10 @@ still map a replaced file keep reading the old one.
 
 import json
 import mmap
-import os
-import tempfile
 from typing import Any, Dict
 
 import numpy as np
+from ..fileio import atomic_path
 
 MAGIC = b"LILTARR1"
 _ALIGN = 64
@@ -58,21 +57,12 @@ def write_array_file(path: str, arrays: Dict[str, np.ndarray], meta: Dict[str, A
         offset = _aligned(offset + values.nbytes)
     header = json.dumps({"meta": meta, "arrays": table}).encode("utf-8")
     start = _aligned(len(MAGIC) + 8 + len(header))
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, scratch = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(MAGIC + len(header).to_bytes(8, "little") + header)
-            for name, values in arrays.items():
-                out.seek(start + table[name]["offset"])
-                out.write(np.ascontiguousarray(values).tobytes())
-            out.truncate(start + offset)
-        os.chmod(scratch, 0o644)
-        os.replace(scratch, path)
-    except BaseException:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
-        raise
+    with atomic_path(path) as scratch, open(scratch, "wb") as out:
+        out.write(MAGIC + len(header).to_bytes(8, "little") + header)
+        for name, values in arrays.items():
+            out.seek(start + table[name]["offset"])
+            out.write(np.ascontiguousarray(values).tobytes())
+        out.truncate(start + offset)
 
 
 def _parse(buffer) -> tuple:

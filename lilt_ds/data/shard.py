@@ -17,7 +17,6 @@ import glob
 import json
 import os
 import sys
-import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -26,6 +25,7 @@ from .captions import load_caption_files
 from .errors import DataError, format_list
 from .image_root import ImageRootSpec
 from .shard_files import IMAGE_EXTENSIONS, SIZES_FILE, webdataset
+from ..fileio import atomic_path
 
 SHARD_NAME = "shard-{:06d}.tar"
 
@@ -77,27 +77,19 @@ def write_shards(files: Sequence[str], out: str, shard_size: int, image_root: Im
 def _write_shard(path: str, table, entries: List[int]) -> None:
     """One tar, written under a temporary name and renamed: an interrupted conversion leaves no
     half shard under a shard's name."""
-    handle, scratch = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            writer = webdataset().TarWriter(stream, encoder=False, mtime=0.0)
-            for index in entries:
-                image = table.image_path(index)
-                with open(image, "rb") as source:
-                    sample = {"__key__": f"{index:09d}", _image_type(image): source.read()}
-                captions = table.captions(index)
-                if len(captions) == 1:
-                    sample["txt"] = captions[0].encode("utf-8")
-                else:
-                    sample["json"] = json.dumps({"caption": captions}, ensure_ascii=False).encode("utf-8")
-                writer.write(sample)
-            writer.close()
-        os.chmod(scratch, 0o644)
-        os.replace(scratch, path)
-    except BaseException:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
-        raise
+    with atomic_path(path) as scratch, open(scratch, "wb") as stream:
+        writer = webdataset().TarWriter(stream, encoder=False, mtime=0.0)
+        for index in entries:
+            image = table.image_path(index)
+            with open(image, "rb") as source:
+                sample = {"__key__": f"{index:09d}", _image_type(image): source.read()}
+            captions = table.captions(index)
+            if len(captions) == 1:
+                sample["txt"] = captions[0].encode("utf-8")
+            else:
+                sample["json"] = json.dumps({"caption": captions}, ensure_ascii=False).encode("utf-8")
+            writer.write(sample)
+        writer.close()
 
 
 def _image_type(path: str) -> Optional[str]:

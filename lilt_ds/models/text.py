@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 from ..config import ConfigError
 from .efficient import TowerLayout
-from .weights import PKG_PREFIX, resolve_pkg
+from .weights import resolve_pkg
 
 # architecture (so a model can be built and counted offline) and the weights the LilT paper used
 TEXT_PRESETS = {

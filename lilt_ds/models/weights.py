@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..config import ConfigError
+from ..fileio import atomic_path
 
 PKG_PREFIX = "pkg:"
 
@@ -68,9 +69,8 @@ def _efficientnet_lite0_file() -> str:
 
         target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
         state = convert_state_dict_by_order(torch.load(src, map_location="cpu"), target, src)
-        tmp = f"{out}.{os.getpid()}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, out)  # atomic: concurrent ranks never read a half-written file
+        with atomic_path(out) as scratch:  # concurrent ranks never read a half-written file
+            torch.save(state, scratch)
     return out
 
 
