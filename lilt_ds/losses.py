@@ -449,6 +449,15 @@ LOSS_REGISTRY: dict[str, type[_DataParallelLoss]] = {
 }
 
 
+def _register_fused() -> None:
+    from .ops.contrastive import FusedContrastiveLoss  # lilt_ds.ops imports this module: register after it
+
+    LOSS_REGISTRY["fused"] = FusedContrastiveLoss
+
+
+_register_fused()
+
+
 def _constructor_options(cls: type) -> set[str]:
     return {name for name in inspect.signature(cls.__init__).parameters if name != "self"}
 

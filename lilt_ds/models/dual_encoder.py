@@ -134,5 +134,9 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
     model.vision_proj.requires_grad_(not mcfg.get("freeze_projections", False))
     model.text_proj.requires_grad_(not mcfg.get("freeze_projections", False))
     model.logit_scale.requires_grad_(not mcfg.get("freeze_logit_scale", False))
+    if (cfg.get("memory") or {}).get("frozen_recompute"):
+        from ..ops.recompute import apply_frozen_recompute
+
+        apply_frozen_recompute(model)
     model.train()
     return model

@@ -1,0 +1,11 @@
+"""Fused kernels (kernels/ sources, JIT-built) with PyTorch reference fallbacks.
+
+``FusedContrastiveLoss`` (``loss.type=fused``) and ``apply_frozen_recompute`` (``memory.frozen_recompute``).
+"""
+
+from .. import losses as _losses  # first: it registers loss.type=fused from .contrastive
+from .builder import KernelBuildError, select
+from .contrastive import FusedContrastiveLoss, fused_clip_loss_fn
+from .recompute import apply_frozen_recompute
+
+__all__ = ["FusedContrastiveLoss", "KernelBuildError", "apply_frozen_recompute", "fused_clip_loss_fn", "select"]
