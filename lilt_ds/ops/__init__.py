@@ -3,7 +3,7 @@
 ``FusedContrastiveLoss`` (``loss.type=fused``) and ``apply_frozen_recompute`` (``memory.frozen_recompute``).
 """
 
-from .. import losses as _losses  # first: it registers loss.type=fused from .contrastive
+from .. import losses as _losses  # noqa: F401  (first: it registers loss.type=fused from .contrastive)
 from .builder import KernelBuildError, select
 from .contrastive import FusedContrastiveLoss, fused_clip_loss_fn
 from .recompute import apply_frozen_recompute

@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from lilt_ds.config import load_config
 from lilt_ds.models import build_model
