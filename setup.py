@@ -30,6 +30,7 @@ setup(
     extras_require={
         "demo": DEMO,
         "shards": ["webdataset"],
-        "test": DEMO + ["webdataset", "pytest", "pytest-timeout"],
+        "plot": ["matplotlib"],
+        "test": DEMO + ["webdataset", "pytest", "pytest-timeout", "matplotlib"],
     },
 )
