@@ -29,7 +29,7 @@ log = logging.getLogger("lilt_ds")
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """Training diverged: too many non-finite losses in a row, or one that cannot be skipped."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -52,9 +52,12 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_output_dir(cfg: Config, rank: int) -> str:
-    """Create (and check we can write to) the run folder before any expensive work."""
-    out = cfg.output_dir or os.path.join("outputs", f"{cfg.config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg.output_dir = out
+    """Create (and check we can write to) the run folder before any expensive work.
+
+    Rank 0 decides (the default name has a timestamp) and every rank gets its answer, an error
+    included, so no rank is left waiting for one that stopped.
+    """
+    out, error = cfg.output_dir or os.path.join("outputs", f"{cfg.config_name}-{time.strftime('%Y%m%d-%H%M%S')}"), None
     if rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
@@ -63,7 +66,14 @@ def prepare_output_dir(cfg: Config, rank: int) -> str:
                 f.write("ok")
             os.remove(probe)
         except OSError as e:
-            raise ConfigError(f"output folder {out} is not writable ({e.strerror}): choose another --output_dir") from None
+            error = f"output folder {out} is not writable ({e.strerror}): choose another --output_dir"
+    decision = [out, error]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(decision, src=0)
+    out, error = decision
+    if error:
+        raise ConfigError(error)
+    cfg.output_dir = out
     return out
 
 
@@ -98,7 +108,6 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = init_distributed()
         self.output_dir = prepare_output_dir(cfg, self.rank)
-        torch.distributed.barrier()
         setup_logging(self.output_dir, self.rank)
         ds_raw = ds_engine.load_ds_config(ds_config_path)
         self.resume = resolve_resume(resume, self.output_dir)
