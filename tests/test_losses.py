@@ -26,6 +26,7 @@ from lilt_ds.losses import (
     SIGLIP_INIT_LOGIT_BIAS,
     SIGLIP_INIT_LOGIT_SCALE,
     ChunkedContrastiveLoss,
+    LOSS_REGISTRY,
     ContrastiveLoss,
     NonFiniteInputError,
     SigLipLoss,
@@ -496,7 +497,9 @@ def test_build_loss_uses_the_registry_and_passes_options():
 
 
 def test_build_loss_rejects_unknown_type_and_options():
-    with pytest.raises(ValueError, match=r"unknown loss type 'infonce'; allowed types: chunked, clip, siglip"):
+    allowed = ", ".join(sorted(LOSS_REGISTRY))  # the fused kernel registers itself too
+    assert {"chunked", "clip", "siglip", "fused"} <= set(LOSS_REGISTRY)
+    with pytest.raises(ValueError, match=rf"unknown loss type 'infonce'; allowed types: {allowed}"):
         build_loss({"type": "infonce"})
     with pytest.raises(ValueError, match=r"unknown loss option\(s\) \['chunksize'\]"):
         build_loss({"type": "chunked", "chunksize": 4})
