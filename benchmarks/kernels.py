@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_memory import LiveTensorPeak, format_bytes, forward_backward, parse_size  # noqa: E402
 
 from lilt_ds.ops import FusedContrastiveLoss, apply_frozen_recompute  # noqa: E402
+from lilt_ds.memory import SavedTensorMeter
 import loss_memory  # noqa: E402
 
 WORLD, DIM, CHUNK = 8, 256, 1024
@@ -64,19 +65,11 @@ def loss_table(sizes: list[int], skip_local_above: int) -> None:
 
 
 def saved_activation_bytes(model, batch) -> int:
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    meter = SavedTensorMeter(model.parameters(), backward=False)
+    with meter:
         image_emb, text_emb, scale = model(*batch)
     del image_emb, text_emb, scale
-    return sum(storages.values())
+    return meter.bytes
 
 
 def activation_table(batch_size: int = 2, image_size: int = 256, text_len: int = 32) -> None:

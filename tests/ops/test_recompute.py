@@ -8,26 +8,19 @@ import torch
 from lilt_ds.config import load_config
 from lilt_ds.models import build_model
 from lilt_ds.ops import apply_frozen_recompute
+from lilt_ds.memory import SavedTensorMeter
 from tests.conftest import tiny_overrides
 
 
 def saved_bytes_and_grads(model, batch):
     """Bytes of non-parameter tensors autograd saves for backward, and the trainable parameters' gradients."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+    meter = SavedTensorMeter(model.parameters())
     torch.manual_seed(1)  # the same dropout masks in both models
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with meter:
         image_emb, text_emb, scale = model(*batch)
         loss = (image_emb @ text_emb.T * scale).logsumexp(1).sum()
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-    return sum(storages.values()), grads
+    return meter.bytes, grads
 
 
 @pytest.fixture(scope="module")
