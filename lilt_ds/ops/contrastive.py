@@ -15,31 +15,48 @@ from torch.autograd.function import once_differentiable
 from ..losses import ChunkedContrastiveLoss, GatheredBatch
 from .builder import select
 
-DEFAULT_TILE = (64, 512)
-"""(tile_rows, tile_cols) of the CPU kernel: a 128 KiB tile of dots stays in L2."""
+DEFAULT_TILE = (256, 256)
+"""(tile_rows, tile_cols) of the CPU kernel: a 256 KiB tile of dots stays in L2 (the fastest of the
+shapes tried at N=16k, d=256; see benchmarks/kernels.py)."""
 
 
-class _FusedLogSumExp(torch.autograd.Function):
-    """lse = log sum_j exp(scale * queries @ keys.T) per row; saves the inputs and lse only."""
+class _FusedClipLoss(torch.autograd.Function):
+    """Summed symmetric InfoNCE whose two row log-sum-exps run in the kernel; saves inputs and lse only.
+
+    Backward writes every gradient into the kernel's fresh outputs (the positives' terms are added
+    in place), so beyond the five input gradients it allocates nothing of size N x d.
+    """
 
     @staticmethod
-    def forward(ctx, queries, keys, scale, kernels, tile_rows: int, tile_cols: int):
-        q, k = queries.float().contiguous(), keys.float().contiguous()
-        lse = kernels.lse_forward(q, k, float(scale), tile_rows, tile_cols)
-        ctx.save_for_backward(queries, keys, scale, lse)
-        ctx.kernels, ctx.tiles = kernels, (tile_rows, tile_cols)
-        return lse
+    def forward(ctx, local_img, local_txt, all_img, all_txt, scale, offset: int, kernels, tiles):
+        dtype = local_img.dtype
+        li, lt, ai, at = (t.detach().float().contiguous() for t in (local_img, local_txt, all_img, all_txt))
+        s = float(scale)
+        rows = slice(offset, offset + li.shape[0])
+        lse_img = kernels.lse_forward(li, at, s, *tiles)
+        lse_txt = kernels.lse_forward(lt, ai, s, *tiles)
+        positives = (li * at[rows]).sum() + (lt * ai[rows]).sum()
+        ctx.save_for_backward(local_img, local_txt, all_img, all_txt, lse_img, lse_txt, positives)
+        ctx.scale, ctx.offset, ctx.kernels, ctx.tiles = s, offset, kernels, tiles
+        return ((lse_img.sum() + lse_txt.sum() - s * positives) / 2).to(dtype)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_lse):
-        queries, keys, scale, lse = ctx.saved_tensors
-        q, k = queries.float().contiguous(), keys.float().contiguous()
-        grad_q, grad_k, grad_scale = ctx.kernels.lse_backward(
-            q, k, float(scale), lse, grad_lse.float().contiguous(), *ctx.tiles
-        )
-        return (grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_scale.reshape(scale.shape).to(scale.dtype),
-                None, None, None)
+    def backward(ctx, grad_loss):
+        local_img, local_txt, all_img, all_txt, lse_img, lse_txt, positives = ctx.saved_tensors
+        li, lt, ai, at = (t.float().contiguous() for t in (local_img, local_txt, all_img, all_txt))
+        s, rows, half = ctx.scale, slice(ctx.offset, ctx.offset + li.shape[0]), grad_loss.float() / 2
+        g = half.expand(li.shape[0]).contiguous()
+        d_li, d_at, ds_img = ctx.kernels.lse_backward(li, at, s, lse_img, g, *ctx.tiles)
+        d_lt, d_ai, ds_txt = ctx.kernels.lse_backward(lt, ai, s, lse_txt, g, *ctx.tiles)
+        minus = -(half * s)
+        d_li.add_(at[rows] * minus)
+        d_lt.add_(ai[rows] * minus)
+        d_at[rows].add_(li * minus)
+        d_ai[rows].add_(lt * minus)
+        d_scale = ds_img + ds_txt - half * positives
+        return (d_li.to(local_img.dtype), d_lt.to(local_txt.dtype), d_ai.to(all_img.dtype), d_at.to(all_txt.dtype),
+                d_scale.reshape(()), None, None, None)
 
 
 def fused_clip_loss_fn(local_img, local_txt, all_img, all_txt, scale, offset: int, kernels,
@@ -53,12 +70,8 @@ def fused_clip_loss_fn(local_img, local_txt, all_img, all_txt, scale, offset: in
         raise ValueError(
             f"offset {offset} puts {local_img.shape[0]} local rows outside {all_img.shape[0]} gathered rows"
         )
-    s = scale.reshape(()).float()
-    rows = slice(offset, offset + local_img.shape[0])
-    lse_img = _FusedLogSumExp.apply(local_img, all_txt, s, kernels, tile_rows, tile_cols)
-    lse_txt = _FusedLogSumExp.apply(local_txt, all_img, s, kernels, tile_rows, tile_cols)
-    positives = (local_img.float() * all_txt[rows].float()).sum() + (local_txt.float() * all_img[rows].float()).sum()
-    loss = (lse_img.sum() + lse_txt.sum() - s * positives) / 2
+    loss = _FusedClipLoss.apply(local_img, local_txt, all_img, all_txt, scale.reshape(()).float(), offset, kernels,
+                                (tile_rows, tile_cols))
     return loss.to(local_img.dtype)
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from lilt_ds.losses import ChunkedContrastiveLoss, build_loss, chunked_clip_loss_fn
 from lilt_ds.ops import FusedContrastiveLoss, fused_clip_loss_fn, select
+from lilt_ds.ops.contrastive import DEFAULT_TILE
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,19 @@ def unit_rows(rows, dim, generator):
     return F.normalize(torch.randn(rows, dim, generator=generator), dim=1).requires_grad_()
 
 
-@pytest.mark.parametrize("b, n, dim, offset", [(5, 13, 7, 8), (33, 70, 37, 0), (64, 257, 256, 100), (1, 1, 3, 0)])
-@pytest.mark.parametrize("tiles", [(1, 1), (3, 5), (16, 32), (64, 512)])
-def test_fused_matches_chunked_reference(kernels, b, n, dim, offset, tiles):
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request):
+    """The kernel splits work by thread count (one-pass or two-pass backward, column groups): run both."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("b, n, dim, offset", [(5, 13, 7, 8), (33, 70, 37, 0), (64, 257, 256, 100), (1, 1, 3, 0),
+                                               (40, 40, 17, 0)])
+@pytest.mark.parametrize("tiles", [(1, 1), (3, 5), (16, 32), (64, 512), (256, 256)])
+def test_fused_matches_chunked_reference(kernels, threads, b, n, dim, offset, tiles):
     generator = torch.Generator().manual_seed(b * 1000 + n)
     tensors = [unit_rows(rows, dim, generator) for rows in (b, b, n, n)]
     scale = torch.tensor(1 / 0.07, requires_grad=True)
@@ -52,7 +63,7 @@ def test_fused_module_is_a_drop_in_for_chunked(kernels, local_loss):
 def test_registry_builds_fused_with_chunked_and_tile_options():
     loss = build_loss({"type": "fused", "chunk_size": 16, "tile_rows": 8, "local_loss": True})
     assert isinstance(loss, FusedContrastiveLoss)
-    assert (loss.chunk_size, loss.tile_rows, loss.tile_cols) == (16, 8, 512)
+    assert (loss.chunk_size, loss.tile_rows, loss.tile_cols) == (16, 8, DEFAULT_TILE[1])
     with pytest.raises(ValueError, match="tile_rows"):
         FusedContrastiveLoss(tile_rows=0)
 
