@@ -8,7 +8,8 @@ matrix loss (ContrastiveLoss(local_loss=True)), chunked = the PyTorch reference 
 
 Activations: bytes of non-parameter tensors autograd saves for backward (saved_tensors_hooks), per
 sample, for lilt base/base (ln+adapters on both towers) with and without memory.frozen_recompute,
-next to clip base/base; random init, fp32, batch 2 at 256 px, text length 32.
+next to clip base/base; random init, fp32, batch 2 at 256 px, text length 32. The time of one
+forward+backward (fastest of 3) shows what the recompute costs.
 
 Usage: python benchmarks/kernels.py [--sizes 1k,4k,16k,32k] [--skip-local-above 16k] [--no-activations]
 """
@@ -72,6 +73,18 @@ def saved_activation_bytes(model, batch) -> int:
     return meter.bytes
 
 
+def step_seconds(model, batch, repeats: int = 3) -> float:
+    """Fastest of ``repeats`` forward+backward passes (a symmetric similarity loss on the embeddings)."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        image_emb, text_emb, scale = model(*batch)
+        (image_emb @ text_emb.T * scale).logsumexp(1).sum().backward()
+        times.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return min(times)
+
+
 def activation_table(batch_size: int = 2, image_size: int = 256, text_len: int = 32) -> None:
     from lilt_ds.config import load_config
     from lilt_ds.models import build_model
@@ -82,18 +95,19 @@ def activation_table(batch_size: int = 2, image_size: int = 256, text_len: int =
              torch.ones(batch_size, text_len, dtype=torch.long))
     print(f"\n## saved activations per sample: base/base, random init, fp32, batch {batch_size}, {image_size} px, "
           f"{text_len} tokens")
-    print("| model | recompute | patched | saved per sample | x clip |")
-    print("|---|---|---|---|---|")
-    clip_bytes = None
+    print("| model | recompute | patched | saved per sample | x clip | fwd+bwd (s) | x clip time |")
+    print("|---|---|---|---|---|---|---|")
+    clip_bytes = clip_time = None
     for name, preset, recompute in (("clip", "clip", False), ("lilt ln+adapters", "lilt", False),
                                     ("lilt ln+adapters", "lilt", True)):
         extra = [] if preset == "clip" else ["model.vision.unlock=[ln,adapters]", "model.text.unlock=[ln,adapters]"]
         model = build_model(load_config(preset, common + extra), load_weights=False)
         patched = apply_frozen_recompute(model) if recompute else 0
         per_sample = saved_activation_bytes(model, batch) / batch_size
-        clip_bytes = clip_bytes or per_sample
+        seconds = step_seconds(model, batch)
+        clip_bytes, clip_time = clip_bytes or per_sample, clip_time or seconds
         print(f"| {name} | {'yes' if recompute else 'no'} | {patched} | {format_bytes(per_sample)} | "
-              f"{per_sample / clip_bytes:.2f}x |", flush=True)
+              f"{per_sample / clip_bytes:.2f}x | {seconds:.2f} | {seconds / clip_time:.2f}x |", flush=True)
         del model
 
 

@@ -110,6 +110,12 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     if leftover:
         raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
     _check_precision_and_stage(ds, ds_name)
+    if (cfg.get("memory") or {}).get("frozen_recompute") and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(
+            f"memory.frozen_recompute=true does not work with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 releases "
+            "the weights after forward and the recompute in backward finds them partitioned; use a stage 0-2 "
+            "config such as ds_configs/zero2.json, or set memory.frozen_recompute=false"
+        )
     return ds
 
 

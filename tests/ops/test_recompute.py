@@ -68,3 +68,62 @@ def test_config_switch_patches_the_built_model():
     from lilt_ds.ops import apply_frozen_recompute
 
     assert apply_frozen_recompute(plain) > 0 and apply_frozen_recompute(patched) == 0  # already patched
+
+
+
+def _two_steps(rank, world_size, tmp_dir, ds_path):
+    """Losses of 2 steps and the trainable weights after them, with and without recompute."""
+    from lilt_ds.export import trainable_state_from_engine
+    from lilt_ds.train import Trainer, to_device
+    from tests.conftest import tiny_training_overrides
+
+    out = {}
+    for recompute in (False, True):
+        cfg = load_config("lilt", tiny_training_overrides(tmp_dir, [
+            f"output_dir={tmp_dir}/recompute{recompute}", f"memory.frozen_recompute={recompute}",
+            "model.text.unlock=[ln,adapters]"]))
+        trainer = Trainer(cfg, ds_path)
+        batches = iter(trainer.loader)
+        losses = [trainer.train_step([to_device(next(batches), trainer.device, trainer.dtype)]) for _ in range(2)]
+        weights = trainable_state_from_engine(trainer.engine)
+        out[str(recompute)] = {"losses": losses, "weights": {k: v.flatten().tolist() for k, v in weights.items()}}
+        trainer.engine.destroy()
+    return out
+
+
+def fp32_ds_config(tmp_path, name):
+    import json
+    import os
+
+    from lilt_ds.engine import load_ds_config
+
+    ds = load_ds_config(os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", name))
+    ds.pop("bf16")
+    path = tmp_path / f"fp32_{name}"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def test_recompute_under_deepspeed_on_two_ranks_trains_exactly_like_autograd(tmp_path):
+    """A real ZeRO-2 engine on 2 gloo ranks, fp32: 2 steps give the same losses and weights with recompute."""
+    from tests.distributed import run_ranks
+
+    result = run_ranks(_two_steps, 2, tmp_path, str(tmp_path), fp32_ds_config(tmp_path, "zero2.json"))[0]
+    plain, recompute = result["False"], result["True"]
+    assert plain["losses"] == pytest.approx(recompute["losses"], rel=1e-6, abs=1e-6)
+    assert plain["weights"].keys() == recompute["weights"].keys()
+    for name, values in plain["weights"].items():
+        torch.testing.assert_close(torch.tensor(recompute["weights"][name]), torch.tensor(values), atol=1e-6,
+                                   rtol=1e-6, msg=name)
+
+
+def test_recompute_with_zero3_is_refused_before_training(tmp_path):
+    from lilt_ds.config import ConfigError
+    from lilt_ds.engine import load_ds_config, resolve_ds_config
+    from tests.conftest import tiny_training_overrides
+
+    cfg = load_config("lilt", tiny_training_overrides(str(tmp_path), ["memory.frozen_recompute=true"]))
+    ds = load_ds_config(fp32_ds_config(tmp_path, "zero3.json"))
+    with pytest.raises(ConfigError, match="frozen_recompute.*ZeRO stage 3.*zero2.json"):
+        resolve_ds_config(ds, cfg, world_size=1, total_steps=2)
+    resolve_ds_config(load_ds_config(fp32_ds_config(tmp_path, "zero2.json")), cfg, world_size=1, total_steps=2)
