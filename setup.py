@@ -31,6 +31,7 @@ setup(
         "demo": DEMO,
         "shards": ["webdataset"],
         "plot": ["matplotlib"],
-        "test": DEMO + ["webdataset", "pytest", "pytest-timeout", "matplotlib"],
+        "bench": DEMO + ["open_clip_torch"],  # benchmarks/throughput.py: OpenCLIP's step beside ours
+        "test": DEMO + ["webdataset", "pytest", "pytest-timeout", "matplotlib", "open_clip_torch"],
     },
 )

@@ -154,6 +154,11 @@ def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
         # DeepSpeed's schedules start "before step 0" with lr 0, which wastes the first optimizer
         # step; start at step 0 (warmup's first value), as the scheduler steps after every update
         scheduler.step(0)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # one rank has nothing to average, yet ZeRO-0 would flatten every gradient into buckets,
+        # all-reduce them with itself and copy them back after each backward (ZeRO-1/2/3 move
+        # gradients into their partitions in that reduction: they keep it)
+        engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 
 
@@ -181,16 +186,39 @@ def trainable_fingerprint(engine) -> str:
     return digest.hexdigest()
 
 
+def local_fp32_master(engine, param) -> torch.Tensor | None:
+    """This rank's part of the fp32 master copy of ``param``, as a view to change in place; None
+    when the engine keeps no master apart from the parameter (fp32 without ZeRO) or this rank owns
+    none of it. Not for ZeRO-3 (use DeepSpeed's safe_get/set_local_fp32_param).
+
+    ZeRO-1/2 (and DeepSpeed's BF16_Optimizer): the fragment this rank owns, which
+    ``safe_get_full_fp32_param`` would all-reduce into the whole tensor. ZeRO-0 with bf16 or fp16
+    (DeepSpeed's FP16_Optimizer, which ``safe_get_full_fp32_param`` does not know): the
+    parameter's slice of its group's flat fp32 master.
+    """
+    if hasattr(param, "_hp_mapping"):
+        return None if param._hp_mapping is None else param._hp_mapping.get_hp_fragment()
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    flats = getattr(engine.optimizer, "fp32_groups_flat", None)
+    for group, flat in zip(groups or (), flats or ()):
+        offset = 0
+        for p in group:
+            if p is param:
+                return flat.narrow(0, offset, p.numel())
+            offset += p.numel()
+    return None
+
+
 @torch.no_grad()
 def clamp_logit_scale(engine) -> None:
     """Clamp the temperature to [0, ln 100] after a step: the module copy and the fp32 master alike.
 
     Clamping only the bf16 module parameter would be undone at the next step, which copies the
-    (unclamped) fp32 master back; under ZeRO-3 the parameter must be gathered to be written.
+    (unclamped) fp32 master back; under ZeRO-3 the parameter must be gathered to be written. Each
+    rank clamps the part of the master it holds: no communication (a clamp is elementwise).
     """
     import deepspeed
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param,
-                                 safe_set_full_fp32_param, safe_set_local_fp32_param)
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
     param = engine.module.logit_scale
     if not param.requires_grad:
@@ -203,6 +231,6 @@ def clamp_logit_scale(engine) -> None:
         if local is not None:
             safe_set_local_fp32_param(param, local.clamp(0, MAX_LOGIT_SCALE))
         return
-    master = safe_get_full_fp32_param(param)
+    master = local_fp32_master(engine, param)
     if master is not None:
-        safe_set_full_fp32_param(param, master.clamp(0, MAX_LOGIT_SCALE))
+        master.clamp_(0, MAX_LOGIT_SCALE)

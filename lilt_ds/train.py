@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .allocator import ENV as ALLOCATOR_ENV
+from .allocator import retain_freed_memory
 from . import engine as ds_engine
 from .config import Config, ConfigError, save_config
 from .data import build_eval_data, build_train_loader, global_bad_sample_counts
@@ -43,6 +45,12 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
 
 
 def seed_everything(seed: int) -> None:
@@ -109,6 +117,9 @@ class Trainer:
         self.rank, self.world_size = init_distributed()
         self.output_dir = prepare_output_dir(cfg, self.rank)
         setup_logging(self.output_dir, self.rank)
+        if on_cpu() and retain_freed_memory():  # DeepSpeed's per-step temporaries page-fault otherwise
+            log.info("CPU run: freed host memory is kept for reuse (lilt_ds.allocator; %s=system turns it off)",
+                     ALLOCATOR_ENV)
         ds_raw = ds_engine.load_ds_config(ds_config_path)
         self.resume = resolve_resume(resume, self.output_dir)
 
@@ -168,7 +179,7 @@ class Trainer:
                     lambda *a: as_fp32(engine(*a)), micro_batches, self.loss_fn, backward))
             except NonFiniteInputError:
                 return float("nan")
-        total = 0.0
+        total = None  # a tensor: one host sync per step (float() at the end), not one per micro-batch
         for i, batch in enumerate(micro_batches):
             try:
                 loss = self.loss_fn(*as_fp32(engine(batch["images"], batch["input_ids"], batch["attention_mask"])))
@@ -181,8 +192,28 @@ class Trainer:
                     "train.exact_accumulation=true (or train.grad_accum_steps=1) to skip such steps") from None
             engine.backward(loss)
             engine.step()
-            total += loss.item() / len(micro_batches)
-        return total
+            share = loss.detach() / len(micro_batches)
+            total = share if total is None else total + share
+        return float(total)
+
+    def optimizer_step(self, micro_batches: list[dict]) -> float:
+        """All the loop does per optimizer step, on batches already on the device: ``train_step``,
+        the skip of a non-finite step, the temperature clamp, the step count and the metrics.
+
+        Returns the step's loss (non-finite when the step was skipped). benchmarks/throughput.py
+        times this method, so what it measures is what a run does.
+        """
+        start = time.perf_counter()
+        loss = self.train_step(micro_batches)
+        if not math.isfinite(loss):
+            self.skip_nonfinite(loss)
+            return loss
+        self.nonfinite_in_row = 0
+        ds_engine.clamp_logit_scale(self.engine)
+        self.step += 1
+        self.metrics.step(self.step, loss, self.engine, time.perf_counter() - start,
+                          self.cfg.train.micro_batch_size * len(micro_batches))
+        return loss
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -205,17 +236,10 @@ class Trainer:
                 pending.append(to_device(batch, self.device, self.dtype))
                 if len(pending) < accum:
                     continue
-                start = time.perf_counter()
-                loss = self.train_step(pending)
+                loss = self.optimizer_step(pending)
                 pending = []
                 if not math.isfinite(loss):
-                    self.skip_nonfinite(loss)
                     continue
-                self.nonfinite_in_row = 0
-                ds_engine.clamp_logit_scale(self.engine)
-                self.step += 1
-                self.metrics.step(self.step, loss, self.engine, time.perf_counter() - start,
-                                  cfg.train.micro_batch_size * accum)
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:
