@@ -190,6 +190,19 @@ class StepRunner:
     def close(self) -> None:
         pass
 
+    def _our_model(self, cfg, options: StepOptions, device: torch.device | None, autocast_dtype: torch.dtype | None,
+                   prepare_model: Callable[[nn.Module], None] | None) -> nn.Module:
+        """The settings every autocast runner keeps, and our DualEncoder built from ``cfg`` (same seed,
+        same weights as our trainer's), prepared; its image mean/std feed the loader."""
+        self.cfg, self.options = cfg, options
+        self.device = device or benchmark_device()
+        self.autocast_dtype = autocast_dtype
+        model = build_model(cfg)
+        if prepare_model is not None:
+            prepare_model(model)
+        self.mean, self.std = model.vision.mean, model.vision.std
+        return model
+
 
 class OursStep(StepRunner):
     """Our trainer: ``Trainer(cfg, ds_config)``, stepped with ``Trainer.optimizer_step``."""
@@ -263,15 +276,9 @@ class PlainStep(StepRunner):
                  prepare_model: Callable[[nn.Module], None] | None = None):
         from torch.nn.parallel import DistributedDataParallel
 
-        self.cfg, self.options = cfg, options
-        self.device = device or benchmark_device()
-        self.autocast_dtype = autocast_dtype
-        model = build_model(cfg)
-        if prepare_model is not None:
-            prepare_model(model)
+        model = self._our_model(cfg, options, device, autocast_dtype, prepare_model)
         apply_options(model.vision.trunk, model.text.trunk, options)
         self.model = model.to(self.device)
-        self.mean, self.std = model.vision.mean, model.vision.std
         self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         train = cfg.train
@@ -385,13 +392,7 @@ class OpenClipStep(StepRunner):
                  prepare_model: Callable[[nn.Module], None] | None = None):
         from open_clip.loss import ClipLoss
 
-        self.cfg, self.options = cfg, options
-        self.device = device or benchmark_device()
-        self.autocast_dtype = autocast_dtype
-        reference = build_model(cfg)  # the weights to copy: ours, from the same seed
-        if prepare_model is not None:
-            prepare_model(reference)
-        self.mean, self.std = reference.vision.mean, reference.vision.std
+        reference = self._our_model(cfg, options, device, autocast_dtype, prepare_model)  # the weights to copy
         with tempfile.TemporaryDirectory(prefix="lilt_ds-openclip-") as hf_dir:
             openclip_text_config_dir(reference.text.trunk, hf_dir)
             model = build_openclip_model(cfg, reference, hf_dir)
