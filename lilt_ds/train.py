@@ -319,4 +319,15 @@ class Trainer:
 
 
 def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> dict:
-    return Trainer(cfg, ds_config_path, resume).run()
+    """One whole run. A process group this call created is destroyed when the run succeeds: left to
+    interpreter exit, gloo's worker threads can still hold DeepSpeed's async work and abort the
+    process ("terminate called without an active exception") after training finished. A group the
+    caller created is left alone, and so is any group after an error (other ranks may still be in a
+    collective, where destroying would hang)."""
+    created_group = not torch.distributed.is_initialized()
+    results = Trainer(cfg, ds_config_path, resume).run()
+    if created_group:
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+    return results

@@ -45,6 +45,36 @@ def test_deepspeed_launcher_two_processes_writes_the_run_folder(tmp_path):
     assert "| image->text |" in result.stdout
 
 
+def test_train_destroys_only_the_process_group_it_created(tmp_path):
+    """A finished run must not leave gloo's threads to interpreter exit (a rank then aborts after
+    training); a group the caller made is the caller's. A second run in the same process still works."""
+    script = f"""
+import socket, torch.distributed as dist
+from lilt_ds.config import load_config
+from lilt_ds.train import train
+from tests.conftest import tiny_training_overrides
+
+def run(name):
+    cfg = load_config("demo", tiny_training_overrides({str(tmp_path)!r}, ["train.max_steps=1"]))
+    cfg.output_dir = {str(tmp_path)!r} + "/" + name
+    train(cfg, "ds_configs/zero2.json")
+
+run("own")
+print("own group left:", dist.is_initialized())
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=0, world_size=1)
+run("callers")
+print("caller's group left:", dist.is_initialized())
+"""
+    result = run([sys.executable, "-c", script])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "own group left: False" in result.stdout
+    assert "caller's group left: True" in result.stdout
+    assert (tmp_path / "callers" / "trainable.safetensors").exists()
+
+
 def test_two_nodes_on_localhost_train_together(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
@@ -68,17 +98,18 @@ def _wait_for(path, proc, timeout=300):
 
 def test_a_run_killed_after_its_first_checkpoint_resumes_and_finishes(tmp_path):
     out = tmp_path / "run"
-    args = pretrain_args(out, extra=["train.max_steps=6", "checkpoint.every_steps=2", "train.epochs=10"])
+    args = pretrain_args(out, extra=["train.max_steps=12", "checkpoint.every_steps=2", "train.epochs=20"])
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for(out / "checkpoints" / "latest", proc)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # wherever the run is by now: a step, a save, an evaluation
     proc.wait()
-    assert not (out / "checkpoints" / "step6").exists()
+    saved = (out / "checkpoints" / "latest").read_text().strip()
+    assert saved != "step12", "the run finished before the kill; the test proves nothing"
     resumed = run([sys.executable, *args, "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
-    assert (out / "checkpoints" / "step6").is_dir()
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step6"
+    assert "resumed from" in resumed.stdout and f"at step {saved.removeprefix('step')} " in resumed.stdout
+    assert (out / "checkpoints" / "step12").is_dir()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step12"
 
 
 @pytest.fixture(scope="module")
