@@ -4,6 +4,7 @@ import json
 import os
 import socket
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -17,6 +18,8 @@ def _entry(rank, fn, world_size, port, out_dir, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     result = fn(rank, world_size, *args)
+    if dist.is_initialized():  # left to interpreter exit, gloo's threads can abort the rank
+        dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
 
