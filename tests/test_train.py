@@ -49,10 +49,11 @@ def test_train_destroys_only_the_process_group_it_created(tmp_path):
     """A finished run must not leave gloo's threads to interpreter exit (a rank then aborts after
     training); a group the caller made is the caller's. A second run in the same process still works."""
     script = f"""
-import socket, torch.distributed as dist
+import torch.distributed as dist
 from lilt_ds.config import load_config
 from lilt_ds.train import train
 from tests.conftest import tiny_training_overrides
+from tests.distributed import free_port
 
 def run(name):
     cfg = load_config("demo", tiny_training_overrides({str(tmp_path)!r}, ["train.max_steps=1"]))
@@ -61,10 +62,7 @@ def run(name):
 
 run("own")
 print("own group left:", dist.is_initialized())
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{free_port()}}", rank=0, world_size=1)
 run("callers")
 print("caller's group left:", dist.is_initialized())
 """
