@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 from lilt_ds import throughput as tp  # noqa: E402
 from lilt_ds.allocator import ENV as ALLOCATOR_ENV, retain_freed_memory  # noqa: E402
-from lilt_ds.train import init_distributed  # noqa: E402
+from lilt_ds.train import init_distributed, process_group_scope  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = ("zero0", "zero1", "zero2", "zero3")
@@ -326,4 +326,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with process_group_scope():
+        main()

@@ -951,7 +951,10 @@ def run_profile(request: ProfileRequest) -> str:
                     f"({format_gib(budget)} GiB usable); largest micro batch that fits: {estimate.largest_micro_batch}")
     measured_rows = None
     if request.measure:
-        measured = measure_training_memory(cfg, ds_raw, micro_batch, request.ds_config)
+        from .train import process_group_scope
+
+        with process_group_scope():
+            measured = measure_training_memory(cfg, ds_raw, micro_batch, request.ds_config)
         measured_rows = comparison_rows(estimate, measured)
         text += ["", f"measured on {measured.device} (rank {rank} of {measured.world_size}), two DeepSpeed steps:",
                  "", comparison_table(measured_rows)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -45,6 +46,23 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+@contextlib.contextmanager
+def process_group_scope():
+    """Destroy, once the block succeeds, the process group it created (through init_distributed).
+
+    Left to interpreter exit, gloo's worker threads can still hold DeepSpeed's async work and abort
+    the process ("terminate called without an active exception") after the work finished. A group
+    that existed before the block stays, and so does any group after an error (other ranks may
+    still be in a collective, where destroying would hang).
+    """
+    existed = torch.distributed.is_initialized()
+    yield
+    if not existed and torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
 
 
 def on_cpu() -> bool:
@@ -319,15 +337,6 @@ class Trainer:
 
 
 def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> dict:
-    """One whole run. A process group this call created is destroyed when the run succeeds: left to
-    interpreter exit, gloo's worker threads can still hold DeepSpeed's async work and abort the
-    process ("terminate called without an active exception") after training finished. A group the
-    caller created is left alone, and so is any group after an error (other ranks may still be in a
-    collective, where destroying would hang)."""
-    created_group = not torch.distributed.is_initialized()
-    results = Trainer(cfg, ds_config_path, resume).run()
-    if created_group:
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
-    return results
+    """One whole run, in the launcher's process group (destroyed afterwards if this created it)."""
+    with process_group_scope():
+        return Trainer(cfg, ds_config_path, resume).run()
