@@ -5,7 +5,7 @@ Layout of ``<output_dir>/checkpoints``::
     latest                  the tag of the newest complete checkpoint (replaced atomically)
     step200/                a DeepSpeed checkpoint folder, frozen parameters excluded, plus
         lilt_ds_meta.json   mode, model config, world size, frozen-weight fingerprint
-        rng_rank{R}.pt      every RNG of rank R (Python, NumPy, torch, CUDA)
+        rng_rank{R}.pt      every RNG of rank R (Python, NumPy, torch, its own GPU's)
     step400.partial/        a save in progress (or killed): never picked by ``latest``
 
 A save writes ``<tag>.partial`` on every rank, waits for all of them, then rank 0 renames the folder
@@ -19,14 +19,13 @@ import hashlib
 import json
 import logging
 import os
-import random
 import shutil
 
-import numpy as np
 import torch
 
 from .config import ConfigError
 from .fileio import atomic_path
+from .runtime import rng_state
 
 log = logging.getLogger("lilt_ds")
 
@@ -81,22 +80,6 @@ def _differences(a, b, path: str) -> list[str]:
     return [] if a == b else [f"{path} was {a!r}, now {b!r}"]
 
 
-# ---------------------------------------------------------------------------------- RNG
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------------------------- save
 def _barrier() -> None:
     if torch.distributed.is_initialized():
@@ -129,7 +112,7 @@ def save_checkpoint(engine, root: str, step: int, client_state: dict, meta: dict
     _barrier()
     engine.save_checkpoint(root, tag=partial, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
-    torch.save(rng_state(), os.path.join(root, partial, f"rng_rank{rank}.pt"))
+    torch.save(rng_state(), os.path.join(root, partial, f"rng_rank{rank}.pt"))  # this rank's device only
     if rank == 0:
         with open(os.path.join(root, partial, META), "w") as f:
             json.dump(meta, f, indent=2)

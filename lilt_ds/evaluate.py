@@ -90,7 +90,8 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(model, dataset, batch_size: int, device, dtype=torch.float32, num_workers: int = 0) -> torch.Tensor:
+def encode_images(model, dataset, batch_size: int, device, dtype=torch.float32, num_workers: int = 0,
+                  pin_memory: bool = False) -> torch.Tensor:
     """L2-normalised embeddings of every image of ``dataset`` (items ``{"image", ...}``), in order."""
     from torch.utils.data import DataLoader, Subset
 
@@ -98,9 +99,9 @@ def encode_images(model, dataset, batch_size: int, device, dtype=torch.float32, 
 
     indices, _ = shard_indices(len(dataset))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_images)
+                        pin_memory=pin_memory, collate_fn=collate_images)
     dim = model.vision_proj.out_features
-    local = [model.encode_image(b["images"].to(device, dtype)).float() for b in loader]
+    local = [model.encode_image(b["images"].to(device, dtype, non_blocking=pin_memory)).float() for b in loader]
     local = torch.cat(local) if local else torch.empty(0, dim, device=device)
     return gather_rows(local, len(dataset)).cpu()
 
@@ -119,11 +120,12 @@ def encode_texts(model, texts, tokenizer, max_length: int, batch_size: int, devi
     return gather_rows(local, len(texts)).cpu()
 
 
-def evaluate_retrieval(model, data, batch_size: int, device, dtype=torch.float32) -> dict:
+def evaluate_retrieval(model, data, batch_size: int, device, dtype=torch.float32, num_workers: int = 0,
+                       pin_memory: bool = False) -> dict:
     """Recall@K of a ``lilt_ds.data.RetrievalData``; every rank encodes a shard and gets the numbers."""
     was_training = model.training
     model.eval()
-    image_emb = encode_images(model, data.images, batch_size, device, dtype)
+    image_emb = encode_images(model, data.images, batch_size, device, dtype, num_workers, pin_memory)
     text_emb = encode_texts(model, data.texts, data.tokenizer, data.max_length, batch_size, device)
     model.train(was_training)
     return retrieval_metrics(image_emb, text_emb, data.img2txt, data.txt2img)
@@ -172,10 +174,11 @@ def classification_metrics(image_emb: torch.Tensor, class_emb: torch.Tensor, lab
 
 
 def evaluate_classification(model, dataset, tokenizer, templates, batch_size: int, device,
-                            dtype=torch.float32, max_length: int = 30) -> dict:
+                            dtype=torch.float32, max_length: int = 30, num_workers: int = 0,
+                            pin_memory: bool = False) -> dict:
     model.eval()
     class_emb = classifier_weights(model, dataset.classnames, templates, tokenizer, max_length, batch_size, device)
-    image_emb = encode_images(model, dataset, batch_size, device, dtype)
+    image_emb = encode_images(model, dataset, batch_size, device, dtype, num_workers, pin_memory)
     return classification_metrics(image_emb, class_emb, dataset.labels, dataset.classnames)
 
 
@@ -194,6 +197,14 @@ def format_classification_table(metrics: dict) -> str:
 
 
 # ------------------------------------------------------------------------ the command line
+def _workers_argument(text: str):
+    import argparse
+
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of DataLoader workers (0: none)")
+    return text if text == "auto" else int(text)
+
+
 def main(argv=None) -> dict:
     """``launch/evaluate.py``: evaluate a checkpoint, an export or the untrained base towers."""
     import argparse
@@ -201,7 +212,7 @@ def main(argv=None) -> dict:
     import time
 
     from .config import load_config
-    from .data import build_eval_transform, build_retrieval_data
+    from .data import build_eval_transform, build_retrieval_data, eval_loader_settings
     from .data.classification import build_classification_data
     from .export import load_trained
     from .models import build_model, build_tokenizer
@@ -217,14 +228,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--classnames", default=None, help="file with one class name per line (JSON with int labels)")
     parser.add_argument("--templates", default="a photo of a {}.", help="a template, a file of templates, or 'imagenet' (80 prompts)")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--workers", default="auto", type=_workers_argument,
+                        help="DataLoader workers per rank for the images (auto: none on the CPU; on a GPU as data.num_workers=auto)")
     parser.add_argument("--output", default=None, help="JSON file for the metrics (default outputs/eval-<task>-<time>.json)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
 
-    from .train import init_distributed
+    from .runtime import init_distributed
 
-    rank, _ = init_distributed()
-    device = torch.device("cuda", max(args.local_rank, 0)) if torch.cuda.is_available() else torch.device("cpu")
+    rank, _, device = init_distributed()  # the device (cuda:LOCAL_RANK) is bound before any collective
     expected = load_config(args.config, args.overrides) if args.config else None
     if args.checkpoint:
         model, cfg = load_trained(args.checkpoint)
@@ -237,11 +249,14 @@ def main(argv=None) -> dict:
         model = build_model(cfg).eval()
     model.to(device)
     tokenizer = build_tokenizer(cfg.model.text)
+    workers, pin = eval_loader_settings({"num_workers": "auto", "pin_memory": "auto"}, device.type)
+    if args.workers != "auto":
+        workers = args.workers
     size, mean, std = cfg.model.image_size, model.vision.mean, model.vision.std
     if args.task == "retrieval":
         data = build_retrieval_data(args.data, args.image_root, tokenizer, size, mean, std,
                                     max_length=cfg.data.eval_max_length)
-        metrics = evaluate_retrieval(model, data, args.batch_size, device)
+        metrics = evaluate_retrieval(model, data, args.batch_size, device, num_workers=workers, pin_memory=pin)
         table = format_retrieval_table(metrics)
     else:
         classnames = None
@@ -250,7 +265,8 @@ def main(argv=None) -> dict:
                 classnames = [line.strip() for line in f if line.strip()]
         dataset = build_classification_data(args.data, build_eval_transform(size, mean, std), args.image_root, classnames)
         metrics = evaluate_classification(model, dataset, tokenizer, load_templates(args.templates), args.batch_size,
-                                          device, max_length=cfg.data.eval_max_length)
+                                          device, max_length=cfg.data.eval_max_length, num_workers=workers,
+                                          pin_memory=pin)
         table = format_classification_table(metrics)
     if rank == 0:
         out = args.output or os.path.join("outputs", f"eval-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json")

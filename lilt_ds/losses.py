@@ -30,6 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .distributed import all_gather_rows, all_reduce_sum, gather_rank_info, world_info
+from .runtime import set_torch_rng_state, torch_rng_state
 
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 """Initial log-scale of a softmax (CLIP) model: temperature 0.07."""
@@ -67,6 +68,27 @@ def _check_shapes(image_emb: torch.Tensor, text_emb: torch.Tensor, scalars: dict
             raise ValueError(f"{name} must hold one value (shape [1] or []), got shape {tuple(value.shape)}")
 
 
+def _named_inputs(image_emb, text_emb, logit_scale, logit_bias) -> dict[str, torch.Tensor]:
+    named = {"image_emb": image_emb, "text_emb": text_emb, "logit_scale": logit_scale}
+    if logit_bias is not None:
+        named["logit_bias"] = logit_bias
+    return named
+
+
+def _nonfinite_bits(named: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One int64 on the inputs' device, bit i set when input i holds NaN/inf: computed without a host sync."""
+    device = next(iter(named.values())).device
+    nonfinite = torch.stack([~torch.isfinite(t.detach()).all().to(device) for t in named.values()])
+    return (nonfinite.long() << torch.arange(len(named), device=device)).sum()
+
+
+def _nonfinite_message(names: list[str], bits_per_rank: list[int]) -> str | None:
+    where = (lambda rank: f" on rank {rank}") if len(bits_per_rank) > 1 else (lambda rank: "")
+    problems = [", ".join(name for i, name in enumerate(names) if bits >> i & 1) + where(rank)
+                for rank, bits in enumerate(bits_per_rank) if bits]
+    return f"non-finite values (NaN or inf) in {'; '.join(problems)}" if problems else None
+
+
 def check_loss_inputs(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -78,28 +100,16 @@ def check_loss_inputs(
     Shape problems raise at once (they are the same on every rank). Finiteness, empty batches and
     the embedding width travel with the batch sizes in ONE tiny all_gather, so a NaN or an empty
     batch on one rank raises the same error on all ranks instead of leaving the others hanging in
-    the feature gather.
+    the feature gather. That exchange is a host sync; see ``_DataParallelLoss.static_batches`` for
+    the path without one.
     """
-    scalars = {"logit_scale": logit_scale}
-    if logit_bias is not None:
-        scalars["logit_bias"] = logit_bias
-    _check_shapes(image_emb, text_emb, scalars)
-
-    named = {"image_emb": image_emb, "text_emb": text_emb, **scalars}
-    device = image_emb.device
-    nonfinite = torch.stack([~torch.isfinite(t.detach()).all().to(device) for t in named.values()])
-    nonfinite_bits = (nonfinite.long() << torch.arange(len(named), device=device)).sum()  # bit i: named[i]
-    rows_width = torch.tensor(image_emb.shape, device=device)
-    per_rank = gather_rank_info(torch.cat([rows_width, nonfinite_bits.reshape(1)]))
-
-    where = (lambda rank: f" on rank {rank}") if len(per_rank) > 1 else (lambda rank: "")
-    problems = [
-        ", ".join(name for i, name in enumerate(named) if bits >> i & 1) + where(rank)
-        for rank, (_, _, bits) in enumerate(per_rank)
-        if bits
-    ]
-    if problems:
-        raise NonFiniteInputError(f"non-finite values (NaN or inf) in {'; '.join(problems)}")
+    named = _named_inputs(image_emb, text_emb, logit_scale, logit_bias)
+    _check_shapes(image_emb, text_emb, {k: v for k, v in named.items() if k.startswith("logit")})
+    rows_width = torch.tensor(image_emb.shape, device=image_emb.device)
+    per_rank = gather_rank_info(torch.cat([rows_width, _nonfinite_bits(named).reshape(1)]))
+    problem = _nonfinite_message(list(named), [bits for _, _, bits in per_rank])
+    if problem:
+        raise NonFiniteInputError(problem)
     widths = [width for _, width, _ in per_rank]
     if len(set(widths)) > 1:
         raise ValueError(f"embedding width differs across ranks: {widths}")
@@ -177,6 +187,11 @@ class _DataParallelLoss(nn.Module):
     """
 
     accepts_bias = False
+    static_batches = False
+    """True when every rank calls with the same number of rows, as the trainer's loader guarantees
+    (it drops incomplete batches). The loss then exchanges no sizes and makes no host sync: a NaN
+    or inf input does not raise but makes the returned value non-finite on every rank (the gather
+    carries it everywhere), and :meth:`nonfinite_report` says afterwards where it came from."""
 
     def __init__(self, local_loss: bool = True, gather_with_grad: bool = True):
         super().__init__()
@@ -188,6 +203,18 @@ class _DataParallelLoss(nn.Module):
             )
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self._nonfinite: torch.Tensor | None = None  # static_batches: inputs seen non-finite since the last report
+        self._input_names: list[str] = []
+
+    def nonfinite_report(self) -> str:
+        """Which inputs of the calls since the last report held NaN/inf, on which rank (static_batches).
+
+        A collective with a host sync: call it on every rank, when the loss came out non-finite.
+        """
+        bits = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.long)
+        self._nonfinite = None
+        message = _nonfinite_message(self._input_names, [row[0] for row in gather_rank_info(bits.reshape(1))])
+        return message or "every input was finite: the loss itself overflowed (logit scale or features too large)"
 
     def summed_loss(
         self, batch: GatheredBatch, scale: torch.Tensor, bias: torch.Tensor | None
@@ -206,7 +233,17 @@ class _DataParallelLoss(nn.Module):
                 f"{type(self).__name__} got a logit_bias: a softmax loss is invariant to it, so it would never "
                 "train; use the 'siglip' loss or build the model without a logit bias"
             )
-        sizes = check_loss_inputs(image_emb, text_emb, logit_scale, logit_bias)
+        if self.static_batches:
+            named = _named_inputs(image_emb, text_emb, logit_scale, logit_bias)
+            _check_shapes(image_emb, text_emb, {k: v for k, v in named.items() if k.startswith("logit")})
+            if image_emb.shape[0] == 0:
+                raise ValueError("empty batch: image_emb and text_emb have 0 rows")
+            bits = _nonfinite_bits(named)
+            self._nonfinite = bits if self._nonfinite is None else self._nonfinite | bits
+            self._input_names = list(named)
+            sizes = [image_emb.shape[0]] * world_info()[1]
+        else:
+            sizes = check_loss_inputs(image_emb, text_emb, logit_scale, logit_bias)
         batch = gather_batch(image_emb, text_emb, sizes, with_grad=self.gather_with_grad)
         scale = logit_scale.reshape(())
         bias = None if logit_bias is None else logit_bias.reshape(())
@@ -486,21 +523,12 @@ def build_loss(loss_cfg: dict | None) -> _DataParallelLoss:
 # --------------------------------------------------------------------------------------------------
 
 
-def _rng_state() -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def _set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
-
-
 def exact_accumulation_step(
     model: Callable[..., Sequence[torch.Tensor]],
     micro_batches: list[dict[str, torch.Tensor]],
     loss_fn: Callable[..., torch.Tensor],
     backward: Callable[[torch.Tensor], None],
+    before_backward: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Accumulate k micro-batches so the gradient equals that of ONE batch of their concatenation.
 
@@ -514,7 +542,8 @@ def exact_accumulation_step(
     Each re-encode restores the RNG state its cached pass started from, so dropout draws the same
     masks in both passes; train-mode BatchNorm (statistics of the batch) would still differ.
     ``backward`` is e.g. ``lambda loss: (engine.backward(loss, scale_wrt_gas=False), engine.step())``
-    or ``lambda loss: loss.backward()``.
+    or ``lambda loss: loss.backward()``. ``before_backward(loss)`` sees the first loss (already the
+    full batch's value) before anything is back-propagated: it may raise to skip the step.
     """
     if not micro_batches:
         raise ValueError("exact_accumulation_step needs at least one micro-batch")
@@ -526,7 +555,7 @@ def exact_accumulation_step(
     cached = []
     with torch.no_grad():
         for batch in micro_batches:
-            rng_before.append(_rng_state())
+            rng_before.append(torch_rng_state(batch["images"].device))
             cached.append(tuple(encode(batch)[:2]))
     cached_img = [img for img, _ in cached]
     cached_txt = [txt for _, txt in cached]
@@ -534,11 +563,13 @@ def exact_accumulation_step(
     k = len(micro_batches)
     loss_value = None
     for i, batch in enumerate(micro_batches):
-        _set_rng_state(rng_before[i])
+        set_torch_rng_state(rng_before[i])
         image_emb, text_emb, *scalars = encode(batch)
         images = torch.cat(cached_img[:i] + [image_emb] + cached_img[i + 1 :])
         texts = torch.cat(cached_txt[:i] + [text_emb] + cached_txt[i + 1 :])
         loss = loss_fn(images, texts, *(scale_gradient(p, 1.0 / k) for p in scalars))
+        if i == 0 and before_backward is not None:
+            before_backward(loss)
         backward(loss)
         loss_value = loss.detach()
     return loss_value

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .runtime import GPU_TARGET, DeviceFacts
 
 GIB, MIB = 2**30, 2**20
 
@@ -88,9 +89,14 @@ class EngineSettings:
     zero3_linear: bool             # ZeRO-3 swaps F.linear for one that saves every input (memory_efficient_linear)
 
     @classmethod
-    def from_ds_config(cls, ds: dict, world_size: int) -> "EngineSettings":
+    def from_ds_config(cls, ds: dict, world_size: int, device: DeviceFacts = GPU_TARGET) -> "EngineSettings":
+        """``device`` decides the ds_config's "auto" device choices (bf16, overlap_comm): by default a
+        GPU that runs bf16, the machine the estimate is for."""
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
+        from .engine import resolve_device_choices
+
+        ds, _ = resolve_device_choices(ds, device)
         if not isinstance(world_size, int) or world_size < 1:
             raise ConfigError(f"world size must be a positive integer (GPUs in all), got {world_size!r}")
         stage = ds.get("zero_optimization", {}).get("stage", 0)
@@ -292,7 +298,7 @@ def loss_buffer_bytes(loss_cfg, micro_batch: int, world_size: int, embed_dim: in
 
     Dominated by the logits once the global batch N = micro batch x world size outgrows the
     embedding width: two B x N log-softmax outputs per rank in local mode, two N x N in global
-    mode, one B x N for SigLIP, none for the chunked loss (its row log-sum-exps only). Besides
+    mode, one B x N for SigLIP, none for the chunked and fused losses (their row log-sum-exps only). Besides
     them: the features the matmuls keep (local, gathered, scaled by the temperature) and the labels.
     """
     kind = (loss_cfg or {}).get("type", "clip")
@@ -303,7 +309,7 @@ def loss_buffer_bytes(loss_cfg, micro_batch: int, world_size: int, embed_dim: in
     if kind == "siglip":                           # local images x all texts
         return f * (B * N + B * D + B * D + (gathered or B * D))
     features = 2 * (B * D + gathered) if local else 2 * N * D
-    if kind == "chunked":
+    if kind in ("chunked", "fused"):  # the fused kernel saves what the chunked loss saves (and falls back to it)
         return f * (features + 2 * rows)
     scaled = 2 * B * D if local else N * D
     return f * (2 * rows * N + features + scaled) + 8 * rows
@@ -406,6 +412,7 @@ class ActivationProfile:
     probe_batch: int
     probe_bytes: int
     probe_bytes_zero3: int
+    device: str = "cpu"
 
     def bytes_per_sample(self, zero3_linear: bool = False) -> float:
         return (self.probe_bytes_zero3 if zero3_linear else self.probe_bytes) / self.probe_batch
@@ -473,15 +480,19 @@ def _plain_linear():
     return getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", torch.nn.functional.linear)
 
 
-def profile_activations(cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: int = 2) -> ActivationProfile:
+def profile_activations(cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: int = 2,
+                        device: torch.device | str | None = None) -> ActivationProfile:
     """Measure saved-activation bytes of one training-mode forward pass at ``probe_batch`` samples.
 
     Autograd saves everything during the forward pass (the backward only consumes it), so no
-    backward is run. Locked towers run under no_grad and save nothing, as in training.
+    backward is run. Locked towers run under no_grad and save nothing, as in training. ``device``
+    (default: this process's accelerator device) matters: kernels save different tensors on a GPU
+    (SDPA's flash and memory-efficient attention keep their log-sum-exps, not the probabilities).
     """
-    model = build_zero_model(cfg, dtype).train()
+    device = torch.device(device) if device is not None else activation_device()
+    model = build_zero_model(cfg, dtype).train().to(device)
     vocab = getattr(getattr(model.text.trunk, "config", None), "vocab_size", 1000)
-    batch = random_batch(cfg, probe_batch, dtype, vocab=min(1000, vocab))
+    batch = random_batch(cfg, probe_batch, dtype, device, vocab=min(1000, vocab))
     meter = SavedTensorMeter(model.parameters(), backward=False)
     plain = _plain_linear()
 
@@ -491,7 +502,14 @@ def profile_activations(cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: i
 
     with _linear(linear), meter:
         model(*batch)  # the meter holds what the graph saved; the graph itself may go
-    return ActivationProfile(probe_batch, meter.bytes, meter.zero3_linear_bytes)
+    return ActivationProfile(probe_batch, meter.bytes, meter.zero3_linear_bytes, str(device))
+
+
+def activation_device() -> torch.device:
+    """Where activations are measured: this process's GPU when it has one (its bound device), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -544,13 +562,15 @@ class MemoryModel:
     """One rank's memory for an (experiment config, ds_config, world size) as a function of the micro batch."""
 
     def __init__(self, cfg, ds_config: dict, world_size: int, activations: ActivationProfile | None = None,
-                 probe_batch: int = 2, inventory: ParameterInventory | None = None):
+                 probe_batch: int = 2, inventory: ParameterInventory | None = None,
+                 device: DeviceFacts = GPU_TARGET):
         """``activations`` and ``inventory`` depend on the experiment config only: pass them to reuse
-        one measurement across ds_configs and world sizes."""
+        one measurement across ds_configs and world sizes. ``device`` decides the ds_config's "auto"
+        device choices (see :meth:`EngineSettings.from_ds_config`)."""
         from .models import build_model
 
         self.cfg = cfg
-        self.settings = EngineSettings.from_ds_config(ds_config, world_size)
+        self.settings = EngineSettings.from_ds_config(ds_config, world_size, device)
         self.inventory = inventory or ParameterInventory.of(build_model(cfg, load_weights=False, device="meta"))
         self.activations = activations or profile_activations(cfg, self.settings.dtype, probe_batch)
         self.states = {rank: model_state_bytes(self.inventory, self.settings, rank) for rank in range(world_size)}
@@ -712,9 +732,9 @@ def measure_training_memory(cfg, ds_config: dict, micro_batch: int, ds_name: str
     during the backward pass and once after it (DeepSpeed's reduction): each category's peak counts.
     Activations and loss buffers are the saved-tensor bytes of the step's forward and loss.
     """
-    from .train import init_distributed
+    from .runtime import init_distributed
 
-    rank, world_size = init_distributed()
+    rank, world_size, _ = init_distributed()
     with _linear(_plain_linear()):  # ZeRO-3 replaces F.linear for the rest of the process: undo it after
         return _measure(cfg, ds_config, micro_batch, ds_name, world_size)
 
@@ -817,17 +837,27 @@ def estimate_table(estimates: list[MemoryEstimate]) -> str:
 
 
 def comparison_rows(estimate: MemoryEstimate, measured: Measurement) -> list[dict]:
-    """Estimate next to measurement per category (wherever it lives), model states summed, error in percent."""
+    """Estimate next to measurement, like with like: each category wherever it lives (GPU, CPU RAM),
+    model states and all categories summed, error in percent. On a GPU also the allocator's peak,
+    which holds what no category counts (what lives only inside backward and the optimizer step):
+    shown with its excess over the measured categories, which the estimate's headroom must cover."""
     pairs = [(LABELS[c], estimate.total(c), measured.bytes[c]) for c in CATEGORIES]
     pairs.insert(len(MODEL_STATES), ("model states", sum(estimate.total(c) for c in MODEL_STATES),
                                      sum(measured.bytes[c] for c in MODEL_STATES)))
-    if measured.peak_allocated is not None:
-        pairs += [("GPU peak allocated", estimate.gpu_total, measured.peak_allocated),
-                  ("GPU peak reserved", estimate.gpu_total, measured.peak_reserved)]
+    categories = sum(measured.bytes[c] for c in CATEGORIES)
+    pairs.append(("all categories", sum(estimate.total(c) for c in CATEGORIES), categories))
     rows = [{"quantity": name, "estimate": est, "measured": got,
              "error_percent": None if not got else 100.0 * (est - got) / got} for name, est, got in pairs]
-    rows.append({"quantity": "other engine tensors (not estimated)", "estimate": 0,
+    rows.append({"quantity": "other engine tensors (not estimated)", "estimate": None,
                  "measured": measured.bytes.get("other", 0), "error_percent": None})
+    if measured.peak_allocated is not None:
+        rows += [{"quantity": "GPU peak allocated (max_memory_allocated): the categories plus activation gradients, "
+                              "loss temporaries, optimizer-step temporaries and cuBLAS workspace",
+                  "estimate": None, "measured": measured.peak_allocated, "error_percent": None},
+                 {"quantity": "GPU peak allocated beyond the measured categories (for the headroom)",
+                  "estimate": None, "measured": measured.peak_allocated - categories, "error_percent": None},
+                 {"quantity": "GPU peak reserved (max_memory_reserved): the peak plus the caching allocator's slack",
+                  "estimate": None, "measured": measured.peak_reserved, "error_percent": None}]
     return rows
 
 
@@ -835,7 +865,8 @@ def comparison_table(rows: list[dict]) -> str:
     lines = ["| quantity | estimate MiB | measured MiB | error |", "|---|---|---|---|"]
     for r in rows:
         error = "" if r["error_percent"] is None else f"{r['error_percent']:+.1f}%"
-        lines.append(f"| {r['quantity']} | {r['estimate'] / MIB:.2f} | {r['measured'] / MIB:.2f} | {error} |")
+        estimate = "" if r["estimate"] is None else f"{r['estimate'] / MIB:.2f}"
+        lines.append(f"| {r['quantity']} | {estimate} | {r['measured'] / MIB:.2f} | {error} |")
     return "\n".join(lines)
 
 
@@ -920,7 +951,8 @@ class ProfileRequest:
 def run_profile(request: ProfileRequest) -> str:
     """Estimate (and with ``measure`` also measure) one config; writes the reports and returns the text to print."""
     from .config import load_config
-    from .engine import load_ds_config
+    from .engine import load_ds_config, resolve_device_choices
+    from .runtime import init_distributed, present_device, process_group_scope
 
     request.check()
     ds_raw = load_ds_config(request.ds_config)
@@ -934,30 +966,35 @@ def run_profile(request: ProfileRequest) -> str:
     micro_batch = request.micro_batch or (explicit if isinstance(explicit, int) else cfg.train.micro_batch_size)
     budget = usable_bytes(parse_memory_size(request.gpu_memory), request.headroom) if request.gpu_memory else None
 
-    memory = MemoryModel(cfg, ds_raw, world_size, probe_batch=request.probe_batch)
-    rank = int(os.environ.get("RANK", "0")) if request.measure else None
-    estimate = memory.estimate(micro_batch, budget, rank=rank)
-    output_dir = request.output_dir or os.path.join("outputs", f"memory-{cfg.config_name}")
-    name = os.path.splitext(os.path.basename(request.ds_config))[0]
-    title = (f"{estimate.model}, {estimate.settings.describe()} ({name}), {world_size} GPU(s), micro batch "
-             f"{micro_batch}, {cfg.model.vision.name}/{cfg.model.text.name} at {cfg.model.image_size} px: "
-             f"GiB per GPU")
-    per_sample = memory.activations.bytes_per_sample(memory.settings.zero3_linear) / MIB
-    text = [title, "", estimate_table([estimate]), "",
-            f"activations measured at batch {memory.activations.probe_batch}: {per_sample:.2f} MiB per sample"]
-    if budget is not None:
-        verdict = "fits" if estimate.fits else "does NOT fit"
-        text.append(f"verdict: {verdict} in {request.gpu_memory} with {request.headroom:.0%} headroom "
-                    f"({format_gib(budget)} GiB usable); largest micro batch that fits: {estimate.largest_micro_batch}")
-    measured_rows = None
-    if request.measure:
-        from .train import process_group_scope
-
-        with process_group_scope():
+    with process_group_scope() if request.measure else contextlib.nullcontext():
+        if request.measure:  # binds this rank's device first: the estimate's activations are measured there
+            init_distributed()
+        device = present_device() if request.measure else GPU_TARGET  # whose "auto" ds_config choices
+        memory = MemoryModel(cfg, ds_raw, world_size, probe_batch=request.probe_batch, device=device)
+        rank = int(os.environ.get("RANK", "0")) if request.measure else None
+        estimate = memory.estimate(micro_batch, budget, rank=rank)
+        output_dir = request.output_dir or os.path.join("outputs", f"memory-{cfg.config_name}")
+        name = os.path.splitext(os.path.basename(request.ds_config))[0]
+        title = (f"{estimate.model}, {estimate.settings.describe()} ({name}), {world_size} GPU(s), micro batch "
+                 f"{micro_batch}, {cfg.model.vision.name}/{cfg.model.text.name} at {cfg.model.image_size} px: "
+                 f"GiB per GPU")
+        per_sample = memory.activations.bytes_per_sample(memory.settings.zero3_linear) / MIB
+        text = [title, "", estimate_table([estimate]), "",
+                f"{str(memory.settings.dtype).replace('torch.', '')} weights and activations; activations measured "
+                f"at batch {memory.activations.probe_batch} on {memory.activations.device}: "
+                f"{per_sample:.2f} MiB per sample"]
+        text += [f"ds_config choice: {note}" for note in resolve_device_choices(ds_raw, device, request.ds_config)[1]]
+        if budget is not None:
+            verdict = "fits" if estimate.fits else "does NOT fit"
+            text.append(f"verdict: {verdict} in {request.gpu_memory} with {request.headroom:.0%} headroom "
+                        f"({format_gib(budget)} GiB usable); largest micro batch that fits: "
+                        f"{estimate.largest_micro_batch}")
+        measured_rows = None
+        if request.measure:
             measured = measure_training_memory(cfg, ds_raw, micro_batch, request.ds_config)
-        measured_rows = comparison_rows(estimate, measured)
-        text += ["", f"measured on {measured.device} (rank {rank} of {measured.world_size}), two DeepSpeed steps:",
-                 "", comparison_table(measured_rows)]
+            measured_rows = comparison_rows(estimate, measured)
+            text += ["", f"measured on {measured.device} (rank {rank} of {measured.world_size}), two DeepSpeed steps:",
+                     "", comparison_table(measured_rows)]
     if rank not in (None, 0):
         return ""
     written = write_report([estimate], output_dir, "estimate", title)

@@ -61,11 +61,24 @@ from .models.dual_encoder import MAX_LOGIT_SCALE
 MODES = {"clip": "clip", "lit": "lit", "lilt": "lilt"}  # benchmark mode -> preset (lilt: ln + adapters)
 MODE_LABELS = {"clip": "clip", "lit": "lit", "lilt": "lilt (ln+adapters)"}
 
-# dense bf16 peak of common accelerators, FLOP/s (vendor figures, no sparsity)
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-)
+# dense bf16 peak FLOP/s (vendor data sheets, without sparsity) by the exact name CUDA reports;
+# a name not listed is "unknown" (pass --peak-tflops) rather than a guess from a similar one
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,   # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,             # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L40": 181e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+}
 
 
 @dataclass
@@ -567,14 +580,10 @@ def count_step_flops(cfg, batch: int, device: torch.device | None = None, probe_
 
 
 def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of a known GPU, else None."""
+    """Dense bf16 peak FLOP/s of a GPU whose exact name is known, else None (unknown)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device).strip())
 
 
 def profile_steps(runner: StepRunner, batch: dict, steps: int = 3, row_limit: int = 25) -> str:

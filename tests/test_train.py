@@ -1,5 +1,6 @@
 """The main command end to end through real launchers: several processes, two nodes, resume, bad input."""
 
+import contextlib
 import json
 import re
 import os
@@ -170,3 +171,117 @@ def test_non_finite_losses_skip_steps_then_abort(tmp_path):
     assert result.returncode != 0
     assert "step skipped (1 in a row, 1 in total)" in result.stdout
     assert "error: 2 non-finite losses in a row" in result.stderr and "Traceback" not in result.stderr
+
+
+# -------------------------------------------------------------------------------- host syncs per step
+class HostSyncCounter:
+    """Counts the host syncs lilt_ds's own code makes (a tensor's value read on the host: item(), float(),
+    bool(), tolist()); on a GPU each one waits for the device. DeepSpeed's own are not ours to count."""
+
+    def __init__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        import lilt_ds
+
+        self.count, self.package = 0, os.path.dirname(lilt_ds.__file__)
+        self.torch_dir, counter = os.path.dirname(torch.__file__), self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.note()
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.tolist = Mode(), torch.Tensor.tolist
+
+    def note(self):
+        frame = sys._getframe(2)
+        while frame is not None and (frame.f_code.co_filename.startswith(self.torch_dir)
+                                     or frame.f_code.co_filename == __file__):
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename.startswith(self.package):
+            self.count += 1
+
+    def __enter__(self):
+        import torch
+
+        counter, tolist = self, self.tolist
+
+        def counted_tolist(tensor):
+            counter.note()
+            return tolist(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self.mode.__exit__(*exc)
+        torch.Tensor.tolist = self.tolist
+
+
+@contextlib.contextmanager
+def _lilt_ds_logging_restored():
+    """An in-process Trainer sets up the run's logging (no propagation to the root logger): undo it."""
+    import logging
+
+    log = logging.getLogger("lilt_ds")
+    before = (list(log.handlers), log.propagate, log.level)
+    try:
+        yield
+    finally:
+        for handler in log.handlers:
+            if handler not in before[0]:
+                handler.close()
+        log.handlers[:], log.propagate = before[0], before[1]
+        log.setLevel(before[2])
+
+
+def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_path):
+    """The loss value, read once per step before the backward or update it guards, is the only host
+    sync lilt_ds makes (no size exchange, no per-micro-batch check): with and without accumulation."""
+    import itertools
+
+    import torch
+
+    from lilt_ds.config import load_config
+    from lilt_ds.runtime import process_group_scope
+    from lilt_ds.train import NonFiniteLossError, Trainer, to_device
+
+    def trainer(name, accum):
+        cfg = load_config("demo", tiny_training_overrides(tmp_path, [
+            "train.max_steps=20", "train.log_every=1000", f"train.grad_accum_steps={accum}", "eval.every_epochs=0"]))
+        cfg.output_dir = str(tmp_path / name)
+        t = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
+        t.batches = [to_device(b, t.device, t.dtype) for b in itertools.islice(iter(t.loader), 4)]
+        t.optimizer_step(t.batches[:accum])  # step 1 logs its metrics (host reads of its own)
+        return t
+
+    def syncs_per_step(t, micro_batches, steps=2):
+        with HostSyncCounter() as counter:
+            for _ in range(steps):
+                assert torch.isfinite(torch.tensor(t.optimizer_step(micro_batches)))
+        return counter.count / steps
+
+    with process_group_scope(), _lilt_ds_logging_restored():
+        single = trainer("single", 1)
+        assert syncs_per_step(single, single.batches[:1]) == 1
+        nan_batch = dict(single.batches[1], images=torch.full_like(single.batches[1]["images"], float("nan")))
+        assert single.optimizer_step([nan_batch]) != single.optimizer_step([nan_batch])  # NaN: skipped twice
+        assert (single.nonfinite_total, single.step) == (2, 3)
+        single.engine.destroy()
+
+        accumulating = trainer("accumulating", 2)
+        assert syncs_per_step(accumulating, accumulating.batches[:2]) == 1
+        accumulating.cfg.train.exact_accumulation = True
+        assert syncs_per_step(accumulating, accumulating.batches[:2]) == 1
+        assert accumulating.optimizer_step([nan_batch, accumulating.batches[0]]) != 0  # exact: skipped
+        assert accumulating.nonfinite_total == 1
+        accumulating.cfg.train.exact_accumulation = False
+        with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in step 6 \(non-finite values \(NaN or "
+                                                     r"inf\) in image_emb\).*cannot be skipped"):
+            accumulating.optimizer_step([nan_batch, accumulating.batches[0]])
+        accumulating.engine.destroy()

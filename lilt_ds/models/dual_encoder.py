@@ -93,6 +93,18 @@ def _freeze_tower(tower, mode: str, tower_cfg) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def seeded_init_rng(seed: int, device: str | torch.device | None):
+    """The generator that initialises weights on ``device`` (the CPU's unless a GPU is named),
+    seeded with ``seed`` inside the block and as it was after it; every other generator untouched."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if on_gpu else []), \
+            (torch.cuda.device(device) if on_gpu else contextlib.nullcontext()):
+        (torch.cuda.manual_seed if on_gpu else torch.random.default_generator.manual_seed)(seed)
+        yield
+
+
 def build_model(cfg, load_weights: bool = True, device: str | torch.device | None = None) -> DualEncoder:
     """Build the DualEncoder an experiment config describes, with its parameters frozen per mode.
 
@@ -113,9 +125,11 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
     if init_bias is None and siglip:
         init_bias = SIGLIP_INIT_LOGIT_BIAS
     # randomly initialised weights (a tower without pretrained weights, adapters, projections) are a
-    # function of the config alone, so a checkpoint's frozen part can always be rebuilt
-    with torch.random.fork_rng(devices=[]), (torch.device(device) if device is not None else contextlib.nullcontext()):
-        torch.manual_seed(cfg.get("seed", 0))
+    # function of the config alone, so a checkpoint's frozen part can always be rebuilt. Only the
+    # generator that initialises them is seeded (and restored afterwards): torch.manual_seed would
+    # also reseed every GPU's generator, each time a model is built.
+    with seeded_init_rng(cfg.get("seed", 0), device), \
+            (torch.device(device) if device is not None else contextlib.nullcontext()):
         vision = VisionTower(mcfg["vision"], mcfg["image_size"], load_weights=load_weights)
         text = TextTower(mcfg["text"], load_weights=load_weights)
         model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias)

@@ -3,7 +3,7 @@
 Autograd's default keeps every intermediate a frozen sub-block produces (the 4x-wide GELU input and
 output of an MLP, q/k/v and the attention output), although the frozen weights themselves need no
 gradient. :class:`_RecomputeFrozen` runs such a sub-block without recording, saves its inputs, and
-in backward reruns it (same RNG state, so dropout draws the same masks) to get exact gradients for
+in backward reruns it (same RNG and autocast state, so dropout draws the same masks) to get exact gradients for
 the inputs and for the parameters inside that do train (biases, adapters hooked on the output
 linear, LayerNorms). Only sub-blocks whose weight matrices are all frozen are patched.
 """
@@ -18,16 +18,24 @@ from torch import nn
 
 from ..models.text import BERT_LAYOUT
 from ..models.vision import TIMM_TRANSFORMER
+from ..runtime import replay_torch_rng, torch_rng_state
 
 
 class _RecomputeFrozen(torch.autograd.Function):
-    """outputs = fn(*inputs); saves the inputs only; ``params`` (the trainable ones inside) get gradients."""
+    """outputs = fn(*inputs); saves the inputs only; ``params`` (the trainable ones inside) get gradients.
+
+    The backward rerun replays what the forward ran under: the RNG state of the inputs' device (so
+    dropout draws the same masks) and the autocast state of that device and of the CPU (so a
+    bf16-autocast forward is recomputed in bf16), as torch.utils.checkpoint does.
+    """
 
     @staticmethod
     def forward(ctx, fn, n_inputs: int, *inputs_and_params):
         inputs = inputs_and_params[:n_inputs]
         ctx.fn, ctx.params = fn, inputs_and_params[n_inputs:]
-        ctx.rng = _rng_state(inputs)
+        device = next((t.device for t in inputs if t.device.type != "cpu"), torch.device("cpu"))
+        ctx.rng = torch_rng_state(device)
+        ctx.autocast = _autocast_state(device.type)
         ctx.save_for_backward(*inputs)
         with torch.no_grad():
             outputs = fn(*inputs)
@@ -36,7 +44,7 @@ class _RecomputeFrozen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad(), _replay_rng(ctx.rng):
+        with torch.enable_grad(), replay_torch_rng(ctx.rng), _replay_autocast(ctx.autocast):
             outputs = ctx.fn(*inputs)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
@@ -46,18 +54,18 @@ class _RecomputeFrozen(torch.autograd.Function):
         return (None, None, *(next(grads) if t.requires_grad else None for t in (*inputs, *ctx.params)))
 
 
-def _rng_state(inputs) -> tuple:
-    cuda = [t.device for t in inputs if t.is_cuda][:1]
-    return torch.get_rng_state(), cuda, [torch.cuda.get_rng_state(d) for d in cuda]
+def _autocast_state(device_type: str) -> dict[str, dict]:
+    """torch.autocast arguments in force now, for the inputs' device type and for the CPU."""
+    return {kind: {"device_type": kind, "enabled": torch.is_autocast_enabled(kind),
+                   "dtype": torch.get_autocast_dtype(kind), "cache_enabled": torch.is_autocast_cache_enabled()}
+            for kind in dict.fromkeys((device_type, "cpu"))}
 
 
 @contextlib.contextmanager
-def _replay_rng(state):
-    cpu_state, cuda_devices, cuda_states = state
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.set_rng_state(cpu_state)
-        for device, cuda_state in zip(cuda_devices, cuda_states):
-            torch.cuda.set_rng_state(cuda_state, device)
+def _replay_autocast(state: dict[str, dict]):
+    with contextlib.ExitStack() as stack:
+        for kwargs in state.values():
+            stack.enter_context(torch.autocast(**kwargs))
         yield
 
 

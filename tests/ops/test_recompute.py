@@ -50,6 +50,33 @@ def test_recompute_gradients_are_exact_and_saved_bytes_drop(batch, vision_unlock
     assert [n for n, _ in patched.named_parameters()] == [n for n, _ in model.named_parameters()]
 
 
+def test_the_backward_recompute_runs_under_the_forwards_autocast():
+    """Forward under CPU autocast (bf16), backward outside it, as a training loop does: the recompute
+    must run in bf16 again (torch.utils.checkpoint does the same), or its gradients are those of an
+    fp32 forward the run never made."""
+    from lilt_ds.ops.recompute import recompute_call
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 16, generator=generator)  # frozen
+    bias = torch.randn(16, generator=generator, requires_grad=True)  # trains
+    ran = []
+
+    def block(x):
+        y = torch.nn.functional.linear(x, weight, bias)
+        ran.append((torch.is_grad_enabled(), y.dtype))
+        return torch.nn.functional.gelu(y)
+
+    results = []
+    for recompute in (False, True):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = recompute_call(block, (x,), [bias]) if recompute else block(x)
+        results.append(torch.autograd.grad(out.float().square().sum(), [x, bias]))
+    assert ran == [(True, torch.bfloat16), (False, torch.bfloat16), (True, torch.bfloat16)]
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+
+
 def test_clip_and_fully_locked_towers_are_not_patched():
     clip = build_model(load_config("clip", tiny_overrides("clip")), load_weights=False)
     assert apply_frozen_recompute(clip) == 0

@@ -1,0 +1,244 @@
+"""This process's place in a run: the process group and its device, seeds and RNG state, determinism,
+and what the device runs natively.
+
+Device calls go through DeepSpeed's accelerator, so the same code runs on a CPU (gloo) and on GPUs
+(NCCL). The rule that matters on GPUs: a process makes ``cuda:LOCAL_RANK`` its current device
+before the first collective. NCCL communicates on the current device (an object broadcast too), so
+without it every rank would use ``cuda:0`` and ranks >= 1 fail at their first collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+log = logging.getLogger("lilt_ds")
+
+CUBLAS_WORKSPACE = ":4096:8"
+"""``CUBLAS_WORKSPACE_CONFIG`` that makes cuBLAS deterministic (CUDA's documented setting)."""
+
+
+# ---------------------------------------------------------------------------------- device
+def local_rank() -> int:
+    """LOCAL_RANK as the launcher (deepspeed, torchrun) set it; 0 for a plain process."""
+    value = os.environ.get("LOCAL_RANK", "0")
+    try:
+        rank = int(value)
+    except ValueError:
+        rank = -1
+    if rank < 0:
+        raise ConfigError(f"environment variable LOCAL_RANK={value!r} is not a rank: start the run with the "
+                          "deepspeed launcher, or unset LOCAL_RANK for a single process")
+    return rank
+
+
+def accelerator():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def bind_device() -> torch.device:
+    """Make this process's device (``cuda:LOCAL_RANK``, or the accelerator's equivalent) current; return it.
+
+    On the CPU accelerator the call is a no-op, made all the same so that every device runs the
+    same sequence of calls.
+    """
+    accel, rank = accelerator(), local_rank()
+    if accel.device_name() == "cpu":
+        accel.set_device(rank)
+        return torch.device("cpu")
+    count = accel.device_count()
+    if rank >= count:
+        raise ConfigError(
+            f"LOCAL_RANK={rank} but this machine has {count} {accel.device_name()} device(s): start at most "
+            f"{count} process(es) per node (deepspeed --num_gpus {count}, or a hostfile with slots={count})")
+    accel.set_device(rank)
+    return torch.device(accel.device_name(rank))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a world of one started without a launcher)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class World(NamedTuple):
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed() -> World:
+    """Bind this process's device, then join the launcher's process group (a plain run: a world of one).
+
+    The one place every entry point (training, evaluation, memory measurement, benchmarks) joins
+    the group, so the device is bound before any collective. Calling it again is harmless.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:  # not started by the deepspeed launcher (or torchrun)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    device = bind_device()
+    deepspeed.init_distributed()
+    return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
+
+
+@contextlib.contextmanager
+def process_group_scope():
+    """Destroy, once the block succeeds, the process group it created (through init_distributed).
+
+    Left to interpreter exit, gloo's worker threads can still hold DeepSpeed's async work and abort
+    the process ("terminate called without an active exception") after the work finished. A group
+    that existed before the block stays, and so does any group after an error (other ranks may
+    still be in a collective, where destroying would hang).
+    """
+    existed = torch.distributed.is_initialized()
+    yield
+    if not existed and torch.distributed.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What a device runs well: its type and whether it computes bf16 natively (and why we think so)."""
+
+    type: str            # cuda | cpu | another accelerator's name
+    name: str
+    native_bf16: bool
+    reason: str
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.type != "cpu"
+
+
+GPU_TARGET = DeviceFacts("cuda", "a GPU of compute capability 8.0 or newer", True,
+                         "the estimate assumes a GPU of compute capability 8.0 or newer (A100, H100, L4, ...)")
+"""What the memory estimator plans for when the ds_config leaves a device choice on "auto"."""
+
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, Arm's BF16 extension
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags the kernel reports (Linux /proc/cpuinfo); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def present_device() -> DeviceFacts:
+    """The facts of the device this process trains on (its accelerator; bound by init_distributed)."""
+    accel = accelerator()
+    kind = accel.device_name()
+    if kind == "cuda":
+        index = torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+        major, minor = torch.cuda.get_device_capability(index)
+        native = major >= 8
+        return DeviceFacts("cuda", name, native, f"{name} has compute capability {major}.{minor} "
+                           + ("(8.0+ runs bf16 natively)" if native else "(bf16 needs 8.0+; fp32 instead)"))
+    if kind == "cpu":
+        found = sorted(set(_CPU_BF16_FLAGS) & cpu_flags())
+        reason = (f"this CPU has {', '.join(found)}" if found else
+                  "this CPU has no AVX512-BF16, AMX or Arm BF16 instructions: bf16 would be emulated, fp32 is faster")
+        return DeviceFacts("cpu", "cpu", bool(found), reason)
+    return DeviceFacts(kind, kind, bool(accel.is_bf16_supported()), f"the {kind} accelerator reports its bf16 support")
+
+
+# ---------------------------------------------------------------------------------- seeds and RNG state
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and every accelerator generator): for the start of a process only."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_device() -> torch.device | None:
+    """The accelerator device whose generator this process draws from (its bound device), if any."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def torch_rng_state(device: torch.device | None = None) -> tuple:
+    """torch's CPU generator and ONE device's generator: ``device`` (a CPU device: none), by default
+    the bound one. Dropout draws from the device of its tensors; other visible GPUs are not ours."""
+    if device is None:
+        device = rng_device()
+    elif device.type != "cuda":
+        device = None
+    elif device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return torch.get_rng_state(), device, (torch.cuda.get_rng_state(device) if device is not None else None)
+
+
+def set_torch_rng_state(state: tuple) -> None:
+    cpu, device, device_state = state
+    torch.set_rng_state(cpu)
+    if device is not None:
+        torch.cuda.set_rng_state(device_state, device)
+
+
+@contextlib.contextmanager
+def replay_torch_rng(state: tuple):
+    """Run the block from ``state`` and leave the generators as they were before it."""
+    _, device, _ = state
+    with torch.random.fork_rng(devices=[device] if device is not None else []):
+        set_torch_rng_state(state)
+        yield
+
+
+def rng_state() -> dict:
+    """Every generator a training process draws from: Python, NumPy, torch's CPU and its bound device's."""
+    cpu, device, device_state = torch_rng_state()
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": cpu}
+    if device is not None:
+        state["cuda"] = device_state
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`; the device generator goes to this process's bound device, which need
+    not have the index of the device that saved it (another machine, fewer visible GPUs)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+
+
+# ---------------------------------------------------------------------------------- determinism
+def set_deterministic(enabled: bool) -> None:
+    """torch's deterministic algorithms and deterministic cuDNN/cuBLAS (``train.deterministic``).
+
+    Operations without a deterministic implementation warn (once each) rather than stop the run.
+    ``CUBLAS_WORKSPACE_CONFIG`` must be set before the first cuBLAS call: call this before the model
+    reaches the device.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
