@@ -6,7 +6,7 @@
 Towers base/base and large/large at 256 px, text length 25, bf16; modes clip, lit and lilt (LayerNorm,
 BitFit, LayerNorm + adapters, LoRA) with and without activation checkpointing; ds_configs zero0..3 and
 the CPU offload ones. Activations are measured once per (towers, mode, checkpointing) by one forward
-pass on this CPU and reused across ds_configs (see lilt_ds.memory). Prints the Markdown section and
+pass on this machine's device (its GPU if it has one) and reused across ds_configs (see lilt_ds.memory). Prints the Markdown section and
 writes it with CSV tables and PNG charts to --output_dir.
 """
 
@@ -20,9 +20,9 @@ import torch
 
 from lilt_ds.config import load_config
 from lilt_ds.engine import load_ds_config
-from lilt_ds.memory import (GIB, MIB, MemoryModel, ParameterInventory, describe_model, estimate_rows,
-                            estimate_table, parse_memory_size, plot_estimates, profile_activations, usable_bytes,
-                            write_csv)
+from lilt_ds.memory import (GIB, MIB, MemoryModel, ParameterInventory, activation_device, describe_model,
+                            estimate_rows, estimate_table, parse_memory_size, plot_estimates, profile_activations,
+                            usable_bytes, write_csv)
 from lilt_ds.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,14 +69,18 @@ def main():
     budget = usable_bytes(parse_memory_size(args.gpu_memory), args.headroom)
     ds_configs = {name: load_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json")) for name in DS_CONFIGS}
     start = time.perf_counter()
+    device = activation_device()
+    where = f"a CPU ({platform.processor() or platform.machine()})" if device.type == "cpu" else \
+        torch.cuda.get_device_name(device)
 
     section = [
         "## Memory per GPU", "",
         "`python benchmarks/memory.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`", "",
         f"{args.world_size} GPUs, micro batch {args.micro_batch} per GPU (global {args.world_size * args.micro_batch}), "
-        f"256 px, text length 25, bf16, AdamW. Model states follow DeepSpeed 0.19's layout per ds_config; "
-        f"activations are the bytes autograd saves, measured by a forward pass at batch {args.probe_batch} on a "
-        f"CPU ({platform.processor() or platform.machine()}) and scaled. A config fits when its estimate stays "
+        f"256 px, text length 25, AdamW; the configs' \"auto\" choices as on a GPU of compute capability 8.0+ "
+        f"(bf16, overlap_comm on). Model states follow DeepSpeed 0.19's layout per ds_config; "
+        f"activations are the bytes autograd saves, measured by a forward pass at batch {args.probe_batch} on "
+        f"{where} and scaled. A config fits when its estimate stays "
         f"under {budget / GIB:.1f} GiB ({args.gpu_memory} less {args.headroom:.0%} headroom).", "",
     ]
     per_sample = ["| towers | model | checkpointing | MiB per sample | under ZeRO-3 |", "|---|---|---|---|---|"]

@@ -46,10 +46,12 @@ Prints Markdown and writes it to ``--output`` (default outputs/benchmarks/throug
 
 import argparse
 import gc
+import json
 import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from local configs
@@ -59,7 +61,7 @@ import torch  # noqa: E402
 
 from lilt_ds import throughput as tp  # noqa: E402
 from lilt_ds.allocator import ENV as ALLOCATOR_ENV, retain_freed_memory  # noqa: E402
-from lilt_ds.train import init_distributed, process_group_scope  # noqa: E402
+from lilt_ds.runtime import init_distributed, present_device, process_group_scope  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = ("zero0", "zero1", "zero2", "zero3")
@@ -68,14 +70,27 @@ LABELS = {"zero0": "ours ZeRO-0", "zero1": "ours ZeRO-1", "zero2": "ours ZeRO-2"
           "plain": "plain PyTorch (DDP, autocast)", "openclip": "OpenCLIP"}
 
 
-def make_runner(impl: str, cfg, options: tp.StepOptions):
+def ds_config_with_precision(impl: str, bf16: bool, folder: str) -> str:
+    """``ds_configs/<impl>.json`` with bf16 on or off explicitly (the shipped files say "auto"), so
+    that our trainer runs the precision the peers' autocast runs."""
+    with open(os.path.join(ROOT, "ds_configs", f"{impl}.json")) as f:
+        ds = json.load(f)
+    ds["bf16"] = {"enabled": bf16}
+    path = os.path.join(folder, f"{impl}-{'bf16' if bf16 else 'fp32'}.json")
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    return path
+
+
+def make_runner(impl: str, cfg, options: tp.StepOptions, bf16: bool, folder: str):
     prepare = tp.zero_text_projection_bias  # OpenCLIP's text projection has no bias: same function everywhere
+    autocast = torch.bfloat16 if bf16 else None
     if impl in OURS:
-        return tp.OursStep(cfg, os.path.join(ROOT, "ds_configs", f"{impl}.json"), options, prepare_model=prepare)
+        return tp.OursStep(cfg, ds_config_with_precision(impl, bf16, folder), options, prepare_model=prepare)
     if impl == "plain":
-        return tp.PlainStep(cfg, options, prepare_model=prepare)
+        return tp.PlainStep(cfg, options, prepare_model=prepare, autocast_dtype=autocast)
     if impl == "openclip":
-        return tp.OpenClipStep(cfg, options, prepare_model=prepare)
+        return tp.OpenClipStep(cfg, options, prepare_model=prepare, autocast_dtype=autocast)
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -98,7 +113,7 @@ def measure_mode(cfg, options, args, synthetic, clip_cfg=None):
         for key, impl, build_cfg in builds:
             try:
                 start = time.perf_counter()
-                runners[key] = make_runner(impl, build_cfg, options)
+                runners[key] = make_runner(impl, build_cfg, options, args.bf16, args.scratch)
                 rows[key]["setup_s"] = time.perf_counter() - start
                 rows[key]["params"], rows[key]["trainable"] = runners[key].counts()
             except Exception as e:  # noqa: BLE001 - one failing combination is a row, not the end
@@ -236,7 +251,11 @@ def main():
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops per implementation")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for MFU (default: the GPUs whose exact name lilt_ds.throughput lists)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="for every implementation: bf16 (our ds_config, the peers' autocast) or fp32; auto: "
+                             "bf16 where the device runs it natively, as the shipped ds_configs decide")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--malloc", choices=["retain", "system"], default="retain",
                         help="CPU: glibc keeps freed memory for every implementation, as our trainer sets "
@@ -255,9 +274,12 @@ def main():
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.ERROR)
-    init_distributed()
-    world = torch.distributed.get_world_size()
-    device = tp.benchmark_device()
+    _, world, device = init_distributed()
+    facts = present_device()
+    args.bf16 = facts.native_bf16 if args.precision == "auto" else args.precision == "bf16"
+    precision = ("bf16" if args.bf16 else "fp32") + (f" (auto: {facts.reason})" if args.precision == "auto" else "")
+    scratch = tempfile.TemporaryDirectory(prefix="lilt_ds-throughput-configs-")
+    args.scratch = scratch.name
     malloc = "CUDA caching allocator"
     if device.type == "cpu":  # process-wide: the same allocator settings for every implementation
         if args.malloc == "system":
@@ -265,6 +287,8 @@ def main():
         malloc = "glibc malloc keeping freed memory (lilt_ds.allocator)" if retain_freed_memory() else \
             "the C library's default malloc"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else tp.peak_flops(device)
+    mfu_note = "" if peak or device.type == "cpu" else \
+        f" MFU: unknown (no peak listed for the exact name {torch.cuda.get_device_name(device)!r}; pass --peak-tflops)."
     options = tp.StepOptions(channels_last=args.channels_last, attention=args.attention, compile=args.compile,
                              checkpointing=args.checkpointing)
     demo = {"n": max(1000, (args.warmup + args.steps + 2) * args.batch), "eval_n": 50, "seed": 0,
@@ -283,10 +307,10 @@ def main():
         versions += f", open_clip {open_clip.__version__}"
     lines = ["## Throughput", "", "`python benchmarks/throughput.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`", "",
              f"{device_name}; {versions}; world size {world}; load average {load:.1f} at start. "
-             f"bf16; attention {args.attention}{', channels_last' if args.channels_last else ''}"
+             f"{precision}; attention {args.attention}{', channels_last' if args.channels_last else ''}"
              f"{', torch.compile' if args.compile else ''}{', activation checkpointing' if args.checkpointing else ''}; "
              f"median of {args.steps} steps after {args.warmup} warm-up steps; data loading with {args.workers} "
-             f"DataLoader workers on demo images of {args.demo_size} px; {malloc} for all.", ""]
+             f"DataLoader workers on demo images of {args.demo_size} px; {malloc} for all.{mfu_note}", ""]
     print("\n".join(lines), flush=True)
     profiles = []
     for size in args.sizes:

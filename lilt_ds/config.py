@@ -213,6 +213,8 @@ def validate(cfg: Config) -> None:
             )
     if not isinstance(cfg.model.embed_dim, int) or cfg.model.embed_dim < 1:
         raise ConfigError(f"model.embed_dim must be a positive integer, got {cfg.model.embed_dim!r}")
+    if not isinstance(cfg.train.deterministic, bool):
+        raise ConfigError(f"train.deterministic must be true or false, got {cfg.train.deterministic!r}")
     if not isinstance(cfg.model.image_size, int) or cfg.model.image_size < 8:
         raise ConfigError(f"model.image_size must be an integer number of pixels, got {cfg.model.image_size!r}")
 

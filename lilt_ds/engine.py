@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 
 from .config import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
+from .runtime import DeviceFacts, present_device
+
+log = logging.getLogger("lilt_ds")
 
 AUTO = "auto"
 ZERO_STAGES = (0, 1, 2, 3)
@@ -82,9 +86,41 @@ def _check_precision_and_stage(ds: dict, ds_name: str) -> None:
                 )
 
 
-def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name: str = "ds_config") -> dict:
-    """A copy of ``ds`` with every "auto" filled from the experiment config, checked for contradictions."""
+DEVICE_CHOICES = ("bf16.enabled", "zero_optimization.overlap_comm")
+"""ds_config keys whose "auto" the device decides (the experiment config fills the others)."""
+
+
+def resolve_device_choices(ds: dict, device: DeviceFacts, ds_name: str = "ds_config") -> tuple[dict, list[str]]:
+    """A copy of ``ds`` with the device's "auto" keys decided for ``device``, and one line per decision.
+
+    ``bf16.enabled``: bf16 where the device computes it natively (CUDA compute capability 8.0+,
+    CPUs with AVX512-BF16, AMX or Arm BF16), fp32 elsewhere, where bf16 is emulated and slower.
+    ``zero_optimization.overlap_comm``: on for GPUs (reductions overlap the backward pass, at the
+    cost of a second reduce bucket), off on the CPU, whose accelerator has no streams to overlap on.
+    An explicit true/false is obeyed.
+    """
     ds = copy.deepcopy(ds)
+    notes = []
+    bf16 = ds.get("bf16")
+    if isinstance(bf16, dict) and bf16.get("enabled") == AUTO:
+        bf16["enabled"] = device.native_bf16
+        notes.append(f"precision {'bf16' if device.native_bf16 else 'fp32'} (ds_config {ds_name}: "
+                     f"bf16.enabled=auto; {device.reason})")
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict) and zero.get("overlap_comm") == AUTO:
+        zero["overlap_comm"] = device.is_gpu
+        notes.append(f"overlap_comm {'on' if device.is_gpu else 'off'} (ds_config {ds_name}: "
+                     f"zero_optimization.overlap_comm=auto on {'a GPU' if device.is_gpu else 'the CPU'})")
+    return ds, notes
+
+
+def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name: str = "ds_config",
+                      device: DeviceFacts | None = None) -> dict:
+    """A copy of ``ds`` with every "auto" filled (from the experiment config, and the device's keys from
+    ``device``, default this process's), checked for contradictions."""
+    ds, notes = resolve_device_choices(ds, device or present_device(), ds_name)
+    for note in notes:
+        log.info("%s", note)
     train = cfg["train"]
     micro, accum = train["micro_batch_size"], train["grad_accum_steps"]
     for name, value in (("train.micro_batch_size", micro), ("train.grad_accum_steps", accum)):

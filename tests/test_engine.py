@@ -4,10 +4,12 @@ import math
 import os
 
 import pytest
+import torch
 
 from lilt_ds.config import ConfigError, load_config
-from lilt_ds.engine import load_ds_config, param_groups, resolve_ds_config
+from lilt_ds.engine import engine_dtype, load_ds_config, param_groups, resolve_device_choices, resolve_ds_config
 from lilt_ds.models import build_model
+from lilt_ds.runtime import DeviceFacts
 from tests.conftest import tiny_overrides, tiny_training_overrides
 from tests.distributed import run_ranks
 
@@ -27,6 +29,47 @@ def test_auto_values_are_filled_from_the_experiment_config():
     assert sched["total_num_steps"] == 1000 and sched["warmup_num_steps"] == 50
     assert sched["warmup_min_ratio"] == pytest.approx(0.1) and sched["cos_min_ratio"] == pytest.approx(0.1)
     assert "auto" not in json.dumps(ds)
+
+
+NO_BF16_CPU = DeviceFacts("cpu", "cpu", False, "this CPU has no AVX512-BF16, AMX or Arm BF16 instructions")
+BF16_GPU = DeviceFacts("cuda", "NVIDIA H100 80GB HBM3", True, "compute capability 9.0")
+OLD_GPU = DeviceFacts("cuda", "Tesla V100-SXM2-32GB", False, "compute capability 7.0")
+
+
+@pytest.mark.parametrize("device, bf16, overlap", [(NO_BF16_CPU, False, False), (BF16_GPU, True, True),
+                                                   (OLD_GPU, False, True)])
+def test_auto_precision_and_overlap_follow_the_device(device, bf16, overlap, caplog):
+    """bf16 where the device computes it natively, fp32 elsewhere; overlap_comm on GPUs; one log line each."""
+    import logging
+
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
+    with caplog.at_level(logging.INFO, logger="lilt_ds"):
+        resolved = resolve_ds_config(ds, load_config("lilt"), 2, 100, "zero2.json", device=device)
+    assert resolved["bf16"]["enabled"] is bf16 and resolved["zero_optimization"]["overlap_comm"] is overlap
+    assert engine_dtype(resolved) == (torch.bfloat16 if bf16 else torch.float32)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"precision {'bf16' if bf16 else 'fp32'} (ds_config zero2.json: bf16.enabled=auto; {device.reason})",
+                     f"overlap_comm {'on' if overlap else 'off'} (ds_config zero2.json: zero_optimization.overlap_comm="
+                     f"auto on {'a GPU' if overlap else 'the CPU'})"]
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+def test_explicit_precision_and_overlap_are_obeyed(explicit):
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
+    ds["bf16"]["enabled"], ds["zero_optimization"]["overlap_comm"] = explicit, explicit
+    for device in (NO_BF16_CPU, BF16_GPU):
+        resolved, notes = resolve_device_choices(ds, device)
+        assert resolved["bf16"]["enabled"] is explicit and resolved["zero_optimization"]["overlap_comm"] is explicit
+        assert notes == []
+
+
+def test_every_shipped_bf16_config_leaves_precision_to_the_device():
+    for path in DS_CONFIGS:
+        ds = load_ds_config(path)
+        if "fp16" not in ds:
+            assert ds["bf16"]["enabled"] == "auto", path
+        if ds["zero_optimization"]["stage"] in (2, 3):
+            assert ds["zero_optimization"]["overlap_comm"] == "auto", path
 
 
 def test_absent_blocks_are_filled_too():

@@ -7,7 +7,7 @@ from .bad_samples import BadSample, BadSampleLog, global_bad_sample_counts
 from .caption_dataset import CaptionDataset
 from .captions import CaptionTable, load_caption_files
 from .collate import ImageTextCollator
-from .config import DATA_DEFAULTS, resolve_data_config
+from .config import DATA_DEFAULTS, eval_loader_settings, loader_settings, resolve_data_config
 from .demo import ensure_demo_data, generate_demo
 from .errors import DataError
 from .image_root import ImageRoot
@@ -26,6 +26,6 @@ __all__ = [
     "ImageRoot", "ImageTextCollator", "LILT_RANDAUGMENT_OPS", "ResumableDistributedSampler",
     "RetrievalData", "RetrievalImages", "ShardDataset", "ShardFiles", "ShardProgress", "TrainLoader",
     "build_eval_data", "build_eval_transform", "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
-    "ensure_demo_data", "find_shards", "generate_demo", "global_bad_sample_counts",
-    "load_caption_files", "pre_caption", "resolve_data_config", "tokenize_captions", "write_shards",
+    "ensure_demo_data", "eval_loader_settings", "find_shards", "generate_demo", "global_bad_sample_counts",
+    "load_caption_files", "loader_settings", "pre_caption", "resolve_data_config", "tokenize_captions", "write_shards",
 ]

@@ -2,7 +2,8 @@
 keys and bad values before anything is loaded."""
 
 import copy
-from typing import Any, Dict
+import os
+from typing import Any, Dict, Optional, Tuple
 
 from ..config import base_defaults
 from .bad_samples import check_bad_sample_policy
@@ -13,7 +14,10 @@ from .image_root import ImageRoot
 DATA_DEFAULTS: Dict[str, Any] = base_defaults()["data"]
 
 _POSITIVE_INTS = ("max_words", "max_length", "eval_max_length")
-_BOOLS = ("clean_captions", "hflip", "pin_memory", "persistent_workers")
+_BOOLS = ("clean_captions", "hflip", "persistent_workers")
+AUTO = "auto"
+CPU_WORKERS = 2        # data.num_workers=auto on the CPU (the default before "auto" existed)
+MAX_GPU_WORKERS = 8    # data.num_workers=auto on a GPU: at most this many per rank
 
 
 def resolve_data_config(data_cfg: Dict[str, Any] = None) -> Dict[str, Any]:
@@ -55,10 +59,13 @@ def resolve_data_config(data_cfg: Dict[str, Any] = None) -> Dict[str, Any]:
     check_bad_sample_policy(cfg["on_bad_sample"], cfg["max_bad_fraction"])
     for key in _POSITIVE_INTS:
         _check_int(cfg[key], f"data.{key}", minimum=1)
-    _check_int(cfg["num_workers"], "data.num_workers", minimum=0)
+    if cfg["num_workers"] != AUTO:
+        _check_int(cfg["num_workers"], "data.num_workers", minimum=0, alternative="auto or ")
     for key in _BOOLS:
         if not isinstance(cfg[key], bool):
             raise DataError(f"data.{key} = {cfg[key]!r}: expected true or false.")
+    if cfg["pin_memory"] != AUTO and not isinstance(cfg["pin_memory"], bool):
+        raise DataError(f"data.pin_memory = {cfg['pin_memory']!r}: expected auto, true or false.")
     if cfg["randaugment"] is not None and not isinstance(cfg["randaugment"], str):
         raise DataError(f"data.randaugment = {cfg['randaugment']!r}: expected a timm RandAugment "
                         'string such as "rand-m7-n2", or null.')
@@ -76,6 +83,43 @@ def _reject_unknown(given: Dict, known: Dict, section: str) -> None:
                         f"{section} accepts: {', '.join(known)}.")
 
 
-def _check_int(value, name: str, minimum: int) -> None:
+def _check_int(value, name: str, minimum: int, alternative: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DataError(f"{name} = {value!r}: expected an integer >= {minimum}.")
+        raise DataError(f"{name} = {value!r}: expected {alternative}an integer >= {minimum}.")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which schedulers and launchers set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_ranks() -> int:
+    """Ranks on this machine, as the launcher says (DeepSpeed: LOCAL_SIZE; torchrun: LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1))
+
+
+def loader_settings(cfg: Dict[str, Any], device_type: str, cpus: Optional[int] = None,
+                    ranks_here: Optional[int] = None) -> Tuple[int, bool]:
+    """(num_workers, pin_memory) of one rank's loaders, ``auto`` decided for ``device_type``.
+
+    On a GPU each rank gets the CPUs it shares the machine with, less one for its own process, at
+    most MAX_GPU_WORKERS, and pinned memory (asynchronous host-to-device copies). On the CPU the
+    step itself needs the cores: CPU_WORKERS workers, nothing pinned.
+    """
+    workers, pin = cfg["num_workers"], cfg["pin_memory"]
+    gpu = device_type != "cpu"
+    if workers == AUTO:
+        share = (cpus or usable_cpus()) // (ranks_here or local_ranks())
+        workers = min(MAX_GPU_WORKERS, max(1, share - 1)) if gpu else CPU_WORKERS
+    if pin == AUTO:
+        pin = gpu
+    return workers, pin
+
+
+def eval_loader_settings(cfg: Dict[str, Any], device_type: str) -> Tuple[int, bool]:
+    """(num_workers, pin_memory) of the evaluation image loader: on a GPU those of training; on the
+    CPU none (the forward passes need every core, and workers would only compete with them)."""
+    return loader_settings(cfg, device_type) if device_type != "cpu" else (0, False)

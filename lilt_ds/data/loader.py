@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from .caption_dataset import CaptionDataset
 from .captions import load_caption_files
 from .collate import ImageTextCollator
-from .config import resolve_data_config
+from .config import loader_settings, resolve_data_config
 from .demo import ensure_demo_data
 from .errors import DataError
 from .retrieval import RetrievalData, build_retrieval_data
@@ -67,11 +67,12 @@ class TrainLoader:
 
 def build_train_loader(data_cfg: Dict, tokenizer, image_size: int, mean: Sequence[float],
                        std: Sequence[float], rank: int, world_size: int, micro_batch_size: int,
-                       seed: int) -> Tuple[TrainLoader, Union[CaptionDataset, ShardDataset], Sampler]:
+                       seed: int, device_type: str = "cpu") -> Tuple[TrainLoader, Union[CaptionDataset, ShardDataset], Sampler]:
     """Everything for training from the `data` config section (see `DATA_DEFAULTS`): tar shards
     when `train_shards` is set, else the `train_files`; neither trains on the built-in demo
-    dataset (generated on first use)."""
+    dataset (generated on first use). ``device_type`` decides the "auto" workers and pinning."""
     cfg = resolve_data_config(data_cfg)
+    cfg["num_workers"], cfg["pin_memory"] = loader_settings(cfg, device_type)
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise DataError(f"micro batch size {micro_batch_size!r}: expected a positive integer.")
     transform = build_train_transform(image_size, mean, std, hflip=cfg["hflip"],

@@ -78,7 +78,7 @@ def test_skip_aborts_during_training_above_the_threshold(tmp_path, tokenizer):
     ({"max_bad_fraction": 2}, r"data\.max_bad_fraction = 2; give a fraction between 0 and 1"),
     ({"train_file": ["a.json"]}, r"unknown setting\(s\) data\.train_file; data accepts: train_files,"),
     ({"demo": {"count": 3}}, r"unknown setting\(s\) data\.demo\.count"),
-    ({"num_workers": -1}, r"data\.num_workers = -1: expected an integer >= 0"),
+    ({"num_workers": -1}, r"data\.num_workers = -1: expected auto or an integer >= 0"),
     ({"hflip": "yes"}, r"data\.hflip = 'yes': expected true or false"),
     ({"randaugment": "rand-m7-x"}, r"data\.randaugment = 'rand-m7-x' is not a RandAugment string"),
     ({"image_root": ["/a"]}, r"data\.image_root = \['/a'\]: expected null, a folder string"),
