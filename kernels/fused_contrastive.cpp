@@ -14,7 +14,7 @@
 // cost (groups - 1) B d floats; when that would exceed the N d of dK (large B, as in global mode),
 // dQ and dK are computed in two passes instead (row tiles, then column tiles), recomputing the
 // tiles once more. Memory O((B + N) d + threads * tile_rows * tile_cols).
-// CUDA: fused_contrastive_cuda.cu, registered below when built with WITH_CUDA.
+// CUDA tensors use the Triton kernel (lilt_ds/ops/triton_contrastive.py) instead.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -246,23 +246,9 @@ std::vector<at::Tensor> lse_backward_cpu(const at::Tensor& q, const at::Tensor& 
 
 }  // namespace
 
-#ifdef WITH_CUDA
-at::Tensor lse_forward_cuda(const at::Tensor& q, const at::Tensor& k, double scale, int64_t tile_rows,
-                            int64_t tile_cols);
-std::vector<at::Tensor> lse_backward_cuda(const at::Tensor& q, const at::Tensor& k, double scale,
-                                          const at::Tensor& lse, const at::Tensor& grad_lse, int64_t tile_rows,
-                                          int64_t tile_cols);
-#endif
-
 at::Tensor lse_forward(const at::Tensor& q, const at::Tensor& k, double scale, int64_t tile_rows, int64_t tile_cols) {
   check_inputs(q, k, tile_rows, tile_cols);
-  if (q.is_cuda()) {
-#ifdef WITH_CUDA
-    return lse_forward_cuda(q, k, scale, tile_rows, tile_cols);
-#else
-    TORCH_CHECK(false, "fused_contrastive was built without CUDA");
-#endif
-  }
+  TORCH_CHECK(q.is_cpu() && k.is_cpu(), "fused_contrastive: the C++ kernel takes CPU tensors (CUDA: the Triton kernel)");
   return lse_forward_cpu(q, k, scale, tile_rows, tile_cols);
 }
 
@@ -272,13 +258,7 @@ std::vector<at::Tensor> lse_backward(const at::Tensor& q, const at::Tensor& k, d
   TORCH_CHECK(lse.is_contiguous() && grad_lse.is_contiguous() && lse.numel() == q.size(0) &&
                   grad_lse.numel() == q.size(0) && grad_lse.scalar_type() == at::kFloat,
               "fused_contrastive: lse and grad_lse must be contiguous float32 [B]");
-  if (q.is_cuda()) {
-#ifdef WITH_CUDA
-    return lse_backward_cuda(q, k, scale, lse, grad_lse, tile_rows, tile_cols);
-#else
-    TORCH_CHECK(false, "fused_contrastive was built without CUDA");
-#endif
-  }
+  TORCH_CHECK(q.is_cpu() && k.is_cpu(), "fused_contrastive: the C++ kernel takes CPU tensors (CUDA: the Triton kernel)");
   return lse_backward_cpu(q, k, scale, lse, grad_lse, tile_rows, tile_cols);
 }
 
@@ -290,10 +270,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_backward", &lse_backward, "(dQ, dK, ds) of sum_i g_i lse_i, tiles recomputed",
         py::arg("queries"), py::arg("keys"), py::arg("scale"), py::arg("lse"), py::arg("grad_lse"),
         py::arg("tile_rows"), py::arg("tile_cols"), py::call_guard<py::gil_scoped_release>());
-  m.attr("with_cuda") =
-#ifdef WITH_CUDA
-      true;
-#else
-      false;
-#endif
 }

@@ -2,7 +2,12 @@
 
 import os
 
-import pytest
+# Triton's interpreter for the whole session: no GPU here, and lilt_ds's Triton kernel runs on CPU
+# tensors only when TRITON_INTERPRET=1 is set before anything imports triton (triton.language's own
+# helpers are made at that import)
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded in tests
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -1,11 +1,12 @@
-"""Fused kernels (kernels/ sources, JIT-built) with PyTorch reference fallbacks.
+"""Fused kernels (C++ from kernels/ for CPU tensors, Triton for CUDA tensors) with PyTorch reference fallbacks.
 
 ``FusedContrastiveLoss`` (``loss.type=fused``) and ``apply_frozen_recompute`` (``memory.frozen_recompute``).
 """
 
 from .. import losses as _losses  # noqa: F401  (first: it registers loss.type=fused from .contrastive)
 from .builder import KernelBuildError, select
-from .contrastive import FusedContrastiveLoss, fused_clip_loss_fn
+from .contrastive import FusedContrastiveLoss, Kernels, fused_clip_loss_fn, kernels_for
 from .recompute import apply_frozen_recompute
 
-__all__ = ["FusedContrastiveLoss", "KernelBuildError", "apply_frozen_recompute", "fused_clip_loss_fn", "select"]
+__all__ = ["FusedContrastiveLoss", "KernelBuildError", "Kernels", "apply_frozen_recompute", "fused_clip_loss_fn",
+           "kernels_for", "select"]

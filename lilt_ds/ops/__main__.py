@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
 from .builder import OPS, select
 
 
@@ -16,10 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     for op in OPS:
-        selection = select(op)
-        implementation = "fused" if selection.fused else "reference"
-        print(f"{op}: {implementation} -- {selection.description} ({selection.seconds:.1f} s)")
+        selection = select(op, device_type)
+        print(f"{op} on {device_type}: {selection.kind} -- {selection.description} ({selection.seconds:.1f} s)")
     return 0
 
 

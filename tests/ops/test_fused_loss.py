@@ -1,20 +1,21 @@
 """The fused contrastive loss equals the chunked reference (value and every gradient) on CPU."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lilt_ds.losses import ChunkedContrastiveLoss, build_loss, chunked_clip_loss_fn
-from lilt_ds.ops import FusedContrastiveLoss, fused_clip_loss_fn, select
-from lilt_ds.ops.contrastive import DEFAULT_TILE
+from lilt_ds.ops import FusedContrastiveLoss, Kernels, builder, fused_clip_loss_fn, select
 
 
 @pytest.fixture(scope="module")
 def kernels():
-    selection = select("contrastive")
+    selection = select("contrastive", "cpu")
     if not selection.fused:
         pytest.skip(f"fused kernel unavailable here: {selection.description}")
-    return selection.module
+    return Kernels(selection)
 
 
 def unit_rows(rows, dim, generator):
@@ -45,17 +46,28 @@ def test_fused_matches_chunked_reference(kernels, threads, b, n, dim, offset, ti
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(params=["fused", "triton"])
+def implementation(request, monkeypatch):
+    """LILT_DS_KERNELS for the test: the C++ kernel, or Triton's (through the interpreter tests/conftest.py sets)."""
+    monkeypatch.setenv("LILT_DS_KERNELS", request.param)
+    builder.select.cache_clear()
+    if request.param == "fused" and not builder.select("contrastive", "cpu").fused:
+        pytest.skip("the C++ kernel cannot be built here")
+    yield request.param
+    builder.select.cache_clear()
+
+
 @pytest.mark.parametrize("local_loss", [True, False])
-def test_fused_module_is_a_drop_in_for_chunked(kernels, local_loss):
+def test_fused_module_is_a_drop_in_for_chunked(implementation, local_loss):
     generator = torch.Generator().manual_seed(0)
     img, txt = unit_rows(29, 24, generator), unit_rows(29, 24, generator)
     log_scale = torch.tensor([2.3], requires_grad=True)
     results = []
     for loss_fn in (ChunkedContrastiveLoss(chunk_size=8, local_loss=local_loss),
-                    FusedContrastiveLoss(chunk_size=8, local_loss=local_loss, tile_rows=4, tile_cols=16)):
+                    FusedContrastiveLoss(chunk_size=8, local_loss=local_loss, tile_rows=16, tile_cols=16)):
         loss = loss_fn(img, txt, log_scale.exp())
         results.append((loss, *torch.autograd.grad(loss, [img, txt, log_scale])))
-    assert FusedContrastiveLoss().implementation == "fused"
+    assert FusedContrastiveLoss.implementation("cpu") == implementation
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -63,22 +75,27 @@ def test_fused_module_is_a_drop_in_for_chunked(kernels, local_loss):
 def test_registry_builds_fused_with_chunked_and_tile_options():
     loss = build_loss({"type": "fused", "chunk_size": 16, "tile_rows": 8, "local_loss": True})
     assert isinstance(loss, FusedContrastiveLoss)
-    assert (loss.chunk_size, loss.tile_rows, loss.tile_cols) == (16, 8, DEFAULT_TILE[1])
+    assert (loss.chunk_size, loss.tile_rows, loss.tile_cols) == (16, 8, None)
     with pytest.raises(ValueError, match="tile_rows"):
         FusedContrastiveLoss(tile_rows=0)
 
 
-def _two_rank_grads(rank, world_size, loss_type):
+def two_rank_grads(rank, world_size, loss_type, kernels_env="", scale_value=14.0, tiles=(2, 3)):
+    """One rank's loss and gradients on its shard (5 and 6 rows) of one batch; ``kernels_env`` sets
+    LILT_DS_KERNELS in the rank (tests/ops/test_triton_loss.py runs the Triton kernel so)."""
     import torch.distributed as dist
 
+    if kernels_env:
+        os.environ["LILT_DS_KERNELS"] = kernels_env
     dist.init_process_group("gloo")
     generator = torch.Generator().manual_seed(0)
     img, txt = unit_rows(11, 16, generator), unit_rows(11, 16, generator)
     sizes = (5, 6)  # unequal shards
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     my_img, my_txt = img[rows].detach().requires_grad_(), txt[rows].detach().requires_grad_()
-    scale = torch.tensor([14.0], requires_grad=True)
-    loss = build_loss({"type": loss_type, "chunk_size": 4, "tile_rows": 2, "tile_cols": 3})(my_img, my_txt, scale)
+    scale = torch.tensor([scale_value], requires_grad=True)
+    options = {"type": loss_type, "chunk_size": 4, "tile_rows": tiles[0], "tile_cols": tiles[1]}
+    loss = build_loss(options)(my_img, my_txt, scale)
     loss.backward()
     dist.destroy_process_group()
     return {"loss": loss.item(), "img": my_img.grad.tolist(), "txt": my_txt.grad.tolist(), "scale": scale.grad.item()}
@@ -90,7 +107,7 @@ def test_fused_is_exact_across_two_gloo_ranks_like_chunked(kernels, tmp_path):
     results = {}
     for loss_type in ("chunked", "fused"):
         (tmp_path / loss_type).mkdir()
-        results[loss_type] = run_ranks(_two_rank_grads, 2, tmp_path / loss_type, loss_type)
+        results[loss_type] = run_ranks(two_rank_grads, 2, tmp_path / loss_type, loss_type)
     for fused, chunked in zip(results["fused"], results["chunked"]):
         for key in chunked:
             torch.testing.assert_close(torch.tensor(fused[key]), torch.tensor(chunked[key]), atol=1e-5, rtol=1e-5)
