@@ -68,7 +68,7 @@ def bind_device() -> torch.device:
 
 
 def free_port() -> int:
-    """A TCP port free on this machine now (for a world of one started without a launcher)."""
+    """A TCP port free on this machine now (for a launcher's master port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -89,8 +89,9 @@ def init_distributed() -> World:
     import deepspeed
 
     if "RANK" not in os.environ:  # not started by the deepspeed launcher (or torchrun)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        # port 0: the rendezvous store listens where the OS says; no other rank needs to find it, and no
+        # other process can take the port between a probe and the bind
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     device = bind_device()
     deepspeed.init_distributed()
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)

@@ -2,16 +2,11 @@
 
 import json
 import os
-import socket
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lilt_ds.runtime import free_port
 
 
 def _entry(rank, fn, world_size, port, out_dir, args):

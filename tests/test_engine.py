@@ -168,8 +168,8 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
             ds_engine.clamp_logit_scale(trainer.engine)
         model = trainer.engine.module
         frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
-        state_numel = sum(t.numel() for st in trainer.engine.optimizer.optimizer.state.values()
-                          for k, t in st.items() if k == "exp_avg")
+        basic = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)  # fp32 ZeRO-0: unwrapped
+        state_numel = sum(t.numel() for st in basic.state.values() for k, t in st.items() if k == "exp_avg")
         scale = model.logit_scale
         master = safe_get_full_fp32_param(scale)
         if master is None:  # ZeRO-0 in bf16/fp16: DeepSpeed's FP16_Optimizer holds the master
@@ -182,7 +182,7 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
             "total": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
             "scale": scale_value,
             "master_scale": None if master is None else float(master.max()), "max_scale": MAX_LOGIT_SCALE,
-            "low_precision": any(ds.get(k, {}).get("enabled") for k in ("bf16", "fp16")),
+            "low_precision": any(trainer.ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")),
         }
         trainer.engine.destroy()
         torch.distributed.barrier()
