@@ -80,34 +80,35 @@ def test_registry_builds_fused_with_chunked_and_tile_options():
         FusedContrastiveLoss(tile_rows=0)
 
 
-def two_rank_grads(rank, world_size, loss_type, kernels_env="", scale_value=14.0, tiles=(2, 3)):
-    """One rank's loss and gradients on its shard (5 and 6 rows) of one batch; ``kernels_env`` sets
-    LILT_DS_KERNELS in the rank (tests/ops/test_triton_loss.py runs the Triton kernel so)."""
+def two_rank_grads(rank, world_size, runs):
+    """One rank's loss and gradients on its shard (5 and 6 rows) of one batch, for each run
+    ``(loss_type, LILT_DS_KERNELS, scale, (tile_rows, tile_cols))`` in one process group."""
     import torch.distributed as dist
 
-    if kernels_env:
-        os.environ["LILT_DS_KERNELS"] = kernels_env
     dist.init_process_group("gloo")
-    generator = torch.Generator().manual_seed(0)
-    img, txt = unit_rows(11, 16, generator), unit_rows(11, 16, generator)
-    sizes = (5, 6)  # unequal shards
-    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    my_img, my_txt = img[rows].detach().requires_grad_(), txt[rows].detach().requires_grad_()
-    scale = torch.tensor([scale_value], requires_grad=True)
-    options = {"type": loss_type, "chunk_size": 4, "tile_rows": tiles[0], "tile_cols": tiles[1]}
-    loss = build_loss(options)(my_img, my_txt, scale)
-    loss.backward()
+    results = []
+    for loss_type, kernels_env, scale_value, tiles in runs:
+        os.environ["LILT_DS_KERNELS"] = kernels_env
+        builder.select.cache_clear()
+        generator = torch.Generator().manual_seed(0)
+        img, txt = unit_rows(11, 16, generator), unit_rows(11, 16, generator)
+        sizes = (5, 6)  # unequal shards
+        rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        my_img, my_txt = img[rows].detach().requires_grad_(), txt[rows].detach().requires_grad_()
+        scale = torch.tensor([scale_value], requires_grad=True)
+        options = {"type": loss_type, "chunk_size": 4, "tile_rows": tiles[0], "tile_cols": tiles[1]}
+        loss = build_loss(options)(my_img, my_txt, scale)
+        loss.backward()
+        results.append({"loss": loss.item(), "img": my_img.grad.tolist(), "txt": my_txt.grad.tolist(),
+                        "scale": scale.grad.item()})
     dist.destroy_process_group()
-    return {"loss": loss.item(), "img": my_img.grad.tolist(), "txt": my_txt.grad.tolist(), "scale": scale.grad.item()}
+    return results
 
 
 def test_fused_is_exact_across_two_gloo_ranks_like_chunked(kernels, tmp_path):
     from tests.distributed import run_ranks
 
-    results = {}
-    for loss_type in ("chunked", "fused"):
-        (tmp_path / loss_type).mkdir()
-        results[loss_type] = run_ranks(two_rank_grads, 2, tmp_path / loss_type, loss_type)
-    for fused, chunked in zip(results["fused"], results["chunked"]):
+    runs = [("chunked", "reference", 14.0, (2, 3)), ("fused", "fused", 14.0, (2, 3))]
+    for chunked, fused in run_ranks(two_rank_grads, 2, tmp_path, runs):
         for key in chunked:
             torch.testing.assert_close(torch.tensor(fused[key]), torch.tensor(chunked[key]), atol=1e-5, rtol=1e-5)
