@@ -4,36 +4,27 @@ With no other argument it trains the `demo` config on the built-in demo data. Al
 single process with plain `python launch/pretrain.py ...`.
 """
 
-import argparse
-import sys
-
-from lilt_ds.config import ConfigError, load_config
-from lilt_ds.data import DataError
-from lilt_ds.train import NonFiniteLossError, train
+from _cli import ArgumentParser, run
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__, launcher=True)
     parser.add_argument("--config", default="demo", help="preset (clip, lit, lilt, lilt_ln, lilt_bitfit, lilt_lora, demo) or a YAML path")
     parser.add_argument("--overrides", nargs="*", default=[], help="key=value (dotted or alias) or +key=value to add a key")
     parser.add_argument("--output_dir", default=None, help="run folder (default outputs/<config>-<time>)")
     parser.add_argument("--resume", default=None, help="checkpoint folder, or 'latest' for this output_dir's last one")
     parser.add_argument("--deepspeed_config", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser.add_argument("--deepspeed", action="store_true", help="accepted for compatibility; always on")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
 
+    from lilt_ds.config import load_config
+    from lilt_ds.train import train
 
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.output_dir:
-            cfg.output_dir = args.output_dir
-        train(cfg, args.deepspeed_config, resume=args.resume)
-    except (ConfigError, DataError, NonFiniteLossError) as e:
-        sys.exit(f"error: {e}")
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    train(cfg, args.deepspeed_config, resume=args.resume)
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,7 +10,7 @@ eval_args=()
 if [[ $# -ge 2 && $1 != *=* ]]; then eval_args=(data.eval_file="$1" data.eval_image_root="$2"); shift 2; fi
 launcher=(deepspeed --num_gpus "${NUM_GPUS:-4}")
 if [[ -n "${HOSTFILE:-}" ]]; then
-  python -m lilt_ds.hostfile "$HOSTFILE"
+  python launch/check_hostfile.py "$HOSTFILE"
   launcher=(deepspeed --hostfile "$HOSTFILE")
 fi
 exec "${launcher[@]}" launch/pretrain.py --deepspeed_config "${DS_CONFIG:-ds_configs/zero2.json}" \

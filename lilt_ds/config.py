@@ -1,224 +1,169 @@
-"""Experiment config: packaged YAML presets plus Hydra-style overrides.
+"""Loading an experiment config: a preset plus overrides (:mod:`lilt_ds.presets`), then one validation
+pass over everything a user can write, before any model or data is built.
 
-Every preset is merged onto ``configs/_base.yaml``, which lists every valid key with its default:
-a key that is not there is a typo (``key=value`` fails with the closest valid keys) unless the
-user adds it on purpose with ``+key=value``, as in Hydra. Values parse as YAML, so ``true``,
-``1e-4`` and ``[ln,adapters]`` mean what they look like. Short aliases of the original project
-(``vision_encoder=base text_encoder=base +save_last_only=True``) map to their dotted keys.
+Every key of ``configs/_base.yaml`` is checked here: its type and range, enumerations, and the paths
+that must exist. Sections that a layer below owns are checked by that layer's own functions (the
+model section by :func:`lilt_ds.models.check_model_config`, the loss by
+:func:`lilt_ds.losses.loss_arguments`, the data by :func:`lilt_ds.data.resolve_data_config`), the same
+ones that guard the build, so a message reads the same whenever it comes. Keys added with
+``+key=value`` are the user's own and are not checked.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import os
-from importlib import resources
 from typing import Any, Iterable
 
-import yaml
+from .data import resolve_data_config
+from .errors import ConfigError
+from .losses import loss_arguments
+from .models import check_model_config
+from .presets import (Config, apply_override, available_presets, base_defaults, parse_override, read_config,  # noqa: F401
+                      save_config, to_config)
 
-BASE_PRESET = "_base"
-RESOLVED_MARKER = "config_name"  # written into every resolved config: the preset it came from
 
-# short names of the original project's command lines -> dotted keys of our schema
-ALIASES = {
-    "vision_encoder": "model.vision.name",
-    "text_encoder": "model.text.name",
-    "embed_dim": "model.embed_dim",
-    "image_size": "model.image_size",
-    "image_res": "model.image_size",
-    "epochs": "train.epochs",
-    "lr": "train.lr",
-    "batch_size": "train.micro_batch_size",
-    "disable_wandb": "logging.disable_wandb",
-    "save_last_only": "checkpoint.save_last_only",
-    "seed": "seed",
+# ---------------------------------------------------------------------------------- value rules
+class Rule:
+    """What one key accepts: ``check`` returns the value (normalised) or raises ConfigError naming the key."""
+
+    text = "a value"
+
+    def accepts(self, value) -> bool:
+        raise NotImplementedError
+
+    def check(self, key: str, value):
+        if not self.accepts(value):
+            raise ConfigError(f"{key} = {value!r}: expected {self.text}")
+        return value
+
+
+class Int(Rule):
+    def __init__(self, minimum: int | None = None):
+        self.minimum = minimum
+        self.text = "an integer" + ("" if minimum is None else f" >= {minimum}")
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and (self.minimum is None or value >= self.minimum)
+
+
+class Number(Rule):
+    def __init__(self, minimum: float | None = None, positive: bool = False, below: float | None = None):
+        self.minimum, self.positive, self.below = minimum, positive, below
+        bounds = ["> 0"] if positive else ([f">= {minimum:g}"] if minimum is not None else [])
+        bounds += [f"< {below:g}"] if below is not None else []
+        self.text = "a number" + (" " + " and ".join(bounds) if bounds else "")
+
+    def accepts(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return ((not self.positive or value > 0) and (self.minimum is None or value >= self.minimum)
+                and (self.below is None or value < self.below))
+
+    def check(self, key: str, value):
+        return float(super().check(key, value))
+
+
+class Bool(Rule):
+    text = "true or false"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, bool)
+
+
+class Str(Rule):
+    text = "a non-empty string"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, str) and bool(value)
+
+
+class Nullable(Rule):
+    def __init__(self, rule: Rule):
+        self.rule, self.text = rule, f"{rule.text}, or null"
+
+    def accepts(self, value) -> bool:
+        return value is None or self.rule.accepts(value)
+
+    def check(self, key: str, value):
+        return None if value is None else self.rule.check(key, super().check(key, value))
+
+
+class Either(Rule):
+    def __init__(self, *rules: Rule, text: str):
+        self.rules, self.text = rules, text
+
+    def accepts(self, value) -> bool:
+        return any(rule.accepts(value) for rule in self.rules)
+
+
+class ListOf(Rule):
+    def __init__(self, rule: Rule):
+        self.rule, self.text = rule, f"a list of {rule.text}s"
+
+    def accepts(self, value) -> bool:
+        return isinstance(value, list) and all(self.rule.accepts(v) for v in value)
+
+
+LORA = {"rank": Int(1), "alpha": Number(positive=True), "dropout": Number(0.0, below=1.0),
+        "target_modules": Nullable(Either(Str(), ListOf(Str()), text="a module name pattern or a list of them"))}
+TOWER = {"name": Str(), "pretrained": Either(Bool(), Str(), text="true, false or a weights source"),
+         "unlock": ListOf(Str()), "adapter_reduction": Int(1), "grad_checkpointing": Bool(),
+         **{f"lora.{k}": rule for k, rule in LORA.items()}}
+RULES: dict[str, Rule] = {
+    "seed": Int(0), "output_dir": Nullable(Str()),
+    "model.embed_dim": Int(1), "model.image_size": Int(8), "model.freeze_projections": Bool(),
+    "model.freeze_logit_scale": Bool(), "model.init_logit_scale": Nullable(Number()),
+    "model.init_logit_bias": Nullable(Number()),
+    **{f"model.vision.{k}": rule for k, rule in TOWER.items()},
+    **{f"model.text.{k}": rule for k, rule in TOWER.items()},
+    "model.text.tokenizer": Nullable(Str()), "model.text.pooling": Str(),
+    "memory.frozen_recompute": Bool(),
+    "loss.type": Str(), "loss.local_loss": Bool(), "loss.gather_with_grad": Bool(), "loss.chunk_size": Int(1),
+    "loss.tile_rows": Nullable(Int(1)), "loss.tile_cols": Nullable(Int(1)),
+    "train.epochs": Int(1), "train.max_steps": Nullable(Int(1)), "train.micro_batch_size": Int(1),
+    "train.grad_accum_steps": Int(1), "train.exact_accumulation": Bool(), "train.lr": Number(positive=True),
+    "train.min_lr": Number(0.0), "train.weight_decay": Number(0.0), "train.warmup_steps": Int(0),
+    "train.grad_clip": Number(0.0), "train.log_every": Int(1), "train.max_nonfinite_steps": Int(1),
+    "train.deterministic": Bool(),
+    "checkpoint.every_steps": Nullable(Int(1)), "checkpoint.save_last_only": Bool(),
+    "eval.every_epochs": Int(0), "eval.batch_size": Int(1),
+    "logging.disable_wandb": Bool(), "logging.wandb_project": Str(), "logging.wandb_run_name": Nullable(Str()),
 }
+"""Every key of ``configs/_base.yaml`` but ``mode`` (checked by the models) and ``data.*`` (by the data)."""
 
 
-class ConfigError(ValueError):
-    """A config the user wrote (preset, file or override) that cannot be used as is."""
-
-
-class Config(dict):
-    """A nested dict with attribute access (``cfg.model.vision.name``) that stays a plain mapping."""
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        self[key] = value
-
-    def __deepcopy__(self, memo):
-        return Config({k: copy.deepcopy(v, memo) for k, v in self.items()})
-
-    def to_dict(self) -> dict:
-        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
-
-
-def to_config(value: Any) -> Any:
-    if isinstance(value, dict):
-        return Config({k: to_config(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return [to_config(v) for v in value]
-    return value
-
-
-def available_presets() -> list[str]:
-    folder = resources.files("lilt_ds") / "configs"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
-
-
-def _read_yaml(path: str) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _preset_path(name: str) -> str:
-    """A preset name (``lilt``) or a path to a YAML file."""
-    if os.path.sep in name or name.endswith((".yaml", ".yml")):
-        if not os.path.isfile(name):
-            raise ConfigError(f"config file {name} does not exist")
-        return name
-    path = resources.files("lilt_ds") / "configs" / f"{name}.yaml"
-    if not path.is_file():
-        close = difflib.get_close_matches(name, available_presets(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"unknown config preset {name!r}.{hint} Presets: {', '.join(available_presets())}; "
-            "or pass a path to a YAML file."
-        )
-    return str(path)
-
-
-def base_defaults() -> dict:
-    """Every valid key with its default (``configs/_base.yaml``), as plain dicts."""
-    return _read_yaml(_preset_path(BASE_PRESET))
-
-
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in tree.items():
-        keys.append(prefix + k)
-        if isinstance(v, dict):
-            keys.extend(_flat_keys(v, prefix + k + "."))
-    return keys
-
-
-def _unknown_key_error(key: str, tree: dict, source: str) -> ConfigError:
-    valid = _flat_keys(tree) + list(ALIASES)
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    hint = f" Closest valid keys: {', '.join(close)}." if close else ""
-    return ConfigError(f"unknown config key {key!r} in {source}.{hint} Use +{key}=VALUE to add a new key.")
-
-
-def _merge(base: dict, update: dict, source: str, allow_new: bool = False, root: dict | None = None,
-           path: str = "") -> None:
-    """Merge ``update`` into ``base`` in place; a key ``base`` lacks is an error unless ``allow_new``."""
-    root = base if root is None else root
-    for k, v in update.items():
-        dotted = path + k
-        if k not in base:
-            if not allow_new:
-                raise _unknown_key_error(dotted, root, source)
-            base[k] = copy.deepcopy(v)
-        elif isinstance(base[k], dict) and isinstance(v, dict):
-            _merge(base[k], v, source, allow_new, root, dotted + ".")
-        else:
-            base[k] = copy.deepcopy(v)
-
-
-def parse_override(text: str) -> tuple[str, Any, bool]:
-    """``key=value`` / ``+key=value`` -> (dotted key, YAML-parsed value, adds_new_key)."""
-    if "=" not in text:
-        raise ConfigError(f"malformed override {text!r}: expected key=value (or +key=value to add a key)")
-    key, raw = text.split("=", 1)
-    add = key.startswith("+")
-    key = key.lstrip("+").strip()
-    if not key or any(not part for part in key.split(".")) or " " in key:
-        raise ConfigError(f"malformed override {text!r}: the key {key!r} must be a dotted name like train.lr")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"malformed override {text!r}: the value is not valid YAML ({e})") from None
-    return ALIASES.get(key, key), _as_number(value), add
-
-
-def _as_number(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-4`` (no dot) as a string; users mean the number."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def apply_override(cfg: dict, text: str) -> None:
-    key, value, add = parse_override(text)
-    parts = key.split(".")
+def _get(cfg: dict, dotted: str):
     node = cfg
-    for i, part in enumerate(parts[:-1]):
-        if part not in node:
-            if not add:
-                raise _unknown_key_error(key, cfg, f"override {text!r}")
-            node[part] = Config()
+    for part in dotted.split("."):
         node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} holds a value, not a section")
-    if parts[-1] not in node and not add:
-        raise _unknown_key_error(key, cfg, f"override {text!r}")
-    node[parts[-1]] = to_config(value)
+    return node
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+# ---------------------------------------------------------------------------------- the pass
+def validate(cfg: Config) -> None:
+    """Check everything a user can write in ``cfg`` (normalising in place: lists, numbers, data paths)."""
+    for tower in ("vision", "text"):
+        if cfg.model[tower].unlock is None:
+            cfg.model[tower].unlock = []
+    for key, rule in RULES.items():
+        _set(cfg, key, rule.check(key, _get(cfg, key)))
+    if cfg.train.min_lr > cfg.train.lr:
+        raise ConfigError(f"train.min_lr = {cfg.train.min_lr!r} is above train.lr = {cfg.train.lr!r}: the cosine "
+                          "schedule decays from lr to min_lr; lower train.min_lr")
+    check_model_config(cfg)
+    loss_arguments(cfg.loss)
+    cfg.data = resolve_data_config(cfg.data, must_exist=True)
 
 
 def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
-    """Resolve a preset name or YAML path, then the overrides, into a validated Config."""
-    cfg = base_defaults()
-    preset = _read_yaml(_preset_path(name))
-    # a run's resolved config.yaml (it names its preset) may carry keys added with +key=value
-    _merge(cfg, preset, f"config {name}", allow_new=RESOLVED_MARKER in preset)
-    cfg = to_config(cfg)
-    cfg.setdefault(RESOLVED_MARKER, os.path.splitext(os.path.basename(name))[0])
-    for text in overrides:
-        apply_override(cfg, text)
+    """Resolve a preset name or YAML path, then the overrides, into a Config checked in full."""
+    cfg = read_config(name, overrides)
     validate(cfg)
     return cfg
-
-
-MODES = ("clip", "lit", "lilt")
-
-
-def validate(cfg: Config) -> None:
-    """Cheap checks of values that other modules would otherwise reject deep inside a run."""
-    if cfg.mode not in MODES:
-        raise ConfigError(f"unknown mode {cfg.mode!r}: choose one of {', '.join(MODES)}")
-    for tower in ("vision", "text"):
-        unlock = cfg.model[tower].unlock
-        if unlock is None:
-            cfg.model[tower].unlock = []
-        elif not isinstance(unlock, list):
-            raise ConfigError(
-                f"model.{tower}.unlock must be a list such as [ln, adapters], got {unlock!r}"
-            )
-    if not isinstance(cfg.model.embed_dim, int) or cfg.model.embed_dim < 1:
-        raise ConfigError(f"model.embed_dim must be a positive integer, got {cfg.model.embed_dim!r}")
-    if not isinstance(cfg.train.deterministic, bool):
-        raise ConfigError(f"train.deterministic must be true or false, got {cfg.train.deterministic!r}")
-    if not isinstance(cfg.model.image_size, int) or cfg.model.image_size < 8:
-        raise ConfigError(f"model.image_size must be an integer number of pixels, got {cfg.model.image_size!r}")
-
-
-def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -5,21 +5,20 @@ resolved config and the frozen-weight fingerprint as metadata, so ``load_exporte
 the full model from the base towers and refuses different ones. ``--full`` writes a consolidated
 fp32 state_dict of the whole model instead, for users who want one self-contained file.
 
-    python -m lilt_ds.export --checkpoint outputs/run --out run.safetensors [--full]
+    python launch/export.py --checkpoint outputs/run --out run.safetensors [--full]
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import sys
 
 import torch
 
 from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
-from .config import ConfigError, to_config
+from .errors import ConfigError, moved_command
+from .presets import to_config
 from .fileio import atomic_path
 
 CONFIG_KEY = "lilt_ds_config"
@@ -85,7 +84,7 @@ def load_exported(path: str) -> torch.nn.Module:
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if CONFIG_KEY not in metadata:
-        raise ConfigError(f"{path} carries no lilt_ds config: export it with python -m lilt_ds.export")
+        raise ConfigError(f"{path} carries no lilt_ds config: export it with python launch/export.py")
     cfg = to_config(json.loads(metadata[CONFIG_KEY]))
     full = metadata.get("lilt_ds_full") == "1"
     model = build_model(cfg, load_weights=not full)
@@ -137,18 +136,5 @@ def export_checkpoint(checkpoint: str, out: str, full: bool = False) -> str:
     return out
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lilt_ds.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="run folder, its checkpoints folder, or one stepN folder")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--full", action="store_true", help="write the whole model (frozen weights too) in fp32")
-    args = parser.parse_args(argv)
-    try:
-        path = export_checkpoint(args.checkpoint, args.out, args.full)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(moved_command("launch/export.py"))

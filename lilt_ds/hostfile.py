@@ -1,17 +1,15 @@
 """Check a DeepSpeed hostfile before launching, with messages that name the line and the fix.
 
 The launcher is DeepSpeed's (``deepspeed --hostfile H``); its own parser stops on a bad line with a
-traceback. ``python -m lilt_ds.hostfile H`` (run by the launch/*.sh scripts) checks the same
+traceback. ``python launch/check_hostfile.py H`` (run by the launch/*.sh scripts) checks the same
 format first: ``hostname slots=N`` per line, ``#`` comments, no host twice.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 
-from .config import ConfigError
+from .errors import ConfigError, moved_command
 
 LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")
 
@@ -44,17 +42,5 @@ def parse_hostfile(path: str) -> dict[str, int]:
     return hosts
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lilt_ds.hostfile", description=__doc__.splitlines()[0])
-    parser.add_argument("hostfile")
-    args = parser.parse_args(argv)
-    try:
-        hosts = parse_hostfile(args.hostfile)
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    print(f"{args.hostfile}: {len(hosts)} node(s), {sum(hosts.values())} process(es): "
-          + ", ".join(f"{h} ({n})" for h, n in hosts.items()))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(moved_command("launch/check_hostfile.py"))

@@ -61,3 +61,68 @@ def test_a_saved_resolved_config_reloads_identically(tmp_path):
     save_config(cfg, str(tmp_path / "config.yaml"))
     again = load_config(str(tmp_path / "config.yaml"))
     assert again == cfg and again.config_name == "lilt"
+
+
+# -------------------------------------------------------------------------------- one validation pass
+WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they never take
+    "output_dir": 5, "model.init_logit_scale": "big", "model.init_logit_bias": "big", "model.text.tokenizer": 5,
+    "model.vision.lora.target_modules": 5, "model.text.lora.target_modules": 5, "loss.tile_rows": "x",
+    "loss.tile_cols": "x", "data.train_shards": 5, "data.image_root": 5, "data.eval_file": 5,
+    "data.eval_image_root": 5, "train.max_steps": "x", "checkpoint.every_steps": "x", "logging.wandb_run_name": 5,
+}
+WRONG_FOR_AUTO = {"data.num_workers": "many", "data.pin_memory": "sometimes", "data.index_cache": 5}
+
+
+def wrong_value(key, default):
+    if key in WRONG_FOR_NULL_DEFAULT:
+        return WRONG_FOR_NULL_DEFAULT[key]
+    if key in WRONG_FOR_AUTO:
+        return WRONG_FOR_AUTO[key]
+    if isinstance(default, bool) or isinstance(default, (str, list)):
+        return 5
+    return "x"  # numbers
+
+
+def test_every_key_of_the_schema_refuses_a_value_of_the_wrong_type_naming_the_key():
+    from lilt_ds.errors import LiltError
+    from lilt_ds.presets import base_defaults, leaf_keys
+
+    defaults = base_defaults()
+    keys = leaf_keys(defaults)
+    assert len(keys) > 60 and set(WRONG_FOR_NULL_DEFAULT) <= set(keys)
+    for key in keys:
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        if default is None:
+            assert key in WRONG_FOR_NULL_DEFAULT, f"{key} defaults to null: say what a wrong value for it is"
+        value = wrong_value(key, default)
+        with pytest.raises(LiltError) as error:
+            load_config("lilt", [f"{key}={value}"])
+        assert key in str(error.value), (key, value, str(error.value))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.type=clipp", r"unknown loss type 'clipp'; allowed types: chunked, clip, fused, siglip \(loss\.type\)"),
+    ("train.lr=fast", r"train\.lr = 'fast': expected a number > 0"),
+    ("train.micro_batch_size=0", r"train\.micro_batch_size = 0: expected an integer >= 1"),
+    ("loss.chunk_size=1024", r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused, not clip"),
+    ("train.min_lr=1", r"train\.min_lr = 1\.0 is above train\.lr"),
+    ("model.vision.unlock=[ln,layernorm]", r"unknown unlock item 'layernorm' in model\.vision\.unlock"),
+    ("model.text.unlock=[top_k]", r"top_k needs a block count"),
+    ("model.vision.pretrained=/no/such/weights.pth", r"vision weights file /no/such/weights\.pth does not exist"),
+    ("data.train_files=[/no/such/train.json]", r"data\.train_files\[0\] = '/no/such/train\.json' does not exist"),
+    ("loss.gather_with_grad=false", r"loss\.local_loss=true with loss\.gather_with_grad=false"),
+])
+def test_mistakes_are_refused_when_the_config_is_loaded(override, message):
+    from lilt_ds.errors import LiltError
+
+    with pytest.raises(LiltError, match=message):
+        load_config("lilt", [override])
+
+
+def test_the_data_section_is_resolved_once_and_passed_on():
+    from lilt_ds.data import resolve_data_config
+
+    cfg = load_config("lilt", ["data.train_files=[]"])
+    assert resolve_data_config(cfg.data) is cfg.data  # the builders take it as it is

@@ -1,14 +1,15 @@
 """The `data` section of the experiment config: its defaults, and the checks that reject unknown
-keys and bad values before anything is loaded."""
+keys and bad values before anything is loaded (`load_config` runs them, with the existence of the
+files named)."""
 
 import copy
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from ..config import base_defaults
+from ..presets import Config, base_defaults, to_config
 from .bad_samples import check_bad_sample_policy
 from .errors import DataError
-from .image_root import ImageRoot
+from .index.image_root import ImageRoot
 
 # the one list of keys and defaults is the experiment schema, lilt_ds/configs/_base.yaml
 DATA_DEFAULTS: Dict[str, Any] = base_defaults()["data"]
@@ -20,9 +21,16 @@ CPU_WORKERS = 2        # data.num_workers=auto on the CPU (the default before "a
 MAX_GPU_WORKERS = 8    # data.num_workers=auto on a GPU: at most this many per rank
 
 
-def resolve_data_config(data_cfg: Dict[str, Any] = None) -> Dict[str, Any]:
+class DataSettings(Config):
+    """A data section that `resolve_data_config` has completed and checked: resolved once, passed on."""
+
+
+def resolve_data_config(data_cfg: Dict[str, Any] = None, must_exist: bool = False) -> DataSettings:
     """A complete, checked copy of `data_cfg`: missing keys take DATA_DEFAULTS, unknown keys and
-    bad values raise DataError naming the key (`data.<key>`) and what it accepts."""
+    bad values raise DataError naming the key (`data.<key>`) and what it accepts. With `must_exist`,
+    the annotation files and image folders named must exist too. Given its own result, returns it."""
+    if isinstance(data_cfg, DataSettings) and not must_exist:
+        return data_cfg
     data_cfg = dict(data_cfg or {})
     cfg = copy.deepcopy(DATA_DEFAULTS)
     _reject_unknown(data_cfg, DATA_DEFAULTS, "data")
@@ -71,7 +79,24 @@ def resolve_data_config(data_cfg: Dict[str, Any] = None) -> Dict[str, Any]:
                         'string such as "rand-m7-n2", or null.')
     for key, minimum in (("n", 1), ("eval_n", 1), ("seed", 0), ("size", 16)):
         _check_int(cfg["demo"][key], f"data.demo.{key}", minimum=minimum)
-    return cfg
+    if must_exist:
+        _check_paths(cfg)
+    return DataSettings(to_config(cfg))
+
+
+def _check_paths(cfg: Dict[str, Any]) -> None:
+    """The annotation files and image folders named exist (shards are found, and checked, by pattern)."""
+    for i, path in enumerate(cfg["train_files"]):
+        if not os.path.isfile(path):
+            raise DataError(f"data.train_files[{i}] = {path!r} does not exist: check the path "
+                            "(relative paths start from the folder the command runs in)")
+    if cfg["eval_file"] is not None and not os.path.isfile(cfg["eval_file"]):
+        raise DataError(f"data.eval_file = {cfg['eval_file']!r} does not exist: check the path")
+    for key in ("image_root", "eval_image_root"):
+        root = cfg[key]
+        folder = root if isinstance(root, str) else (root or {}).get("to")
+        if folder and not os.path.isdir(folder):
+            raise DataError(f"data.{key} = {root!r}: the folder {folder} does not exist")
 
 
 def _reject_unknown(given: Dict, known: Dict, section: str) -> None:

@@ -3,8 +3,10 @@ the formatting of the lists such errors carry."""
 
 from typing import List, Optional
 
+from ..errors import LiltError
 
-class DataError(ValueError):
+
+class DataError(LiltError, ValueError):
     """Bad data input: the message names the file, the entry and the fix."""
 
 

@@ -1,9 +1,3 @@
-import sys
+from ..errors import moved_command
 
-from ..config import ConfigError
-from .summary import main
-
-try:
-    main()
-except ConfigError as e:
-    sys.exit(f"error: {e}")
+raise SystemExit(moved_command("launch/summary.py"))

@@ -1,0 +1,40 @@
+"""What every command in launch/ shares: one flag style and one way of reporting a user's mistake.
+
+Every long flag works as ``--x_y`` and as ``--x-y`` (DeepSpeed's launcher passes ``--local_rank``,
+users type either). A :class:`lilt_ds.errors.LiltError` (a config key, a file, an argument, a run
+that diverged) ends the command with ``error: ...`` and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with both spellings of every long flag, and the launcher's ``--local_rank`` accepted."""
+
+    def __init__(self, *args, launcher: bool = False, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+        if launcher:
+            self.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+
+    def add_argument(self, *flags, **kwargs):
+        spellings = list(flags)
+        for flag in flags:
+            if flag.startswith("--"):
+                other = "--" + (flag[2:].replace("_", "-") if "_" in flag else flag[2:].replace("-", "_"))
+                if other not in spellings:
+                    spellings.append(other)
+        return super().add_argument(*spellings, **kwargs)
+
+
+def run(main, argv=None) -> None:
+    """``main(argv)``, a user's mistake reported as ``error: ...`` with exit status 1."""
+    from lilt_ds.errors import LiltError
+
+    try:
+        main(argv)
+    except LiltError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,22 @@
+"""Check a DeepSpeed hostfile before launching (the launch/*.sh scripts run it):
+
+    python launch/check_hostfile.py launch/hostfile.example
+"""
+
+from _cli import ArgumentParser, run
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("hostfile")
+    args = parser.parse_args(argv)
+
+    from lilt_ds.hostfile import parse_hostfile
+
+    hosts = parse_hostfile(args.hostfile)
+    print(f"{args.hostfile}: {len(hosts)} node(s), {sum(hosts.values())} process(es): "
+          + ", ".join(f"{h} ({n})" for h, n in hosts.items()))
+
+
+if __name__ == "__main__":
+    run(main)
