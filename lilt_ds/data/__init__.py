@@ -5,21 +5,21 @@ retrieval evaluation data and the built-in demo dataset. `build_train_loader` an
 
 from .bad_samples import BadSample, BadSampleLog, global_bad_sample_counts
 from .caption_dataset import CaptionDataset
-from .captions import CaptionTable, load_caption_files
-from .collate import ImageTextCollator
+from .index.captions import CaptionTable, load_caption_files
+from .preprocessing.collate import ImageTextCollator
 from .config import DATA_DEFAULTS, eval_loader_settings, loader_settings, resolve_data_config
 from .demo import ensure_demo_data, generate_demo
 from .errors import DataError
-from .image_root import ImageRoot
+from .index.image_root import ImageRoot
 from .loader import TrainLoader, build_eval_data, build_train_loader
-from .retrieval import RetrievalData, RetrievalImages, build_retrieval_data, collate_images
+from .evaluation.retrieval import RetrievalData, RetrievalImages, build_retrieval_data, collate_images
 from .sampler import ResumableDistributedSampler
-from .shard import write_shards
-from .shard_dataset import ShardDataset
-from .shard_files import ShardFiles, find_shards
-from .shard_progress import ShardProgress
-from .text import pre_caption, tokenize_captions
-from .transforms import LILT_RANDAUGMENT_OPS, build_eval_transform, build_train_transform
+from .shards.writer import write_shards
+from .shards.dataset import ShardDataset
+from .shards.files import ShardFiles, find_shards
+from .shards.progress import ShardProgress
+from .preprocessing.text import pre_caption, tokenize_captions
+from .preprocessing.transforms import LILT_RANDAUGMENT_OPS, build_eval_transform, build_train_transform
 
 __all__ = [
     "BadSample", "BadSampleLog", "CaptionDataset", "CaptionTable", "DATA_DEFAULTS", "DataError",

@@ -12,9 +12,9 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from .bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
-from .captions import CaptionTable
+from .index.captions import CaptionTable
 from .errors import DataError, format_list
-from .images import open_rgb
+from .preprocessing.images import open_rgb
 from .sample_rng import REPLACE_STREAM, augmented, caption_choice, sample_rng
 
 MAX_REPLACEMENT_DRAWS = 50

@@ -5,14 +5,13 @@ encoder can learn retrieval from it in minutes on a CPU. Spatial words are "abov
 "next to" only, because the default train transform flips images horizontally (which would make
 "left of" false half of the time), and the default RandAugment op set leaves hues alone.
 
-    python -m lilt_ds.data.demo --out DIR [--n 5000 --eval-n 500 --seed 0 --size 128]
+    python launch/make_demo.py --out DIR [--n 5000 --eval_n 500 --seed 0 --size 128]
 
 writes DIR/train.json (pretraining format, absolute paths, several captions per image),
 DIR/eval.json (retrieval format, paths relative to DIR) and DIR/images/*.jpg. The same arguments
 give the same JSON bytes.
 """
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -25,8 +24,9 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
+from ..errors import moved_command
 from .errors import DataError
-from .index_cache import lilt_ds_cache_folder
+from ..fileio import cache_folder
 
 COLOURS = {"red": (215, 35, 35), "green": (35, 160, 60), "blue": (40, 75, 215),
            "yellow": (235, 200, 25), "purple": (135, 55, 175), "orange": (240, 130, 25),
@@ -205,7 +205,7 @@ def ensure_demo_data(cache_dir: Optional[str] = None, n: int = 5000, seed: int =
     renamed into place, so ranks calling this at the same time never see a half-written dataset
     (each may generate; the first rename wins)."""
     if cache_dir is None:
-        cache_dir = os.path.join(lilt_ds_cache_folder(), f"demo-{n}-{seed}-eval{eval_n}-{size}px")
+        cache_dir = os.path.join(cache_folder(), f"demo-{n}-{seed}-eval{eval_n}-{size}px")
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
     paths = {"train": os.path.join(cache_dir, "train.json"), "eval": os.path.join(cache_dir, "eval.json"),
              "image_root": cache_dir}
@@ -228,20 +228,5 @@ def ensure_demo_data(cache_dir: Optional[str] = None, n: int = 5000, seed: int =
     return paths
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lilt_ds.data.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder to write into")
-    parser.add_argument("--n", type=int, default=5000, help="training images (default 5000)")
-    parser.add_argument("--eval-n", type=int, default=500, help="held-out retrieval images (default 500)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    args = parser.parse_args(argv)
-    for name in ("n", "eval_n", "size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    paths = generate_demo(args.out, n=args.n, eval_n=args.eval_n, seed=args.seed, size=args.size)
-    print(json.dumps(paths, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(moved_command("launch/make_demo.py"))

@@ -8,23 +8,23 @@ TrainLoader interface."""
 import functools
 import gc
 import os
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Union
 
 from torch.utils.data import DataLoader, get_worker_info
 
 from .caption_dataset import CaptionDataset
-from .captions import load_caption_files
-from .collate import ImageTextCollator
+from .index.captions import load_caption_files
+from .preprocessing.collate import ImageTextCollator
 from .config import loader_settings, resolve_data_config
 from .demo import ensure_demo_data
 from .errors import DataError
-from .retrieval import RetrievalData, build_retrieval_data
+from .evaluation.retrieval import RetrievalData, build_retrieval_data
 from .sampler import ResumableDistributedSampler
-from .shard_dataset import ShardDataset
-from .shard_files import find_shards
-from .shard_progress import ShardProgress
-from .text import pre_caption
-from .transforms import build_train_transform
+from .shards.dataset import ShardDataset
+from .shards.files import find_shards
+from .shards.progress import ShardProgress
+from .preprocessing.text import pre_caption
+from .preprocessing.transforms import build_train_transform
 
 
 Sampler = Union[ResumableDistributedSampler, ShardProgress]
@@ -67,11 +67,11 @@ class TrainLoader:
 
 def build_train_loader(data_cfg: Dict, tokenizer, image_size: int, mean: Sequence[float],
                        std: Sequence[float], rank: int, world_size: int, micro_batch_size: int,
-                       seed: int, device_type: str = "cpu") -> Tuple[TrainLoader, Union[CaptionDataset, ShardDataset], Sampler]:
+                       seed: int, device_type: str = "cpu") -> TrainLoader:
     """Everything for training from the `data` config section (see `DATA_DEFAULTS`): tar shards
     when `train_shards` is set, else the `train_files`; neither trains on the built-in demo
     dataset (generated on first use). ``device_type`` decides the "auto" workers and pinning."""
-    cfg = resolve_data_config(data_cfg)
+    cfg = dict(resolve_data_config(data_cfg))
     cfg["num_workers"], cfg["pin_memory"] = loader_settings(cfg, device_type)
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise DataError(f"micro batch size {micro_batch_size!r}: expected a positive integer.")
@@ -92,7 +92,7 @@ def build_train_loader(data_cfg: Dict, tokenizer, image_size: int, mean: Sequenc
         raise DataError(f"each of the {world_size} ranks gets {sampler.num_samples} of the "
                         f"{size} training samples per epoch, fewer than the micro batch "
                         f"size {micro_batch_size}: no full batch. Add data or lower the batch size.")
-    return TrainLoader(loader, dataset, sampler, micro_batch_size), dataset, sampler
+    return TrainLoader(loader, dataset, sampler, micro_batch_size)
 
 
 def _caption_cleaning(cfg):

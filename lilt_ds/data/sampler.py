@@ -17,6 +17,12 @@ from torch.utils.data import Sampler
 from .errors import DataError
 
 
+def check_rank(rank: int, world_size: int) -> None:
+    """Both samplers (index and shards) take a rank of a world; refuse one that is not in it."""
+    if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank!r} / world size {world_size!r}: expected 0 <= rank < world size.")
+
+
 class ResumableDistributedSampler(Sampler):
     """Yields `(epoch, index)` pairs, this rank's share of the epoch from the current position.
 
@@ -27,8 +33,7 @@ class ResumableDistributedSampler(Sampler):
 
     def __init__(self, dataset_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False):
-        if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank!r} / world size {world_size!r}: expected 0 <= rank < world size.")
+        check_rank(rank, world_size)
         if dataset_size < (world_size if drop_last else 1):
             raise DataError(f"the dataset has {dataset_size} entries, too few for {world_size} ranks.")
         self.dataset_size = dataset_size

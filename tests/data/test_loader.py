@@ -10,8 +10,9 @@ from .files import MEAN, STD, write_image, write_json
 
 def build(data_cfg, tokenizer, rank=0, world_size=1, batch=4, seed=0):
     cfg = {"num_workers": 0, **data_cfg}
-    return build_train_loader(cfg, tokenizer, image_size=32, mean=MEAN, std=STD, rank=rank,
-                              world_size=world_size, micro_batch_size=batch, seed=seed)
+    loader = build_train_loader(cfg, tokenizer, image_size=32, mean=MEAN, std=STD, rank=rank,
+                                world_size=world_size, micro_batch_size=batch, seed=seed)
+    return loader, loader.dataset, loader.sampler
 
 
 def test_batches_from_original_format_files(caption_file, tokenizer):

@@ -8,7 +8,7 @@ import torch
 from timm.data.auto_augment import rand_augment_transform
 from torchvision import transforms as T
 
-from .errors import DataError
+from ..errors import DataError
 
 _RANDAUGMENT_SECTION = re.compile(r"(m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d*)?|t[a-z0-9]+")
 

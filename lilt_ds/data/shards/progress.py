@@ -19,8 +19,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch.distributed as dist
 
-from .errors import DataError
-from .shard_files import ShardFiles
+from ..errors import DataError
+from ..sampler import check_rank
+from .files import ShardFiles
 
 
 class ShardProgress:
@@ -32,8 +33,7 @@ class ShardProgress:
     starts. What is consumed during the pass is recorded in the main process only."""
 
     def __init__(self, shards: ShardFiles, rank: int, world_size: int, batch_size: int, seed: int):
-        if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank!r} / world size {world_size!r}: expected 0 <= rank < world size.")
+        check_rank(rank, world_size)
         self.shards = shards
         self.rank = rank
         self.world_size = world_size

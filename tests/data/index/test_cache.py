@@ -12,7 +12,7 @@ import pytest
 
 from lilt_ds.data import DataError, load_caption_files, pre_caption
 
-from .files import write_image, write_json
+from ..files import write_image, write_json
 
 CLEAN = functools.partial(pre_caption, max_words=30)
 
@@ -146,13 +146,13 @@ def test_index_of_several_files_is_one_cache(caption_file, tmp_path):
 def test_the_loader_follows_data_index_cache(caption_file, tmp_path, tokenizer, setting):
     from lilt_ds.data import build_train_loader
 
-    from .files import MEAN, STD
+    from ..files import MEAN, STD
 
     folder = tmp_path / "index"
     cfg = {"train_files": [caption_file(8)], "num_workers": 0,
            "index_cache": str(folder) if setting == "folder" else None}
-    _, dataset, _ = build_train_loader(cfg, tokenizer, 32, MEAN, STD, rank=0, world_size=1,
-                                       micro_batch_size=4, seed=0)
+    dataset = build_train_loader(cfg, tokenizer, 32, MEAN, STD, rank=0, world_size=1, micro_batch_size=4,
+                                 seed=0).dataset
     if setting is None:
         assert dataset.table.mapped_file is None and cache_files(tmp_path) == []
     else:

@@ -1,10 +1,10 @@
-"""Resolving image paths against data.image_root (lilt_ds/data/image_root.py)."""
+"""Resolving image paths against data.image_root (lilt_ds/data/index/image_root.py)."""
 
 import pytest
 
 from lilt_ds.data import DataError, ImageRoot, load_caption_files
 
-from .files import write_image, write_json
+from ..files import write_image, write_json
 
 
 def test_no_root_keeps_absolute_paths_and_rejects_relative_ones():

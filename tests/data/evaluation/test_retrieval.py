@@ -1,11 +1,11 @@
-"""Retrieval evaluation data in the original format (lilt_ds/data/retrieval.py)."""
+"""Retrieval evaluation data in the original format (lilt_ds/data/evaluation/retrieval.py)."""
 
 import pytest
 import torch
 
 from lilt_ds.data import DataError, build_retrieval_data
 
-from .files import MEAN, STD, write_image, write_json
+from ..files import MEAN, STD, write_image, write_json
 
 
 def write_retrieval_set(tmp_path):

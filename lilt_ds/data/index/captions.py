@@ -20,11 +20,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .array_file import ArrayFile
-from .bad_samples import BadSample
-from .errors import DataError, format_list
+from ..bad_samples import BadSample
+from ..errors import DataError, format_list
 from .image_root import ImageRoot, ImageRootSpec
-from .images import find_missing_files
-from .index_cache import cached_index
+from ..preprocessing.images import find_missing_files
+from .cache import cached_index
 from .jsonfile import iter_json_list, json_type_name
 from .packed import PackedPaths, PackedPathsBuilder, PackedStrings, PackedStringsBuilder, smallest_offset_dtype
 
@@ -151,7 +151,7 @@ def load_caption_files(files: Sequence[str], image_root: ImageRootSpec = None,
     captions. Raises DataError listing every invalid entry (file, entry index, fix).
 
     `cache` ("auto", a folder, or None) says where the packed table is cached (see
-    `index_cache.cached_index`); a `clean` function that cannot be identified across runs (a
+    `index.cache.cached_index`); a `clean` function that cannot be identified across runs (a
     lambda, a local function) builds the table in memory instead."""
     if isinstance(files, str):
         files = [files]

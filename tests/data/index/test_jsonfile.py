@@ -1,12 +1,12 @@
-"""Streaming a JSON list of entries in constant memory (lilt_ds/data/jsonfile.py)."""
+"""Streaming a JSON list of entries in constant memory (lilt_ds/data/index/jsonfile.py)."""
 
 import json
 
 import pytest
 
 from lilt_ds.data import DataError
-from lilt_ds.data import jsonfile
-from lilt_ds.data.jsonfile import iter_json_list
+from lilt_ds.data.index import jsonfile
+from lilt_ds.data.index.jsonfile import iter_json_list
 
 
 @pytest.fixture

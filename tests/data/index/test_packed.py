@@ -1,9 +1,9 @@
-"""Strings packed into numpy arrays (lilt_ds/data/packed.py)."""
+"""Strings packed into numpy arrays (lilt_ds/data/index/packed.py)."""
 
 import numpy as np
 import pytest
 
-from lilt_ds.data.packed import PackedPaths, PackedPathsBuilder, PackedStrings
+from lilt_ds.data.index.packed import PackedPaths, PackedPathsBuilder, PackedStrings
 
 
 def test_round_trip_including_unicode_and_empty_strings():

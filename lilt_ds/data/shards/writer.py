@@ -1,6 +1,6 @@
 """Converting caption JSON files in the original LilT format into tar shards (WebDataset layout).
 
-    python -m lilt_ds.data.shard --json train.json [more.json ...] --out DIR --shard-size 10000
+    python launch/make_shards.py --json train.json [more.json ...] --out DIR --shard-size 10000
                                  [--image-root ROOT] [--skip-missing]
 
 writes DIR/shard-000000.tar, DIR/shard-000001.tar, ... and DIR/sizes.json (samples per shard), and
@@ -12,20 +12,20 @@ shards train on the same samples as the JSON files. Image paths are checked firs
 stop the conversion unless --skip-missing leaves them out (and counts them).
 """
 
-import argparse
 import glob
 import json
 import os
-import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .captions import load_caption_files
-from .errors import DataError, format_list
-from .image_root import ImageRootSpec
-from .shard_files import IMAGE_EXTENSIONS, SIZES_FILE, webdataset
-from ..fileio import atomic_path
+from ..index.captions import load_caption_files
+from ...errors import moved_command
+from ..errors import DataError, format_list
+from ..index.image_root import ImageRootSpec
+from ..preprocessing.images import SHARD_IMAGE_KEYS
+from .files import SIZES_FILE, webdataset
+from ...fileio import atomic_path
 
 SHARD_NAME = "shard-{:06d}.tar"
 
@@ -94,23 +94,8 @@ def _write_shard(path: str, table, entries: List[int]) -> None:
 
 def _image_type(path: str) -> Optional[str]:
     extension = os.path.splitext(path)[1].lower().lstrip(".")
-    return extension if extension in IMAGE_EXTENSIONS else None
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lilt_ds.data.shard", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", nargs="+", required=True, help="caption JSON files in the original format")
-    parser.add_argument("--out", required=True, help="folder to write the shards into")
-    parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard (default 10000)")
-    parser.add_argument("--image-root", default=None, help="folder that relative image paths start from")
-    parser.add_argument("--skip-missing", action="store_true", help="leave out entries whose image is missing")
-    args = parser.parse_args(argv)
-    try:
-        result = write_shards(args.json, args.out, args.shard_size, args.image_root, args.skip_missing)
-    except DataError as err:
-        sys.exit(f"error: {err}")
-    print(json.dumps(result, indent=1))
+    return extension if extension in SHARD_IMAGE_KEYS else None
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(moved_command("launch/make_shards.py"))

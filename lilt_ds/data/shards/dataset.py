@@ -1,11 +1,11 @@
 """The pretraining dataset read from tar shards (WebDataset layout) instead of a caption JSON.
 
 Each DataLoader worker of each rank reads its own share of the epoch's shards (see
-`shard_progress`) with the `webdataset` library, mixes their samples in a seeded shuffle buffer
+`shards.progress`) with the `webdataset` library, mixes their samples in a seeded shuffle buffer
 and yields whole batches in the same form as the JSON path: `{"images", "input_ids",
 "attention_mask", "index", "bad_samples", "shards_done"}` (TrainLoader removes the last two). A
 sample's augmentation and caption draw follow from (seed, epoch, index) exactly as on the JSON
-path, so a shard written by `python -m lilt_ds.data.shard` gives the same training samples as
+path, so a shard written by `python launch/make_shards.py` gives the same training samples as
 its JSON (the order differs: shards are shuffled by shard and within a buffer).
 
 Bad samples (no image, no caption, an image that does not decode) and damaged shards (truncated,
@@ -22,14 +22,15 @@ from typing import Callable, Dict, Iterator, List, Optional
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
-from .captions import entry_captions
-from .errors import DataError, format_list
-from .images import open_rgb
-from .sample_rng import augmented, caption_choice
-from .shard_files import (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, RECREATE_FIX, ShardFiles, sample_index,
+from ..bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
+from ..index.captions import entry_captions
+from ..errors import DataError, format_list
+from ..preprocessing.images import open_rgb
+from ..sample_rng import augmented, caption_choice
+from ..preprocessing.images import SHARD_IMAGE_KEYS
+from .files import (CAPTION_EXTENSIONS, RECREATE_FIX, ShardFiles, sample_index,
                           tar_error, webdataset)
-from .shard_progress import ShardProgress
+from .progress import ShardProgress
 
 
 class ShardDataset(IterableDataset):
@@ -146,10 +147,10 @@ class ShardDataset(IterableDataset):
     def _sample(self, raw: Dict, epoch: int):
         """The training sample of a raw tar sample, or the BadSample saying why there is none."""
         key, index = raw["__key__"], sample_index(raw["__key__"])
-        image_type = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        image_type = next((ext for ext in SHARD_IMAGE_KEYS if ext in raw), None)
         texts, problem = _captions(raw, self.clean)
         if image_type is None:
-            problem = (f"sample {key} has no image (.{', .'.join(IMAGE_EXTENSIONS)}); it holds "
+            problem = (f"sample {key} has no image (.{', .'.join(SHARD_IMAGE_KEYS)}); it holds "
                        f"{', '.join('.' + k for k in raw if not k.startswith('__'))}")
         image = None
         if problem is None:

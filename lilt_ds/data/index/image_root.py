@@ -12,7 +12,7 @@
 import os
 from typing import Optional, Union
 
-from .errors import DataError
+from ..errors import DataError
 
 ImageRootSpec = Union[None, str, dict]
 

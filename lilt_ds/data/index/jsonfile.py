@@ -12,7 +12,7 @@ import os
 import re
 from typing import Iterator
 
-from .errors import DataError
+from ..errors import DataError
 
 _CHUNK_BYTES = 4 << 20      # read size
 _LOOKAHEAD = 1 << 20        # text kept ahead of the parse position before an entry is parsed
@@ -20,11 +20,6 @@ _LONGEST_ENTRY = 64 << 20   # an entry that does not parse with this much text i
 _SPACE = re.compile(r"[ \t\n\r]*")
 _DELIMITER = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")
 _BOM = "\ufeff"
-
-
-def read_json_list(path: str, setting: str) -> list:
-    """Return the list stored in `path`; `setting` names the config key that listed the file."""
-    return list(iter_json_list(path, setting))
 
 
 def iter_json_list(path: str, setting: str) -> Iterator[dict]:

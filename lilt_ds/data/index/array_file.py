@@ -13,7 +13,7 @@ import mmap
 from typing import Any, Dict
 
 import numpy as np
-from ..fileio import atomic_path
+from ...fileio import atomic_path
 
 MAGIC = b"LILTARR1"
 _ALIGN = 64

@@ -5,7 +5,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 _PUNCTUATION = re.compile(r"([,.'!?\"()*#:;~])")
 _SPACES = re.compile(r"\s{2,}")

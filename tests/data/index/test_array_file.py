@@ -1,11 +1,11 @@
-"""NumPy arrays in one memory-mapped file (lilt_ds/data/array_file.py)."""
+"""NumPy arrays in one memory-mapped file (lilt_ds/data/index/array_file.py)."""
 
 import pickle
 
 import numpy as np
 import pytest
 
-from lilt_ds.data.array_file import ArrayFile, ArrayFileError, write_array_file
+from lilt_ds.data.index.array_file import ArrayFile, ArrayFileError, write_array_file
 
 
 def test_round_trip_of_arrays_and_meta(tmp_path):

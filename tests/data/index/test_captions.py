@@ -1,4 +1,4 @@
-"""Reading and validating pretraining caption files (lilt_ds/data/captions.py)."""
+"""Reading and validating pretraining caption files (lilt_ds/data/index/captions.py)."""
 
 import functools
 
@@ -6,7 +6,7 @@ import pytest
 
 from lilt_ds.data import DataError, load_caption_files, pre_caption
 
-from .files import write_image, write_json
+from ..files import write_image, write_json
 
 
 def test_files_are_concatenated_and_entries_located(caption_file):

@@ -1,4 +1,4 @@
-"""Train and eval image transforms (lilt_ds/data/transforms.py)."""
+"""Train and eval image transforms (lilt_ds/data/preprocessing/transforms.py)."""
 
 import numpy as np
 import pytest
@@ -7,9 +7,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from lilt_ds.data import DataError, build_eval_transform, build_train_transform
-from lilt_ds.data.transforms import ToNormalizedTensor
+from lilt_ds.data.preprocessing.transforms import ToNormalizedTensor
 
-from .files import MEAN, STD
+from ..files import MEAN, STD
 
 
 def test_train_transform_shape_and_normalisation():

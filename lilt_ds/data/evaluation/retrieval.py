@@ -12,12 +12,12 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .captions import CaptionTable, load_caption_files
-from .collate import stack_images
-from .errors import DataError, format_list
-from .images import open_rgb
-from .text import check_tokenizer, pre_caption, tokenize_captions
-from .transforms import build_eval_transform
+from ..index.captions import CaptionTable, load_caption_files
+from ..preprocessing.collate import stack_images
+from ..errors import DataError, format_list
+from ..preprocessing.images import open_rgb
+from ..preprocessing.text import check_tokenizer, pre_caption, tokenize_captions
+from ..preprocessing.transforms import build_eval_transform
 
 
 class RetrievalImages(Dataset):

@@ -1,4 +1,4 @@
-"""Caption cleaning and tokenization (lilt_ds/data/text.py)."""
+"""Caption cleaning and tokenization (lilt_ds/data/preprocessing/text.py)."""
 
 import pytest
 

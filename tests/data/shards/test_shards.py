@@ -1,5 +1,5 @@
 """Tar shards in the WebDataset layout: the converter, reading for training across ranks and
-workers, resuming, and damaged input (lilt_ds/data/shard*.py)."""
+workers, resuming, and damaged input (lilt_ds/data/shards/)."""
 
 import io
 import json
@@ -13,18 +13,19 @@ from PIL import Image
 
 from lilt_ds.data import (DataError, ResumableDistributedSampler, build_train_loader, find_shards,
                           write_shards)
-from lilt_ds.data import shard as shard_cli
-from lilt_ds.data.shard_files import scan_tar
+from tests.launchers import launcher
+from lilt_ds.data.shards.files import scan_tar
 
-from .files import MEAN, STD, write_image, write_json
+from ..files import MEAN, STD, write_image, write_json
 
 pytest.importorskip("webdataset", reason="needs the shards extra: pip install -e .[test]")
 
 
 def build(data_cfg, tokenizer, rank=0, world_size=1, batch=4, seed=0):
     cfg = {"num_workers": 0, "randaugment": None, **data_cfg}
-    return build_train_loader(cfg, tokenizer, image_size=32, mean=MEAN, std=STD, rank=rank,
-                              world_size=world_size, micro_batch_size=batch, seed=seed)
+    loader = build_train_loader(cfg, tokenizer, image_size=32, mean=MEAN, std=STD, rank=rank,
+                                world_size=world_size, micro_batch_size=batch, seed=seed)
+    return loader, loader.dataset, loader.sampler
 
 
 def samples_of(loader):
@@ -75,7 +76,7 @@ def test_converter_writes_shards_sizes_and_the_pattern(shards, tmp_path, capsys)
         assert tar.extractfile("000000009.jpg").read() == open(tmp_path / "images" / "train.json_9.jpg", "rb").read()
     found = find_shards(pattern)
     assert found.counts == (4, 4, 2) and found.paths[0] == str(folder / "shard-000000.tar")
-    shard_cli.main(["--json", path, "--out", str(tmp_path / "cli"), "--shard-size", "6"])
+    launcher("make_shards").main(["--json", path, "--out", str(tmp_path / "cli"), "--shard-size", "6"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["shards"] == 2 and printed["samples"] == 10
     with tarfile.open(tmp_path / "cli" / "shard-000000.tar") as tar:
@@ -196,7 +197,7 @@ def bad_shard(tmp_path):
 def test_a_sample_without_caption_stops_with_shard_entry_and_fix(bad_shard, tokenizer, tmp_path):
     loader, _, _ = build({"train_shards": bad_shard, "shuffle_buffer": 0}, tokenizer, batch=2)
     with pytest.raises(DataError, match=rf"{tmp_path}/a\.tar, entry 2: image 000000002\.jpg: no caption: the "
-                                        r"sample has no \.txt, nor a \.json .*python -m lilt_ds\.data\.shard.*"
+                                        r"sample has no \.txt, nor a \.json .*python launch/make_shards\.py.*"
                                         r"on_bad_sample=skip"):
         list(loader)
 

@@ -14,10 +14,9 @@ from typing import Dict, List, Optional, Sequence
 
 from torch.utils.data import Dataset
 
-from .errors import DataError
-from .images import open_rgb
+from ..errors import DataError
+from ..preprocessing.images import IMAGE_EXTENSIONS, open_rgb
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 class ClassificationImages(Dataset):

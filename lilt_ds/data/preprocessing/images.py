@@ -1,4 +1,5 @@
-"""Image files: decoding to RGB, and the one-time existence check over a whole dataset."""
+"""Image files: which kinds lilt_ds reads, decoding to RGB, and the one-time existence check over a
+whole dataset."""
 
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -6,6 +7,11 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+"""The image files lilt_ds reads (common kinds PIL decodes); tar shards hold the first four."""
+SHARD_IMAGE_KEYS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS[:4])
+"""The image keys of a tar shard sample (WebDataset names them by extension): jpg, jpeg, png, webp."""
 
 # Existence checks are latency-bound on network file systems; threads overlap the round trips.
 _CHECK_THREADS = 16

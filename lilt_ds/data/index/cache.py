@@ -17,19 +17,14 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
+from ...fileio import cache_folder
 from .array_file import ArrayFile, ArrayFileError, write_array_file
 
 logger = logging.getLogger("lilt_ds.data")
 
-DEFAULT_CACHE = os.path.join("~", ".cache", "lilt_ds")
 _HASHED_BYTES = 1 << 20
 
 Index = Union[ArrayFile, Dict[str, np.ndarray]]
-
-
-def lilt_ds_cache_folder() -> str:
-    """`$LILT_DS_CACHE`, else ~/.cache/lilt_ds: where lilt_ds keeps what it derives and reuses."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("LILT_DS_CACHE") or DEFAULT_CACHE))
 
 
 def source_fingerprint(paths: List[str]) -> List[Dict]:
@@ -98,7 +93,7 @@ def _cache_paths(sources: List[str], settings: Dict, cache: str, kind: str) -> L
     if cache != "auto":
         return [os.path.join(os.path.abspath(os.path.expanduser(cache)), name)]
     beside = os.path.dirname(os.path.abspath(sources[0]))
-    return [os.path.join(beside, name), os.path.join(lilt_ds_cache_folder(), kind, name)]
+    return [os.path.join(beside, name), os.path.join(cache_folder(), kind, name)]
 
 
 def _open_matching(path: str, settings: Dict, current: List[Dict]) -> Optional[ArrayFile]:

@@ -3,7 +3,7 @@
 A shard is a tar file whose members are grouped into samples by their name up to the first dot:
 `000000042.jpg` and `000000042.txt` (or `.json` with a "caption") are sample `000000042`. The
 sample counts come from a `sizes.json` beside the shards (`{"shard-000000.tar": 10000, ...}`,
-OpenCLIP's convention, written by `python -m lilt_ds.data.shard`); shards it does not list are
+OpenCLIP's convention, written by `python launch/make_shards.py`); shards it does not list are
 counted by reading their tar headers (not their data), which also finds truncated files early.
 """
 
@@ -15,13 +15,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .bad_samples import SKIP_FIX
-from .errors import DataError, format_list
+from ..bad_samples import SKIP_FIX
+from ..errors import DataError, format_list
 
 SIZES_FILE = "sizes.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
-RECREATE_FIX = "re-create it (python -m lilt_ds.data.shard) or remove it from data.train_shards"
+RECREATE_FIX = "re-create it (python launch/make_shards.py) or remove it from data.train_shards"
 
 
 def webdataset():

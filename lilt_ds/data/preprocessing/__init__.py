@@ -1,0 +1,1 @@
+"""From files to tensors: image decoding and transforms, caption cleaning and tokenization, batching."""

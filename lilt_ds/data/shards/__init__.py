@@ -1,0 +1,1 @@
+"""Tar shards in the WebDataset layout: writing them, finding them, reading them as a dataset, resumably."""
