@@ -119,11 +119,11 @@ def phase_load_and_pass(path: str, args) -> dict:
     start = time.perf_counter()
     cfg = {"train_files": [path], "num_workers": args.workers, "randaugment": None,
            "persistent_workers": True}
-    loader, dataset, _ = build_train_loader(cfg, tokenizer, image_size=args.image_size, mean=CLIP_MEAN,
-                                            std=CLIP_STD, rank=0, world_size=1,
-                                            micro_batch_size=args.batch, seed=0)
+    loader = build_train_loader(cfg, tokenizer, image_size=args.image_size, mean=CLIP_MEAN,
+                                std=CLIP_STD, rank=0, world_size=1,
+                                micro_batch_size=args.batch, seed=0)
     loader_s = time.perf_counter() - start
-    index_file = dataset.table.mapped_file
+    index_file = loader.dataset.table.mapped_file
     after_load = memory_kib(parent, index_file)
     batches = iter(loader)
     warm_up = 2 * max(args.workers, 1)  # the start: each worker has delivered, the prefetch queue is full

@@ -27,7 +27,7 @@ def load_tokenizer():
 
 
 def images_per_second(data_cfg, tokenizer, size, batch, batches):
-    loader, _, _ = build_train_loader(data_cfg, tokenizer, image_size=size, mean=CLIP_MEAN,
+    loader = build_train_loader(data_cfg, tokenizer, image_size=size, mean=CLIP_MEAN,
                                       std=CLIP_STD, rank=0, world_size=1,
                                       micro_batch_size=batch, seed=0)
     iterator = iter(loader)

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_memory import LiveTensorPeak, format_bytes, forward_backward, parse_size  # noqa: E402
 
-from lilt_ds.ops import FusedContrastiveLoss, apply_frozen_recompute  # noqa: E402
+from lilt_ds.models import apply_frozen_recompute  # noqa: E402
+from lilt_ds.ops import FusedContrastiveLoss  # noqa: E402
 from lilt_ds.memory import SavedTensorMeter
 import loss_memory  # noqa: E402
 

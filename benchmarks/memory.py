@@ -21,8 +21,8 @@ import torch
 from lilt_ds.config import load_config
 from lilt_ds.engine import load_ds_config
 from lilt_ds.memory import (GIB, MIB, MemoryModel, ParameterInventory, activation_device, describe_model,
-                            estimate_rows, estimate_table, parse_memory_size, plot_estimates, profile_activations,
-                            usable_bytes, write_csv)
+                            parse_memory_size, profile_activations, usable_bytes)
+from lilt_ds.tools.memory_report import estimate_rows, estimate_table, plot_estimates, write_csv
 from lilt_ds.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,9 @@ from torch import nn
 
 from lilt_ds.config import ConfigError, load_config
 from lilt_ds.memory import (CATEGORIES, GIB, MIB, MODEL_STATES, EngineSettings, Measurement, MemoryModel,
-                            ParameterInventory, ProfileRequest, SavedTensorMeter, comparison_rows, loss_buffer_bytes,
-                            model_state_bytes, parse_memory_size, profile_activations, run_profile)
+                            ParameterInventory, SavedTensorMeter, loss_buffer_bytes, model_state_bytes,
+                            parse_memory_size, profile_activations)
+from lilt_ds.tools.memory_report import ProfileRequest, comparison_rows, run_profile
 from lilt_ds.runtime import GPU_TARGET, DeviceFacts
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
