@@ -23,7 +23,7 @@ import shutil
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 from .fileio import atomic_path
 from .runtime import rng_state
 

@@ -9,6 +9,7 @@ reach ``deepspeed.initialize``, so frozen ones get no gradient, fp32 copy or opt
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -17,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
 from .runtime import DeviceFacts, present_device
 
@@ -61,12 +62,18 @@ def _fill(ds: dict, path: str, expected, source: str, ds_name: str) -> None:
         )
 
 
-def _check_precision_and_stage(ds: dict, ds_name: str) -> None:
-    from deepspeed.accelerator import get_accelerator
-
+def zero_stage(ds: dict, ds_name: str = "ds_config") -> int:
+    """The ds_config's ZeRO stage (0 when it names none), refused unless DeepSpeed has it."""
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
         raise ConfigError(f"ds_config {ds_name}: unknown ZeRO stage {stage!r} in zero_optimization.stage; use 0, 1, 2 or 3")
+    return stage
+
+
+def _check_precision_and_stage(ds: dict, ds_name: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    zero_stage(ds, ds_name)
     accel = get_accelerator()
     if ds.get("fp16", {}).get("enabled") and not accel.is_fp16_supported():
         raise ConfigError(
@@ -146,7 +153,7 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     if leftover:
         raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
     _check_precision_and_stage(ds, ds_name)
-    if (cfg.get("memory") or {}).get("frozen_recompute") and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+    if (cfg.get("memory") or {}).get("frozen_recompute") and zero_stage(ds, ds_name) == 3:
         raise ConfigError(
             f"memory.frozen_recompute=true does not work with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 releases "
             "the weights after forward and the recompute in backward finds them partitioned; use a stage 0-2 "
@@ -196,6 +203,26 @@ def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
         # gradients into their partitions in that reduction: they keep it)
         engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
+
+
+def plain_linear():
+    """torch.nn.functional.linear as torch defines it, also after a ZeRO-3 engine in this process
+    replaced it (``zero_optimization.memory_efficient_linear``) for the rest of the process."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    return getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", torch.nn.functional.linear)
+
+
+@contextlib.contextmanager
+def torch_linear(function=None):
+    """``function`` (default: :func:`plain_linear`) as torch.nn.functional.linear inside the block, and
+    whatever was there before after it: work beside a ZeRO-3 engine must not run through its linear."""
+    before = torch.nn.functional.linear
+    torch.nn.functional.linear = function or plain_linear()
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = before
 
 
 def engine_dtype(ds_config: dict) -> torch.dtype:

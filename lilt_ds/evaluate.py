@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError, moved_command
 from .distributed import world_info
 
 RECALL_KS = (1, 5, 10)
@@ -196,83 +196,68 @@ def format_classification_table(metrics: dict) -> str:
                       f"| {metrics['num_images']} | {metrics['num_classes']} | {metrics['top1']:.2f} | {metrics['top5']:.2f} |"])
 
 
-# ------------------------------------------------------------------------ the command line
-def _workers_argument(text: str):
-    import argparse
-
-    if text != "auto" and not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected auto or a number of DataLoader workers (0: none)")
-    return text if text == "auto" else int(text)
-
-
-def main(argv=None) -> dict:
-    """``launch/evaluate.py``: evaluate a checkpoint, an export or the untrained base towers."""
-    import argparse
+# ------------------------------------------------------------------------ a whole evaluation
+def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: str | None = None,
+                   overrides=(), image_root: str | None = None, classnames_file: str | None = None,
+                   templates: str = "a photo of a {}.", batch_size: int = 128, workers="auto",
+                   output: str | None = None) -> dict:
+    """What ``launch/evaluate.py`` runs: a checkpoint, an export or (no ``checkpoint``) the untrained
+    base towers of ``config``, on retrieval or classification data; every rank encodes a shard, rank
+    0 prints the table and writes the metrics to ``output`` (JSON). ``config`` given with
+    ``checkpoint`` must match it. Returns the metrics."""
     import json
     import time
 
+    from .checkpoint import check_identity, run_identity
     from .config import load_config
     from .data import build_eval_transform, build_retrieval_data, eval_loader_settings
-    from .data.classification import build_classification_data
+    from .data.evaluation.classification import build_classification_data
     from .export import load_trained
     from .models import build_model, build_tokenizer
+    from .runtime import init_distributed, process_group_scope
 
-    parser = argparse.ArgumentParser(prog="launch/evaluate.py", description=main.__doc__)
-    parser.add_argument("--checkpoint", help="run folder, checkpoint folder or exported .safetensors; "
-                                             "without it, the untrained base towers of --config (a baseline)")
-    parser.add_argument("--config", default=None, help="preset or YAML (baseline; with --checkpoint it must match)")
-    parser.add_argument("--overrides", nargs="*", default=[])
-    parser.add_argument("--task", choices=("retrieval", "classification"), required=True)
-    parser.add_argument("--data", required=True, help="retrieval JSON; classification folder or JSON")
-    parser.add_argument("--image_root", default=None)
-    parser.add_argument("--classnames", default=None, help="file with one class name per line (JSON with int labels)")
-    parser.add_argument("--templates", default="a photo of a {}.", help="a template, a file of templates, or 'imagenet' (80 prompts)")
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--workers", default="auto", type=_workers_argument,
-                        help="DataLoader workers per rank for the images (auto: none on the CPU; on a GPU as data.num_workers=auto)")
-    parser.add_argument("--output", default=None, help="JSON file for the metrics (default outputs/eval-<task>-<time>.json)")
-    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    args = parser.parse_args(argv)
-
-    from .runtime import init_distributed
-
-    rank, _, device = init_distributed()  # the device (cuda:LOCAL_RANK) is bound before any collective
-    expected = load_config(args.config, args.overrides) if args.config else None
-    if args.checkpoint:
-        model, cfg = load_trained(args.checkpoint)
-        if expected is not None:
-            from .checkpoint import check_identity, run_identity
-
-            check_identity(run_identity(cfg), run_identity(expected), f"checkpoint {args.checkpoint}")
-    else:
-        cfg = expected or load_config("demo")
-        model = build_model(cfg).eval()
-    model.to(device)
-    tokenizer = build_tokenizer(cfg.model.text)
-    workers, pin = eval_loader_settings({"num_workers": "auto", "pin_memory": "auto"}, device.type)
-    if args.workers != "auto":
-        workers = args.workers
-    size, mean, std = cfg.model.image_size, model.vision.mean, model.vision.std
-    if args.task == "retrieval":
-        data = build_retrieval_data(args.data, args.image_root, tokenizer, size, mean, std,
-                                    max_length=cfg.data.eval_max_length)
-        metrics = evaluate_retrieval(model, data, args.batch_size, device, num_workers=workers, pin_memory=pin)
-        table = format_retrieval_table(metrics)
-    else:
-        classnames = None
-        if args.classnames:
-            with open(args.classnames) as f:
-                classnames = [line.strip() for line in f if line.strip()]
-        dataset = build_classification_data(args.data, build_eval_transform(size, mean, std), args.image_root, classnames)
-        metrics = evaluate_classification(model, dataset, tokenizer, load_templates(args.templates), args.batch_size,
-                                          device, max_length=cfg.data.eval_max_length, num_workers=workers,
-                                          pin_memory=pin)
-        table = format_classification_table(metrics)
+    if task not in ("retrieval", "classification"):
+        raise ConfigError(f"task {task!r}: choose retrieval or classification")
+    expected = load_config(config, overrides) if config else None
+    with process_group_scope():
+        rank, _, device = init_distributed()  # the device (cuda:LOCAL_RANK) is bound before any collective
+        if checkpoint:
+            model, cfg = load_trained(checkpoint)
+            if expected is not None:
+                check_identity(run_identity(cfg), run_identity(expected), f"checkpoint {checkpoint}")
+        else:
+            cfg = expected or load_config("demo")
+            model = build_model(cfg).eval()
+        model.to(device)
+        tokenizer = build_tokenizer(cfg.model.text)
+        loader_workers, pin = eval_loader_settings({"num_workers": "auto", "pin_memory": "auto"}, device.type)
+        if workers != "auto":
+            loader_workers = workers
+        size, mean, std = cfg.model.image_size, model.vision.mean, model.vision.std
+        if task == "retrieval":
+            retrieval = build_retrieval_data(data, image_root, tokenizer, size, mean, std,
+                                             max_length=cfg.data.eval_max_length)
+            metrics = evaluate_retrieval(model, retrieval, batch_size, device, num_workers=loader_workers,
+                                         pin_memory=pin)
+            table = format_retrieval_table(metrics)
+        else:
+            classnames = None
+            if classnames_file:
+                with open(classnames_file) as f:
+                    classnames = [line.strip() for line in f if line.strip()]
+            dataset = build_classification_data(data, build_eval_transform(size, mean, std), image_root, classnames)
+            metrics = evaluate_classification(model, dataset, tokenizer, load_templates(templates), batch_size,
+                                              device, max_length=cfg.data.eval_max_length, num_workers=loader_workers,
+                                              pin_memory=pin)
+            table = format_classification_table(metrics)
     if rank == 0:
-        out = args.output or os.path.join("outputs", f"eval-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        out = output or os.path.join("outputs", f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}.json")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        record = {"task": args.task, "checkpoint": args.checkpoint, "data": args.data, **metrics}
         with open(out, "w") as f:
-            json.dump(record, f, indent=2)
-        print(f"{args.task} on {args.data} ({args.checkpoint or 'untrained base towers'}):\n{table}\nwrote {out}", flush=True)
+            json.dump({"task": task, "checkpoint": checkpoint, "data": data, **metrics}, f, indent=2)
+        print(f"{task} on {data} ({checkpoint or 'untrained base towers'}):\n{table}\nwrote {out}", flush=True)
     return metrics
+
+
+if __name__ == "__main__":
+    raise SystemExit(moved_command("launch/evaluate.py"))

@@ -1,10 +1,19 @@
-"""Writing files so that a reader (or a crash) never sees half of one."""
+"""Files lilt_ds writes: atomically, so that a reader (or a crash) never sees half of one, and into
+its cache folder when they are derived once and reused (converted weights, demo data, indexes)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+
+CACHE_ENV = "LILT_DS_CACHE"
+"""Where lilt_ds keeps what it derives once and reuses; default ~/.cache/lilt_ds."""
+
+
+def cache_folder() -> str:
+    """``$LILT_DS_CACHE``, else ~/.cache/lilt_ds, as an absolute path (not created here)."""
+    return os.path.abspath(os.path.expanduser(os.environ.get(CACHE_ENV) or os.path.join("~", ".cache", "lilt_ds")))
 
 
 @contextlib.contextmanager

@@ -30,14 +30,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .distributed import all_gather_rows, all_reduce_sum, gather_rank_info, world_info
+from .errors import ConfigError
+from .models.dual_encoder import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE  # noqa: F401
 from .runtime import set_torch_rng_state, torch_rng_state
-
-CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
-"""Initial log-scale of a softmax (CLIP) model: temperature 0.07."""
-SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
-"""Initial log-scale of a sigmoid (SigLIP) model: the model stores log(10), forward returns 10."""
-SIGLIP_INIT_LOGIT_BIAS = -10.0
-"""Initial logit bias of a SigLIP model (offsets the N-1 negatives per positive)."""
 
 
 class NonFiniteInputError(ValueError):
@@ -117,6 +112,12 @@ def check_loss_inputs(
     if 0 in sizes:
         raise ValueError(f"empty batch: image_emb and text_emb have 0 rows (rows per rank: {sizes})")
     return sizes
+
+
+def as_fp32(outputs):
+    """A model's outputs in fp32, as every loss here takes them whatever the engine's precision
+    (exp and log-sum-exp need the range)."""
+    return tuple(o.float() for o in outputs)
 
 
 def value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -479,43 +480,79 @@ def chunked_clip_loss_fn(
 # Factory
 # --------------------------------------------------------------------------------------------------
 
-LOSS_REGISTRY: dict[str, type[_DataParallelLoss]] = {
+LOSS_REGISTRY: dict[str, type[_DataParallelLoss] | str] = {
     "clip": ContrastiveLoss,
     "siglip": SigLipLoss,
     "chunked": ChunkedContrastiveLoss,
+    "fused": "lilt_ds.ops.contrastive:FusedContrastiveLoss",  # looked up when asked for (it builds kernels)
 }
+"""``loss.type`` -> the loss class, or ``"module:Class"`` of one that is imported only when it is used."""
 
 
-def _register_fused() -> None:
-    from .ops.contrastive import FusedContrastiveLoss  # lilt_ds.ops imports this module: register after it
+def loss_class(loss_type: str) -> type[_DataParallelLoss]:
+    """The class registered for ``loss_type`` (``loss.type``), importing a deferred one."""
+    if loss_type not in LOSS_REGISTRY:
+        raise ConfigError(f"unknown loss type {loss_type!r}; allowed types: {', '.join(sorted(LOSS_REGISTRY))} "
+                          "(loss.type)")
+    entry = LOSS_REGISTRY[loss_type]
+    if isinstance(entry, str):
+        import importlib
 
-    LOSS_REGISTRY["fused"] = FusedContrastiveLoss
+        module, _, name = entry.partition(":")
+        entry = getattr(importlib.import_module(module), name)
+    return entry
 
 
-_register_fused()
+def loss_options(loss_type: str) -> set[str]:
+    """The options (constructor arguments) a loss type takes."""
+    return {name for name in inspect.signature(loss_class(loss_type).__init__).parameters if name != "self"}
 
 
-def _constructor_options(cls: type) -> set[str]:
-    return {name for name in inspect.signature(cls.__init__).parameters if name != "self"}
+def loss_arguments(loss_cfg: dict | None, defaults: dict | None = None) -> tuple[str, dict]:
+    """``(type, constructor arguments)`` of a ``loss`` config section, checked.
 
-
-def build_loss(loss_cfg: dict | None) -> _DataParallelLoss:
-    """Loss from the config section ``{"type": "clip"|"siglip"|"chunked", <options>}`` (type defaults to clip).
-
-    One section may carry options of several loss types (e.g. chunk_size with type clip): options
-    the chosen type does not take are ignored; a key no loss type knows raises ValueError.
+    The section may hold options of other types (the experiment config lists every option with
+    its default): those are left out while they keep their ``defaults`` value (by default those of
+    ``configs/_base.yaml``); a changed one is an error, as is an option no type knows, or local_loss
+    without gather_with_grad.
     """
     options = dict(loss_cfg or {})
     loss_type = options.pop("type", "clip")
-    if loss_type not in LOSS_REGISTRY:
-        raise ValueError(f"unknown loss type {loss_type!r}; allowed types: {', '.join(sorted(LOSS_REGISTRY))}")
-    known = set().union(*(_constructor_options(cls) for cls in LOSS_REGISTRY.values()))
+    accepted = loss_options(loss_type)
+    known = set().union(*(loss_options(t) for t in LOSS_REGISTRY))
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"unknown loss option(s) {unknown}; known options: {sorted(known)}")
-    cls = LOSS_REGISTRY[loss_type]
-    accepted = _constructor_options(cls)
-    return cls(**{key: value for key, value in options.items() if key in accepted})
+        raise ConfigError(f"unknown loss option(s) {unknown} ({', '.join(f'loss.{k}' for k in unknown)}); "
+                          f"known options: {sorted(known)}")
+    if defaults is None:
+        from .presets import base_defaults
+
+        defaults = base_defaults()["loss"]
+    arguments = {}
+    for key, value in options.items():
+        if key in accepted:
+            arguments[key] = value
+        elif key not in defaults or value != defaults[key]:
+            takers = sorted(t for t in LOSS_REGISTRY if key in loss_options(t))
+            raise ConfigError(
+                f"loss.{key}={value!r} is an option of loss.type {' or '.join(takers)}, not {loss_type}: "
+                f"set loss.type={takers[0]}, or leave loss.{key} at its default")
+    if arguments.get("local_loss", True) and arguments.get("gather_with_grad", True) is False:
+        raise ConfigError(
+            "loss.local_loss=true with loss.gather_with_grad=false drops the gradient other ranks' rows send "
+            "to this rank's features (wrong gradients with more than one rank): set loss.gather_with_grad=true "
+            "(or loss.local_loss=false)")
+    return loss_type, arguments
+
+
+def build_loss(loss_cfg: dict | None, defaults: dict | None = None) -> _DataParallelLoss:
+    """Loss from the config section ``{"type": "clip"|"siglip"|"chunked"|"fused", <options>}``.
+
+    The section may carry the options of other types at their defaults; see :func:`loss_arguments`.
+    Nothing is dropped silently.
+    """
+    loss_type, arguments = loss_arguments(loss_cfg, defaults)
+    return loss_class(loss_type)(**arguments)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,14 +18,16 @@ import torch
 log = logging.getLogger("lilt_ds")
 
 
-def setup_logging(output_dir: str, rank: int) -> None:
-    """Rank 0 logs INFO to the console and to ``train.log``; other ranks log warnings only."""
+def setup_logging(output_dir: str, rank: int, quiet: bool = False) -> None:
+    """Rank 0 logs INFO to the console (warnings only when ``quiet``) and to ``train.log``; other
+    ranks log warnings only."""
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
+    console.setLevel(logging.WARNING if quiet else logging.NOTSET)
     log.addHandler(console)
     if rank == 0:
         file = logging.FileHandler(os.path.join(output_dir, "train.log"))

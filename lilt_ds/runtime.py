@@ -14,13 +14,15 @@ import logging
 import os
 import random
 import socket
+import sys
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger("lilt_ds")
 
@@ -74,6 +76,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# ---------------------------------------------------------------------------------- first-run builds
+BUILD_SECONDS = {"deepspeed_shm_comm": 40, "cpu_adam": 80, "fused_adam": 80, "lilt_ds_fused_contrastive": 25}
+"""About how long each JIT build took on the 2-core CPU machine (the README's figures), for the announcement."""
+
+
+def announce(message: str) -> None:
+    """A line for the user on rank 0: through the run's log once it is set up, else on stderr."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if log.handlers:
+        log.info("%s", message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def compiled(name: str) -> bool:
+    """Whether torch's extension cache holds the compiled module ``name`` (a JIT build would then only load it)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return os.path.isfile(os.path.join(_get_build_directory(name, verbose=False), f"{name}.so"))
+
+
+@contextlib.contextmanager
+def announced_build(name: str, what: str):
+    """Around a JIT build: a line before it (when nothing is cached yet: the first run in an
+    environment) saying what is built and about how long it takes, and one after it."""
+    if compiled(name):
+        yield
+        return
+    seconds = BUILD_SECONDS.get(name)
+    about = f", about {seconds} s on a 2-core CPU" if seconds else ""
+    announce(f"building {what} ({name}; first run in this environment{about}; later runs load it from "
+             "torch's extension cache)...")
+    started = time.perf_counter()
+    yield
+    announce(f"built {name} in {time.perf_counter() - started:.0f} s")
+
+
+def announcing_jit_load(jit_load):
+    """DeepSpeed's ``OpBuilder.jit_load`` wrapped in :func:`announced_build` (its builds are silent
+    for a minute or two otherwise: a new user sees a frozen terminal)."""
+    if getattr(jit_load, "announces", False):
+        return jit_load
+
+    def wrapped(builder, *args, **kwargs):
+        with announced_build(builder.name, f"DeepSpeed's {builder.name} op"):
+            return jit_load(builder, *args, **kwargs)
+
+    wrapped.announces = True
+    return wrapped
+
+
+def announce_deepspeed_builds() -> None:
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    OpBuilder.jit_load = announcing_jit_load(OpBuilder.jit_load)
+
+
 class World(NamedTuple):
     rank: int
     world_size: int
@@ -93,6 +153,7 @@ def init_distributed() -> World:
         # other process can take the port between a probe and the bind
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     device = bind_device()
+    announce_deepspeed_builds()  # the CPU accelerator JIT-builds its shared-memory collectives here
     deepspeed.init_distributed()
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
 

@@ -16,11 +16,12 @@ from . import runtime
 from .allocator import ENV as ALLOCATOR_ENV
 from .allocator import retain_freed_memory
 from . import engine as ds_engine
-from .config import Config, ConfigError, save_config
+from .errors import ConfigError, LiltError
+from .presets import Config, save_config
 from .data import build_eval_data, build_train_loader, global_bad_sample_counts, eval_loader_settings, resolve_data_config
 from .export import save_exported, trainable_state_from_engine
 from .evaluate import evaluate_retrieval, format_retrieval_table
-from .losses import build_loss, exact_accumulation_step
+from .losses import as_fp32, build_loss, exact_accumulation_step
 from .models import build_model, build_tokenizer, trainable_summary
 from .models.summary import format_summary
 from .run_logging import MetricLogger, setup_logging
@@ -28,7 +29,7 @@ from .run_logging import MetricLogger, setup_logging
 log = logging.getLogger("lilt_ds")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(LiltError, RuntimeError):
     """Training diverged: too many non-finite losses in a row, or one that cannot be skipped."""
 
 
@@ -54,7 +55,6 @@ def prepare_output_dir(cfg: Config, rank: int) -> str:
     out, error = decision
     if error:
         raise ConfigError(error)
-    cfg.output_dir = out
     return out
 
 
@@ -77,20 +77,20 @@ def to_device(batch: dict, device, dtype) -> dict:
     }
 
 
-def as_fp32(outputs):
-    """The loss runs in fp32 whatever the engine's precision (exp and log-sum-exp need the range)."""
-    return tuple(o.float() for o in outputs)
-
-
 class Trainer:
-    """Holds what the loop needs; ``run()`` reads top to bottom like nanoGPT's loop."""
+    """Holds what the loop needs; ``run()`` reads top to bottom like nanoGPT's loop.
 
-    def __init__(self, cfg: Config, ds_config_path: str, resume: str | None = None):
+    ``model``: a DualEncoder built from ``cfg`` already (the throughput benchmark prepares it), else
+    ``build_model(cfg)``; ``quiet``: warnings only on the console (the run's log file is complete).
+    """
+
+    def __init__(self, cfg: Config, ds_config_path: str, resume: str | None = None, model=None,
+                 quiet: bool = False):
         self.cfg = cfg
         runtime.set_deterministic(cfg.train.deterministic)  # before anything reaches the device
         self.rank, self.world_size, self.device = runtime.init_distributed()  # binds the device first
         self.output_dir = prepare_output_dir(cfg, self.rank)
-        setup_logging(self.output_dir, self.rank)
+        setup_logging(self.output_dir, self.rank, quiet)
         if self.device.type == "cpu" and retain_freed_memory():  # DeepSpeed's per-step temporaries page-fault otherwise
             log.info("CPU run: freed host memory is kept for reuse (lilt_ds.allocator; %s=system turns it off)",
                      ALLOCATOR_ENV)
@@ -98,13 +98,13 @@ class Trainer:
         self.resume = resolve_resume(resume, self.output_dir)
 
         self.tokenizer = build_tokenizer(cfg.model.text)
-        self.model = build_model(cfg)
+        self.model = model if model is not None else build_model(cfg)
         mean, std, size = self.model.vision.mean, self.model.vision.std, cfg.model.image_size
-        self.loader, self.dataset, self.sampler = build_train_loader(
-            cfg.data, self.tokenizer, size, mean, std, self.rank, self.world_size, cfg.train.micro_batch_size, cfg.seed,
-            self.device.type)
-        self.eval_data = build_eval_data(cfg.data, self.tokenizer, size, mean, std)
-        self.eval_workers, self.eval_pin_memory = eval_loader_settings(resolve_data_config(cfg.data), self.device.type)
+        data = resolve_data_config(cfg.data)
+        self.loader = build_train_loader(data, self.tokenizer, size, mean, std, self.rank, self.world_size,
+                                         cfg.train.micro_batch_size, cfg.seed, self.device.type)
+        self.eval_data = build_eval_data(data, self.tokenizer, size, mean, std)
+        self.eval_workers, self.eval_pin_memory = eval_loader_settings(data, self.device.type)
 
         accum = cfg.train.grad_accum_steps
         self.steps_per_epoch = self.loader.batches_per_epoch // accum
@@ -119,8 +119,8 @@ class Trainer:
         self.dtype = ds_engine.engine_dtype(self.ds_config)
         self.loss_fn = build_loss(cfg.loss)
         self.loss_fn.static_batches = True  # the loader drops incomplete batches: no per-call size exchange
-        if self.rank == 0:
-            save_config(cfg, os.path.join(self.output_dir, "config.yaml"))
+        if self.rank == 0:  # the resolved config says where the run went
+            save_config(Config({**cfg, "output_dir": self.output_dir}), os.path.join(self.output_dir, "config.yaml"))
             with open(os.path.join(self.output_dir, "ds_config.json"), "w") as f:
                 json.dump(self.ds_config, f, indent=2)
         log.info("parameters (trainable only reach DeepSpeed):\n%s", format_summary(trainable_summary(self.model)))
@@ -129,12 +129,21 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = ds_engine.initialize(
             self.model, self.ds_config, cfg.train.weight_decay)
         runtime.seed_everything(cfg.seed + 1000 * self.rank)  # per-rank dropout noise
-        self.step, self.epoch, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0, 0
+        self.step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self.restored_rng = None
         self.last_saved_step = None
         self.metrics = MetricLogger(cfg, self.output_dir, self.rank, self.world_size)
         if self.resume:
             self.load_checkpoint(*self.resume)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the loader is in (its sampler holds it, and a checkpoint restores it)."""
+        return self.loader.sampler.epoch
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self, micro_batches: list[dict]) -> float:
@@ -211,7 +220,6 @@ class Trainer:
                  self.ds_config.get("zero_optimization", {}).get("stage", 0), self.dtype)
         results = {}
         while self.step < self.total_steps:
-            self.loader.set_epoch(self.epoch)
             pending = []
             batches = iter(self.metrics.progress(self.loader, self.epoch, self.step, self.total_steps))
             if self.restored_rng is not None:
@@ -232,7 +240,7 @@ class Trainer:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:
                     break
-            bad = global_bad_sample_counts(self.dataset.bad_samples)
+            bad = global_bad_sample_counts(self.loader.dataset.bad_samples)
             if bad["replaced"] or bad["bad_entries"]:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
             self.epoch += 1
@@ -285,8 +293,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        state = {"step": self.step, "epoch": self.epoch, "sampler": self.sampler.state_dict(),
-                 "nonfinite_total": self.nonfinite_total}
+        state = {"step": self.step, "epoch": self.epoch, "sampler": self.loader.sampler.state_dict(),
+                 "bad_samples": self.loader.dataset.bad_samples.state_dict(), "nonfinite_total": self.nonfinite_total}
         meta = {"identity": self.identity, "world_size": self.world_size, "step": self.step,
                 "client_state": state, "config": self.cfg.to_dict()}
         path = ckpt.save_checkpoint(self.engine, checkpoint_folder(self.output_dir), self.step, state, meta,
@@ -298,8 +306,9 @@ class Trainer:
         state = ckpt.load_checkpoint(self.engine, folder, tag, self.identity, self.world_size, self.rank)
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.sampler.load_state_dict(state["sampler"])
-        self.epoch = self.sampler.epoch  # a finished epoch is saved as the start of the next
+        self.loader.sampler.load_state_dict(state["sampler"])  # a finished epoch is saved as the start of the next
+        if "bad_samples" in state:  # checkpoints before it was saved have none
+            self.loader.dataset.bad_samples.load_state_dict(state["bad_samples"])
         self.restored_rng = state.get("rng")
         if self.scheduler is not None:  # the schedule continues even when its state was not loaded
             self.scheduler.step(self.step)

@@ -183,7 +183,7 @@ def test_export_rebuilds_the_trained_model(tmp_path, fp32_ds_configs):
     assert result["loss_steps"] == 3
     assert max(result["diffs"]) <= 1e-6, result
     export = tmp_path / "run" / "trainable.safetensors"
-    cli = run([sys.executable, "-m", "lilt_ds.export", "--checkpoint", str(tmp_path / "run"),
+    cli = run([sys.executable, "launch/export.py", "--checkpoint", str(tmp_path / "run"),
                "--out", str(tmp_path / "again.safetensors")])
     assert cli.returncode == 0, cli.stderr[-2000:]
     from safetensors.torch import load_file
@@ -210,3 +210,31 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     assert corrupt.returncode != 0 and "is corrupt or incomplete" in corrupt.stderr
     for result in (missing, other_mode, other_towers, corrupt):
         assert "Traceback" not in result.stderr
+
+
+def test_bad_sample_counts_survive_a_resume(tmp_path):
+    """on_bad_sample=skip counts what it replaced; a resumed run goes on from those counts."""
+    from lilt_ds.config import load_config
+    from lilt_ds.runtime import process_group_scope
+    from lilt_ds.train import Trainer
+    from tests.data.files import write_image, write_json
+    from tests.test_train import _lilt_ds_logging_restored
+
+    entries = [{"image": write_image(tmp_path / "images" / f"{i}.jpg", colour=(20 * i, 90, 160)),
+                "caption": f"caption {i}"} for i in range(12)]
+    (tmp_path / "images" / "3.jpg").write_bytes(b"not a jpeg")
+    train_json = write_json(tmp_path / "train.json", entries)
+    cfg = load_config("demo", tiny_training_overrides(tmp_path, [
+        f"data.train_files=[{train_json}]", "data.on_bad_sample=skip", "data.max_bad_fraction=0.5",
+        "eval.every_epochs=0", "train.max_steps=3"]))
+    ds = os.path.join(ROOT, "ds_configs", "zero2.json")
+    with process_group_scope(), _lilt_ds_logging_restored():
+        cfg.output_dir = str(tmp_path / "run")
+        first = Trainer(cfg, ds)
+        first.run()
+        counts = first.loader.dataset.bad_samples.state_dict()
+        first.engine.destroy()
+        assert counts["replaced"] >= 1 and counts["unreadable"] == [3]
+        resumed = Trainer(cfg, ds, resume="latest")
+        assert resumed.loader.dataset.bad_samples.state_dict() == counts
+        resumed.engine.destroy()

@@ -83,7 +83,7 @@ def eval_sets(tmp_path_factory):
 def _evaluate_on_ranks(rank, world_size, root):
     from lilt_ds.config import load_config
     from lilt_ds.data import build_eval_transform, build_retrieval_data
-    from lilt_ds.data.classification import build_classification_data
+    from lilt_ds.data.evaluation.classification import build_classification_data
     from lilt_ds.evaluate import evaluate_classification, evaluate_retrieval
     from lilt_ds.models import build_model, build_tokenizer
     from lilt_ds.runtime import init_distributed
@@ -107,7 +107,7 @@ def test_one_and_two_ranks_give_identical_numbers(eval_sets, tmp_path):
 
 
 def test_bad_classification_data(eval_sets, tmp_path):
-    from lilt_ds.data.classification import build_classification_data
+    from lilt_ds.data.evaluation.classification import build_classification_data
 
     with pytest.raises(DataError, match="does not exist"):
         build_classification_data(str(tmp_path / "nowhere"), None)

@@ -486,14 +486,27 @@ def test_local_loss_without_gradient_gather_is_rejected():
 
 
 def test_build_loss_uses_the_registry_and_passes_options():
-    config = {"local_loss": False, "gather_with_grad": True, "chunk_size": 128}
+    config = {"local_loss": False, "gather_with_grad": True}
     clip = build_loss({"type": "clip", **config})
-    chunked = build_loss({"type": "chunked", **config})
-    siglip = build_loss({"type": "siglip", **config})
+    chunked = build_loss({"type": "chunked", **config, "chunk_size": 128})
+    siglip = build_loss({"type": "siglip"})
     assert type(clip) is ContrastiveLoss and clip.local_loss is False
     assert type(chunked) is ChunkedContrastiveLoss and chunked.chunk_size == 128 and chunked.local_loss is False
     assert type(siglip) is SigLipLoss
     assert type(build_loss({})) is ContrastiveLoss
+
+
+def test_options_of_other_loss_types_are_refused_unless_they_keep_their_default():
+    """The experiment config lists every loss option: unchanged ones of other types are left out, a
+    changed one is a mistake (it would do nothing), never dropped silently."""
+    defaults = {"local_loss": True, "gather_with_grad": True, "chunk_size": 4096, "tile_rows": None}
+    section = {"type": "siglip", **defaults}
+    assert type(build_loss(section, defaults)) is SigLipLoss
+    with pytest.raises(ValueError, match=r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused, "
+                                         r"not clip: set loss\.type=chunked"):
+        build_loss({**section, "type": "clip", "chunk_size": 1024}, defaults)
+    with pytest.raises(ValueError, match=r"loss\.local_loss=true with loss\.gather_with_grad=false"):
+        build_loss({"type": "clip", "local_loss": True, "gather_with_grad": False})
 
 
 def test_build_loss_rejects_unknown_type_and_options():

@@ -63,12 +63,12 @@ def pretrain():
     train(cfg, "ds_configs/zero2.json")
 
 def evaluate():
-    from lilt_ds.evaluate import main
-    main(["--config", "lilt", "--overrides", *overrides, "--task", "retrieval", "--data", eval_json,
-          "--image_root", eval_root, "--batch_size", "8", "--output", out + "/eval.json"])
+    from lilt_ds.evaluate import run_evaluation
+    run_evaluation("retrieval", eval_json, config="lilt", overrides=overrides, image_root=eval_root, batch_size=8,
+                   output=out + "/eval.json")
 
 def profile_memory():
-    from lilt_ds.memory import ProfileRequest, run_profile
+    from lilt_ds.tools.memory_report import ProfileRequest, run_profile
     run_profile(ProfileRequest(config="lilt", overrides=overrides, ds_config="ds_configs/zero2.json",
                                micro_batch=2, measure=True, output_dir=out + "/memory"))
 
@@ -234,3 +234,35 @@ def test_a_local_rank_beyond_the_machines_gpus_is_a_config_error(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "x")
     with pytest.raises(ConfigError, match="LOCAL_RANK='x' is not a rank"):
         runtime.bind_device()
+
+
+# ---------------------------------------------------------------------------------- first-run builds
+def test_a_jit_build_is_announced_before_and_after_only_when_nothing_is_cached(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(runtime.log, "handlers", [])  # before the run's logging is set up: stderr
+    built = []
+
+    class Builder:
+        name = "lilt_ds_probe_op"
+
+    def jit_load(builder):
+        built.append(builder.name)
+        return "module"
+
+    wrapped = runtime.announcing_jit_load(jit_load)
+    assert runtime.announcing_jit_load(wrapped) is wrapped  # wrapped once, however often asked
+    monkeypatch.setattr(runtime, "compiled", lambda name: False)
+    assert wrapped(Builder()) == "module" and built == ["lilt_ds_probe_op"]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("building DeepSpeed's lilt_ds_probe_op op (lilt_ds_probe_op; first run in this "
+                               "environment; later runs load it") and lines[1].startswith("built lilt_ds_probe_op in ")
+    monkeypatch.setattr(runtime, "compiled", lambda name: True)
+    wrapped(Builder())
+    assert capsys.readouterr().err == ""
+
+
+def test_joining_the_process_group_wraps_deepspeeds_builds():
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    runtime.announce_deepspeed_builds()
+    assert getattr(OpBuilder.jit_load, "announces", False)

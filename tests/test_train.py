@@ -152,11 +152,11 @@ def test_bad_input_stops_before_training_with_a_clear_message(bad_inputs, case, 
 def test_hostfile_check_names_the_line_and_the_fix(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# cluster\nworker-1 slots=4\nworker-2 4\n")
-    result = run([sys.executable, "-m", "lilt_ds.hostfile", str(hostfile)])
+    result = run([sys.executable, "launch/check_hostfile.py", str(hostfile)])
     assert result.returncode != 0 and "line 3" in result.stderr and "'hostname slots=N'" in result.stderr
     hostfile.write_text("worker-1 slots=4\nworker-1 slots=4\n")
-    assert "listed twice" in run([sys.executable, "-m", "lilt_ds.hostfile", str(hostfile)]).stderr
-    ok = run([sys.executable, "-m", "lilt_ds.hostfile", os.path.join(ROOT, "launch", "hostfile.example")])
+    assert "listed twice" in run([sys.executable, "launch/check_hostfile.py", str(hostfile)]).stderr
+    ok = run([sys.executable, "launch/check_hostfile.py", os.path.join(ROOT, "launch", "hostfile.example")])
     assert ok.returncode == 0 and "2 node(s), 8 process(es)" in ok.stdout
     script = subprocess.run(["bash", os.path.join(ROOT, "launch", "pretrain_lilt.sh"), "train.json"], cwd=ROOT,
                             capture_output=True, text=True, env=dict(os.environ, HOSTFILE=str(hostfile),

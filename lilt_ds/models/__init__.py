@@ -1,12 +1,16 @@
 """Towers, the DualEncoder and the parameter-efficient modes (see DESIGN.md's mode table)."""
 
+from .checks import check_model_config
 from .dual_encoder import DualEncoder, build_model
 from .efficient import UNLOCKS, Adapter
-from .summary import format_summary, trainable_summary
+from .modes import LOCKED_TOWERS, MODES
+from .recompute import apply_frozen_recompute
+from .summary import format_summary, parameter_numel, trainable_summary
 from .text import TEXT_PRESETS, TextTower, build_tokenizer
 from .vision import VISION_PRESETS, VisionTower
 
 __all__ = [
-    "Adapter", "DualEncoder", "TEXT_PRESETS", "TextTower", "UNLOCKS", "VISION_PRESETS", "VisionTower",
-    "build_model", "build_tokenizer", "format_summary", "trainable_summary",
+    "Adapter", "DualEncoder", "LOCKED_TOWERS", "MODES", "TEXT_PRESETS", "TextTower", "UNLOCKS", "VISION_PRESETS",
+    "VisionTower", "apply_frozen_recompute", "build_model", "build_tokenizer", "check_model_config", "format_summary",
+    "parameter_numel", "trainable_summary",
 ]

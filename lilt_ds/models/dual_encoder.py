@@ -9,16 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
-from ..losses import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from .efficient import apply_unlocks
+from .modes import LOCKED_TOWERS, check_checkpointing, check_mode, check_unlock_for_mode
+from .recompute import apply_frozen_recompute
 from .text import TextTower
 from .vision import VisionTower
 
 MAX_LOGIT_SCALE = math.log(100.0)
-
-# which towers each mode locks; a locked tower trains only its `unlock` set
-LOCKED_TOWERS = {"clip": (), "lit": ("vision",), "lilt": ("vision", "text")}
+"""The temperature's ceiling: logits at most 100 x the cosine similarity (CLIP's clamp)."""
+CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
+"""Initial log-scale of a softmax (CLIP) model: temperature 0.07."""
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+"""Initial log-scale of a sigmoid (SigLIP) model: the model stores log(10), forward returns 10."""
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+"""Initial logit bias of a SigLIP model (offsets the N-1 negatives per positive)."""
 
 
 class DualEncoder(nn.Module):
@@ -30,7 +34,10 @@ class DualEncoder(nn.Module):
     """
 
     def __init__(self, vision: VisionTower, text: TextTower, embed_dim: int,
-                 init_logit_scale: float = CLIP_INIT_LOGIT_SCALE, init_logit_bias: float | None = None):
+                 init_logit_scale: float = CLIP_INIT_LOGIT_SCALE, init_logit_bias: float | None = None,
+                 locked=()):
+        """``locked``: the towers (by kind) whose pretrained state stays as it is (BatchNorm statistics
+        included); the mode decides them (:data:`~lilt_ds.models.modes.LOCKED_TOWERS`)."""
         super().__init__()
         self.vision = vision
         self.text = text
@@ -38,8 +45,12 @@ class DualEncoder(nn.Module):
         self.text_proj = nn.Linear(text.width, embed_dim)
         self.logit_scale = nn.Parameter(torch.full([1], float(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.full([1], float(init_logit_bias)))
-        self.fully_locked: set[str] = set()   # towers that train nothing
-        self.locked: set[str] = set()         # towers whose norms keep their running statistics
+        self.locked = frozenset(locked)
+
+    @property
+    def fully_locked(self) -> set[str]:
+        """The locked towers that train nothing (read from their parameters, so it cannot go stale)."""
+        return {kind for kind in self.locked if not any(p.requires_grad for p in getattr(self, kind).parameters())}
 
     def _tower_context(self, kind: str):
         return torch.no_grad() if kind in self.fully_locked else contextlib.nullcontext()
@@ -60,9 +71,10 @@ class DualEncoder(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
+        fully_locked = self.fully_locked
         for kind in self.locked:
             tower = getattr(self, kind)
-            if kind in self.fully_locked:
+            if kind in fully_locked:
                 tower.eval()
             else:  # frozen BatchNorm statistics stay as pretrained
                 for m in tower.modules():
@@ -76,21 +88,16 @@ class DualEncoder(nn.Module):
         self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def _freeze_tower(tower, mode: str, tower_cfg) -> bool:
-    """Apply the mode to one tower; returns True when the tower is locked."""
+def _freeze_tower(tower, mode: str, tower_cfg) -> None:
+    """Apply the mode to one tower: trainable whole, or locked but for its unlock set."""
     unlock = list(tower_cfg.get("unlock") or [])
+    check_unlock_for_mode(mode, tower.kind, unlock)
     if tower.kind not in LOCKED_TOWERS[mode]:
-        if unlock:
-            raise ConfigError(
-                f"mode={mode} trains the whole {tower.kind} tower, so model.{tower.kind}.unlock={unlock} "
-                f"has no effect: set it to [] or use mode=lilt (or lit for a locked image tower)"
-            )
         tower.requires_grad_(True)
-        return False
+        return
     trainable = apply_unlocks(tower, unlock, tower_cfg, f"model.{tower.kind}.unlock")
     for name, param in tower.trunk.named_parameters():
         param.requires_grad_(name in trainable)
-    return True
 
 
 @contextlib.contextmanager
@@ -112,10 +119,7 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
     file and download (random init); with
     ``device="meta"`` nothing is allocated either, which is how the summary counts any preset offline.
     """
-    from ..config import MODES
-
-    if cfg["mode"] not in MODES:
-        raise ConfigError(f"unknown mode {cfg['mode']!r}: choose one of {', '.join(MODES)}")
+    mode = check_mode(cfg["mode"])
     mcfg = cfg["model"]
     siglip = cfg.get("loss", {}).get("type") == "siglip"
     init_scale = mcfg.get("init_logit_scale")
@@ -132,25 +136,17 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
             (torch.device(device) if device is not None else contextlib.nullcontext()):
         vision = VisionTower(mcfg["vision"], mcfg["image_size"], load_weights=load_weights)
         text = TextTower(mcfg["text"], load_weights=load_weights)
-        model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias)
+        # the projections draw from the generator before the adapters: the order fixes every init
+        model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias, locked=LOCKED_TOWERS[mode])
         for tower, tower_cfg in ((vision, mcfg["vision"]), (text, mcfg["text"])):
-            if _freeze_tower(tower, cfg["mode"], tower_cfg):
-                model.locked.add(tower.kind)
-                if not any(p.requires_grad for p in tower.parameters()):
-                    model.fully_locked.add(tower.kind)
+            _freeze_tower(tower, mode, tower_cfg)
             if tower_cfg.get("grad_checkpointing"):
-                if tower.kind in model.fully_locked:
-                    raise ConfigError(
-                        f"model.{tower.kind}.grad_checkpointing is on, but the tower is fully locked and keeps "
-                        "no activations anyway: turn it off"
-                    )
+                check_checkpointing(mode, tower.kind, tower_cfg)
                 tower.set_grad_checkpointing(True)
     model.vision_proj.requires_grad_(not mcfg.get("freeze_projections", False))
     model.text_proj.requires_grad_(not mcfg.get("freeze_projections", False))
     model.logit_scale.requires_grad_(not mcfg.get("freeze_logit_scale", False))
     if (cfg.get("memory") or {}).get("frozen_recompute"):
-        from ..ops.recompute import apply_frozen_recompute
-
         apply_frozen_recompute(model)
     model.train()
     return model

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,8 @@ def _mlp(tower, arg, tower_cfg) -> set[str]:
     return _param_names_under(tower, [n for n, _ in modules_matching(tower, tower.layout.mlp_linears)])
 
 
-def _top_k(tower, arg, tower_cfg) -> set[str]:
+def _top_k(tower, k, tower_cfg) -> set[str]:
     blocks = _require_blocks(tower, "top_k")
-    try:
-        k = int(arg)
-    except (TypeError, ValueError):
-        raise ConfigError(f"unlock item top_k needs a block count, as in top_k:2 (got top_k:{arg})") from None
     if not 1 <= k <= len(blocks):
         raise ConfigError(f"top_k:{k} is out of range: the {tower.kind} tower has {len(blocks)} blocks")
     last = sorted(blocks)[-k:]
@@ -168,7 +164,10 @@ UNLOCKS: dict[str, Callable] = {
 }
 
 
-def parse_unlock(items, where: str) -> list[tuple[str, str | None]]:
+def parse_unlock(items, where: str) -> list[tuple[str, int | None]]:
+    """``[ln, top_k:2]`` -> ``[("ln", None), ("top_k", 2)]`` in the order the items are applied."""
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{where} must be a list such as [ln, adapters], got {items!r}")
     parsed = []
     for item in items:
         name, _, arg = str(item).partition(":")
@@ -176,7 +175,16 @@ def parse_unlock(items, where: str) -> list[tuple[str, str | None]]:
             raise ConfigError(
                 f"unknown unlock item {item!r} in {where}: choose from {', '.join(UNLOCKS)} (top_k as top_k:K)"
             )
-        parsed.append((name, arg or None))
+        count = None
+        if name == "top_k":
+            try:
+                count = int(arg)
+            except ValueError:
+                raise ConfigError(f"unlock item top_k needs a block count, as in top_k:2 (got top_k:{arg or None}) "
+                                  f"in {where}") from None
+            if count < 1:
+                raise ConfigError(f"top_k:{count} in {where} unlocks no block: use top_k:1 or more")
+        parsed.append((name, count))
     order = list(UNLOCKS)
     return sorted(parsed, key=lambda p: order.index(p[0]))
 

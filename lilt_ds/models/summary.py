@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
-
 from torch import nn
 
 GROUPS = ("vision", "text", "heads")  # heads: projections, temperature (and SigLIP bias)
 
 
-def _numel(p: nn.Parameter) -> int:
-    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions leave numel() == 0
+def parameter_numel(p: nn.Parameter) -> int:
+    """A parameter's size, also under ZeRO-3 (whose partitions leave ``numel()`` at 0)."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -20,8 +19,8 @@ def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:
         group = name.split(".", 1)[0]
         group = group if group in ("vision", "text") else "heads"
         for key in (group, "total"):
-            counts[key]["total"] += _numel(p)
-            counts[key]["trainable"] += _numel(p) if p.requires_grad else 0
+            counts[key]["total"] += parameter_numel(p)
+            counts[key]["trainable"] += parameter_numel(p) if p.requires_grad else 0
     return counts
 
 
@@ -31,21 +30,3 @@ def format_summary(counts: dict[str, dict[str, int]]) -> str:
         pct = 100.0 * c["trainable"] / c["total"] if c["total"] else 0.0
         lines.append(f"{group:<8}{c['total']:>15,}{c['trainable']:>15,}{pct:>12.2f}%")
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    from ..config import load_config
-    from .dual_encoder import build_model
-
-    parser = argparse.ArgumentParser(
-        prog="python -m lilt_ds.models",
-        description="Count parameters and trainable parameters of a config's model (no weights are loaded).",
-    )
-    parser.add_argument("--config", default="demo", help="preset name or YAML path")
-    parser.add_argument("--overrides", nargs="*", default=[], help="key=value or +key=value")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    model = build_model(cfg, load_weights=False, device="meta")
-    print(f"config {args.config}: mode={cfg.mode} vision={cfg.model.vision.name} text={cfg.model.text.name} "
-          f"image_size={cfg.model.image_size}")
-    print(format_summary(trainable_summary(model)))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .efficient import TowerLayout
 from .weights import resolve_pkg
 
@@ -45,6 +45,12 @@ def _check_local(source: str, key: str) -> str:
     return source
 
 
+def check_pooling(pooling) -> str:
+    if pooling not in POOLINGS:
+        raise ConfigError(f"unknown model.text.pooling {pooling!r}: choose {' or '.join(POOLINGS)}")
+    return pooling
+
+
 def text_sources(tower_cfg) -> tuple[dict | None, str, str | None]:
     """(preset architecture or None, architecture source, weights source or None) of ``model.text``."""
     name, pretrained = tower_cfg["name"], tower_cfg.get("pretrained")
@@ -79,9 +85,7 @@ class TextTower(nn.Module):
         super().__init__()
         preset_arch, arch_source, weights = text_sources(tower_cfg)
         self.model_name = tower_cfg["name"]
-        self.pooling = tower_cfg.get("pooling", "cls")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"unknown model.text.pooling {self.pooling!r}: choose {' or '.join(POOLINGS)}")
+        self.pooling = check_pooling(tower_cfg.get("pooling", "cls"))
         if load_weights and weights is not None:
             trunk = AutoModel.from_pretrained(weights)
         else:

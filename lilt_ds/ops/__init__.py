@@ -1,12 +1,7 @@
-"""Fused kernels (C++ from kernels/ for CPU tensors, Triton for CUDA tensors) with PyTorch reference fallbacks.
+"""Fused kernels with PyTorch reference fallbacks: the contrastive loss's log-sum-exps in C++ (CPU
+tensors, sources in kernels/) or Triton (CUDA tensors); ``FusedContrastiveLoss`` is ``loss.type=fused``."""
 
-``FusedContrastiveLoss`` (``loss.type=fused``) and ``apply_frozen_recompute`` (``memory.frozen_recompute``).
-"""
-
-from .. import losses as _losses  # noqa: F401  (first: it registers loss.type=fused from .contrastive)
 from .builder import KernelBuildError, select
 from .contrastive import FusedContrastiveLoss, Kernels, fused_clip_loss_fn, kernels_for
-from .recompute import apply_frozen_recompute
 
-__all__ = ["FusedContrastiveLoss", "KernelBuildError", "Kernels", "apply_frozen_recompute", "fused_clip_loss_fn",
-           "kernels_for", "select"]
+__all__ = ["FusedContrastiveLoss", "KernelBuildError", "Kernels", "fused_clip_loss_fn", "kernels_for", "select"]

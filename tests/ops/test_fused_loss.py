@@ -96,7 +96,9 @@ def two_rank_grads(rank, world_size, runs):
         rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         my_img, my_txt = img[rows].detach().requires_grad_(), txt[rows].detach().requires_grad_()
         scale = torch.tensor([scale_value], requires_grad=True)
-        options = {"type": loss_type, "chunk_size": 4, "tile_rows": tiles[0], "tile_cols": tiles[1]}
+        options = {"type": loss_type, "chunk_size": 4}
+        if loss_type == "fused":
+            options.update(tile_rows=tiles[0], tile_cols=tiles[1])
         loss = build_loss(options)(my_img, my_txt, scale)
         loss.backward()
         results.append({"loss": loss.item(), "img": my_img.grad.tolist(), "txt": my_txt.grad.tolist(),

@@ -16,8 +16,8 @@ import types
 import torch
 from torch import nn
 
-from ..models.text import BERT_LAYOUT
-from ..models.vision import TIMM_TRANSFORMER
+from .text import BERT_LAYOUT
+from .vision import TIMM_TRANSFORMER
 from ..runtime import replay_torch_rng, torch_rng_state
 
 

@@ -7,7 +7,7 @@ import torch
 
 from lilt_ds.config import load_config
 from lilt_ds.models import build_model
-from lilt_ds.ops import apply_frozen_recompute
+from lilt_ds.models import apply_frozen_recompute
 from lilt_ds.memory import SavedTensorMeter
 from tests.conftest import tiny_overrides
 
@@ -54,7 +54,7 @@ def test_the_backward_recompute_runs_under_the_forwards_autocast():
     """Forward under CPU autocast (bf16), backward outside it, as a training loop does: the recompute
     must run in bf16 again (torch.utils.checkpoint does the same), or its gradients are those of an
     fp32 forward the run never made."""
-    from lilt_ds.ops.recompute import recompute_call
+    from lilt_ds.models.recompute import recompute_call
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(16, 16, generator=generator)  # frozen
@@ -92,7 +92,7 @@ def test_config_switch_patches_the_built_model():
     plain = build_model(load_config("lilt", tiny_overrides("lilt", ["ln", "adapters"], ["ln", "adapters"])))
     patched = build_model(load_config("lilt", tiny_overrides("lilt", ["ln", "adapters"], ["ln", "adapters"],
                                                               extra=["memory.frozen_recompute=true"])))
-    from lilt_ds.ops import apply_frozen_recompute
+    from lilt_ds.models import apply_frozen_recompute
 
     assert apply_frozen_recompute(plain) > 0 and apply_frozen_recompute(patched) == 0  # already patched
 
