@@ -117,7 +117,7 @@ def phase_load_and_pass(path: str, args) -> dict:
     index_load_s = time.perf_counter() - start
     del table
     start = time.perf_counter()
-    cfg = {"train_files": [path], "num_workers": args.workers, "randaugment": None,
+    cfg = {"train_files": [path], "num_workers": args.workers, "augment": {"randaugment": False},
            "persistent_workers": True}
     loader = build_train_loader(cfg, tokenizer, image_size=args.image_size, mean=CLIP_MEAN,
                                 std=CLIP_STD, rank=0, world_size=1,

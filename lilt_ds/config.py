@@ -11,9 +11,10 @@ ones that guard the build, so a message reads the same whenever it comes. Keys a
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
-from .data import resolve_data_config
+from .data import check_zeroshot, resolve_data_config
 from .errors import ConfigError
 from .losses import loss_arguments
 from .models import check_model_config
@@ -46,20 +47,41 @@ class Int(Rule):
 
 
 class Number(Rule):
-    def __init__(self, minimum: float | None = None, positive: bool = False, below: float | None = None):
-        self.minimum, self.positive, self.below = minimum, positive, below
+    def __init__(self, minimum: float | None = None, positive: bool = False, below: float | None = None,
+                 maximum: float | None = None):
+        self.minimum, self.positive, self.below, self.maximum = minimum, positive, below, maximum
         bounds = ["> 0"] if positive else ([f">= {minimum:g}"] if minimum is not None else [])
         bounds += [f"< {below:g}"] if below is not None else []
+        bounds += [f"<= {maximum:g}"] if maximum is not None else []
         self.text = "a number" + (" " + " and ".join(bounds) if bounds else "")
 
     def accepts(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         return ((not self.positive or value > 0) and (self.minimum is None or value >= self.minimum)
-                and (self.below is None or value < self.below))
+                and (self.below is None or value < self.below) and (self.maximum is None or value <= self.maximum))
 
     def check(self, key: str, value):
         return float(super().check(key, value))
+
+
+class OneOf(Rule):
+    def __init__(self, *choices: str):
+        self.choices, self.text = choices, "one of " + ", ".join(choices)
+
+    def accepts(self, value) -> bool:
+        return value in self.choices
+
+
+class Pattern(Rule):
+    text = "a regular expression (Python re)"
+
+    def accepts(self, value) -> bool:
+        try:
+            re.compile(value)
+        except (re.error, TypeError):
+            return False
+        return isinstance(value, str) and bool(value)
 
 
 class Bool(Rule):
@@ -107,6 +129,7 @@ LORA = {"rank": Int(1), "alpha": Number(positive=True), "dropout": Number(0.0, b
         "target_modules": Nullable(Either(Str(), ListOf(Str()), text="a module name pattern or a list of them"))}
 TOWER = {"name": Str(), "pretrained": Either(Bool(), Str(), text="true, false or a weights source"),
          "unlock": ListOf(Str()), "adapter_reduction": Int(1), "grad_checkpointing": Bool(),
+         "layer_decay": Nullable(Number(positive=True, maximum=1.0)),
          **{f"lora.{k}": rule for k, rule in LORA.items()}}
 RULES: dict[str, Rule] = {
     "seed": Int(0), "output_dir": Nullable(Str()),
@@ -124,8 +147,14 @@ RULES: dict[str, Rule] = {
     "train.min_lr": Number(0.0), "train.weight_decay": Number(0.0), "train.warmup_steps": Int(0),
     "train.grad_clip": Number(0.0), "train.log_every": Int(1), "train.max_nonfinite_steps": Int(1),
     "train.deterministic": Bool(),
+    **{f"train.lr_scale.{part}": Number(positive=True) for part in ("vision", "text", "heads")},
+    "train.no_weight_decay": ListOf(Pattern()), "train.schedule": OneOf("cosine", "constant", "constant_cooldown"),
+    "train.cooldown_fraction": Number(positive=True, maximum=1.0),
     "checkpoint.every_steps": Nullable(Int(1)), "checkpoint.save_last_only": Bool(),
     "eval.every_epochs": Int(0), "eval.batch_size": Int(1),
+    "eval.classification.data": Nullable(Str()), "eval.classification.image_root": Nullable(Str()),
+    "eval.classification.classnames": Nullable(Str()), "eval.classification.templates": Str(),
+    "eval.classification.every_epochs": Int(0),
     "logging.disable_wandb": Bool(), "logging.wandb_project": Str(), "logging.wandb_run_name": Nullable(Str()),
 }
 """Every key of ``configs/_base.yaml`` but ``mode`` (checked by the models) and ``data.*`` (by the data)."""
@@ -160,6 +189,7 @@ def validate(cfg: Config) -> None:
     check_model_config(cfg)
     loss_arguments(cfg.loss)
     cfg.data = resolve_data_config(cfg.data, must_exist=True)
+    check_zeroshot(cfg.eval.classification)
 
 
 def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
+from .optim import build_scheduler, group_options, param_groups  # noqa: F401 (param_groups: engine API)
 from .runtime import DeviceFacts, present_device
 
 log = logging.getLogger("lilt_ds")
@@ -142,13 +144,7 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     _fill(ds, "optimizer.params.lr", float(train["lr"]), "train.lr", ds_name)
     _fill(ds, "optimizer.params.weight_decay", float(train["weight_decay"]), "train.weight_decay", ds_name)
-    ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
-    if ds["scheduler"].get("type") == "WarmupCosineLR":
-        warmup = max(1, min(int(train["warmup_steps"]), total_steps))  # DeepSpeed needs >= 1
-        _fill(ds, "scheduler.params.total_num_steps", total_steps, "the schedule length (train.epochs / train.max_steps)", ds_name)
-        _fill(ds, "scheduler.params.warmup_num_steps", warmup, "train.warmup_steps", ds_name)
-        _fill(ds, "scheduler.params.warmup_min_ratio", ratio, "train.min_lr / train.lr", ds_name)
-        _fill(ds, "scheduler.params.cos_min_ratio", ratio, "train.min_lr / train.lr", ds_name)
+    _resolve_schedule(ds, train, total_steps, ratio, ds_name)
     leftover = [k for k, v in _walk(ds) if v == AUTO]
     if leftover:
         raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
@@ -162,6 +158,35 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     return ds
 
 
+def _resolve_schedule(ds: dict, train, total_steps: int, ratio: float, ds_name: str) -> None:
+    """``train.schedule`` in the ds_config's scheduler block: cosine and constant are DeepSpeed's
+    WarmupCosineLR (constant: a cosine that ends where it starts); constant_cooldown has no DeepSpeed
+    scheduler, so it replaces a block that left every value to the experiment config ("auto") and
+    ``initialize`` passes its own; a block with explicit values keeps its schedule and is refused."""
+    schedule = train["schedule"]
+    if schedule == "constant_cooldown":
+        block = ds.get("scheduler")
+        settable = {k: v for k, v in ((block or {}).get("params") or {}).items() if k != "warmup_type"}
+        if block and (block.get("type") != "WarmupCosineLR" or any(v != AUTO for v in settable.values())):
+            raise ConfigError(
+                f"train.schedule=constant_cooldown: ds_config {ds_name} has its own scheduler block "
+                f"({block.get('type')} with explicit values); set its values to \"auto\" or remove the block to "
+                "let train.schedule decide, or choose train.schedule=cosine or constant")
+        ds.pop("scheduler", None)
+        return
+    ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
+    if ds["scheduler"].get("type") == "WarmupCosineLR":
+        warmup = max(1, min(int(train["warmup_steps"]), total_steps))  # DeepSpeed needs >= 1
+        _fill(ds, "scheduler.params.total_num_steps", total_steps, "the schedule length (train.epochs / train.max_steps)", ds_name)
+        _fill(ds, "scheduler.params.warmup_num_steps", warmup, "train.warmup_steps", ds_name)
+        _fill(ds, "scheduler.params.warmup_min_ratio", ratio, "train.min_lr / train.lr", ds_name)
+        end = (1.0, "train.schedule=constant") if schedule == "constant" else (ratio, "train.min_lr / train.lr")
+        _fill(ds, "scheduler.params.cos_min_ratio", end[0], end[1], ds_name)
+    elif schedule == "constant":
+        raise ConfigError(f"train.schedule=constant: ds_config {ds_name}'s scheduler is {ds['scheduler'].get('type')}, "
+                          "not WarmupCosineLR; use a ds_config with the shipped scheduler block or train.schedule=cosine")
+
+
 def _walk(tree: dict, prefix: str = ""):
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -170,29 +195,22 @@ def _walk(tree: dict, prefix: str = ""):
             yield prefix + k, v
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters only, in two groups: decayed matrices, and undecayed biases, norms, scalars.
-
-    No group is ever empty (DeepSpeed ZeRO-1/2 index into each group's first parameter).
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    if not decay and not no_decay:
-        raise ConfigError("the model has no trainable parameter: check mode, model.*.unlock and freeze_* settings")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def initialize(model: nn.Module, ds_config: dict, weight_decay: float):
-    """``deepspeed.initialize`` with the trainable parameter groups; returns (engine, optimizer, scheduler)."""
+def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None = None):
+    """``deepspeed.initialize`` with the trainable parameter groups of ``cfg`` (the experiment config:
+    weight decay, per-tower learning rates, layer decay), and, where ``resolve_ds_config`` left the
+    schedule to it (``train.schedule=constant_cooldown``), its scheduler; returns (engine,
+    optimizer, scheduler)."""
     import deepspeed
 
     model.to(engine_dtype(ds_config))  # buffers too (BatchNorm statistics), which DeepSpeed leaves as they are
+    groups = param_groups(model, lr=ds_config["optimizer"]["params"].get("lr"), **group_options(cfg))
+    client_scheduler = None
+    if "scheduler" not in ds_config and cfg["train"]["schedule"] == "constant_cooldown":
+        if total_steps is None:
+            raise ValueError("initialize: train.schedule=constant_cooldown needs the schedule length (total_steps)")
+        client_scheduler = functools.partial(build_scheduler, cfg=cfg, total_steps=total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+        model=model, model_parameters=groups, config=ds_config, lr_scheduler=client_scheduler)
     if getattr(scheduler, "last_batch_iteration", None) == -1:
         # DeepSpeed's schedules start "before step 0" with lr 0, which wastes the first optimizer
         # step; start at step 0 (warmup's first value), as the scheduler steps after every update

@@ -132,25 +132,6 @@ def evaluate_retrieval(model, data, batch_size: int, device, dtype=torch.float32
 
 
 # ------------------------------------------------------------------------ zero-shot classification
-def load_templates(spec: str) -> list[str]:
-    """``imagenet`` (the 80 CLIP ImageNet prompts), a file with one template per line, or one template."""
-    if spec == "imagenet":
-        from importlib import resources
-
-        text = (resources.files("lilt_ds") / "configs" / "imagenet_templates.txt").read_text()
-    elif os.path.isfile(spec):
-        with open(spec) as f:
-            text = f.read()
-    else:
-        text = spec
-    templates = [t.strip() for t in text.splitlines() if t.strip()]
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ConfigError(f"prompt template(s) {bad or spec!r} need a '{{}}' where the class name goes, "
-                          "as in 'a photo of a {}.'")
-    return templates
-
-
 def classifier_weights(model, classnames, templates, tokenizer, max_length: int, batch_size: int, device):
     """One text embedding per class: the mean over the templates, re-normalised (CLIP's ensemble)."""
     prompts = [t.format(c) for c in classnames for t in templates]
@@ -210,8 +191,7 @@ def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: 
 
     from .checkpoint import check_identity, run_identity
     from .config import load_config
-    from .data import build_eval_transform, build_retrieval_data, eval_loader_settings
-    from .data.evaluation.classification import build_classification_data
+    from .data import build_retrieval_data, build_zeroshot_data, eval_loader_settings
     from .export import load_trained
     from .models import build_model, build_tokenizer
     from .runtime import init_distributed, process_group_scope
@@ -241,12 +221,8 @@ def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: 
                                          pin_memory=pin)
             table = format_retrieval_table(metrics)
         else:
-            classnames = None
-            if classnames_file:
-                with open(classnames_file) as f:
-                    classnames = [line.strip() for line in f if line.strip()]
-            dataset = build_classification_data(data, build_eval_transform(size, mean, std), image_root, classnames)
-            metrics = evaluate_classification(model, dataset, tokenizer, load_templates(templates), batch_size,
+            dataset, prompts = build_zeroshot_data(data, size, mean, std, image_root, classnames_file, templates)
+            metrics = evaluate_classification(model, dataset, tokenizer, prompts, batch_size,
                                               device, max_length=cfg.data.eval_max_length, num_workers=loader_workers,
                                               pin_memory=pin)
             table = format_classification_table(metrics)

@@ -117,7 +117,16 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that moved: a config or override that still names one is told where it went.
+MOVED_KEYS = {
+    "data.hflip": "data.augment.hflip",
+    "data.randaugment": "data.augment.randaugment (false turns it off, null keeps the preset's)",
+}
+
+
 def _unknown_key_error(key: str, tree: dict, source: str) -> ConfigError:
+    if key in MOVED_KEYS:
+        return ConfigError(f"config key {key!r} in {source} is now {MOVED_KEYS[key]}.")
     valid = _flat_keys(tree) + list(ALIASES)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f" Closest valid keys: {', '.join(close)}." if close else ""

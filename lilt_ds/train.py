@@ -18,9 +18,9 @@ from .allocator import retain_freed_memory
 from . import engine as ds_engine
 from .errors import ConfigError, LiltError
 from .presets import Config, save_config
-from .data import build_eval_data, build_train_loader, global_bad_sample_counts, eval_loader_settings, resolve_data_config
+from .data import build_eval_data, build_train_loader, build_zeroshot_data, global_bad_sample_counts, eval_loader_settings, resolve_data_config
 from .export import save_exported, trainable_state_from_engine
-from .evaluate import evaluate_retrieval, format_retrieval_table
+from .evaluate import evaluate_classification, evaluate_retrieval, format_retrieval_table
 from .losses import as_fp32, build_loss, exact_accumulation_step
 from .models import build_model, build_tokenizer, trainable_summary
 from .models.summary import format_summary
@@ -69,6 +69,11 @@ def resolve_resume(resume: str | None, output_dir: str) -> tuple[str, str] | Non
     return ckpt.resolve_checkpoint(checkpoint_folder(output_dir) if resume == "latest" else resume)
 
 
+def due(every_epochs: int, epoch: int, last: bool) -> bool:
+    """An evaluation every ``every_epochs`` epochs (and after the last; 0: never) runs now."""
+    return bool(every_epochs) and (epoch % every_epochs == 0 or last)
+
+
 def to_device(batch: dict, device, dtype) -> dict:
     return {
         "images": batch["images"].to(device, dtype, non_blocking=True),
@@ -104,6 +109,9 @@ class Trainer:
         self.loader = build_train_loader(data, self.tokenizer, size, mean, std, self.rank, self.world_size,
                                          cfg.train.micro_batch_size, cfg.seed, self.device.type)
         self.eval_data = build_eval_data(data, self.tokenizer, size, mean, std)
+        zeroshot = cfg.eval.classification
+        self.zeroshot = None if zeroshot.data is None else build_zeroshot_data(
+            zeroshot.data, size, mean, std, zeroshot.image_root, zeroshot.classnames, zeroshot.templates)
         self.eval_workers, self.eval_pin_memory = eval_loader_settings(data, self.device.type)
 
         accum = cfg.train.grad_accum_steps
@@ -127,7 +135,7 @@ class Trainer:
         self.identity = ckpt.run_identity(cfg, self.model)  # before DeepSpeed casts and partitions
 
         self.engine, self.optimizer, self.scheduler = ds_engine.initialize(
-            self.model, self.ds_config, cfg.train.weight_decay)
+            self.model, self.ds_config, cfg, self.total_steps)
         runtime.seed_everything(cfg.seed + 1000 * self.rank)  # per-rank dropout noise
         self.step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self.restored_rng = None
@@ -244,15 +252,20 @@ class Trainer:
             if bad["replaced"] or bad["bad_entries"]:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
             self.epoch += 1
-            if self.eval_data is not None and cfg.eval.every_epochs and \
-                    (self.epoch % cfg.eval.every_epochs == 0 or self.step >= self.total_steps):
-                results = self.evaluate()
+            last = self.step >= self.total_steps
+            metrics = self.evaluate(retrieval=self.eval_data is not None and due(cfg.eval.every_epochs, self.epoch, last),
+                                    zeroshot=self.zeroshot is not None and
+                                    due(cfg.eval.classification.every_epochs, self.epoch, last))
+            results = {**results, **metrics}
         if self.last_saved_step != self.step:
             self.save_checkpoint()
         self.export()
         self.verify_replicas()
-        if results and self.rank == 0:
+        if "txt_r1" in results and self.rank == 0:
             print("\nretrieval on the held-out split after training:\n" + format_retrieval_table(results), flush=True)
+        if "zeroshot_top1" in results and self.rank == 0:
+            print(f"zero-shot classification after training: top-1 {results['zeroshot_top1']:.2f}, "
+                  f"top-5 {results['zeroshot_top5']:.2f}", flush=True)
         self.metrics.close()
         return results
 
@@ -268,10 +281,21 @@ class Trainer:
                 "Lower train.lr, raise train.warmup_steps, or check the data; "
                 f"the limit is train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}")
 
-    def evaluate(self) -> dict:
-        metrics = evaluate_retrieval(self.engine.module, self.eval_data, self.cfg.eval.batch_size,
-                                     self.device, self.dtype, self.eval_workers, self.eval_pin_memory)
-        self.metrics.evaluation(self.step, self.epoch, metrics)
+    def evaluate(self, retrieval: bool = True, zeroshot: bool = True) -> dict:
+        """Retrieval on the held-out split and zero-shot classification (``eval.classification``), each
+        where asked and configured; every rank encodes a shard. Rank 0 logs what was measured."""
+        metrics = {}
+        if retrieval and self.eval_data is not None:
+            metrics.update(evaluate_retrieval(self.engine.module, self.eval_data, self.cfg.eval.batch_size,
+                                              self.device, self.dtype, self.eval_workers, self.eval_pin_memory))
+        if zeroshot and self.zeroshot is not None:
+            images, templates = self.zeroshot
+            scores = evaluate_classification(self.engine.module, images, self.tokenizer, templates,
+                                             self.cfg.eval.batch_size, self.device, self.dtype,
+                                             self.cfg.data.eval_max_length, self.eval_workers, self.eval_pin_memory)
+            metrics.update({"zeroshot_top1": scores["top1"], "zeroshot_top5": scores["top5"]})
+        if metrics:
+            self.metrics.evaluation(self.step, self.epoch, metrics)
         return metrics
 
     def export(self) -> None:

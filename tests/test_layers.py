@@ -23,7 +23,7 @@ LAYERS = [
     ("losses", "ops"),
     ("data",),
     ("config",),
-    ("engine", "checkpoint", "export", "memory", "run_logging"),
+    ("engine", "optim", "checkpoint", "export", "memory", "run_logging"),
     ("train", "evaluate"),
     ("tools",),
 ]

@@ -12,6 +12,7 @@ from .demo import ensure_demo_data, generate_demo
 from .errors import DataError
 from .index.image_root import ImageRoot
 from .loader import TrainLoader, build_eval_data, build_train_loader
+from .evaluation.classification import build_zeroshot_data, check_zeroshot, load_templates, read_classnames
 from .evaluation.retrieval import RetrievalData, RetrievalImages, build_retrieval_data, collate_images
 from .sampler import ResumableDistributedSampler
 from .shards.writer import write_shards
@@ -25,7 +26,7 @@ __all__ = [
     "BadSample", "BadSampleLog", "CaptionDataset", "CaptionTable", "DATA_DEFAULTS", "DataError",
     "ImageRoot", "ImageTextCollator", "LILT_RANDAUGMENT_OPS", "ResumableDistributedSampler",
     "RetrievalData", "RetrievalImages", "ShardDataset", "ShardFiles", "ShardProgress", "TrainLoader",
-    "build_eval_data", "build_eval_transform", "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
+    "build_eval_data", "build_zeroshot_data", "check_zeroshot", "load_templates", "read_classnames", "build_eval_transform", "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
     "ensure_demo_data", "eval_loader_settings", "find_shards", "generate_demo", "global_bad_sample_counts",
     "load_caption_files", "loader_settings", "pre_caption", "resolve_data_config", "tokenize_captions", "write_shards",
 ]

@@ -10,12 +10,13 @@ from ..presets import Config, base_defaults, to_config
 from .bad_samples import check_bad_sample_policy
 from .errors import DataError
 from .index.image_root import ImageRoot
+from .preprocessing.transforms import resolve_augment
 
 # the one list of keys and defaults is the experiment schema, lilt_ds/configs/_base.yaml
 DATA_DEFAULTS: Dict[str, Any] = base_defaults()["data"]
 
 _POSITIVE_INTS = ("max_words", "max_length", "eval_max_length")
-_BOOLS = ("clean_captions", "hflip", "persistent_workers")
+_BOOLS = ("clean_captions", "persistent_workers")
 AUTO = "auto"
 CPU_WORKERS = 2        # data.num_workers=auto on the CPU (the default before "auto" existed)
 MAX_GPU_WORKERS = 8    # data.num_workers=auto on a GPU: at most this many per rank
@@ -36,8 +37,11 @@ def resolve_data_config(data_cfg: Dict[str, Any] = None, must_exist: bool = Fals
     _reject_unknown(data_cfg, DATA_DEFAULTS, "data")
     demo = data_cfg.pop("demo", None) or {}
     _reject_unknown(demo, DATA_DEFAULTS["demo"], "data.demo")
+    augment = data_cfg.pop("augment", None) or {}
+    _reject_unknown(augment, DATA_DEFAULTS["augment"], "data.augment")
     cfg.update(data_cfg)
     cfg["demo"].update(demo)
+    cfg["augment"].update(augment)
 
     files = cfg["train_files"]
     if isinstance(files, str):
@@ -74,9 +78,7 @@ def resolve_data_config(data_cfg: Dict[str, Any] = None, must_exist: bool = Fals
             raise DataError(f"data.{key} = {cfg[key]!r}: expected true or false.")
     if cfg["pin_memory"] != AUTO and not isinstance(cfg["pin_memory"], bool):
         raise DataError(f"data.pin_memory = {cfg['pin_memory']!r}: expected auto, true or false.")
-    if cfg["randaugment"] is not None and not isinstance(cfg["randaugment"], str):
-        raise DataError(f"data.randaugment = {cfg['randaugment']!r}: expected a timm RandAugment "
-                        'string such as "rand-m7-n2", or null.')
+    cfg["augment"] = resolve_augment(cfg["augment"])
     for key, minimum in (("n", 1), ("eval_n", 1), ("seed", 0), ("size", 16)):
         _check_int(cfg["demo"][key], f"data.demo.{key}", minimum=minimum)
     if must_exist:

@@ -75,8 +75,7 @@ def build_train_loader(data_cfg: Dict, tokenizer, image_size: int, mean: Sequenc
     cfg["num_workers"], cfg["pin_memory"] = loader_settings(cfg, device_type)
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise DataError(f"micro batch size {micro_batch_size!r}: expected a positive integer.")
-    transform = build_train_transform(image_size, mean, std, hflip=cfg["hflip"],
-                                      randaugment=cfg["randaugment"])
+    transform = build_train_transform(image_size, mean, std, cfg["augment"])
     collate = ImageTextCollator(tokenizer, cfg["max_length"])
     workers = cfg["num_workers"]
     if workers > 0:

@@ -143,7 +143,7 @@ def _measure(cfg, ds_config: dict, micro_batch: int, ds_name: str, world_size: i
     ds = ds_engine.resolve_ds_config(ds_config, cfg, world_size, total_steps=2, ds_name=ds_name)
     dtype = ds_engine.engine_dtype(ds)
     torch.manual_seed(cfg.seed)
-    engine, _, _ = ds_engine.initialize(build_model(cfg, load_weights=False), ds, cfg.train.weight_decay)
+    engine, _, _ = ds_engine.initialize(build_model(cfg, load_weights=False), ds, cfg, total_steps=2)
     loss_fn = build_loss(cfg.loss)
     batch = tuple(random_batch(cfg, micro_batch, dtype=dtype, device=engine.device).values())
     accelerator = get_accelerator()

@@ -8,7 +8,7 @@ from lilt_ds.data import DATA_DEFAULTS, DataError, eval_loader_settings, loader_
 def test_defaults_fill_missing_keys_without_sharing_state():
     cfg = resolve_data_config({"demo": {"n": 100}})
     assert cfg["demo"] == {"n": 100, "eval_n": 500, "seed": 0, "size": 128}
-    assert cfg["on_bad_sample"] == "error" and cfg["randaugment"] == "rand-m7-n2"
+    assert cfg["on_bad_sample"] == "error" and cfg["augment"]["randaugment"] == "rand-m7-n2"
     cfg["train_files"].append("x.json")
     assert DATA_DEFAULTS["train_files"] == [] and resolve_data_config()["train_files"] == []
 
@@ -23,7 +23,7 @@ def test_a_single_file_string_becomes_a_list():
     ({"eval_file": 3}, r"data\.eval_file = 3: expected a path or null"),
     ({"train_files": [None]}, r"data\.train_files = \[None\]: expected a list of JSON file paths"),
     ({"demo": {"size": 4}}, r"data\.demo\.size = 4: expected an integer >= 16"),
-    ({"randaugment": 7}, r"data\.randaugment = 7: expected a timm RandAugment string"),
+    ({"augment": {"randaugment": 7}}, r"data\.augment\.randaugment = 7: expected a timm RandAugment string"),
     ({"max_bad_fraction": True}, r"data\.max_bad_fraction = True"),
     ({"num_workers": "many"}, r"data\.num_workers = 'many': expected auto or an integer >= 0"),
     ({"pin_memory": "yes"}, r"data\.pin_memory = 'yes': expected auto, true or false"),

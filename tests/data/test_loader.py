@@ -80,8 +80,8 @@ def test_skip_aborts_during_training_above_the_threshold(tmp_path, tokenizer):
     ({"train_file": ["a.json"]}, r"unknown setting\(s\) data\.train_file; data accepts: train_files,"),
     ({"demo": {"count": 3}}, r"unknown setting\(s\) data\.demo\.count"),
     ({"num_workers": -1}, r"data\.num_workers = -1: expected auto or an integer >= 0"),
-    ({"hflip": "yes"}, r"data\.hflip = 'yes': expected true or false"),
-    ({"randaugment": "rand-m7-x"}, r"data\.randaugment = 'rand-m7-x' is not a RandAugment string"),
+    ({"augment": {"hflip": "yes"}}, r"data\.augment\.hflip = 'yes': expected true or false"),
+    ({"augment": {"randaugment": "rand-m7-x"}}, r"data\.augment\.randaugment = 'rand-m7-x' is not a RandAugment string"),
     ({"image_root": ["/a"]}, r"data\.image_root = \['/a'\]: expected null, a folder string"),
 ])
 def test_bad_settings_are_rejected(cfg, message, caption_file, tokenizer):
@@ -112,3 +112,11 @@ def test_eval_data_from_an_eval_file_or_none(caption_file, tmp_path, tokenizer):
     eval_file = write_json(tmp_path / "val.json", [{"image": "x.jpg", "caption": ["A b.", "C d"]}])
     cfg = {"train_files": [train], "eval_file": eval_file, "eval_image_root": str(tmp_path / "val")}
     assert build_eval_data(cfg, tokenizer, 32, MEAN, STD).texts == ["a b", "c d"]
+
+
+def test_the_configured_augmentation_is_the_loaders(caption_file, tokenizer):
+    loader, dataset, _ = build({"train_files": [caption_file(4)],
+                                "augment": {"preset": "openclip", "scale": [0.7, 0.9], "grayscale": 0.5}}, tokenizer)
+    crop, grey, _ = dataset.transform.transforms
+    assert crop.scale == [0.7, 0.9] and grey.p == 0.5
+    assert next(iter(loader))["images"].shape == (4, 3, 32, 32)

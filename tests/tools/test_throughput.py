@@ -37,7 +37,7 @@ def _two_steps(rank, world_size, tmp_dir, modes):
     for mode in modes:
         cfg = tp.benchmark_config("tiny", mode, image_size=64, batch=4, workers=0, total_steps=20,
                                   demo={"n": 16, "eval_n": 4, "seed": 0, "size": 32},
-                                  extra=["train.warmup_steps=2", "train.epochs=10", "data.randaugment=null"])
+                                  extra=["train.warmup_steps=2", "train.epochs=10", "data.augment.randaugment=false"])
         batch = tp.synthetic_batch(cfg, 4)
         precisions = {"fp32": (fp32_paths[2], None)}
         if mode == "clip":

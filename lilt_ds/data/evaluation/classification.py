@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from importlib import resources
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
+from ...errors import ConfigError
 from ..errors import DataError
 from ..preprocessing.images import IMAGE_EXTENSIONS, open_rgb
 
@@ -98,3 +100,57 @@ def build_classification_data(source: str, transform, image_root: Optional[str] 
     if missing:
         raise DataError(f"{len(missing)} images of {source} are missing, e.g. {missing[0]}")
     return ClassificationImages(paths, labels, names, transform)
+
+
+def load_templates(spec: str) -> list[str]:
+    """``imagenet`` (the 80 CLIP ImageNet prompts), a file with one template per line, or one template."""
+    if spec == "imagenet":
+        text = (resources.files("lilt_ds") / "configs" / "imagenet_templates.txt").read_text()
+    elif os.path.isfile(spec):
+        with open(spec) as f:
+            text = f.read()
+    else:
+        text = spec
+    templates = [t.strip() for t in text.splitlines() if t.strip()]
+    bad = [t for t in templates if "{}" not in t]
+    if not templates or bad:
+        raise ConfigError(f"prompt template(s) {bad or spec!r} need a '{{}}' where the class name goes, "
+                          "as in 'a photo of a {}.'")
+    return templates
+
+
+def read_classnames(path: Optional[str]) -> Optional[List[str]]:
+    """The class names of a file with one per line (for JSON data with integer labels), or None."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as err:
+        raise DataError(f"class names file {path} cannot be read: {err}") from None
+
+
+def build_zeroshot_data(source: str, image_size: int, mean: Sequence[float], std: Sequence[float],
+                        image_root: Optional[str] = None, classnames_file: Optional[str] = None,
+                        templates: str = "a photo of a {}.") -> Tuple[ClassificationImages, List[str]]:
+    """The images of a zero-shot classification set in the evaluation transform, and its prompt
+    templates: what ``launch/evaluate.py --task classification`` and ``eval.classification`` read."""
+    from ..preprocessing.transforms import build_eval_transform
+
+    transform = build_eval_transform(image_size, mean, std)
+    images = build_classification_data(source, transform, image_root, read_classnames(classnames_file))
+    return images, load_templates(templates)
+
+
+def check_zeroshot(section) -> None:
+    """``eval.classification`` names files that exist and templates with a ``{}``: checked at load time."""
+    if section["data"] is None:
+        return
+    for key, exists in (("data", os.path.exists), ("image_root", os.path.isdir), ("classnames", os.path.isfile)):
+        path = section[key]
+        if path is not None and not exists(path):
+            raise DataError(f"eval.classification.{key} = {path!r} does not exist: check the path")
+    if not section["data"].endswith(".json") and not os.path.isdir(section["data"]):
+        raise DataError(f"eval.classification.data = {section['data']!r}: expected a folder with one sub-folder "
+                        "per class or a JSON list of {image, label}")
+    load_templates(section["templates"])

@@ -1,7 +1,9 @@
-"""Image transforms of the original LilT recipe, with the vision tower's mean/std passed in."""
+"""Image transforms: training augmentation by preset (the original LilT recipe, OpenCLIP's, none) with
+every parameter settable, and the evaluation resize; the vision tower's mean/std passed in."""
 
+import copy
 import re
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,20 +20,88 @@ LILT_RANDAUGMENT_OPS = ["AutoContrast", "Equalize", "Brightness", "Sharpness", "
                         "TranslateXRel", "TranslateYRel", "Rotate"]
 
 
-def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                          hflip: bool = True, randaugment: Optional[str] = "rand-m7-n2"):
-    """RandomResizedCrop(scale 0.2-1, bicubic) -> [horizontal flip] -> [RandAugment] ->
-    ToTensor + Normalize(mean, std).
+# What each `data.augment.preset` means; a key set in `data.augment` replaces the preset's value.
+# lilt: the original LilT recipe. openclip: OpenCLIP's default train transform (a mild crop, nothing
+# else). none: the evaluation transform (a square resize), so training sees what evaluation sees.
+AUGMENT_PRESETS: Dict[str, Dict[str, Any]] = {
+    "lilt": {"scale": [0.2, 1.0], "ratio": [3 / 4, 4 / 3], "interpolation": "bicubic", "hflip": True,
+             "randaugment": "rand-m7-n2", "color_jitter": 0.0, "grayscale": 0.0},
+    "openclip": {"scale": [0.9, 1.0], "ratio": [3 / 4, 4 / 3], "interpolation": "bicubic", "hflip": False,
+                 "randaugment": False, "color_jitter": 0.0, "grayscale": 0.0},
+    "none": {"scale": None, "ratio": None, "interpolation": "bicubic", "hflip": False,
+             "randaugment": False, "color_jitter": 0.0, "grayscale": 0.0},
+}
+AUGMENT_KEYS = ("preset",) + tuple(AUGMENT_PRESETS["lilt"])
+INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST}
 
-    `randaugment` is a timm config string ("rand-m7-n2": magnitude 7, two ops) or None. Unless the
+
+def resolve_augment(augment: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The complete augmentation of `data.augment`: its preset's values, replaced by those it sets
+    (null keeps the preset's), each checked; DataError names the key, the value and what it takes."""
+    given = dict(augment or {})
+    unknown = sorted(set(given) - set(AUGMENT_KEYS))
+    if unknown:
+        raise DataError(f"unknown setting(s) {', '.join('data.augment.' + k for k in unknown)}; "
+                        f"data.augment accepts: {', '.join(AUGMENT_KEYS)}.")
+    preset = given.get("preset") or "lilt"
+    if preset not in AUGMENT_PRESETS:
+        raise DataError(f"data.augment.preset = {preset!r}: expected one of {', '.join(AUGMENT_PRESETS)}.")
+    out = {"preset": preset, **copy.deepcopy(AUGMENT_PRESETS[preset])}
+    out.update({k: v for k, v in given.items() if v is not None and k != "preset"})
+    for key in ("scale", "ratio"):
+        if out[key] is None:
+            continue
+        if preset == "none":
+            raise DataError(f"data.augment.{key} = {out[key]!r}: preset none does not crop (it resizes "
+                            "as evaluation does); pick preset lilt or openclip to crop.")
+        out[key] = _range(out[key], key)
+    if out["scale"] is not None and out["scale"][1] > 1:
+        raise DataError(f"data.augment.scale = {list(out['scale'])}: the crop's share of the image "
+                        "area is at most 1 (OpenCLIP's default: [0.9, 1.0]).")
+    if out["interpolation"] not in INTERPOLATIONS:
+        raise DataError(f"data.augment.interpolation = {out['interpolation']!r}: expected one of "
+                        f"{', '.join(INTERPOLATIONS)}.")
+    if not isinstance(out["hflip"], bool):
+        raise DataError(f"data.augment.hflip = {out['hflip']!r}: expected true or false.")
+    if out["randaugment"] is not False and not isinstance(out["randaugment"], str):
+        raise DataError(f"data.augment.randaugment = {out['randaugment']!r}: expected a timm RandAugment "
+                        'string such as "rand-m7-n2", or false (off).')
+    out["color_jitter"] = _jitter(out["color_jitter"])
+    gray = out["grayscale"]
+    if isinstance(gray, bool) or not isinstance(gray, (int, float)) or not 0 <= gray <= 1:
+        raise DataError(f"data.augment.grayscale = {gray!r}: expected the probability (0 to 1) of "
+                        "turning an image grey (0: off).")
+    out["grayscale"] = float(gray)
+    return out
+
+
+def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                          augment: Optional[Mapping[str, Any]] = None, **changes):
+    """The training transform of `augment` (a `data.augment` mapping; None: the lilt preset), with
+    `changes` (its keys, e.g. hflip=False) on top: RandomResizedCrop(scale, ratio) or, with preset
+    none, a square resize -> [horizontal flip] -> [colour jitter] -> [grayscale] -> [RandAugment]
+    -> ToTensor + Normalize(mean, std).
+
+    `randaugment` is a timm config string ("rand-m7-n2": magnitude 7, two ops) or false. Unless the
     string picks a timm op set itself (a "-t..." section), the ops are `LILT_RANDAUGMENT_OPS`."""
     _check_size(image_size)
-    steps = [T.RandomResizedCrop(image_size, scale=(0.2, 1.0),
-                                 interpolation=T.InterpolationMode.BICUBIC)]
-    if hflip:
+    aug = resolve_augment({**dict(augment or {}), **changes})
+    interpolation = INTERPOLATIONS[aug["interpolation"]]
+    if aug["scale"] is None and aug["ratio"] is None:
+        steps = [T.Resize((image_size, image_size), interpolation=interpolation)]
+    else:
+        steps = [T.RandomResizedCrop(image_size, scale=aug["scale"] or (0.08, 1.0),
+                                     ratio=aug["ratio"] or (3 / 4, 4 / 3), interpolation=interpolation)]
+    if aug["hflip"]:
         steps.append(T.RandomHorizontalFlip())
-    if randaugment:
-        steps.append(_randaugment(randaugment, mean))
+    if any(aug["color_jitter"]):
+        brightness, contrast, saturation, hue = aug["color_jitter"]
+        steps.append(T.ColorJitter(brightness, contrast, saturation, hue))
+    if aug["grayscale"] > 0:
+        steps.append(T.RandomGrayscale(aug["grayscale"]))
+    if aug["randaugment"]:
+        steps.append(_randaugment(aug["randaugment"], mean))
     steps.append(ToNormalizedTensor(mean, std))
     return T.Compose(steps)
 
@@ -43,19 +113,40 @@ def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[f
                       ToNormalizedTensor(mean, std)])
 
 
+def _range(value, key: str) -> List[float]:
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+          and value[0] <= value[1])
+    if not ok:
+        raise DataError(f"data.augment.{key} = {value!r}: expected [low, high] with 0 < low <= high "
+                        f"(OpenCLIP's default {key}: {[round(v, 3) for v in AUGMENT_PRESETS['openclip'][key]]}).")
+    return [float(value[0]), float(value[1])]
+
+
+def _jitter(value) -> List[float]:
+    """A strength s (brightness, contrast and saturation by s, hue kept) or [b, c, s, h]; 0 is off."""
+    fix = "expected a strength >= 0 (brightness, contrast, saturation; 0: off) or [b, c, s, h] with hue <= 0.5"
+    numbers = [value] * 3 + [0.0] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if (not isinstance(numbers, (list, tuple)) or len(numbers) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in numbers)
+            or numbers[3] > 0.5):
+        raise DataError(f"data.augment.color_jitter = {value!r}: {fix}.")
+    return [float(v) for v in numbers]
+
+
 def _randaugment(config: str, mean: Sequence[float]):
     fix = ('use a timm RandAugment string such as "rand-m7-n2" (m: magnitude 0-10, n: ops per '
-           "image), or null to disable")
+           "image), or false to turn it off")
     parts = config.split("-") if isinstance(config, str) else []
     if not parts or parts[0] != "rand" or not all(_RANDAUGMENT_SECTION.fullmatch(p) for p in parts[1:]):
-        raise DataError(f"data.randaugment = {config!r} is not a RandAugment string; {fix}.")
+        raise DataError(f"data.augment.randaugment = {config!r} is not a RandAugment string; {fix}.")
     picks_op_set = any(part.startswith("t") for part in parts[1:])
     hparams = {"translate_pct": 0.45, "img_mean": tuple(int(round(255 * m)) for m in mean)}
     try:
         return rand_augment_transform(config, hparams,
                                       transforms=None if picks_op_set else LILT_RANDAUGMENT_OPS)
     except (AssertionError, ValueError, KeyError) as err:
-        raise DataError(f"data.randaugment = {config!r} does not parse ({err or 'bad section'}); "
+        raise DataError(f"data.augment.randaugment = {config!r} does not parse ({err or 'bad section'}); "
                         f"{fix}.") from None
 
 

@@ -15,7 +15,7 @@ from ..files import MEAN, STD
 def test_train_transform_shape_and_normalisation():
     image = Image.new("RGB", (80, 60), (255, 0, 0))
     torch.manual_seed(0)
-    out = build_train_transform(48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), randaugment=None)(image)
+    out = build_train_transform(48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), randaugment=False)(image)
     assert out.shape == (3, 48, 48)
     assert torch.allclose(out[:, 10, 10], torch.tensor([1.0, -1.0, -1.0]), atol=0.02)
 
@@ -51,7 +51,7 @@ def test_eval_transform_resizes_to_a_square():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"randaugment": "auto-m7"}, r"data\.randaugment = 'auto-m7' is not a RandAugment string"),
+    ({"randaugment": "auto-m7"}, r"data\.augment\.randaugment = 'auto-m7' is not a RandAugment string"),
     ({"std": (0.5, 0.0, 0.5)}, r"expected three values each \(RGB\) and a positive std"),
     ({"mean": (0.5,)}, r"expected three values each"),
     ({"image_size": 0}, r"image size 0: expected a positive number"),
@@ -60,3 +60,62 @@ def test_bad_arguments_are_rejected(kwargs, message):
     args = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, **kwargs}
     with pytest.raises(DataError, match=message):
         build_train_transform(**args)
+
+
+def steps(augment=None, **changes):
+    return build_train_transform(32, (0.5,) * 3, (0.5,) * 3, augment, **changes).transforms
+
+
+def test_each_preset_builds_its_recipe():
+    lilt = steps()
+    assert [type(t).__name__ for t in lilt] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment",
+                                                "ToNormalizedTensor"]
+    assert lilt[0].scale == [0.2, 1.0] and lilt[0].interpolation == T.InterpolationMode.BICUBIC
+    openclip = steps({"preset": "openclip"})
+    assert [type(t).__name__ for t in openclip] == ["RandomResizedCrop", "ToNormalizedTensor"]
+    assert openclip[0].scale == [0.9, 1.0] and openclip[0].ratio == [0.75, 4 / 3]
+    assert [type(t).__name__ for t in steps({"preset": "none"})] == ["Resize", "ToNormalizedTensor"]
+
+
+def test_preset_none_trains_on_what_evaluation_sees():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    train = build_train_transform(32, MEAN, STD, {"preset": "none"})(image)
+    assert torch.equal(train, build_eval_transform(32, MEAN, STD)(image))
+
+
+def test_every_augmentation_parameter_reaches_the_transform():
+    crop, flip, jitter, grey, augment, _ = steps({"preset": "openclip", "scale": [0.5, 0.8], "ratio": [0.9, 1.1],
+                                                  "interpolation": "bilinear", "hflip": True,
+                                                  "randaugment": "rand-m3-n1", "color_jitter": [0.4, 0.3, 0.2, 0.1],
+                                                  "grayscale": 0.2})
+    assert crop.scale == [0.5, 0.8] and crop.ratio == [0.9, 1.1]
+    assert crop.interpolation == T.InterpolationMode.BILINEAR and isinstance(flip, T.RandomHorizontalFlip)
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.7, 1.3),
+                                                                                   (0.8, 1.2), (-0.1, 0.1))
+    assert grey.p == 0.2 and (augment.num_layers, augment.ops[0].magnitude) == (1, 3)
+    assert steps(color_jitter=0.4)[2].hue is None  # one strength: brightness, contrast, saturation
+
+
+def test_a_colour_changed_image_differs_and_a_grey_one_has_equal_channels():
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    grey = build_train_transform(32, (0.5,) * 3, (0.5,) * 3, {"preset": "none", "grayscale": 1.0})(image)
+    assert torch.allclose(grey[0], grey[1], atol=1e-5) and torch.allclose(grey[1], grey[2], atol=1e-5)
+    torch.manual_seed(0)
+    jittered = build_train_transform(32, (0.5,) * 3, (0.5,) * 3, {"preset": "none", "color_jitter": 0.8})(image)
+    assert not torch.allclose(jittered, build_eval_transform(32, (0.5,) * 3, (0.5,) * 3)(image), atol=0.05)
+
+
+@pytest.mark.parametrize("augment, message", [
+    ({"preset": "flip"}, r"data\.augment\.preset = 'flip': expected one of lilt, openclip, none"),
+    ({"scale": [0.9, 0.2]}, r"data\.augment\.scale = \[0\.9, 0\.2\]: expected \[low, high\] with 0 < low <= high"),
+    ({"scale": [0.5, 1.5]}, r"data\.augment\.scale = \[0\.5, 1\.5\]: the crop's share of the image area is at most 1"),
+    ({"preset": "none", "scale": [0.5, 1.0]}, r"data\.augment\.scale = \[0\.5, 1\.0\]: preset none does not crop"),
+    ({"interpolation": "lanczos"}, r"data\.augment\.interpolation = 'lanczos': expected one of bicubic"),
+    ({"color_jitter": [0.1, 0.1, 0.1, 0.9]}, r"data\.augment\.color_jitter = .*hue <= 0\.5"),
+    ({"grayscale": 1.5}, r"data\.augment\.grayscale = 1\.5: expected the probability"),
+    ({"randaugment": True}, r"data\.augment\.randaugment = True: expected a timm RandAugment string"),
+    ({"crop": 1}, r"unknown setting\(s\) data\.augment\.crop"),
+])
+def test_bad_augmentation_is_refused_naming_the_key(augment, message):
+    with pytest.raises(DataError, match=message):
+        steps(augment)

@@ -22,7 +22,7 @@ pytest.importorskip("webdataset", reason="needs the shards extra: pip install -e
 
 
 def build(data_cfg, tokenizer, rank=0, world_size=1, batch=4, seed=0):
-    cfg = {"num_workers": 0, "randaugment": None, **data_cfg}
+    cfg = {"num_workers": 0, "augment": {"randaugment": False}, **data_cfg}
     loader = build_train_loader(cfg, tokenizer, image_size=32, mean=MEAN, std=STD, rank=rank,
                                 world_size=world_size, micro_batch_size=batch, seed=seed)
     return loader, loader.dataset, loader.sampler
