@@ -16,7 +16,6 @@ writes them, with every run's metrics, to --out.
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -186,7 +185,7 @@ def main():
         if args.only and name not in args.only:
             continue
         seed = args.seeds[0]
-        metrics, seconds = ours(args, data, ds_path, copy.copy(overrides), seed,
+        metrics, seconds = ours(args, data, ds_path, overrides, seed,
                                 os.path.join(args.out, name.replace(" ", "_").replace(",", "")))
         lines.append(row(name, trains, metrics, seconds))
         records.append({"run": name, "seed": seed, "seconds": seconds, **metrics})

@@ -46,13 +46,12 @@ def stamps_folder() -> str:
     stamps = os.path.join(target, "usr", "share", "tuxpaint", "stamps")
     if os.path.isdir(stamps):
         return stamps
-    scratch = tempfile.mkdtemp(prefix=f".{PACKAGE}.tmp-", dir=os.path.dirname(target) if os.path.isdir(
-        os.path.dirname(target)) else None)
+    os.makedirs(cache_folder(), exist_ok=True)  # the scratch folder beside the target: one rename, one filesystem
+    scratch = tempfile.mkdtemp(prefix=f".{PACKAGE}.tmp-", dir=cache_folder())
     try:
         subprocess.run(["apt-get", "download", PACKAGE], cwd=scratch, check=True, capture_output=True, text=True)
         [deb] = glob.glob(os.path.join(scratch, "*.deb"))
         subprocess.run(["dpkg-deb", "-x", deb, os.path.join(scratch, "root")], check=True)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         os.rename(os.path.join(scratch, "root"), target)
     except (OSError, subprocess.CalledProcessError, ValueError) as err:
         detail = getattr(err, "stderr", "") or err
@@ -103,7 +102,8 @@ def ensure_learning_data(size: int = 224, eval_n: int = 200, folder: str | None 
     if not os.path.isfile(paths["eval"]):
         source = folder or stamps_folder()
         pairs = captioned_stamps(source)
-        scratch = tempfile.mkdtemp(prefix=".tuxpaint.tmp-", dir=cache_folder() if os.path.isdir(cache_folder()) else None)
+        os.makedirs(cache_folder(), exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=".tuxpaint.tmp-", dir=cache_folder())
         try:
             os.makedirs(os.path.join(scratch, "images"))
             train, evaluation = [], []
@@ -118,7 +118,6 @@ def ensure_learning_data(size: int = 224, eval_n: int = 200, folder: str | None 
             for path, entries in ((paths["train"], train), (paths["eval"], evaluation)):
                 with open(os.path.join(scratch, os.path.basename(path)), "w") as f:
                     json.dump(entries, f, indent=0)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
             os.rename(scratch, out)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

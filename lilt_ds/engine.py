@@ -22,6 +22,7 @@ from torch import nn
 from .errors import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
 from .optim import build_scheduler, group_options, param_groups  # noqa: F401 (param_groups: engine API)
+from .presets import walk
 from .runtime import DeviceFacts, present_device
 
 log = logging.getLogger("lilt_ds")
@@ -145,7 +146,7 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     _fill(ds, "optimizer.params.lr", float(train["lr"]), "train.lr", ds_name)
     _fill(ds, "optimizer.params.weight_decay", float(train["weight_decay"]), "train.weight_decay", ds_name)
     _resolve_schedule(ds, train, total_steps, ratio, ds_name)
-    leftover = [k for k, v in _walk(ds) if v == AUTO]
+    leftover = [k for k, v in walk(ds) if v == AUTO]
     if leftover:
         raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
     _check_precision_and_stage(ds, ds_name)
@@ -185,14 +186,6 @@ def _resolve_schedule(ds: dict, train, total_steps: int, ratio: float, ds_name: 
     elif schedule == "constant":
         raise ConfigError(f"train.schedule=constant: ds_config {ds_name}'s scheduler is {ds['scheduler'].get('type')}, "
                           "not WarmupCosineLR; use a ds_config with the shipped scheduler block or train.schedule=cosine")
-
-
-def _walk(tree: dict, prefix: str = ""):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _walk(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k, v
 
 
 def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None = None):

@@ -47,8 +47,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
         if not p.requires_grad:
             continue
         decays = not (p.ndim <= 1 or name.endswith(".bias") or any(pt.search(name) for pt in patterns))
-        groups.setdefault((factors[name], decays), [])
-        groups[(factors[name], decays)].append(p)
+        groups.setdefault((factors[name], decays), []).append(p)
     if not groups:
         raise ConfigError("the model has no trainable parameter: check mode, model.*.unlock and freeze_* settings")
     order = list(dict.fromkeys(factor for factor, _ in groups))

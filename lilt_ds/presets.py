@@ -108,13 +108,15 @@ def base_defaults() -> dict:
     return _read_yaml(_preset_path(BASE_PRESET))
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
+def walk(tree: dict, prefix: str = "", sections: bool = False):
+    """(dotted name, value) of every value of a nested mapping; with ``sections``, of its sub-mappings too."""
     for k, v in tree.items():
-        keys.append(prefix + k)
         if isinstance(v, dict):
-            keys.extend(_flat_keys(v, prefix + k + "."))
-    return keys
+            if sections:
+                yield prefix + k, v
+            yield from walk(v, prefix + k + ".", sections)
+        else:
+            yield prefix + k, v
 
 
 # Keys that moved: a config or override that still names one is told where it went.
@@ -127,7 +129,7 @@ MOVED_KEYS = {
 def _unknown_key_error(key: str, tree: dict, source: str) -> ConfigError:
     if key in MOVED_KEYS:
         return ConfigError(f"config key {key!r} in {source} is now {MOVED_KEYS[key]}.")
-    valid = _flat_keys(tree) + list(ALIASES)
+    valid = [key for key, _ in walk(tree, sections=True)] + list(ALIASES)
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f" Closest valid keys: {', '.join(close)}." if close else ""
     return ConfigError(f"unknown config key {key!r} in {source}.{hint} Use +{key}=VALUE to add a new key.")
@@ -207,13 +209,7 @@ def read_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
 
 def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     """Dotted names of the values of a nested mapping (not of its sections)."""
-    keys = []
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            keys.extend(leaf_keys(v, prefix + k + "."))
-        else:
-            keys.append(prefix + k)
-    return keys
+    return [key for key, _ in walk(tree, prefix)]
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -253,9 +253,8 @@ class Trainer:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
             self.epoch += 1
             last = self.step >= self.total_steps
-            metrics = self.evaluate(retrieval=self.eval_data is not None and due(cfg.eval.every_epochs, self.epoch, last),
-                                    zeroshot=self.zeroshot is not None and
-                                    due(cfg.eval.classification.every_epochs, self.epoch, last))
+            metrics = self.evaluate(retrieval=due(cfg.eval.every_epochs, self.epoch, last),
+                                    zeroshot=due(cfg.eval.classification.every_epochs, self.epoch, last))
             results = {**results, **metrics}
         if self.last_saved_step != self.step:
             self.save_checkpoint()
