@@ -87,7 +87,7 @@ def plain_reference(args, data, seed: int) -> tuple[dict, float]:
     start = time.perf_counter()
     cfg = load_config("demo", recipe(args, data, seed, "unused") + RUNS[0][2])
     towers = build_model(cfg).eval()  # the same frozen towers; everything below is plain PyTorch
-    tokenizer = build_tokenizer(cfg.model.text)
+    tokenizer = build_tokenizer(cfg.model)
     transform = T.Compose([T.Resize((args.size, args.size), interpolation=T.InterpolationMode.BICUBIC),
                            T.ToTensor(), T.Normalize(towers.vision.mean, towers.vision.std)])
 

@@ -133,7 +133,8 @@ TOWER = {"name": Str(), "pretrained": Either(Bool(), Str(), text="true, false or
          **{f"lora.{k}": rule for k, rule in LORA.items()}}
 RULES: dict[str, Rule] = {
     "seed": Int(0), "output_dir": Nullable(Str()),
-    "model.embed_dim": Int(1), "model.image_size": Int(8), "model.freeze_projections": Bool(),
+    "model.init_from": Nullable(Str()), "model.init_weights": Nullable(Str()),
+    "model.embed_dim": Int(1), "model.image_size": Nullable(Int(8)), "model.freeze_projections": Bool(),
     "model.freeze_logit_scale": Bool(), "model.init_logit_scale": Nullable(Number()),
     "model.init_logit_bias": Nullable(Number()),
     **{f"model.vision.{k}": rule for k, rule in TOWER.items()},

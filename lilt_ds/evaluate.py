@@ -209,11 +209,11 @@ def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: 
             cfg = expected or load_config("demo")
             model = build_model(cfg).eval()
         model.to(device)
-        tokenizer = build_tokenizer(cfg.model.text)
+        tokenizer = build_tokenizer(cfg.model)
         loader_workers, pin = eval_loader_settings({"num_workers": "auto", "pin_memory": "auto"}, device.type)
         if workers != "auto":
             loader_workers = workers
-        size, mean, std = cfg.model.image_size, model.vision.mean, model.vision.std
+        size, mean, std = model.vision.image_size, model.vision.mean, model.vision.std
         if task == "retrieval":
             retrieval = build_retrieval_data(data, image_root, tokenizer, size, mean, std,
                                              max_length=cfg.data.eval_max_length)

@@ -102,9 +102,9 @@ class Trainer:
         ds_raw = ds_engine.load_ds_config(ds_config_path)
         self.resume = resolve_resume(resume, self.output_dir)
 
-        self.tokenizer = build_tokenizer(cfg.model.text)
+        self.tokenizer = build_tokenizer(cfg.model)
         self.model = model if model is not None else build_model(cfg)
-        mean, std, size = self.model.vision.mean, self.model.vision.std, cfg.model.image_size
+        mean, std, size = self.model.vision.mean, self.model.vision.std, self.model.vision.image_size
         data = resolve_data_config(cfg.data)
         self.loader = build_train_loader(data, self.tokenizer, size, mean, std, self.rank, self.world_size,
                                          cfg.train.micro_batch_size, cfg.seed, self.device.type)

@@ -73,6 +73,7 @@ WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they
     "data.augment.scale": "big", "data.augment.ratio": 5, "data.augment.interpolation": 5,
     "data.augment.hflip": 5, "data.augment.randaugment": 5, "data.augment.color_jitter": "x",
     "data.augment.grayscale": "x", "model.vision.layer_decay": "x", "model.text.layer_decay": "x",
+    "model.init_from": 5, "model.init_weights": 5, "model.image_size": "x",
     "eval.classification.data": 5, "eval.classification.image_root": 5, "eval.classification.classnames": 5,
 }
 WRONG_FOR_AUTO = {"data.num_workers": "many", "data.pin_memory": "sometimes", "data.index_cache": 5}

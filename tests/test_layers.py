@@ -23,7 +23,7 @@ LAYERS = [
     ("losses", "ops"),
     ("data",),
     ("config",),
-    ("engine", "optim", "checkpoint", "export", "memory", "run_logging"),
+    ("engine", "optim", "checkpoint", "export", "export_formats", "memory", "run_logging"),
     ("train", "evaluate"),
     ("tools",),
 ]

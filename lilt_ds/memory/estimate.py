@@ -378,7 +378,8 @@ def profile_activations(cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: i
     device = torch.device(device) if device is not None else activation_device()
     model = build_zero_model(cfg, dtype).train().to(device)
     vocab = getattr(getattr(model.text.trunk, "config", None), "vocab_size", 1000)
-    batch = random_batch(cfg, probe_batch, vocab=vocab, dtype=dtype, device=device)
+    batch = random_batch(cfg, probe_batch, vocab=vocab, dtype=dtype, device=device,
+                         length=getattr(model.text, "context_length", None))
     meter = SavedTensorMeter(model.parameters(), backward=False)
     plain = plain_linear()
 

@@ -145,7 +145,8 @@ def _measure(cfg, ds_config: dict, micro_batch: int, ds_name: str, world_size: i
     torch.manual_seed(cfg.seed)
     engine, _, _ = ds_engine.initialize(build_model(cfg, load_weights=False), ds, cfg, total_steps=2)
     loss_fn = build_loss(cfg.loss)
-    batch = tuple(random_batch(cfg, micro_batch, dtype=dtype, device=engine.device).values())
+    batch = tuple(random_batch(cfg, micro_batch, dtype=dtype, device=engine.device,
+                               length=getattr(engine.module.text, "context_length", None)).values())
     accelerator = get_accelerator()
     on_gpu = torch.device(engine.device).type != "cpu"
 

@@ -12,8 +12,9 @@ from torch import nn
 from .efficient import apply_unlocks
 from .modes import LOCKED_TOWERS, check_checkpointing, check_mode, check_unlock_for_mode
 from .recompute import apply_frozen_recompute
+from .sources import init_source
 from .text import TextTower
-from .vision import VisionTower
+from .vision import DEFAULT_IMAGE_SIZE, VisionTower
 
 MAX_LOGIT_SCALE = math.log(100.0)
 """The temperature's ceiling: logits at most 100 x the cosine similarity (CLIP's clamp)."""
@@ -35,14 +36,15 @@ class DualEncoder(nn.Module):
 
     def __init__(self, vision: VisionTower, text: TextTower, embed_dim: int,
                  init_logit_scale: float = CLIP_INIT_LOGIT_SCALE, init_logit_bias: float | None = None,
-                 locked=()):
+                 locked=(), vision_proj: nn.Module | None = None, text_proj: nn.Module | None = None):
         """``locked``: the towers (by kind) whose pretrained state stays as it is (BatchNorm statistics
-        included); the mode decides them (:data:`~lilt_ds.models.modes.LOCKED_TOWERS`)."""
+        included); the mode decides them (:data:`~lilt_ds.models.modes.LOCKED_TOWERS`). A pretrained
+        pair passes its own projections; otherwise new ones map each tower's width to ``embed_dim``."""
         super().__init__()
         self.vision = vision
         self.text = text
-        self.vision_proj = nn.Linear(vision.width, embed_dim)
-        self.text_proj = nn.Linear(text.width, embed_dim)
+        self.vision_proj = vision_proj if vision_proj is not None else nn.Linear(vision.width, embed_dim)
+        self.text_proj = text_proj if text_proj is not None else nn.Linear(text.width, embed_dim)
         self.logit_scale = nn.Parameter(torch.full([1], float(init_logit_scale)))
         self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.full([1], float(init_logit_bias)))
         self.locked = frozenset(locked)
@@ -132,17 +134,31 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
     # function of the config alone, so a checkpoint's frozen part can always be rebuilt. Only the
     # generator that initialises them is seeded (and restored afterwards): torch.manual_seed would
     # also reseed every GPU's generator, each time a model is built.
+    source = init_source(mcfg)
     with seeded_init_rng(cfg.get("seed", 0), device), \
             (torch.device(device) if device is not None else contextlib.nullcontext()):
-        vision = VisionTower(mcfg["vision"], mcfg["image_size"], load_weights=load_weights)
-        text = TextTower(mcfg["text"], load_weights=load_weights)
-        # the projections draw from the generator before the adapters: the order fixes every init
-        model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias, locked=LOCKED_TOWERS[mode])
+        if source is not None and source[0].KIND == "pair":
+            pair = source[0].build_pair(source[1], mcfg, load_weights=load_weights)
+            vision, text = pair.vision, pair.text
+            # the pair's own temperature (and bias) unless the config sets one
+            scale = pair.logit_scale if mcfg.get("init_logit_scale") is None else init_scale
+            bias = pair.logit_bias if mcfg.get("init_logit_bias") is None and pair.logit_bias is not None else init_bias
+            model = DualEncoder(vision, text, None, scale, bias, locked=LOCKED_TOWERS[mode],
+                                vision_proj=pair.vision_proj, text_proj=pair.text_proj)
+            model.pair = pair.extra  # what an export to the pair's own format needs
+        else:
+            vision = VisionTower(mcfg["vision"], mcfg.get("image_size") or DEFAULT_IMAGE_SIZE,
+                                 load_weights=load_weights)
+            text = TextTower(mcfg["text"], load_weights=load_weights)
+            # the projections draw from the generator before the adapters: the order fixes every init
+            model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias, locked=LOCKED_TOWERS[mode])
         for tower, tower_cfg in ((vision, mcfg["vision"]), (text, mcfg["text"])):
             _freeze_tower(tower, mode, tower_cfg)
             if tower_cfg.get("grad_checkpointing"):
                 check_checkpointing(mode, tower.kind, tower_cfg)
                 tower.set_grad_checkpointing(True)
+    if source is not None and source[0].KIND == "weights" and load_weights:
+        source[0].load_weights(model, source[1], mcfg)
     model.vision_proj.requires_grad_(not mcfg.get("freeze_projections", False))
     model.text_proj.requires_grad_(not mcfg.get("freeze_projections", False))
     model.logit_scale.requires_grad_(not mcfg.get("freeze_logit_scale", False))

@@ -27,6 +27,7 @@ class TowerLayout:
     attn_out: str        # the attention output projection (an adapter follows it)
     mlp_linears: str     # every linear of the MLP
     mlp_out: str         # the MLP output linear (an adapter follows it)
+    packed_attn: str | None = None  # nn.MultiheadAttention modules (LoRA by parametrization of their weights)
 
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
@@ -50,7 +51,13 @@ class Adapter(nn.Module):
 
 
 def _apply_adapter_hook(module: nn.Module, inputs, output):
+    if isinstance(output, tuple):  # nn.MultiheadAttention: (attention output, weights)
+        return (module.adapter(output[0]),) + output[1:]
     return module.adapter(output)
+
+
+def _output_width(module: nn.Module) -> int:
+    return module.out_features if hasattr(module, "out_features") else module.embed_dim
 
 
 def _suffix_regex(pattern: str) -> re.Pattern:
@@ -120,14 +127,48 @@ def _adapters(tower, arg, tower_cfg) -> set[str]:
     _require_blocks(tower, "adapters")
     targets = modules_matching(tower, tower.layout.attn_out) + modules_matching(tower, tower.layout.mlp_out)
     for _, linear in targets:
-        linear.adapter = Adapter(linear.out_features, tower_cfg.get("adapter_reduction", 4))
+        linear.adapter = Adapter(_output_width(linear), tower_cfg.get("adapter_reduction", 4))
         linear.register_forward_hook(_apply_adapter_hook)
     return {n for n, _ in tower.trunk.named_parameters() if ".adapter." in n}
 
 
 def default_lora_targets(tower) -> str:
-    """A regex (peft full-matches it) over the attention and MLP linears of the blocks."""
+    """A regex (peft full-matches it) over the attention and MLP linears of the blocks (the MLP's
+    alone where attention is packed: :func:`_lora_packed_attention` reaches that)."""
+    if tower.layout.packed_attn:
+        return f"(?:.*\\.)?(?:{tower.layout.mlp_linears})"
     return f"(?:.*\\.)?(?:{tower.layout.attn_linears}|{tower.layout.mlp_linears})"
+
+
+class LoraDelta(nn.Module):
+    """A parametrization ``W -> W + (alpha / r) B A`` (B starts at zero): LoRA on a weight that its module
+    reads directly instead of calling a Linear, as ``nn.MultiheadAttention`` does with its packed
+    in-projection and its out-projection. ``torch.nn.utils.parametrize.remove_parametrizations``
+    merges it."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # as peft and Microsoft's loralib initialise A
+        self.scaling = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.lora_B @ self.lora_A).to(weight.dtype) * self.scaling
+
+
+def _lora_packed_attention(tower, lora_cfg) -> None:
+    from torch.nn.utils import parametrize
+
+    if lora_cfg.get("dropout", 0.0):
+        raise ConfigError(f"model.{tower.kind}.lora.dropout={lora_cfg['dropout']}: the {tower.kind} tower's attention "
+                          "is an nn.MultiheadAttention, whose LoRA is a weight parametrization (no dropout on its "
+                          "input is possible); set it to 0.0, or restrict target_modules to the MLP linears")
+    rank, alpha = lora_cfg.get("rank", 8), lora_cfg.get("alpha", 16)
+    for _, attn in modules_matching(tower, tower.layout.packed_attn):
+        for owner, name in ((attn, "in_proj_weight"), (attn.out_proj, "weight")):
+            weight = getattr(owner, name)
+            parametrize.register_parametrization(owner, name, LoraDelta(weight.shape[0], weight.shape[1], rank, alpha))
 
 
 def _lora(tower, arg, tower_cfg) -> set[str]:
@@ -138,6 +179,17 @@ def _lora(tower, arg, tower_cfg) -> set[str]:
     if targets is None:
         _require_blocks(tower, "lora")
         targets = default_lora_targets(tower)
+        if tower.layout.packed_attn:
+            _lora_packed_attention(tower, lora_cfg)
+    elif tower.layout is not None and tower.layout.packed_attn:
+        packed = [name for name, _ in modules_matching(tower, tower.layout.packed_attn)]
+        hit = [n for n in packed if _matches_targets(n, targets) or _matches_targets(n + ".out_proj", targets)]
+        if hit:
+            raise ConfigError(
+                f"model.{tower.kind}.lora.target_modules={targets!r} names {hit[0]} (and {len(hit) - 1} more) of the "
+                f"{tower.kind} tower: an nn.MultiheadAttention, whose packed in-projection peft cannot wrap and whose "
+                "out_proj never runs as a Linear. Leave target_modules=null (LoRA on the attention's packed weights "
+                "and the MLP linears) or name MLP linears only")
     config = LoraConfig(
         r=lora_cfg.get("rank", 8),
         lora_alpha=lora_cfg.get("alpha", 16),
@@ -149,6 +201,13 @@ def _lora(tower, arg, tower_cfg) -> set[str]:
     except ValueError as e:
         raise ConfigError(f"LoRA on the {tower.kind} tower: {e} (model.{tower.kind}.lora.target_modules)") from None
     return {n for n, _ in tower.trunk.named_parameters() if "lora_" in n}
+
+
+def _matches_targets(name: str, targets) -> bool:
+    """peft's rule: a string is a full-match regex, a list matches by name or dotted suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 # name -> function(tower, argument, tower config) -> trunk parameter names that train.

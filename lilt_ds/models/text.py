@@ -69,8 +69,15 @@ def text_sources(tower_cfg) -> tuple[dict | None, str, str | None]:
     return (preset[0] if preset else None), arch_source, weights
 
 
-def build_tokenizer(tower_cfg):
-    """The tokenizer of the text tower: ``model.text.tokenizer``, else where its weights come from."""
+def build_tokenizer(model_cfg):
+    """The tokenizer of the text tower: a pair's own (``model.init_from``), else ``model.text.tokenizer``,
+    else where the text weights come from."""
+    from .sources import init_source
+
+    source = init_source(model_cfg)
+    if source is not None and source[0].KIND == "pair":
+        return source[0].build_tokenizer(source[1], model_cfg)
+    tower_cfg = model_cfg["text"]
     _, arch_source, weights = text_sources(tower_cfg)
     source = tower_cfg.get("tokenizer") or weights or arch_source
     return AutoTokenizer.from_pretrained(_check_local(resolve_pkg(source), "model.text.tokenizer"))

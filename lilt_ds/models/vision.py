@@ -21,6 +21,9 @@ VISION_PRESETS = {
     "large": "vit_large_patch16_224",
 }
 
+DEFAULT_IMAGE_SIZE = 256
+"""``model.image_size: null`` for a timm tower: the LilT paper's 256 px."""
+
 # timm's ViT family (and models that name their parts like it)
 TIMM_TRANSFORMER = TowerLayout(
     block=r"blocks\.(\d+)",
@@ -107,6 +110,7 @@ class VisionTower(nn.Module):
         self.trunk = trunk
         self.width = trunk.num_features
         self.layout = TIMM_TRANSFORMER
+        self.image_size, self.interpolation = image_size, "bicubic"
         self.mean = tuple(trunk.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(trunk.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
 

