@@ -327,3 +327,18 @@ def test_a_lilt_adapter_run_on_two_ranks_is_refused_by_name_and_exports_as_lilt_
                  zip(model(images, batch["input_ids"], batch["attention_mask"]),
                      rebuilt(images, batch["input_ids"], batch["attention_mask"]))]
     assert max(diffs) <= 1e-6
+
+
+def test_launch_evaluate_scores_a_pair_run_as_training_did(trained_pairs, tmp_path):
+    import json
+
+    from lilt_ds.data.demo import generate_demo
+    from lilt_ds.evaluate import run_evaluation
+
+    demo = generate_demo(str(tmp_path / "demo"), n=48, eval_n=12, seed=0, size=32)  # the runs' eval split
+    run_dir = trained_pairs / "lora_open_clip"
+    metrics = run_evaluation("retrieval", demo["eval"], checkpoint=str(run_dir), image_root=demo["image_root"],
+                             batch_size=8, workers=0, output=str(tmp_path / "r.json"))
+    during = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
+    keys = [k for k in metrics if k.startswith(("txt_r", "img_r"))]
+    assert keys and all(metrics[k] == pytest.approx(during[k]) for k in keys), (metrics, during)
