@@ -14,6 +14,7 @@ import json
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError
@@ -118,26 +119,30 @@ def build_pair(spec: str, model_cfg, load_weights: bool = True) -> PairParts:
                      {"config": config.to_dict(), "siglip": siglip})
 
 
-class SiglipPadding:
-    """SigLIP pools the last position, so its captions are padded to the full length, as its processor does."""
+class PairTokenizer:
+    """The pair's tokenizer, truncating to at most the text tower's position count; SigLIP pools the
+    last position, so its captions are always padded to the full length, as its processor does."""
 
-    def __init__(self, tokenizer, length: int):
-        self.tokenizer, self.length = tokenizer, length
+    def __init__(self, tokenizer, context_length: int, pad_to_full: bool):
+        self.tokenizer, self.context_length, self.pad_to_full = tokenizer, context_length, pad_to_full
         self.pad_token = tokenizer.pad_token
 
-    def __call__(self, texts, padding=None, truncation=True, max_length=None, return_tensors="pt"):
-        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.length,
-                              return_tensors=return_tensors)
+    def __call__(self, texts, padding="longest", truncation=True, max_length=None, return_tensors="pt"):
+        length = min(max_length or self.context_length, self.context_length)
+        out = self.tokenizer(list(texts), padding=padding, truncation=True, max_length=length, return_tensors="pt")
+        if self.pad_to_full and out["input_ids"].shape[1] < self.context_length:
+            missing = self.context_length - out["input_ids"].shape[1]
+            out = {"input_ids": F.pad(out["input_ids"], (0, missing), value=self.tokenizer.pad_token_id),
+                   "attention_mask": F.pad(out["attention_mask"], (0, missing), value=0)}
+        return out
 
 
-def build_tokenizer(spec: str, model_cfg):
+def build_tokenizer(spec: str, model_cfg) -> PairTokenizer:
     from transformers import AutoTokenizer
 
     config = _config(spec)
     tokenizer = AutoTokenizer.from_pretrained(_source(spec))
-    if config.model_type == "siglip":
-        return SiglipPadding(tokenizer, config.text_config.max_position_embeddings)
-    return tokenizer
+    return PairTokenizer(tokenizer, config.text_config.max_position_embeddings, config.model_type == "siglip")
 
 
 # ------------------------------------------------------------------------------ back to transformers
