@@ -2,8 +2,8 @@
 
 A *pair* source (``open_clip:``, ``hf:``) replaces both towers, both projections and the logit
 scale (and bias) with those of one pretrained contrastive model, and brings its preprocessing and
-tokenizer. A *weights* source (``lilt:``, the original LilT's ``checkpoint_XX.pth``) keeps this
-project's towers (the names in ``model.vision`` / ``model.text``) and loads the checkpoint into them.
+tokenizer. A *weights* source would keep this project's towers (the names in ``model.vision`` /
+``model.text``) and load a checkpoint into them (planned: the original LilT's ``checkpoint_XX.pth``).
 Each module is imported only when its prefix is used, as timm does with optional parts.
 """
 
@@ -20,7 +20,6 @@ from ...errors import ConfigError
 INIT_SOURCES = {
     "open_clip": "lilt_ds.models.sources.open_clip",
     "hf": "lilt_ds.models.sources.hf",
-    "lilt": "lilt_ds.models.sources.lilt",
 }
 """prefix -> module. A pair module defines ``KIND = "pair"``, ``check(spec, model_cfg)`` and
 ``build_pair(spec, model_cfg, load_weights) -> PairParts``; a weights module ``KIND = "weights"``,
@@ -48,7 +47,7 @@ def parse_init_from(value) -> tuple[str, str] | None:
     if not sep or prefix not in INIT_SOURCES or not spec:
         raise ConfigError(
             f"model.init_from={value!r}: expected {' | '.join(p + ':...' for p in INIT_SOURCES)} "
-            "(open_clip:ViT-B-32, hf:openai/clip-vit-base-patch32, lilt:/runs/checkpoint_14.pth)")
+            "(open_clip:ViT-B-32, hf:openai/clip-vit-base-patch32)")
     return prefix, spec
 
 
