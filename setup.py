@@ -51,6 +51,7 @@ setup(
         "shards": ["webdataset"],
         "plot": ["matplotlib"],
         "bench": DEMO + ["open_clip_torch"],  # benchmarks/throughput.py: OpenCLIP's step beside ours
-        "test": DEMO + ["webdataset", "pytest", "pytest-timeout", "matplotlib", "open_clip_torch"],
+        "test": DEMO + ["webdataset", "pytest", "pytest-timeout", "matplotlib", "open_clip_torch",
+                        "omegaconf"],  # the original LilT checkpoint fixture saves its OmegaConf config
     },
 )

@@ -18,6 +18,7 @@ from .data import check_zeroshot, resolve_data_config
 from .errors import ConfigError
 from .losses import loss_arguments
 from .models import check_model_config
+from .original_flags import apply_flags, split_flags
 from .presets import (Config, apply_override, available_presets, base_defaults, parse_override, read_config,  # noqa: F401
                       save_config, to_config)
 
@@ -128,7 +129,8 @@ class ListOf(Rule):
 LORA = {"rank": Int(1), "alpha": Number(positive=True), "dropout": Number(0.0, below=1.0),
         "target_modules": Nullable(Either(Str(), ListOf(Str()), text="a module name pattern or a list of them"))}
 TOWER = {"name": Str(), "pretrained": Either(Bool(), Str(), text="true, false or a weights source"),
-         "unlock": ListOf(Str()), "adapter_reduction": Int(1), "grad_checkpointing": Bool(),
+         "unlock": ListOf(Str()), "adapter_reduction": Int(1),
+         "adapter_position": OneOf("output", "branch_input"), "grad_checkpointing": Bool(),
          "layer_decay": Nullable(Number(positive=True, maximum=1.0)),
          **{f"lora.{k}": rule for k, rule in LORA.items()}}
 RULES: dict[str, Rule] = {
@@ -195,6 +197,8 @@ def validate(cfg: Config) -> None:
 
 def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
     """Resolve a preset name or YAML path, then the overrides, into a Config checked in full."""
-    cfg = read_config(name, overrides)
+    ours, original = split_flags(overrides)
+    cfg = read_config(name, ours)
+    apply_flags(cfg, original, explicit=dict(parse_override(text)[:2] for text in ours))
     validate(cfg)
     return cfg

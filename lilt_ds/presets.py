@@ -4,7 +4,8 @@ Every preset is merged onto ``configs/_base.yaml``, which lists every valid key 
 a key that is not there is a typo (``key=value`` fails with the closest valid keys) unless the
 user adds it on purpose with ``+key=value``, as in Hydra. Values parse as YAML, so ``true``,
 ``1e-4`` and ``[ln,adapters]`` mean what they look like. Short aliases of the original project
-(``vision_encoder=base text_encoder=base +save_last_only=True``) map to their dotted keys.
+(``vision_encoder=base text_encoder=base +save_last_only=True``) map to their dotted keys, and its
+config name ``CLIPAdjustable`` is a preset.
 
 What the values may be is checked by :func:`lilt_ds.config.load_config`, which also uses the
 checks of the layers that own the keys; this module is what every layer may import.
@@ -38,7 +39,18 @@ ALIASES = {
     "disable_wandb": "logging.disable_wandb",
     "save_last_only": "checkpoint.save_last_only",
     "seed": "seed",
+    "freeze_proj": "model.freeze_projections",
+    "pretrained_vision": "model.vision.pretrained",
+    "pretrained_text": "model.text.pretrained",
+    "train_file": "data.train_files",
+    "optimizer.lr": "train.lr",
+    "optimizer.weight_decay": "train.weight_decay",
+    "schedular.lr": "train.lr",
+    "schedular.epochs": "train.epochs",
+    "schedular.min_lr": "train.min_lr",
 }
+"""Flags of the original that set several keys (``freeze_vision_encoder``, ``unlock_layernorm``, ...)
+are translated by :mod:`lilt_ds.original_flags`."""
 
 
 class Config(dict):

@@ -22,7 +22,7 @@ LAYERS = [
     ("models",),
     ("losses", "ops"),
     ("data",),
-    ("config",),
+    ("config", "original_flags"),
     ("engine", "optim", "checkpoint", "export", "export_formats", "memory", "run_logging"),
     ("train", "evaluate"),
     ("tools",),

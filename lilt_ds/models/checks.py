@@ -34,23 +34,41 @@ def check_model_config(cfg) -> None:
     if source is not None and source[0].KIND == "pair":
         _check_pair(cfg, source)
         return
+    if source is not None:  # a weights source: its size unless the config names one
+        _check_replaced_keys(model, ("pretrained",))
+        if model.get("image_size") is None:
+            model["image_size"] = source[0].native(source[1], model)["image_size"]
     if model.get("image_size") is None:
         model["image_size"] = DEFAULT_IMAGE_SIZE
     timm_model_name(model["vision"]["name"])
     pretrained_kwargs(model["vision"].get("pretrained"), resolve=False)
     text_sources(model["text"])
     check_pooling(model["text"].get("pooling", "cls"))
+    if model["text"].get("adapter_position") == "branch_input":
+        raise ConfigError("model.text.adapter_position=branch_input: BERT-family text towers are post-norm, with no "
+                          "norm at the input of their attention and MLP branches; use output")
+    if source is not None:  # every tensor of the checkpoint must fit the model the config builds
+        from .dual_encoder import build_model
+
+        source[0].match_state(source[1], build_model(cfg, load_weights=False, device="meta"))
+
+
+def _check_replaced_keys(model, keys) -> None:
+    """A key whose value the source replaces may keep its default only: another value would be ignored."""
+    where = f"model.init_from={model['init_from']}"
+    defaults = base_defaults()["model"]
+    for kind in ("vision", "text"):
+        for key in keys:
+            if model[kind].get(key) != defaults[kind][key]:
+                what = "the pair brings both towers and their weights" if key == "name" else "it brings the weights"
+                raise ConfigError(f"model.{kind}.{key}={model[kind][key]!r} with {where}: {what}, so this key "
+                                  "would be ignored; remove it (or drop model.init_from)")
 
 
 def _check_pair(cfg, source) -> None:
     model, (module, spec) = cfg["model"], source
     where = f"model.init_from={model['init_from']}"
-    defaults = base_defaults()["model"]
-    for kind in ("vision", "text"):
-        for key in PAIR_REPLACES:
-            if model[kind].get(key) != defaults[kind][key]:
-                raise ConfigError(f"model.{kind}.{key}={model[kind][key]!r} with {where}: the pair brings both towers "
-                                  f"and their weights, so this key would be ignored; remove it (or drop model.init_from)")
+    _check_replaced_keys(model, PAIR_REPLACES)
     if model["text"].get("tokenizer") is not None:
         raise ConfigError(f"model.text.tokenizer={model['text']['tokenizer']!r} with {where}: the pair's own "
                           "tokenizer is used; remove the key")

@@ -146,10 +146,11 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
             model = DualEncoder(vision, text, None, scale, bias, locked=LOCKED_TOWERS[mode],
                                 vision_proj=pair.vision_proj, text_proj=pair.text_proj)
             model.pair = pair.extra  # what an export to the pair's own format needs
-        else:
+        else:  # a weights source (an original LilT checkpoint) brings the towers' weights too
+            tower_weights = load_weights and source is None
             vision = VisionTower(mcfg["vision"], mcfg.get("image_size") or DEFAULT_IMAGE_SIZE,
-                                 load_weights=load_weights)
-            text = TextTower(mcfg["text"], load_weights=load_weights)
+                                 load_weights=tower_weights)
+            text = TextTower(mcfg["text"], load_weights=tower_weights)
             # the projections draw from the generator before the adapters: the order fixes every init
             model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias, locked=LOCKED_TOWERS[mode])
         for tower, tower_cfg in ((vision, mcfg["vision"]), (text, mcfg["text"])):

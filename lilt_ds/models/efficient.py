@@ -28,6 +28,7 @@ class TowerLayout:
     mlp_linears: str     # every linear of the MLP
     mlp_out: str         # the MLP output linear (an adapter follows it)
     packed_attn: str | None = None  # nn.MultiheadAttention modules (LoRA by parametrization of their weights)
+    branch_norms: str | None = None  # pre-norm blocks: the norms at the input of the attention and MLP branches
 
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
@@ -56,8 +57,20 @@ def _apply_adapter_hook(module: nn.Module, inputs, output):
     return module.adapter(output)
 
 
+def _adapt_input_hook(module: nn.Module, args):
+    return (module.adapter(args[0]),) + args[1:]
+
+
 def _output_width(module: nn.Module) -> int:
+    if isinstance(module, NORM_TYPES) and hasattr(module, "normalized_shape"):
+        return module.normalized_shape[-1]
     return module.out_features if hasattr(module, "out_features") else module.embed_dim
+
+
+ADAPTER_POSITIONS = ("output", "branch_input")
+"""Where ``adapters`` go: after the attention's and the MLP's output projection (Houlsby), or on the
+input of each branch of a pre-norm block, before its norm, the residual untouched (the original
+LilT's ViT: ``x + attn(norm1(adapter1(x)))``)."""
 
 
 def _suffix_regex(pattern: str) -> re.Pattern:
@@ -123,12 +136,29 @@ def _top_k(tower, k, tower_cfg) -> set[str]:
     return _param_names_under(tower, [name for _, name in last])
 
 
+def check_adapter_position(tower, tower_cfg) -> str:
+    position = tower_cfg.get("adapter_position", "output")
+    if position not in ADAPTER_POSITIONS:
+        raise ConfigError(f"model.{tower.kind}.adapter_position={position!r}: choose {' or '.join(ADAPTER_POSITIONS)}")
+    if position == "branch_input" and (tower.layout is None or tower.layout.branch_norms is None):
+        raise ConfigError(f"model.{tower.kind}.adapter_position=branch_input: the {tower.kind} tower "
+                          f"{tower.model_name!r} has no norm at the input of its attention and MLP branches "
+                          "(a post-norm block, as BERT's); use output")
+    return position
+
+
 def _adapters(tower, arg, tower_cfg) -> set[str]:
     _require_blocks(tower, "adapters")
-    targets = modules_matching(tower, tower.layout.attn_out) + modules_matching(tower, tower.layout.mlp_out)
-    for _, linear in targets:
-        linear.adapter = Adapter(_output_width(linear), tower_cfg.get("adapter_reduction", 4))
-        linear.register_forward_hook(_apply_adapter_hook)
+    reduction = tower_cfg.get("adapter_reduction", 4)
+    if check_adapter_position(tower, tower_cfg) == "branch_input":
+        for _, norm in modules_matching(tower, tower.layout.branch_norms):
+            norm.adapter = Adapter(_output_width(norm), reduction)
+            norm.register_forward_pre_hook(_adapt_input_hook)
+    else:
+        targets = modules_matching(tower, tower.layout.attn_out) + modules_matching(tower, tower.layout.mlp_out)
+        for _, linear in targets:
+            linear.adapter = Adapter(_output_width(linear), reduction)
+            linear.register_forward_hook(_apply_adapter_hook)
     return {n for n, _ in tower.trunk.named_parameters() if ".adapter." in n}
 
 

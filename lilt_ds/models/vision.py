@@ -31,6 +31,7 @@ TIMM_TRANSFORMER = TowerLayout(
     attn_out=r"blocks\.\d+\.attn\.proj",
     mlp_linears=r"blocks\.\d+\.mlp\.(?:fc1|fc2)",
     mlp_out=r"blocks\.\d+\.mlp\.fc2",
+    branch_norms=r"blocks\.\d+\.norm[12]",
 )
 
 

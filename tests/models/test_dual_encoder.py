@@ -86,11 +86,15 @@ def test_lit_image_tower_may_unlock_norms():
     assert tower_trainable(model, "vision") and model.fully_locked == set()
 
 
-def test_fresh_adapters_are_the_identity():
+@pytest.mark.parametrize("position, hosts", [("output", r"blocks\.\d+\.(attn\.proj|mlp\.fc2)"),
+                                             ("branch_input", r"blocks\.\d+\.norm[12]")])
+def test_fresh_adapters_are_the_identity(position, hosts):
     plain = tiny_model("lilt")
-    adapted = tiny_model("lilt", ["adapters"], ["adapters"])
+    adapted = tiny_model("lilt", ["adapters"], ["adapters"], extra=[f"model.vision.adapter_position={position}"])
     missing, unexpected = adapted.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and missing and all(".adapter." in k for k in missing)
+    vision_hosts = {n.split(".adapter.")[0] for n in missing if n.startswith("vision.")}
+    assert len(vision_hosts) == 24 and all(re.fullmatch(r"vision\.trunk\." + hosts, h) for h in vision_hosts)
     images, ids, mask = batch()
     for a, b in zip(plain.eval()(images, ids, mask), adapted.eval()(images, ids, mask)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -187,6 +191,8 @@ def test_grad_checkpointing_gives_the_same_gradients():
     (["model.text.unlock=[top_k:9]"], r"top_k:9 is out of range: the text tower has 2 blocks"),
     (["mode=clip", "model.text.unlock=[ln]"], r"mode=clip trains the whole text tower"),
     (["model.text.pooling=max"], r"unknown model.text.pooling 'max'"),
+    (["model.text.adapter_position=branch_input"], r"model\.text\.adapter_position=branch_input: BERT.*use output"),
+    (["model.vision.adapter_position=before"], r"model\.vision\.adapter_position.*one of output, branch_input"),
 ])
 def test_bad_model_config_gives_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):

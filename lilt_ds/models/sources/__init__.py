@@ -2,8 +2,8 @@
 
 A *pair* source (``open_clip:``, ``hf:``) replaces both towers, both projections and the logit
 scale (and bias) with those of one pretrained contrastive model, and brings its preprocessing and
-tokenizer. A *weights* source would keep this project's towers (the names in ``model.vision`` /
-``model.text``) and load a checkpoint into them (planned: the original LilT's ``checkpoint_XX.pth``).
+tokenizer. A *weights* source (``lilt:``, the original LilT's ``checkpoint_XX.pth``) keeps this project's towers
+(the names in ``model.vision`` / ``model.text``) and loads a whole checkpoint into them.
 Each module is imported only when its prefix is used, as timm does with optional parts.
 """
 
@@ -20,10 +20,13 @@ from ...errors import ConfigError
 INIT_SOURCES = {
     "open_clip": "lilt_ds.models.sources.open_clip",
     "hf": "lilt_ds.models.sources.hf",
+    "lilt": "lilt_ds.models.sources.lilt",
 }
 """prefix -> module. A pair module defines ``KIND = "pair"``, ``check(spec, model_cfg)`` and
 ``build_pair(spec, model_cfg, load_weights) -> PairParts``; a weights module ``KIND = "weights"``,
-``check(spec, model_cfg)`` and ``load_weights(model, spec, model_cfg)`` (after the unlocks)."""
+``check(spec, model_cfg)``, ``native(spec, model_cfg)`` (the image size), ``match_state(spec, model)``
+(the checkpoint under the model's names, or a ConfigError naming the keys that do not fit) and
+``load_weights(model, spec, model_cfg)`` (after the unlocks)."""
 
 
 @dataclass
@@ -47,7 +50,7 @@ def parse_init_from(value) -> tuple[str, str] | None:
     if not sep or prefix not in INIT_SOURCES or not spec:
         raise ConfigError(
             f"model.init_from={value!r}: expected {' | '.join(p + ':...' for p in INIT_SOURCES)} "
-            "(open_clip:ViT-B-32, hf:openai/clip-vit-base-patch32)")
+            "(open_clip:ViT-B-32, hf:openai/clip-vit-base-patch32, lilt:checkpoint_14.pth)")
     return prefix, spec
 
 

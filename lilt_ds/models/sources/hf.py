@@ -31,6 +31,7 @@ HF_ENCODER_LAYOUT = TowerLayout(  # CLIP and SigLIP encoders alike
     attn_out=r"encoder\.layers\.\d+\.self_attn\.out_proj",
     mlp_linears=r"encoder\.layers\.\d+\.mlp\.(?:fc1|fc2)",
     mlp_out=r"encoder\.layers\.\d+\.mlp\.fc2",
+    branch_norms=r"encoder\.layers\.\d+\.layer_norm[12]",
 )
 
 

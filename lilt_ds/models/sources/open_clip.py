@@ -36,6 +36,7 @@ OPEN_CLIP_LAYOUT = TowerLayout(
     mlp_linears=r"transformer\.resblocks\.\d+\.mlp\.(?:c_fc|c_proj)",
     mlp_out=r"transformer\.resblocks\.\d+\.mlp\.c_proj",
     packed_attn=r"transformer\.resblocks\.\d+\.attn",
+    branch_norms=r"transformer\.resblocks\.\d+\.ln_[12]",
 )
 
 
