@@ -1,6 +1,7 @@
 """A config's model section checked before any tower is built: the towers exist by name, their weight
 sources exist, unlock sets parse and fit the mode, pooling is known, ``model.init_from`` is readable
-and fits the rest. ``load_config`` runs it; the same functions guard the build. What only a built
+and fits the rest (an original LilT checkpoint: every tensor against the model built on the meta
+device). ``load_config`` runs it; the same functions guard the build. What only a built
 tower can tell (``top_k:K`` beyond its blocks, transformer-only items on a convolutional tower, an
 adapter reduction wider than the tower) is checked when the tower is built.
 """

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
 from ..errors import ConfigError
 from .efficient import TowerLayout
-from .weights import resolve_pkg
+from .weights import local_folder_or_name, resolve_pkg
 
 # architecture (so a model can be built and counted offline) and the weights the LilT paper used
 TEXT_PRESETS = {
@@ -37,12 +35,7 @@ POOLINGS = ("cls", "mean")
 
 
 def _check_local(source: str, key: str) -> str:
-    if source.startswith(("/", "./", "../", "~")):
-        path = os.path.expanduser(source)
-        if not os.path.isdir(path):
-            raise ConfigError(f"text model folder {path} does not exist ({key}={source})")
-        return path
-    return source
+    return local_folder_or_name(source, f"{key}={source}")
 
 
 def check_pooling(pooling) -> str:

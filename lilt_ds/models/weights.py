@@ -20,6 +20,17 @@ from ..fileio import atomic_path, cache_folder
 PKG_PREFIX = "pkg:"
 
 
+def local_folder_or_name(source: str, where: str) -> str:
+    """A path-like ``source`` (``/``, ``./``, ``../``, ``~``) as an existing folder; anything else is a
+    hub name, returned as is. ``where`` names the key in the message."""
+    if source.startswith(("/", "./", "../", "~")):
+        path = os.path.expanduser(source)
+        if not os.path.isdir(path):
+            raise ConfigError(f"{where}: folder {path} does not exist")
+        return path
+    return source
+
+
 def _import_package(module: str, pip_name: str):
     try:
         return importlib.import_module(module)

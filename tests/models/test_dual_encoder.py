@@ -184,7 +184,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     (["vision_encoder=deit_tinyy_patch16_224"], r"unknown vision model 'deit_tinyy_patch16_224'.*deit_tiny_patch16_224"),
     (["model.vision.pretrained=/nonexistent/w.pth"], r"vision weights file /nonexistent/w\.pth does not exist"),
     (["model.vision.pretrained=local-dir:/nonexistent"], r"folder /nonexistent does not exist"),
-    (["model.text.pretrained=/nonexistent/bert"], r"text model folder /nonexistent/bert does not exist"),
+    (["model.text.pretrained=/nonexistent/bert"], r"model\.text\.pretrained=/nonexistent/bert: folder /nonexistent/bert does not exist"),
     (["model.vision.pretrained=pkg:nope"], r"unknown packaged weights 'pkg:nope'"),
     (["model.vision.unlock=[ln,layernorm]"], r"unknown unlock item 'layernorm' in model\.vision\.unlock.*bitfit"),
     (["model.text.unlock=[top_k]"], r"top_k needs a block count"),

@@ -19,6 +19,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ..efficient import TowerLayout
+from ..weights import local_folder_or_name
 from . import PairParts, scalar_value
 from .tower import PairTower
 
@@ -36,12 +37,7 @@ HF_ENCODER_LAYOUT = TowerLayout(  # CLIP and SigLIP encoders alike
 
 
 def _source(spec: str) -> str:
-    if spec.startswith(("/", "./", "../", "~")):
-        path = os.path.expanduser(spec)
-        if not os.path.isdir(path):
-            raise ConfigError(f"model.init_from=hf:{spec}: folder {path} does not exist")
-        return path
-    return spec
+    return local_folder_or_name(spec, f"model.init_from=hf:{spec}")
 
 
 def _config(spec: str):
