@@ -80,9 +80,7 @@ def _write_open_clip(model, cfg, out: str) -> None:
     from .models.sources import open_clip as source
 
     spec = parse_init_from(cfg["model"]["init_from"])[1]
-    config = source.model_config(spec)
-    if config is None:  # hf-hub: OpenCLIP has the config in its hub cache since the model was built
-        config = open_clip.factory._get_hf_config(spec[len(source.HF_HUB):])
+    config = source.model_config(spec, download=True)  # hf-hub: in the hub cache since the model was built
     vision = model.vision
     config = {"model_cfg": config["model_cfg"],
               "preprocess_cfg": {**(config.get("preprocess_cfg") or {}), "mean": list(vision.mean),
@@ -94,7 +92,7 @@ def _write_open_clip(model, cfg, out: str) -> None:
     reference = open_clip.create_model("local-dir:" + out, load_weights=False).state_dict()
     state = _fit_to(source.state_for_open_clip(model, model.pair), reference, "open_clip")
     save_file(state, os.path.join(out, "open_clip_model.safetensors"))
-    folder = source._local_dir(spec)
+    folder = source.local_dir(spec)
     if folder is not None:  # a tokenizer the folder carries (OpenCLIP's HF tokenizers) travels with it
         for name in os.listdir(folder):
             if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
@@ -108,14 +106,14 @@ def _write_hf(model, cfg, out: str) -> None:
     from .models.sources import hf as source
 
     spec = parse_init_from(cfg["model"]["init_from"])[1]
-    config = AutoConfig.from_pretrained(source._source(spec))
+    config = AutoConfig.from_pretrained(source.model_source(spec))
     reference = AutoModel.from_config(config)
     state = _fit_to(source.state_for_hf(model, model.pair), reference.state_dict(), "hf")
     reference.load_state_dict(state, strict=True)
     reference.save_pretrained(out)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(source._source(spec)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source.model_source(spec)).save_pretrained(out)
     vision = model.vision
     resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}[vision.interpolation]
     size = vision.image_size

@@ -36,7 +36,7 @@ HF_ENCODER_LAYOUT = TowerLayout(  # CLIP and SigLIP encoders alike
 )
 
 
-def _source(spec: str) -> str:
+def model_source(spec: str) -> str:
     return local_folder_or_name(spec, f"model.init_from=hf:{spec}")
 
 
@@ -44,7 +44,7 @@ def _config(spec: str):
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(_source(spec))
+        config = AutoConfig.from_pretrained(model_source(spec))
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.init_from=hf:{spec}: no Hugging Face model config there ({e})") from None
     if config.model_type not in MODEL_TYPES:
@@ -71,7 +71,7 @@ def _image_settings(spec: str, config) -> dict:
                 "interpolation": "bicubic"}
     if config.model_type == "siglip":
         settings.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
-    path = os.path.join(_source(spec), "preprocessor_config.json")
+    path = os.path.join(model_source(spec), "preprocessor_config.json")
     if os.path.isfile(path):
         with open(path) as f:
             pre = json.load(f)
@@ -97,7 +97,7 @@ def build_pair(spec: str, model_cfg, load_weights: bool = True) -> PairParts:
     from transformers import AutoModel
 
     config = _config(spec)
-    model = AutoModel.from_pretrained(_source(spec)) if load_weights else AutoModel.from_config(config)
+    model = AutoModel.from_pretrained(model_source(spec)) if load_weights else AutoModel.from_config(config)
     siglip = config.model_type == "siglip"
     if siglip:
         vision_proj, text_proj = nn.Identity(), model.text_model.head
@@ -138,7 +138,7 @@ def build_tokenizer(spec: str, model_cfg) -> PairTokenizer:
     from transformers import AutoTokenizer
 
     config = _config(spec)
-    tokenizer = AutoTokenizer.from_pretrained(_source(spec))
+    tokenizer = AutoTokenizer.from_pretrained(model_source(spec))
     return PairTokenizer(tokenizer, config.text_config.max_position_embeddings, config.model_type == "siglip")
 
 

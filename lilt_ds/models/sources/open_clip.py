@@ -48,13 +48,14 @@ def _open_clip():
     return open_clip
 
 
-def _local_dir(spec: str) -> str | None:
+def local_dir(spec: str) -> str | None:
     return os.path.expanduser(spec[len(LOCAL_DIR):]) if spec.startswith(LOCAL_DIR) else None
 
 
-def model_config(spec: str) -> dict | None:
-    """OpenCLIP's ``{"model_cfg", "preprocess_cfg"}`` for ARCH, read without weights (None for hf-hub:)."""
-    folder = _local_dir(spec)
+def model_config(spec: str, download: bool = False) -> dict | None:
+    """OpenCLIP's ``{"model_cfg", "preprocess_cfg"}`` for ARCH, read without weights (for hf-hub: None,
+    unless ``download``: then the repository's config file, from the hub cache once the model is built)."""
+    folder = local_dir(spec)
     if folder is not None:
         path = os.path.join(folder, CONFIG_FILE)
         try:
@@ -64,7 +65,12 @@ def model_config(spec: str) -> dict | None:
             raise ConfigError(f"model.init_from=open_clip:{spec}: {path} cannot be read ({e}); an OpenCLIP model "
                               f"folder holds {CONFIG_FILE} and open_clip_model.safetensors") from None
     if spec.startswith(HF_HUB):
-        return None
+        if not download:
+            return None
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(spec[len(HF_HUB):], CONFIG_FILE)) as f:
+            return json.load(f)
     cfg = _open_clip().get_model_config(spec)
     return None if cfg is None else {"model_cfg": cfg}
 
@@ -72,9 +78,9 @@ def model_config(spec: str) -> dict | None:
 def check(spec: str, model_cfg) -> None:
     oc = _open_clip()
     weights = model_cfg.get("init_weights")
-    if _local_dir(spec) is not None or spec.startswith(HF_HUB):
-        if _local_dir(spec) is not None and not os.path.isdir(_local_dir(spec)):
-            raise ConfigError(f"model.init_from=open_clip:{spec}: folder {_local_dir(spec)} does not exist")
+    if local_dir(spec) is not None or spec.startswith(HF_HUB):
+        if local_dir(spec) is not None and not os.path.isdir(local_dir(spec)):
+            raise ConfigError(f"model.init_from=open_clip:{spec}: folder {local_dir(spec)} does not exist")
         model_config(spec)
         if weights is not None:
             raise ConfigError(f"model.init_weights={weights!r} with model.init_from=open_clip:{spec}: the folder or "
