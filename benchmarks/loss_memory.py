@@ -4,7 +4,9 @@ Simulates W data-parallel ranks in one process: rank 0's share is B = N/W local 
 gathered rows (no communication; the collectives' buffers are not counted). Compares
   global  - ContrastiveLoss(local_loss=False): N x N logits on every rank,
   local   - ContrastiveLoss(local_loss=True):  two B x N logit matrices,
-  chunked - ChunkedContrastiveLoss(local_loss=True): chunk x chunk blocks, recomputed in backward.
+  chunked - ChunkedContrastiveLoss(local_loss=True): chunk x chunk blocks, recomputed in backward,
+  siglip  - SigLipLoss with chunk_size >= N: the B x N sigmoid logits (the plain form),
+  siglip_chunked - SigLipLoss(chunk_size): chunk x chunk blocks, recomputed in backward.
 
 Memory = peak bytes of live tensor storages created by the loss's forward+backward: every ATen
 op's new outputs are tracked through a TorchDispatchMode and released when their storage dies
@@ -29,10 +31,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lilt_ds.losses import ChunkedContrastiveLoss, ContrastiveLoss, GatheredBatch
+from lilt_ds.losses import ChunkedContrastiveLoss, ContrastiveLoss, GatheredBatch, SigLipLoss
 
 GIB = 2**30
-MODES = ("global", "local", "chunked")
+MODES = ("global", "local", "chunked", "siglip", "siglip_chunked")
+BASELINE = {"global": "local", "local": "local", "chunked": "local", "siglip": "siglip", "siglip_chunked": "siglip"}
+"""The mode each one's memory is a share of: the softmax losses of local, the sigmoid ones of plain SigLIP."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,6 +109,8 @@ def estimate_peak_bytes(mode: str, n: int, b: int, dim: int, chunk: int, itemsiz
         "global": 4.5 * n * n,
         "local": 4.5 * b * n,
         "chunked": 4 * min(chunk, b) * min(chunk, n) + 2 * b * (n // chunk + 1),
+        "siglip": 4.5 * b * n,
+        "siglip_chunked": 4 * min(chunk, b) * min(chunk, n),
     }[mode]
     return int((features + logits) * itemsize)
 
@@ -114,6 +120,10 @@ def make_loss(mode: str, chunk: int):
         return ContrastiveLoss(local_loss=False)
     if mode == "local":
         return ContrastiveLoss(local_loss=True)
+    if mode == "siglip":
+        return SigLipLoss(chunk_size=2**62)
+    if mode == "siglip_chunked":
+        return SigLipLoss(chunk_size=chunk)
     return ChunkedContrastiveLoss(chunk_size=chunk, local_loss=True)
 
 
@@ -132,11 +142,12 @@ def forward_backward(mode: str, n: int, world: int, dim: int, chunk: int, device
         offset=0, world_size=world,
     )
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True) if mode.startswith("siglip") else None
     loss_fn = make_loss(mode, chunk)
     for probe in probes:
         probe.start()
     started = time.perf_counter()
-    loss = loss_fn.summed_loss(batch, scale, None) * (world / n)
+    loss = loss_fn.summed_loss(batch, scale, bias) * (world / n)
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -198,12 +209,12 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; skipped = estimated above --mem-cap-gib {args.mem_cap_gib:g}")
     print()
     allocator_column = " CUDA allocator peak |" if args.device == "cuda" else ""
-    print(f"| N | mode | B (local rows) | peak memory | % of local |{allocator_column} time (s) |")
+    print(f"| N | mode | B (local rows) | peak memory | % of local (sigmoid: of siglip) |{allocator_column} time (s) |")
     print("|---|---|---|---|---|" + ("---|" if allocator_column else "") + "---|")
     cap = args.mem_cap_gib * GIB
     for n in (parse_size(s) for s in args.sizes.split(",")):
         b = n // args.world
-        local_peak = None
+        peaks = {}
         for mode in MODES:
             estimate = estimate_peak_bytes(mode, n, b, args.dim, args.chunk_size)
             if estimate > cap:
@@ -211,8 +222,9 @@ def main() -> None:
                 print(f"| {n} | {mode} | {b} | skipped (est. {estimate / GIB:.1f} GiB) |{blanks}", flush=True)
                 continue
             tensor_peak, allocator_peak, seconds = measure(mode, n, args.world, args.dim, args.chunk_size, args.device)
-            local_peak = tensor_peak if mode == "local" else local_peak
-            share = f"{100 * tensor_peak / local_peak:.1f}%" if local_peak else ""
+            peaks[mode] = tensor_peak
+            base = peaks.get(BASELINE[mode])
+            share = f"{100 * tensor_peak / base:.1f}%" if base else ""
             allocator = f" {format_bytes(allocator_peak)} |" if allocator_column else ""
             print(f"| {n} | {mode} | {b} | {format_bytes(tensor_peak)} | {share} |{allocator} {seconds:.2f} |",
                   flush=True)

@@ -142,6 +142,7 @@ RULES: dict[str, Rule] = {
     **{f"model.vision.{k}": rule for k, rule in TOWER.items()},
     **{f"model.text.{k}": rule for k, rule in TOWER.items()},
     "model.text.tokenizer": Nullable(Str()), "model.text.pooling": Str(),
+    "model.vision.patch_dropout": Number(0.0, maximum=0.9),
     "memory.frozen_recompute": Bool(),
     "loss.type": Str(), "loss.local_loss": Bool(), "loss.gather_with_grad": Bool(), "loss.chunk_size": Int(1),
     "loss.tile_rows": Nullable(Int(1)), "loss.tile_cols": Nullable(Int(1)),
@@ -150,6 +151,7 @@ RULES: dict[str, Rule] = {
     "train.min_lr": Number(0.0), "train.weight_decay": Number(0.0), "train.warmup_steps": Int(0),
     "train.grad_clip": Number(0.0), "train.log_every": Int(1), "train.max_nonfinite_steps": Int(1),
     "train.deterministic": Bool(),
+    "train.compile": Either(Bool(), Str(), text="true, false or a torch.compile backend name"),
     **{f"train.lr_scale.{part}": Number(positive=True) for part in ("vision", "text", "heads")},
     "train.no_weight_decay": ListOf(Pattern()), "train.schedule": OneOf("cosine", "constant", "constant_cooldown"),
     "train.cooldown_fraction": Number(positive=True, maximum=1.0),
@@ -161,6 +163,20 @@ RULES: dict[str, Rule] = {
     "logging.disable_wandb": Bool(), "logging.wandb_project": Str(), "logging.wandb_run_name": Nullable(Str()),
 }
 """Every key of ``configs/_base.yaml`` but ``mode`` (checked by the models) and ``data.*`` (by the data)."""
+
+
+def check_compile(value) -> str | None:
+    """``train.compile`` -> the torch.compile backend (None: eager)."""
+    if value is False:
+        return None
+    backend = "inductor" if value is True else value
+    import torch
+
+    known = torch.compiler.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"train.compile = {value!r}: not a torch.compile backend; use true (inductor), false "
+                          f"or one of {', '.join(known)}")
+    return backend
 
 
 def _get(cfg: dict, dotted: str):
@@ -190,6 +206,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr = {cfg.train.min_lr!r} is above train.lr = {cfg.train.lr!r}: the cosine "
                           "schedule decays from lr to min_lr; lower train.min_lr")
     check_model_config(cfg)
+    check_compile(cfg.train.compile)
     loss_arguments(cfg.loss)
     cfg.data = resolve_data_config(cfg.data, must_exist=True)
     check_zeroshot(cfg.eval.classification)

@@ -19,6 +19,7 @@ import os
 import torch
 from torch import nn
 
+from .config import check_compile
 from .errors import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
 from .optim import build_scheduler, group_options, param_groups  # noqa: F401 (param_groups: engine API)
@@ -150,6 +151,11 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     if leftover:
         raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
     _check_precision_and_stage(ds, ds_name)
+    if cfg["train"].get("compile") not in (None, False) and zero_stage(ds, ds_name) == 3:
+        raise ConfigError(
+            f"train.compile={cfg['train']['compile']} with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 gathers each "
+            "module's weights in hooks around its forward, which torch.compile of the towers does not see (lilt_ds "
+            "checks compiled towers with ZeRO 0-2 only); use ds_configs/zero2.json, or train.compile=false")
     if (cfg.get("memory") or {}).get("frozen_recompute") and zero_stage(ds, ds_name) == 3:
         raise ConfigError(
             f"memory.frozen_recompute=true does not work with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 releases "
@@ -208,6 +214,10 @@ def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None =
         # DeepSpeed's schedules start "before step 0" with lr 0, which wastes the first optimizer
         # step; start at step 0 (warmup's first value), as the scheduler steps after every update
         scheduler.step(0)
+    backend = check_compile(cfg["train"].get("compile", False))
+    if backend is not None:  # in place: parameter names, hooks and checkpoints stay as they are
+        for tower in (model.vision, model.text):
+            tower.trunk.compile(backend=backend)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # one rank has nothing to average, yet ZeRO-0 would flatten every gradient into buckets,
         # all-reduce them with itself and copy them back after each backward (ZeRO-1/2/3 move

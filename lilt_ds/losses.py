@@ -323,14 +323,24 @@ class SigLipLoss(_DataParallelLoss):
     dL/d(s, b). DeepSpeed's 1/W average therefore gives exactly dL/dtheta.
     Unequal local batch sizes are supported exactly. logit_bias=None means no bias term.
     Initialise models with :func:`siglip_init_values` (log-scale ln 10, bias -10).
+
+    Memory: with more gathered texts than ``chunk_size``, the B x N logits are never materialised:
+    :func:`chunked_siglip_loss_fn` sums them in chunk_size x chunk_size blocks and recomputes each
+    block in backward (the same value and gradients). Up to ``chunk_size`` texts the plain matrix form
+    runs, as before.
     """
 
     accepts_bias = True
 
-    def __init__(self):
+    def __init__(self, chunk_size: int = 4096):
         super().__init__(local_loss=True, gather_with_grad=True)
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
 
     def summed_loss(self, batch: GatheredBatch, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if batch.n_global > self.chunk_size:
+            return chunked_siglip_loss_fn(batch.local_img, batch.all_txt, scale, bias, batch.offset, self.chunk_size)
         logits = scale * batch.local_img @ batch.all_txt.T
         if bias is not None:
             logits = logits + bias
@@ -474,6 +484,68 @@ def chunked_clip_loss_fn(
             f"offset {offset} puts {local_img.shape[0]} local rows outside {all_img.shape[0]} gathered rows"
         )
     return _ChunkedClipLoss.apply(local_img, local_txt, all_img, all_txt, scale.reshape(()), offset, chunk_size)
+
+
+class _ChunkedSigLip(torch.autograd.Function):
+    """sum_ij softplus(s q_i . k_j + b) - sum_i (s q_i . k_(offset+i) + b), block by block; saves only
+    the features. With z the logits, dz = sigmoid(z) (minus 1 at the positives), and
+    dq = s dz K, dk = s dz^T Q, ds = sum(dz * Q K^T), db = sum(dz)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, scale, bias, offset: int, chunk_size: int):
+        compute = torch.promote_types(queries.dtype, torch.float32)
+        q, k, s = queries.to(compute), keys.to(compute), scale.to(compute)
+        b = torch.zeros((), dtype=compute, device=q.device) if bias is None else bias.to(compute)
+        total = torch.zeros((), dtype=compute, device=q.device)
+        for rows in _blocks(q.shape[0], chunk_size):
+            scaled = s * q[rows]
+            for cols in _blocks(k.shape[0], chunk_size):
+                total += F.softplus(torch.addmm(b.expand(rows.stop - rows.start, cols.stop - cols.start),
+                                                scaled, k[cols].T)).sum()
+        positives = s * (q * k[offset:offset + q.shape[0]]).sum() + q.shape[0] * b
+        ctx.save_for_backward(queries, keys, scale, bias if bias is not None else torch.empty(0))
+        ctx.has_bias, ctx.offset, ctx.chunk_size = bias is not None, offset, chunk_size
+        return (total - positives).to(queries.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        queries, keys, scale, bias = ctx.saved_tensors
+        compute = torch.promote_types(queries.dtype, torch.float32)
+        q, k, s = queries.to(compute), keys.to(compute), scale.to(compute)
+        b = bias.to(compute) if ctx.has_bias else torch.zeros((), dtype=compute, device=q.device)
+        own = slice(ctx.offset, ctx.offset + q.shape[0])
+        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+        grad_s = torch.zeros((), dtype=compute, device=q.device)
+        grad_b = torch.zeros((), dtype=compute, device=q.device)
+        for rows in _blocks(q.shape[0], ctx.chunk_size):
+            for cols in _blocks(k.shape[0], ctx.chunk_size):
+                dots = q[rows] @ k[cols].T
+                dz = torch.mul(dots, s).add_(b).sigmoid_()  # d softplus(z) / dz
+                grad_q[rows] += dz @ k[cols]
+                grad_k[cols] += dz.T @ q[rows]
+                grad_s += torch.dot(dz.flatten(), dots.flatten())
+                grad_b += dz.sum()
+        grad_q.mul_(s).sub_(s * k[own])  # the positives' -z terms
+        grad_k.mul_(s)
+        grad_k[own] -= s * q
+        grad_s -= (q * k[own]).sum()
+        grad_b -= q.shape[0]
+        g = grad_loss.to(compute)
+        return (grad_q.mul_(g).to(queries.dtype), grad_k.mul_(g).to(keys.dtype),
+                (grad_s * g).reshape(scale.shape).to(scale.dtype),
+                (grad_b * g).reshape(bias.shape).to(bias.dtype) if ctx.has_bias else None, None, None)
+
+
+def chunked_siglip_loss_fn(local_img: torch.Tensor, all_txt: torch.Tensor, scale: torch.Tensor,
+                           bias: torch.Tensor | None, offset: int, chunk_size: int) -> torch.Tensor:
+    """Summed sigmoid loss of the B local image rows against the N gathered texts (the local rows'
+    texts at offset..offset+B-1), in chunk_size x chunk_size blocks; computed in at least float32."""
+    if not 0 <= offset <= all_txt.shape[0] - local_img.shape[0]:
+        raise ValueError(
+            f"offset {offset} puts {local_img.shape[0]} local rows outside {all_txt.shape[0]} gathered rows")
+    return _ChunkedSigLip.apply(local_img, all_txt, scale.reshape(()), None if bias is None else bias.reshape(()),
+                                offset, chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -238,3 +238,27 @@ def test_bad_sample_counts_survive_a_resume(tmp_path):
         resumed = Trainer(cfg, ds, resume="latest")
         assert resumed.loader.dataset.bad_samples.state_dict() == counts
         resumed.engine.destroy()
+
+
+def test_patch_dropout_resumes_with_the_same_patches(tmp_path, fp32_ds_configs):
+    """The kept patches are drawn from the run's RNG, which a checkpoint restores: a run resumed at
+    step 2 repeats steps 3 and 4 of the uninterrupted one (other patches would move the loss by far more;
+    the 1e-6 is DeepSpeed's CPU Adam, whose beta powers after a resume come from pow(), not products)."""
+    from lilt_ds.config import load_config
+    from lilt_ds.runtime import process_group_scope
+    from lilt_ds.train import Trainer
+    from tests.test_train import _lilt_ds_logging_restored
+
+    extra = ["model.vision.patch_dropout=0.5", "image_size=64", "data.demo={n: 48, eval_n: 12, seed: 0, size: 64}",
+             "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_epochs=0", "train.epochs=20"]
+    losses = {}
+    with process_group_scope(), _lilt_ds_logging_restored():
+        for name, resume in (("run", None), ("resumed", str(tmp_path / "run" / "checkpoints" / "step2"))):
+            cfg = load_config("demo", tiny_training_overrides(tmp_path, extra))
+            cfg.output_dir = str(tmp_path / name)
+            trainer = Trainer(cfg, fp32_ds_configs[2], resume=resume, quiet=True)
+            trainer.run()
+            trainer.engine.destroy()
+            losses[name] = {step: values[0] for step, values in step_losses(tmp_path / name).items()}
+    assert sorted(losses["resumed"]) == [3, 4]
+    assert [losses["resumed"][s] for s in (3, 4)] == pytest.approx([losses["run"][s] for s in (3, 4)], rel=1e-6, abs=0)

@@ -257,3 +257,38 @@ def test_exact_accumulation_through_deepspeed_equals_one_large_batch(tmp_path):
 
     assert max_diff(big, exact) < 1e-6
     assert max_diff(big, naive) > 1e-4
+
+
+def test_compiled_towers_train_like_eager_ones_under_zero2_and_zero3_is_refused(tmp_path):
+    """train.compile compiles both trunks in place inside the engine (names, hooks, frozen parameters
+    as they were); aot_eager is torch.compile's graph capture and AOT autograd without code generation."""
+    from lilt_ds.export import trainable_state_from_engine
+    from lilt_ds.runtime import process_group_scope
+    from lilt_ds.train import Trainer, to_device
+    from tests.test_train import _lilt_ds_logging_restored
+
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
+    ds["bf16"] = {"enabled": False}
+    (tmp_path / "fp32.json").write_text(json.dumps(ds))
+    states = {}
+    with process_group_scope(), _lilt_ds_logging_restored():
+        for backend in ("false", "aot_eager"):
+            cfg = load_config("lilt", tiny_training_overrides(tmp_path, [f"train.compile={backend}",
+                                                                        f"output_dir={tmp_path / backend}"]))
+            trainer = Trainer(cfg, str(tmp_path / "fp32.json"), quiet=True)
+            batch = to_device(next(iter(trainer.loader)), trainer.device, trainer.dtype)
+            trainer.train_step([batch])
+            trainer.train_step([batch])
+            model = trainer.engine.module
+            compiled = [getattr(t.trunk, "_compiled_call_impl", None) is not None for t in (model.vision, model.text)]
+            states[backend] = (compiled, {k: v.clone() for k, v in trainable_state_from_engine(trainer.engine).items()})
+            trainer.engine.destroy()
+    assert states["false"][0] == [False, False] and states["aot_eager"][0] == [True, True]
+    eager, compiled = states["false"][1], states["aot_eager"][1]
+    assert eager.keys() == compiled.keys()
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) < 1e-5
+    cfg = load_config("lilt", tiny_overrides(extra=["train.compile=true"]))
+    with pytest.raises(ConfigError, match=r"train\.compile=True with ZeRO stage 3.*zero2\.json"):
+        resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs", "zero3.json")), cfg, 1, 10)
+    with pytest.raises(ConfigError, match=r"train\.compile = 'fast': not a torch\.compile backend.*inductor"):
+        load_config("lilt", tiny_overrides(extra=["train.compile=fast"]))

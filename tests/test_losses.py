@@ -28,10 +28,12 @@ from lilt_ds.losses import (
     ChunkedContrastiveLoss,
     LOSS_REGISTRY,
     ContrastiveLoss,
+    GatheredBatch,
     NonFiniteInputError,
     SigLipLoss,
     build_loss,
     chunked_clip_loss_fn,
+    chunked_siglip_loss_fn,
     exact_accumulation_step,
     siglip_init_values,
 )
@@ -129,6 +131,7 @@ CASES = {
         reference_clip,
     ),
     "siglip": (SigLipLoss, True, reference_siglip),
+    "siglip_chunked": (lambda: SigLipLoss(chunk_size=3), True, reference_siglip),
     "chunked_local": (lambda: ChunkedContrastiveLoss(chunk_size=3, local_loss=True), False, reference_clip),
     "chunked_global": (lambda: ChunkedContrastiveLoss(chunk_size=5, local_loss=False), False, reference_clip),
 }
@@ -425,6 +428,26 @@ def test_chunked_function_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda *t: chunked_clip_loss_fn(*t, 2, 3), (*double, scale))
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("chunk_size", [2, 5, 64])
+def test_chunked_siglip_equals_the_matrix_form_and_passes_gradcheck(chunk_size, with_bias):
+    """One rank's 4 image rows (at offset 3) against 11 gathered texts: value and every gradient."""
+    torch.manual_seed(0)
+    rows, texts = _unit_rows(4, 6, 1).double().requires_grad_(), _unit_rows(11, 6, 2).double().requires_grad_()
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.5, dtype=torch.float64, requires_grad=True) if with_bias else None
+    batch = GatheredBatch(local_img=rows, local_txt=rows, all_img=texts, all_txt=texts, offset=3, world_size=1)
+    plain = SigLipLoss(chunk_size=1024).summed_loss(batch, scale, bias)  # 11 texts: the matrix form
+    chunked = SigLipLoss(chunk_size=chunk_size).summed_loss(batch, scale, bias)
+    leaves = [t for t in (rows, texts, scale, bias) if t is not None]
+    expected, actual = torch.autograd.grad(plain, leaves), torch.autograd.grad(chunked, leaves)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-12)
+    assert all(torch.allclose(a, e, rtol=1e-10, atol=1e-12) for a, e in zip(actual, expected))
+    inputs = tuple(t.detach().requires_grad_() for t in leaves)
+    assert torch.autograd.gradcheck(
+        lambda q, k, s, *b: chunked_siglip_loss_fn(q, k, s, b[0] if b else None, 3, chunk_size), inputs)
+
+
 def test_chunked_function_rejects_rows_outside_the_gathered_batch():
     rows = _unit_rows(4, 5, 1)
     with pytest.raises(ValueError, match="offset 3 puts 4 local rows outside 6"):
@@ -502,8 +525,8 @@ def test_options_of_other_loss_types_are_refused_unless_they_keep_their_default(
     defaults = {"local_loss": True, "gather_with_grad": True, "chunk_size": 4096, "tile_rows": None}
     section = {"type": "siglip", **defaults}
     assert type(build_loss(section, defaults)) is SigLipLoss
-    with pytest.raises(ValueError, match=r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused, "
-                                         r"not clip: set loss\.type=chunked"):
+    with pytest.raises(ValueError, match=r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused or "
+                                         r"siglip, not clip: set loss\.type=chunked"):
         build_loss({**section, "type": "clip", "chunk_size": 1024}, defaults)
     with pytest.raises(ValueError, match=r"loss\.local_loss=true with loss\.gather_with_grad=false"):
         build_loss({"type": "clip", "local_loss": True, "gather_with_grad": False})
@@ -533,5 +556,7 @@ def test_memory_benchmark_runs_and_prints_a_table():
         capture_output=True, text=True, timeout=100, check=True,
     )
     table_rows = [line for line in result.stdout.splitlines() if line.startswith("| 512 ")]
-    assert len(table_rows) == 3, result.stdout
-    assert {"global", "local", "chunked"} == {row.split("|")[2].strip() for row in table_rows}
+    assert len(table_rows) == 5, result.stdout
+    assert {"global", "local", "chunked", "siglip", "siglip_chunked"} == {row.split("|")[2].strip() for row in table_rows}
+    sigmoid = {row.split("|")[2].strip(): row.split("|")[5].strip() for row in table_rows}
+    assert sigmoid["siglip"] == "100.0%" and float(sigmoid["siglip_chunked"].rstrip("%")) < 100

@@ -91,6 +91,16 @@ def test_activations_are_linear_in_the_batch_and_checkpointing_keeps_little():
     assert two.bytes_per_sample(zero3_linear=True) > two.bytes_per_sample()  # frozen linears keep their inputs
 
 
+def test_patch_dropout_is_counted_in_the_activations():
+    """Half the patches dropped: the clip model's activations shrink by most of the vision tower's share."""
+    sizes = ["image_size=64"]  # 16 patches, so that dropping half of them shows
+    full = profile_activations(tiny("clip", sizes), torch.bfloat16, 2).bytes_per_sample()
+    dropped = profile_activations(tiny("clip", [*sizes, "model.vision.patch_dropout=0.5"]), torch.bfloat16, 2)
+    text_only = profile_activations(tiny("lit", sizes), torch.bfloat16, 2).bytes_per_sample()  # vision keeps nothing
+    vision = full - text_only
+    assert dropped.bytes_per_sample() - text_only < 0.65 * vision
+
+
 def test_the_fused_loss_is_costed_like_the_chunked_one_not_as_full_logits():
     """Both save features and row log-sum-exps only (and the fused one falls back to chunked)."""
     fused = loss_buffer_bytes({"type": "fused"}, 2048, 8, 256)

@@ -49,9 +49,16 @@ def check_model_config(cfg) -> None:
         raise ConfigError("model.text.adapter_position=branch_input: BERT-family text towers are post-norm, with no "
                           "norm at the input of their attention and MLP branches; use output")
     if source is not None:  # every tensor of the checkpoint must fit the model the config builds
-        from .dual_encoder import build_model
+        source[0].match_state(source[1], _built_on_meta(cfg))
+    elif model["vision"].get("patch_dropout"):
+        _built_on_meta(cfg)  # the tower must have patch tokens
 
-        source[0].match_state(source[1], build_model(cfg, load_weights=False, device="meta"))
+
+def _built_on_meta(cfg):
+    """The config's model on the meta device: what only a built tower can tell, without memory or weights."""
+    from .dual_encoder import build_model
+
+    return build_model(cfg, load_weights=False, device="meta")
 
 
 def _check_replaced_keys(model, keys) -> None:
@@ -73,6 +80,8 @@ def _check_pair(cfg, source) -> None:
     if model["text"].get("tokenizer") is not None:
         raise ConfigError(f"model.text.tokenizer={model['text']['tokenizer']!r} with {where}: the pair's own "
                           "tokenizer is used; remove the key")
+    if model["vision"].get("patch_dropout"):
+        _built_on_meta(cfg)  # the tower must have patch tokens
     if (cfg.get("memory") or {}).get("frozen_recompute"):
         raise ConfigError(f"memory.frozen_recompute with {where}: frozen recomputation knows timm and BERT blocks "
                           "only; turn it off (model.<tower>.grad_checkpointing works for pairs)")

@@ -7,6 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import PatchDropout
 from torch import nn
 
 from .efficient import apply_unlocks
@@ -14,7 +15,7 @@ from .modes import LOCKED_TOWERS, check_checkpointing, check_mode, check_unlock_
 from .recompute import apply_frozen_recompute
 from .sources import init_source
 from .text import TextTower
-from .vision import DEFAULT_IMAGE_SIZE, VisionTower
+from .vision import DEFAULT_IMAGE_SIZE, VisionTower, set_patch_dropout
 
 MAX_LOGIT_SCALE = math.log(100.0)
 """The temperature's ceiling: logits at most 100 x the cosine similarity (CLIP's clamp)."""
@@ -78,6 +79,9 @@ class DualEncoder(nn.Module):
             tower = getattr(self, kind)
             if kind in fully_locked:
                 tower.eval()
+                for m in tower.modules():  # dropping patches still saves a locked tower's compute
+                    if isinstance(m, PatchDropout):
+                        m.train(mode)
             else:  # frozen BatchNorm statistics stay as pretrained
                 for m in tower.modules():
                     if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -153,6 +157,8 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
             text = TextTower(mcfg["text"], load_weights=tower_weights)
             # the projections draw from the generator before the adapters: the order fixes every init
             model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias, locked=LOCKED_TOWERS[mode])
+        if mcfg["vision"].get("patch_dropout"):
+            set_patch_dropout(vision, mcfg["vision"]["patch_dropout"])
         for tower, tower_cfg in ((vision, mcfg["vision"]), (text, mcfg["text"])):
             _freeze_tower(tower, mode, tower_cfg)
             if tower_cfg.get("grad_checkpointing"):

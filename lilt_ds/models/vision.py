@@ -7,6 +7,7 @@ import os
 
 import timm
 import torch
+from timm.layers import PatchDropout
 from torch import nn
 
 from ..errors import ConfigError
@@ -91,6 +92,30 @@ def pretrained_kwargs(pretrained, resolve: bool = True) -> dict:
     if not os.path.isfile(source):
         raise ConfigError(f"vision weights file {source} does not exist (model.vision.pretrained={pretrained})")
     return {"pretrained": True, "pretrained_cfg_overlay": {"file": source}}
+
+
+def patch_dropout_host(trunk: nn.Module) -> tuple[nn.Module, str, int] | None:
+    """(module, attribute, prefix tokens) of the step where a ViT may drop patch tokens, after its
+    position embedding: timm's ViTs (``patch_drop``; prefix = CLS and register tokens), a timm ViT
+    inside OpenCLIP (``trunk.patch_drop``) and OpenCLIP's own ViT (``patch_dropout``, after its CLS)."""
+    for host in (trunk, getattr(trunk, "trunk", None)):
+        if isinstance(host, nn.Module) and hasattr(host, "patch_drop") and hasattr(host, "num_prefix_tokens"):
+            return host, "patch_drop", host.num_prefix_tokens
+    if hasattr(trunk, "patch_dropout") and hasattr(trunk, "class_embedding"):
+        return trunk, "patch_dropout", 1
+    return None
+
+
+def set_patch_dropout(tower: nn.Module, prob: float) -> None:
+    """FLIP's patch dropout in training: each sample keeps a random (1 - prob) of its patch tokens,
+    drawn from the global RNG (restored on resume); evaluation sees every patch."""
+    host = patch_dropout_host(tower.trunk)
+    if host is None:
+        raise ConfigError(f"model.vision.patch_dropout={prob}: the vision tower {tower.model_name!r} has no patch "
+                          "tokens to drop (a convolutional network, or a Hugging Face CLIP/SigLIP tower); set "
+                          "it to 0.0, or use a ViT")
+    module, attribute, prefix = host
+    setattr(module, attribute, PatchDropout(prob, num_prefix_tokens=prefix))
 
 
 class VisionTower(nn.Module):

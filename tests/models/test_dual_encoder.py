@@ -104,6 +104,29 @@ def test_fresh_adapters_are_the_identity(position, hosts):
     assert not torch.allclose(adapted(images, ids, mask)[0], plain(images, ids, mask)[0])
 
 
+def test_patch_dropout_drops_in_training_keeps_the_prefix_and_sees_every_patch_in_evaluation():
+    size = ["image_size=64"]  # 16 patches
+    plain = tiny_model("clip", extra=size)
+    dropped = tiny_model("clip", extra=[*size, "model.vision.patch_dropout=0.5"])
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval().encode_image(images), plain.eval().encode_image(images),
+                                   rtol=0, atol=0)  # evaluation: every patch, the same function
+        seen = {}
+        hook = dropped.vision.trunk.patch_drop.register_forward_hook(
+            lambda m, args, out: seen.update(inputs=args[0], out=out))
+        first = dropped.train().encode_image(images)
+        second = dropped.encode_image(images)
+        hook.remove()
+    assert not torch.allclose(first, second)  # a new draw per call, per sample
+    assert seen["out"].shape[1] == 1 + 8 and torch.equal(seen["out"][:, 0], seen["inputs"][:, 0])  # CLS kept
+    kept = [{tuple(row.tolist()) for row in seen["out"][b, 1:]} for b in range(3)]
+    assert all(k <= {tuple(row.tolist()) for row in seen["inputs"][b, 1:]} for b, k in enumerate(kept))
+    assert kept[0] != kept[1] or kept[1] != kept[2]  # each sample draws its own patches
+    locked = tiny_model("lit", extra=[*size, "model.vision.patch_dropout=0.5"]).train()
+    assert locked.fully_locked == {"vision"} and not locked.vision.training and locked.vision.trunk.patch_drop.training
+
+
 @contextlib.contextmanager
 def count_saved_tensors(module):
     """Count the tensors autograd saves for backward while ``module`` runs its forward."""
@@ -193,6 +216,9 @@ def test_grad_checkpointing_gives_the_same_gradients():
     (["model.text.pooling=max"], r"unknown model.text.pooling 'max'"),
     (["model.text.adapter_position=branch_input"], r"model\.text\.adapter_position=branch_input: BERT.*use output"),
     (["model.vision.adapter_position=before"], r"model\.vision\.adapter_position.*one of output, branch_input"),
+    (["model.vision.patch_dropout=0.95"], r"model\.vision\.patch_dropout = 0\.95: expected a number >= 0 and <= 0\.9"),
+    (["model.vision.patch_dropout=0.5", "vision_encoder=tf_efficientnet_lite0"],
+     r"patch_dropout=0\.5: the vision tower 'tf_efficientnet_lite0' has no patch tokens"),
 ])
 def test_bad_model_config_gives_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
