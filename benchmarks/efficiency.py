@@ -56,7 +56,8 @@ def main():
     variants = {"eager": [], "patch_dropout": [f"model.vision.patch_dropout={args.patch_dropout}"]}
     if not args.skip_compile:
         variants["compiled"] = [f"train.compile={args.compile}"]
-    lines = [f"# our trainer, clip {args.size}/{args.size}, {args.image_size} px, batch {args.batch}, ZeRO-2, "
+    lines = [f"# our trainer, clip {args.size}/{args.size}, {args.image_size} px, batch {args.batch}, ZeRO-2 "
+             "(precision: the shipped config's choice for this device), "
              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
              ""]
     with process_group_scope():

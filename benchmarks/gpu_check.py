@@ -20,7 +20,9 @@ not stop the others):
   device runs it) through the ``deepspeed`` launcher, train.deterministic on;
 - resume: the ZeRO-2 run again from its middle checkpoint (CUDA RNG restored): the same losses;
 - memory: ``launch/profile_memory.py --measure`` at base/base (estimate against the engine);
-- throughput: ``benchmarks/throughput.py`` at base/base, 256 px, batch 128 (samples/s, MFU).
+- throughput: ``benchmarks/throughput.py`` at base/base, 256 px, batch 128 (samples/s, MFU);
+- efficiency: ``benchmarks/efficiency.py`` at base/base, 256 px, batch 64: patch dropout 0.5 and
+  ``train.compile=true`` against eager steps (whether compiling should be the GPU's default).
 
 It ends with one table (also ``DIR/summary.md`` and ``summary.json``) and exits 1 if a check failed.
 ``--reduced`` runs the parts a CPU can run, on tiny models, with the Triton kernel in Triton's
@@ -402,13 +404,31 @@ def check_throughput(ctx: Context, args) -> Result:
     return Result("throughput", "pass", "; ".join(rows), figures={"table": lines[header:header + 2 + len(rows)]})
 
 
+def check_efficiency(ctx: Context, args) -> Result:
+    """Patch dropout and torch.compile against eager steps (``benchmarks/efficiency.py``): whether
+    ``train.compile`` should be on by default on this device."""
+    out = os.path.join(ctx.workdir, "efficiency.md")
+    if ctx.reduced:  # inductor's first compile takes minutes on a CPU: skipped there
+        cmd = ["--size", "tiny", "--image-size", "32", "--batch", "2", "--warmup", "0", "--steps", "1", "--skip-compile"]
+    else:
+        cmd = ["--size", "base", "--image-size", "256", "--batch", "64", "--warmup", "3", "--steps", "6"]
+    ctx.run("efficiency", [sys.executable, "benchmarks/efficiency.py", *cmd, "--output", out], timeout=900)
+    with open(out) as f:
+        lines = f.read().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
+            if line.startswith("| ") and not line.startswith(("| variant", "| |"))]
+    found = [f"{r[0]}: {r[4]} ({r[3]} samples/s, first step {r[1]} s)" for r in rows if len(r) == 5]
+    found += [f"{r[0]} activations {r[3]}" for r in rows if len(r) == 4]
+    return Result("efficiency", "pass", "; ".join(found), figures={"table": lines})
+
+
 CHECKS = [
     ("environment", check_environment), ("kernels", check_kernels), ("fused loss", check_fused_loss),
     ("fused loss speed", check_fused_loss_speed), ("host syncs", check_host_syncs),
     ("training zero2", lambda ctx, args: check_training(ctx, args, "zero2")),
     ("resume", check_resume),
     ("training zero3", lambda ctx, args: check_training(ctx, args, "zero3")),
-    ("memory", check_memory), ("throughput", check_throughput),
+    ("memory", check_memory), ("throughput", check_throughput), ("efficiency", check_efficiency),
 ]
 REDUCED_SKIPS = {"training zero3": "reduced run: ZeRO-3 on the GPU only (the same check as ZeRO-2)"}
 

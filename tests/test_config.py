@@ -111,7 +111,7 @@ def test_every_key_of_the_schema_refuses_a_value_of_the_wrong_type_naming_the_ke
     ("loss.type=clipp", r"unknown loss type 'clipp'; allowed types: chunked, clip, fused, siglip \(loss\.type\)"),
     ("train.lr=fast", r"train\.lr = 'fast': expected a number > 0"),
     ("train.micro_batch_size=0", r"train\.micro_batch_size = 0: expected an integer >= 1"),
-    ("loss.chunk_size=1024", r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused, not clip"),
+    ("loss.chunk_size=1024", r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused or siglip, not clip"),
     ("train.min_lr=1", r"train\.min_lr = 1\.0 is above train\.lr"),
     ("model.vision.unlock=[ln,layernorm]", r"unknown unlock item 'layernorm' in model\.vision\.unlock"),
     ("model.text.unlock=[top_k]", r"top_k needs a block count"),

@@ -30,7 +30,7 @@ def no_building(monkeypatch):
     ("loss.type=clipp", "error: unknown loss type 'clipp'"),
     ("train.lr=fast", "error: train.lr = 'fast': expected a number > 0"),
     ("train.micro_batch_size=0", "error: train.micro_batch_size = 0: expected an integer >= 1"),
-    ("loss.chunk_size=1024", "error: loss.chunk_size=1024 is an option of loss.type chunked or fused, not clip"),
+    ("loss.chunk_size=1024", "error: loss.chunk_size=1024 is an option of loss.type chunked or fused or siglip, not clip"),
 ])
 def test_pretrain_refuses_a_bad_config_before_building_anything(no_building, override, message):
     cli = launcher("_cli")

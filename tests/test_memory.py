@@ -106,6 +106,8 @@ def test_the_fused_loss_is_costed_like_the_chunked_one_not_as_full_logits():
     fused = loss_buffer_bytes({"type": "fused"}, 2048, 8, 256)
     assert fused == loss_buffer_bytes({"type": "chunked"}, 2048, 8, 256)
     assert fused < 0.15 * loss_buffer_bytes({"type": "clip"}, 2048, 8, 256)  # 36 MiB against 296 MiB at N = 16k
+    blockwise = loss_buffer_bytes({"type": "siglip", "chunk_size": 4096}, 2048, 8, 256)  # 16k gathered > 4096
+    assert blockwise < 0.15 * loss_buffer_bytes({"type": "siglip", "chunk_size": 2 ** 20}, 2048, 8, 256)
 
 
 def test_auto_device_choices_of_the_shipped_configs_are_made_for_the_machine_estimated():

@@ -291,7 +291,8 @@ def loss_buffer_bytes(loss_cfg, micro_batch: int, world_size: int, embed_dim: in
 
     Dominated by the logits once the global batch N = micro batch x world size outgrows the
     embedding width: two B x N log-softmax outputs per rank in local mode, two N x N in global
-    mode, one B x N for SigLIP, none for the chunked and fused losses (their row log-sum-exps only). Besides
+    mode, one B x N for SigLIP up to ``loss.chunk_size`` gathered rows (beyond, it saves only its
+    features), none for the chunked and fused losses (their row log-sum-exps only). Besides
     them: the features the matmuls keep (local, gathered, scaled by the temperature) and the labels.
     """
     kind = (loss_cfg or {}).get("type", "clip")
@@ -300,6 +301,8 @@ def loss_buffer_bytes(loss_cfg, micro_batch: int, world_size: int, embed_dim: in
     rows = B if local else N
     gathered = N * D if world_size > 1 else 0   # all-gathered copies are new storages
     if kind == "siglip":                           # local images x all texts
+        if N > (loss_cfg or {}).get("chunk_size", 4096):  # blockwise: the features it keeps, no logits
+            return f * (B * D + (gathered or B * D))
         return f * (B * N + B * D + B * D + (gathered or B * D))
     features = 2 * (B * D + gathered) if local else 2 * N * D
     if kind in ("chunked", "fused"):  # the fused kernel saves what the chunked loss saves (and falls back to it)
