@@ -18,6 +18,7 @@ from .data import check_zeroshot, resolve_data_config
 from .errors import ConfigError
 from .losses import loss_arguments
 from .models import check_model_config
+from .models.efficient import ADAPTER_POSITIONS
 from .original_flags import apply_flags, split_flags
 from .presets import (Config, apply_override, available_presets, base_defaults, parse_override, read_config,  # noqa: F401
                       save_config, to_config)
@@ -130,7 +131,7 @@ LORA = {"rank": Int(1), "alpha": Number(positive=True), "dropout": Number(0.0, b
         "target_modules": Nullable(Either(Str(), ListOf(Str()), text="a module name pattern or a list of them"))}
 TOWER = {"name": Str(), "pretrained": Either(Bool(), Str(), text="true, false or a weights source"),
          "unlock": ListOf(Str()), "adapter_reduction": Int(1),
-         "adapter_position": OneOf("output", "branch_input"), "grad_checkpointing": Bool(),
+         "adapter_position": OneOf(*ADAPTER_POSITIONS), "grad_checkpointing": Bool(),
          "layer_decay": Nullable(Number(positive=True, maximum=1.0)),
          **{f"lora.{k}": rule for k, rule in LORA.items()}}
 RULES: dict[str, Rule] = {

@@ -151,7 +151,7 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     if leftover:
         raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
     _check_precision_and_stage(ds, ds_name)
-    if cfg["train"].get("compile") not in (None, False) and zero_stage(ds, ds_name) == 3:
+    if check_compile(cfg["train"].get("compile", False)) is not None and zero_stage(ds, ds_name) == 3:
         raise ConfigError(
             f"train.compile={cfg['train']['compile']} with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 gathers each "
             "module's weights in hooks around its forward, which torch.compile of the towers does not see (lilt_ds "

@@ -137,9 +137,8 @@ def _top_k(tower, k, tower_cfg) -> set[str]:
 
 
 def check_adapter_position(tower, tower_cfg) -> str:
+    """The tower's ``adapter_position`` (its values are checked with the config), if the tower has that place."""
     position = tower_cfg.get("adapter_position", "output")
-    if position not in ADAPTER_POSITIONS:
-        raise ConfigError(f"model.{tower.kind}.adapter_position={position!r}: choose {' or '.join(ADAPTER_POSITIONS)}")
     if position == "branch_input" and (tower.layout is None or tower.layout.branch_norms is None):
         raise ConfigError(f"model.{tower.kind}.adapter_position=branch_input: the {tower.kind} tower "
                           f"{tower.model_name!r} has no norm at the input of its attention and MLP branches "

@@ -192,9 +192,9 @@ def _hints(state: dict, config: dict | None, unexpected, missing, shapes) -> lis
     size = native_size(state)
     if any(k == "visual_encoder.pos_embed" and a[1] != b[1] for k, a, b in shapes) and size:
         hints.append(f"the checkpoint was trained at {size} px: set model.image_size={size}")
-    if any(k in ("vision_proj.weight", "text_proj.weight") and a[0] != b[0] for k, a, b in shapes):
-        hints.append(f"its embedding has {state['vision_proj.weight'].shape[0]} dimensions: "
-                     f"set model.embed_dim={state['vision_proj.weight'].shape[0]}")
+    embed = next((a[0] for k, a, b in shapes if k in ("vision_proj.weight", "text_proj.weight") and a[0] != b[0]), None)
+    if embed is not None:
+        hints.append(f"its embedding has {embed} dimensions: set model.embed_dim={embed}")
     if config and (missing or unexpected or shapes):
         named = [f"{k}={config[k]}" for k in ("vision_encoder", "text_encoder", "image_res", "embed_dim") if k in config]
         adapter = config.get("conventional_adapter") or {}
@@ -206,12 +206,12 @@ def _hints(state: dict, config: dict | None, unexpected, missing, shapes) -> lis
     return hints
 
 
-def match_state(spec: str, model, checkpoint: dict | None = None) -> dict[str, torch.Tensor]:
+def match_state(spec: str, model) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the model's names (shapes checked), or a ConfigError naming every
     key that has no place, every model tensor the checkpoint lacks and every shape that differs.
 
     Works on a model built on the meta device (the config check) as on a real one."""
-    checkpoint = checkpoint or read_checkpoint(spec)
+    checkpoint = read_checkpoint(spec)
     state = checkpoint["model"]
     targets = model.state_dict(keep_vars=True)
     # peft's LoRA moves a wrapped Linear's own weight under .base_layer
