@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from .data import check_zeroshot, resolve_data_config
+from .data import check_cache_config, check_zeroshot, resolve_data_config
 from .errors import ConfigError
 from .losses import loss_arguments
 from .models import check_model_config
@@ -210,6 +210,7 @@ def validate(cfg: Config) -> None:
     check_compile(cfg.train.compile)
     loss_arguments(cfg.loss)
     cfg.data = resolve_data_config(cfg.data, must_exist=True)
+    check_cache_config(cfg)
     check_zeroshot(cfg.eval.classification)
 
 

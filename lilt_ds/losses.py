@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from .distributed import all_gather_rows, all_reduce_sum, gather_rank_info, world_info
 from .errors import ConfigError
+from .models.dual_encoder import encode_batch
 from .models.dual_encoder import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE  # noqa: F401
 from .runtime import set_torch_rng_state, torch_rng_state
 
@@ -658,13 +659,13 @@ def exact_accumulation_step(
         raise ValueError("exact_accumulation_step needs at least one micro-batch")
 
     def encode(batch: dict[str, torch.Tensor]) -> Sequence[torch.Tensor]:
-        return model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        return encode_batch(model, batch)
 
     rng_before = []  # each re-encode replays its cached pass's randomness (dropout) exactly
     cached = []
     with torch.no_grad():
         for batch in micro_batches:
-            rng_before.append(torch_rng_state(batch["images"].device))
+            rng_before.append(torch_rng_state(batch["input_ids"].device))
             cached.append(tuple(encode(batch)[:2]))
     cached_img = [img for img, _ in cached]
     cached_txt = [txt for _, txt in cached]

@@ -18,11 +18,11 @@ from .allocator import retain_freed_memory
 from . import engine as ds_engine
 from .errors import ConfigError, LiltError
 from .presets import Config, save_config
-from .data import build_eval_data, build_train_loader, build_zeroshot_data, global_bad_sample_counts, eval_loader_settings, resolve_data_config
+from .data import cache_locked_features, build_eval_data, build_train_loader, build_zeroshot_data, global_bad_sample_counts, eval_loader_settings, resolve_data_config
 from .export import save_exported, trainable_state_from_engine
 from .evaluate import evaluate_classification, evaluate_retrieval, format_retrieval_table
 from .losses import as_fp32, build_loss, exact_accumulation_step
-from .models import build_model, build_tokenizer, trainable_summary
+from .models import build_model, build_tokenizer, encode_batch, trainable_summary
 from .models.summary import format_summary
 from .run_logging import MetricLogger, setup_logging
 
@@ -75,8 +75,10 @@ def due(every_epochs: int, epoch: int, last: bool) -> bool:
 
 
 def to_device(batch: dict, device, dtype) -> dict:
+    """The model's inputs of a batch on the device, images (or cached image features) in ``dtype``."""
+    image_key = "image_features" if "image_features" in batch else "images"
     return {
-        "images": batch["images"].to(device, dtype, non_blocking=True),
+        image_key: batch[image_key].to(device, dtype, non_blocking=True),
         "input_ids": batch["input_ids"].to(device, non_blocking=True),
         "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
     }
@@ -108,6 +110,11 @@ class Trainer:
         data = resolve_data_config(cfg.data)
         self.loader = build_train_loader(data, self.tokenizer, size, mean, std, self.rank, self.world_size,
                                          cfg.train.micro_batch_size, cfg.seed, self.device.type)
+        self.feature_cache = None
+        if data.cache_locked_features:  # before the engine: its build runs the tower in fp32
+            self.feature_cache = cache_locked_features(
+                self.loader.dataset, self.model, data, {"name": cfg.model.vision.name, "image_size": size}, self.device, cfg.eval.batch_size,
+                self.loader.loader.num_workers)
         self.eval_data = build_eval_data(data, self.tokenizer, size, mean, std)
         zeroshot = cfg.eval.classification
         self.zeroshot = None if zeroshot.data is None else build_zeroshot_data(
@@ -177,14 +184,14 @@ class Trainer:
                     raise _SkippedStep(read[0])
 
             try:
-                exact_accumulation_step(lambda *a: as_fp32(engine(*a)), micro_batches, self.loss_fn, backward,
+                exact_accumulation_step(lambda *a, **k: as_fp32(engine(*a, **k)), micro_batches, self.loss_fn, backward,
                                         before_backward=check)
             except _SkippedStep as skipped:
                 return skipped.loss
             return read[0]
         total = None
         for i, batch in enumerate(micro_batches):
-            loss = self.loss_fn(*as_fp32(engine(batch["images"], batch["input_ids"], batch["attention_mask"])))
+            loss = self.loss_fn(*as_fp32(encode_batch(engine, batch)))
             share = loss.detach() / len(micro_batches)
             total = share if total is None else total + share
             if i == len(micro_batches) - 1:

@@ -9,10 +9,12 @@ A plain `index` means epoch 0.
 from typing import Dict, List, Tuple, Union
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from .bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
 from .index.captions import CaptionTable
+from .index.feature_file import BAD
 from .errors import DataError, format_list
 from .preprocessing.images import open_rgb
 from .sample_rng import REPLACE_STREAM, augmented, caption_choice, sample_rng
@@ -22,7 +24,8 @@ MAX_REPLACEMENT_DRAWS = 50
 
 class CaptionDataset(Dataset):
     """`dataset[(epoch, index)]` -> `{"image": FloatTensor[3,H,W], "caption": str, "index": int,
-    "bad_samples": [BadSample, ...]}`.
+    "bad_samples": [BadSample, ...]}`; after `use_features`, `"image_features": FloatTensor[D]`
+    (the locked image tower's output, cached) in place of `"image"`.
 
     `index` is the entry actually served (a replacement under on_bad_sample=skip) and
     `bad_samples` lists the bad entries it replaced; `TrainLoader` records them in
@@ -46,9 +49,15 @@ class CaptionDataset(Dataset):
                             f"{format_list([s.describe() for s in missing])}\n"
                             "Fix the paths (data.image_root can rewrite a prefix), " + SKIP_FIX + ".")
         self.bad_samples.record_missing(missing)
+        self.features, self.views = None, 1
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def use_features(self, features, views: int) -> None:
+        """Serve `features` (a complete FeatureFile of `views` views per entry) in place of decoded
+        images: items then carry `"image_features"` (epoch e: view e mod `views`) and no `"image"`."""
+        self.features, self.views = features, views
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -59,19 +68,31 @@ class CaptionDataset(Dataset):
                 replaced.append(self.table.bad_sample(served, "file not found"))
                 continue
             try:
-                image = open_rgb(self.table.image_path(served))
-            except Exception as err:  # any decoding failure of a user's file is bad data
-                bad = self.table.bad_sample(served, f"cannot decode: {type(err).__name__}: {err}")
+                name, value = self._read(epoch, index, served)
+            except _Unreadable as err:
                 if self.on_bad_sample == "error":
-                    raise DataError(f"{bad.describe()}. Replace or delete the file, {SKIP_FIX}.") from err
-                replaced.append(bad)
+                    raise DataError(f"{err.bad.describe()}. Replace or delete the file, {SKIP_FIX}.") from err.__cause__
+                replaced.append(err.bad)
                 continue
-            pixels = augmented(self.transform, image, self.seed, epoch, index, served)
-            return {"image": pixels, "caption": self.caption(epoch, served), "index": served,
+            return {name: value, "caption": self.caption(epoch, served), "index": served,
                     "bad_samples": replaced}
         raise DataError(f"on_bad_sample=skip drew {MAX_REPLACEMENT_DRAWS} replacements for entry "
                         f"{index} and every one was bad, e.g. {replaced[-1].describe()}. Most of "
                         "the images cannot be read: check the files and data.image_root.")
+
+    def _read(self, epoch: int, index: int, served: int) -> Tuple[str, torch.Tensor]:
+        """("image", pixels) decoded and augmented, or ("image_features", row) from the cache."""
+        if self.features is not None:
+            view = epoch % self.views
+            if self.features.status[view, served] == BAD:
+                raise _Unreadable(self.table.bad_sample(
+                    served, f"cannot decode (found when the feature cache {self.features.folder} was built)"))
+            return "image_features", torch.from_numpy(np.array(self.features.features[view, served]))
+        try:
+            image = open_rgb(self.table.image_path(served))
+        except Exception as err:  # any decoding failure of a user's file is bad data
+            raise _Unreadable(self.table.bad_sample(served, f"cannot decode: {type(err).__name__}: {err}")) from err
+        return "image", augmented(self.transform, image, self.seed, epoch, index, served)
 
     def caption(self, epoch: int, index: int) -> str:
         """The caption of `index` for `epoch`: drawn from (seed, epoch, index) when the entry has
@@ -81,3 +102,11 @@ class CaptionDataset(Dataset):
     def _replacement(self, epoch: int, index: int, draw: int) -> int:
         return int(sample_rng(self.seed, epoch, index, REPLACE_STREAM, draw).integers(len(self)))
 
+
+
+class _Unreadable(Exception):
+    """An entry that cannot be served: `bad` says which and why."""
+
+    def __init__(self, bad: BadSample):
+        super().__init__(bad.describe())
+        self.bad = bad

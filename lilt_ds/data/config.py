@@ -15,8 +15,8 @@ from .preprocessing.transforms import resolve_augment
 # the one list of keys and defaults is the experiment schema, lilt_ds/configs/_base.yaml
 DATA_DEFAULTS: Dict[str, Any] = base_defaults()["data"]
 
-_POSITIVE_INTS = ("max_words", "max_length", "eval_max_length")
-_BOOLS = ("clean_captions", "persistent_workers")
+_POSITIVE_INTS = ("max_words", "max_length", "eval_max_length", "cache_views")
+_BOOLS = ("clean_captions", "persistent_workers", "cache_locked_features")
 AUTO = "auto"
 CPU_WORKERS = 2        # data.num_workers=auto on the CPU (the default before "auto" existed)
 MAX_GPU_WORKERS = 8    # data.num_workers=auto on a GPU: at most this many per rank

@@ -61,6 +61,10 @@ class DualEncoder(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         with self._tower_context("vision"):
             features = self.vision(images)
+        return self.encode_image_features(features)
+
+    def encode_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The embedding of the image tower's pooled ``features`` (a cached locked tower's output)."""
         return F.normalize(self.vision_proj(features), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,8 +72,10 @@ class DualEncoder(nn.Module):
             features = self.text(input_ids, attention_mask)
         return F.normalize(self.text_proj(features), dim=-1)
 
-    def forward(self, images, input_ids, attention_mask):
-        out = (self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale.exp())
+    def forward(self, images, input_ids, attention_mask, image_features=None):
+        """``image_features`` (the locked image tower's output, cached) stands in for ``images`` (None)."""
+        image_emb = self.encode_image(images) if image_features is None else self.encode_image_features(image_features)
+        out = (image_emb, self.encode_text(input_ids, attention_mask), self.logit_scale.exp())
         return out if self.logit_bias is None else out + (self.logit_bias,)
 
     def train(self, mode: bool = True):
@@ -92,6 +98,14 @@ class DualEncoder(nn.Module):
     def clamp_logit_scale(self) -> None:
         """Keep the temperature in [0, ln 100] (call after each optimizer step, as OpenCLIP does)."""
         self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+def encode_batch(model, batch: dict):
+    """``model``'s forward on a training batch: its ``images``, or the cached ``image_features`` that
+    stand in for them (``data.cache_locked_features``)."""
+    if "image_features" in batch:
+        return model(None, batch["input_ids"], batch["attention_mask"], image_features=batch["image_features"])
+    return model(batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
 def _freeze_tower(tower, mode: str, tower_cfg) -> None:

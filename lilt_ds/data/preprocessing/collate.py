@@ -15,7 +15,8 @@ def stack_images(images: List[torch.Tensor]) -> torch.Tensor:
 
 class ImageTextCollator:
     """`collate(samples)` -> `{"images": FloatTensor[B,3,H,W], "input_ids": LongTensor[B,L],
-    "attention_mask": LongTensor[B,L], "index": LongTensor[B], "bad_samples": [BadSample, ...]}`.
+    "attention_mask": LongTensor[B,L], "index": LongTensor[B], "bad_samples": [BadSample, ...]}`,
+    with `"image_features": FloatTensor[B,D]` in place of `"images"` when the samples carry them.
 
     Tokenizing here, in the DataLoader worker, keeps it off the training process. `bad_samples`
     carries the skipped entries of the batch to the main process (TrainLoader records and removes
@@ -27,7 +28,9 @@ class ImageTextCollator:
         self.max_length = max_length
 
     def __call__(self, samples: List[Dict]) -> Dict:
-        batch = {"images": stack_images([s["image"] for s in samples])}
+        # a cached image tower's features come in place of the images (CaptionDataset.use_features)
+        batch = ({"images": stack_images([s["image"] for s in samples])} if "image" in samples[0]
+                 else {"image_features": stack_images([s["image_features"] for s in samples])})
         batch.update(tokenize_captions(self.tokenizer, [s["caption"] for s in samples], self.max_length))
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         batch["bad_samples"] = [bad for s in samples for bad in s["bad_samples"]]

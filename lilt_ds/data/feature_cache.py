@@ -1,0 +1,275 @@
+"""The locked-tower feature cache (``data.cache_locked_features``): the pooled output of an image
+tower that trains nothing, computed once per image and view, so later epochs neither decode those
+images nor run that tower.
+
+A fully locked tower in eval mode is a pure function of its input, so its output for a view of an
+image is a constant of the run. ``data.cache_views: K`` views are cached: view v of entry i is the
+training augmentation as epoch v draws it (the same pixels an uncached epoch v sees), and epoch e
+reads view e mod K; with K = 1 the one view is the evaluation preprocessing (a resize), since a
+single augmented view repeated every epoch would only fix one random crop. The features are
+computed in fp32 and stored in a FeatureFile beside the caption file (where ``data.index_cache``
+puts the caption index), named after the caption files, the image root and K, and checked against
+what computed them: the tower (its weights, structure and config), the transform, the seed and the
+caption files; a difference restarts it, with a warning that says what changed. The ranks build
+it together, each its share of blocks of one batch; a killed build resumes at its first missing
+block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError
+from ..distributed import is_distributed, world_info
+from ..fileio import cache_folder
+from ..models.modes import is_fully_locked
+from ..runtime import local_rank
+from .config import local_ranks
+from .errors import DataError
+from .index.cache import fingerprint_difference, source_fingerprint
+from .index.feature_file import EMPTY, FeatureFile, locked, read_meta, start_feature_file
+from .preprocessing.images import open_rgb
+from .preprocessing.transforms import build_eval_transform
+from .sample_rng import augmented
+
+logger = logging.getLogger("lilt_ds.data")
+
+FORMAT = 1
+
+
+def check_cache_config(cfg) -> None:
+    """At config load: the cache is asked for where it can work (the image tower trains nothing, its
+    output does not depend on the run's RNG, a caption file to key it by, a place to write it)."""
+    data = cfg.data
+    if not data.cache_locked_features:
+        return
+    vision = cfg.model.vision
+    if not is_fully_locked(cfg.mode, "vision", vision.unlock):
+        raise ConfigError(
+            f"data.cache_locked_features=true caches the image tower's output, but mode={cfg.mode} with "
+            f"model.vision.unlock={list(vision.unlock or [])} trains it, so its output changes every step: "
+            "use mode=lit, or mode=lilt with model.vision.unlock=[] (or turn the cache off)")
+    if vision.get("patch_dropout"):
+        raise ConfigError(
+            f"data.cache_locked_features=true with model.vision.patch_dropout={vision.patch_dropout}: patch "
+            "dropout draws new patches every step, so the tower's output is not a function of the image "
+            "and cannot be cached. Set model.vision.patch_dropout=0.0 or turn the cache off (a cached tower "
+            "costs nothing to run, so patch dropout would save nothing)")
+    if data.train_shards is not None:
+        raise ConfigError(
+            "data.cache_locked_features=true works with data.train_files (its entries are the cache's "
+            "rows); data.train_shards streams samples without a fixed index. Train on caption JSON files "
+            "or turn the cache off")
+    if data.index_cache is None:
+        raise ConfigError(
+            "data.cache_locked_features=true stores the features where data.index_cache puts the caption "
+            "index, and data.index_cache is null (no file): set it to auto or a folder")
+
+
+class _Views(Dataset):
+    """``(view, entry)`` -> (view, entry, pixels or None, why it could not be read or None)."""
+
+    def __init__(self, table, missing: np.ndarray, transforms: List, seed: int):
+        self.table, self.missing, self.transforms, self.seed = table, missing, transforms, seed
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, key):
+        view, entry = key
+        if self.missing[entry]:
+            return view, entry, None, "file not found"
+        try:
+            image = open_rgb(self.table.image_path(entry))
+        except Exception as err:  # a user's undecodable file is bad data, as in CaptionDataset
+            return view, entry, None, f"cannot decode: {type(err).__name__}: {err}"
+        return view, entry, augmented(self.transforms[view], image, self.seed, view, entry, entry), None
+
+
+def _collate(samples):
+    pixels = [s[2] for s in samples if s[2] is not None]
+    return {"view": samples[0][0], "entries": np.array([s[1] for s in samples], dtype=np.int64),
+            "bad": np.array([s[2] is None for s in samples], dtype=bool),
+            "reasons": [s[3] for s in samples],
+            "pixels": torch.stack(pixels) if pixels else None}
+
+
+def tower_digest(tower: torch.nn.Module, config: Dict[str, Any]) -> str:
+    """What identifies a tower's function: its config, its structure and every weight and buffer."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(repr(tower).encode())
+    for name, tensor in tower.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_location(sources: List[str], image_root, views: int, index_cache: str) -> str:
+    """The cache's folder: named after what addresses its rows; beside the first caption file when
+    that folder is writable (``index_cache: auto``), else in the lilt_ds cache folder, or in the
+    folder ``index_cache`` names."""
+    identity = json.dumps([[os.path.abspath(s) for s in sources], image_root, views], sort_keys=True, default=str)
+    name = f"{os.path.basename(sources[0])}.{hashlib.sha256(identity.encode()).hexdigest()[:16]}.lilt-features"
+    if index_cache != "auto":
+        return os.path.join(os.path.abspath(os.path.expanduser(index_cache)), name)
+    beside = os.path.dirname(os.path.abspath(sources[0]))
+    return os.path.join(beside, name) if os.access(beside, os.W_OK) else os.path.join(cache_folder(), "features", name)
+
+
+def view_transforms(dataset, views: int, image_size: int, mean, std) -> List:
+    """The transform of each cached view: the evaluation resize for one view, else the training one."""
+    return [build_eval_transform(image_size, mean, std)] if views == 1 else [dataset.transform] * views
+
+
+def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any], device, batch_size: int,
+                          num_workers: int) -> Dict[str, Any]:
+    """Build (or find) the feature cache of ``model``'s locked image tower over ``dataset`` (a
+    CaptionDataset) and make the dataset serve cached features. ``tower_config``: the tower's
+    ``model.vision`` section (part of its identity); ``batch_size``: images per forward pass and per
+    block of the build. Every rank of the process group calls it; returns what this rank did: ``{"folder", "built",
+    "blocks", "seconds"}``."""
+    if "vision" not in model.fully_locked:
+        raise ConfigError("data.cache_locked_features=true, but the image tower trains parameters: "
+                          "use mode=lit, or mode=lilt with model.vision.unlock=[]")
+    vision, views = model.vision, data_cfg["cache_views"]
+    transforms = view_transforms(dataset, views, vision.image_size, vision.mean, vision.std)
+    table = dataset.table
+    folder = cache_location(table.sources, data_cfg["image_root"], views, data_cfg["index_cache"])
+    meta = {"format": FORMAT, "views": views, "entries": len(table), "width": int(vision.width),
+            "transforms": [repr(t) for t in transforms], "seed": dataset.seed if views > 1 else None,
+            "tower": tower_digest(vision, tower_config),
+            "sources": source_fingerprint(table.sources)}
+    start = time.perf_counter()
+    with locked(folder):
+        _restart_if_stale(folder, meta)
+    _barrier()
+    cache = FeatureFile(folder, writable=True)
+    encode = _encoder(vision, device)
+    images = _Views(table, dataset._missing, transforms, dataset.seed)
+    policy = dataset.on_bad_sample
+    built = blocks = 0
+    # every rank its share of the blocks; then, where the ranks do not share a file system, the ranks of
+    # each machine fill what the others wrote elsewhere
+    for share in (world_info(), (local_rank() % local_ranks(), local_ranks())):
+        todo = _missing_blocks(cache, batch_size, *share)
+        error = _build(cache, todo, images, encode, num_workers, policy) if todo else None
+        built += sum(len(b[1]) for b in todo)
+        blocks += len(todo)
+        _raise_first(_all_gather(error))
+    if not cache.complete():
+        raise DataError(f"the feature cache {folder} is incomplete after every rank built its share: "
+                        "another run may be restarting it (two runs with different towers on one cache?)")
+    dataset.use_features(FeatureFile(folder), views)
+    seconds = time.perf_counter() - start
+    if built:
+        logger.info("feature cache %s: %d of its %d rows built here in %.1f s", folder, built,
+                    views * len(table), seconds)
+    else:
+        logger.info("feature cache %s: complete, %d views x %d images", folder, views, len(table))
+    return {"folder": folder, "built": built, "blocks": blocks, "seconds": seconds}
+
+
+def _restart_if_stale(folder: str, meta: Dict[str, Any]) -> None:
+    found = read_meta(folder)
+    if found is None:
+        start_feature_file(folder, meta)
+        return
+    difference = _difference(found, meta)
+    if difference is not None:
+        logger.warning("%s: %s; rebuilding the feature cache.", folder, difference)
+        start_feature_file(folder, meta)
+
+
+def _difference(found: Dict[str, Any], meta: Dict[str, Any]) -> Optional[str]:
+    if found.get("tower") != meta["tower"]:
+        return "built by another image tower (its weights, structure or config differ)"
+    if found.get("transforms") != meta["transforms"]:
+        return "built with other image preprocessing"
+    sources = fingerprint_difference(found.get("sources", []), meta["sources"])
+    if sources is not None:
+        return f"built from other caption files ({sources})"
+    for key in ("format", "views", "entries", "width", "seed"):
+        if found.get(key) != meta[key]:
+            return f"built with {key} {found.get(key)!r}, this run has {meta[key]!r}"
+    return None
+
+
+def _missing_blocks(cache: FeatureFile, block: int, part: int, parts: int):
+    """This part's blocks of ``block`` consecutive entries of one view that are not all written."""
+    views, entries = cache.status.shape
+    per_view = -(-entries // block)
+    todo = []
+    for number in range(views * per_view):
+        if number % parts != part:
+            continue
+        view, first = divmod(number, per_view)
+        rows = np.arange(first * block, min(entries, (first + 1) * block))
+        if (cache.status[view, rows] == EMPTY).any():
+            todo.append((view, rows))
+    return todo
+
+
+def _build(cache: FeatureFile, todo, images: _Views, encode, num_workers: int, policy: str) -> Optional[str]:
+    """Write the rows of the blocks in ``todo``; returns the first bad image under
+    on_bad_sample=error (the ranks then stop together), else None."""
+    batches = [[(view, int(i)) for i in rows] for view, rows in todo]
+    loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate)
+    total, done, last_log = sum(len(b) for b in batches), 0, time.perf_counter()
+    for batch in loader:
+        if batch["bad"].any() and policy == "error":
+            position = int(np.flatnonzero(batch["bad"])[0])
+            entry = int(batch["entries"][position])
+            return (f"{images.table.bad_sample(entry, batch['reasons'][position]).describe()}. Replace or "
+                    "delete the file, or set data.on_bad_sample=skip to train on without it.")
+        rows = encode(batch["pixels"]) if batch["pixels"] is not None else None
+        cache.write(batch["view"], batch["entries"], rows, batch["bad"])
+        done += len(batch["entries"])
+        if time.perf_counter() - last_log > 60:
+            logger.info("feature cache: %d of %d rows of this rank written", done, total)
+            last_log = time.perf_counter()
+    return None
+
+
+def _encoder(vision: torch.nn.Module, device):
+    vision.to(device)
+
+    @torch.no_grad()
+    def encode(pixels: torch.Tensor) -> np.ndarray:
+        training = vision.training
+        vision.eval()
+        try:
+            return vision(pixels.to(device, torch.float32)).float().cpu().numpy()
+        finally:
+            vision.train(training)
+
+    return encode
+
+
+def _barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def _all_gather(value) -> list:
+    if not is_distributed():
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _raise_first(errors: list) -> None:
+    for error in errors:
+        if error is not None:
+            raise DataError(error)
+
