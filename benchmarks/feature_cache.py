@@ -85,6 +85,7 @@ def main():
             cache = trainers["cached"].feature_cache
             samples = trainers["cached"].loader.batches_per_epoch * args.batch
             width = trainers["cached"].model.vision.width
+            precision = str(trainers["cached"].dtype).replace("torch.", "")
             for trainer in trainers.values():
                 trainer.engine.destroy()
     finally:
@@ -94,7 +95,7 @@ def main():
     per_image = cache["seconds"] / args.images
     row_bytes = width * 4 + 1  # fp32 row + its status byte, per view
     lines = [f"# LiT {args.size}/{args.size}, {args.image_size} px, batch {args.batch}, ZeRO-2, {args.images} JPEG "
-             f"images of {args.image_pixels} px, {args.workers} workers, {platform.processor() or platform.machine()}, "
+             f"images of {args.image_pixels} px, {args.workers} workers, {precision}, {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}", "",
              "| run | epoch (s), median of " + str(args.rounds) + " | samples/s | x without |", "|---|---:|---:|---:|"]
     for name in trainers:

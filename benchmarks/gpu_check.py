@@ -22,7 +22,9 @@ not stop the others):
 - memory: ``launch/profile_memory.py --measure`` at base/base (estimate against the engine);
 - throughput: ``benchmarks/throughput.py`` at base/base, 256 px, batch 128 (samples/s, MFU);
 - efficiency: ``benchmarks/efficiency.py`` at base/base, 256 px, batch 64: patch dropout 0.5 and
-  ``train.compile=true`` against eager steps (whether compiling should be the GPU's default).
+  ``train.compile=true`` against eager steps (whether compiling should be the GPU's default);
+- feature cache: ``benchmarks/feature_cache.py`` at base/base, 256 px, batch 128, 4096 images: LiT
+  epochs with and without ``data.cache_locked_features`` (built on the device), loader included.
 
 It ends with one table (also ``DIR/summary.md`` and ``summary.json``) and exits 1 if a check failed.
 ``--reduced`` runs the parts a CPU can run, on tiny models, with the Triton kernel in Triton's
@@ -422,6 +424,27 @@ def check_efficiency(ctx: Context, args) -> Result:
     return Result("efficiency", "pass", "; ".join(found), figures={"table": lines})
 
 
+def check_feature_cache(ctx: Context, args) -> Result:
+    """LiT epochs with and without the locked-tower feature cache (``benchmarks/feature_cache.py``):
+    the cache built on the device, its rows fed to the engine, data loading included."""
+    out = os.path.join(ctx.workdir, "feature_cache.md")
+    if ctx.reduced:
+        cmd = ["--size", "tiny", "--image-size", "32", "--batch", "2", "--images", "8", "--image-pixels", "48",
+               "--rounds", "1", "--workers", "0"]
+    else:
+        cmd = ["--size", "base", "--image-size", "256", "--batch", "128", "--images", "4096", "--rounds", "2",
+               "--workers", "8"]
+    ctx.run("feature cache", [sys.executable, "benchmarks/feature_cache.py", *cmd, "--output", out], timeout=900)
+    with open(out) as f:
+        lines = f.read().splitlines()
+    cells = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines
+                                   if line.startswith("| "))}
+    found = [f"{name}: {cells[name][1]} samples/s, x{cells[name][2]}" for name in
+             ("without (images)", "with the feature cache")]
+    found.append(f"build per million images {cells['build per million images, this machine (h)'][0]} h")
+    return Result("feature cache", "pass", "; ".join(found), figures={"table": lines})
+
+
 CHECKS = [
     ("environment", check_environment), ("kernels", check_kernels), ("fused loss", check_fused_loss),
     ("fused loss speed", check_fused_loss_speed), ("host syncs", check_host_syncs),
@@ -429,6 +452,7 @@ CHECKS = [
     ("resume", check_resume),
     ("training zero3", lambda ctx, args: check_training(ctx, args, "zero3")),
     ("memory", check_memory), ("throughput", check_throughput), ("efficiency", check_efficiency),
+    ("feature cache", check_feature_cache),
 ]
 REDUCED_SKIPS = {"training zero3": "reduced run: ZeRO-3 on the GPU only (the same check as ZeRO-2)"}
 

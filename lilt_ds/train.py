@@ -110,11 +110,6 @@ class Trainer:
         data = resolve_data_config(cfg.data)
         self.loader = build_train_loader(data, self.tokenizer, size, mean, std, self.rank, self.world_size,
                                          cfg.train.micro_batch_size, cfg.seed, self.device.type)
-        self.feature_cache = None
-        if data.cache_locked_features:  # before the engine: its build runs the tower in fp32
-            self.feature_cache = cache_locked_features(
-                self.loader.dataset, self.model, data, {"name": cfg.model.vision.name, "image_size": size}, self.device, cfg.eval.batch_size,
-                self.loader.loader.num_workers)
         self.eval_data = build_eval_data(data, self.tokenizer, size, mean, std)
         zeroshot = cfg.eval.classification
         self.zeroshot = None if zeroshot.data is None else build_zeroshot_data(
@@ -140,6 +135,11 @@ class Trainer:
                 json.dump(self.ds_config, f, indent=2)
         log.info("parameters (trainable only reach DeepSpeed):\n%s", format_summary(trainable_summary(self.model)))
         self.identity = ckpt.run_identity(cfg, self.model)  # before DeepSpeed casts and partitions
+        self.feature_cache = None
+        if data.cache_locked_features:  # its build runs the tower (in the engine's precision) before the engine exists
+            self.feature_cache = cache_locked_features(
+                self.loader.dataset, self.model, data, {"name": cfg.model.vision.name, "image_size": size},
+                self.device, self.dtype, cfg.eval.batch_size, self.loader.loader.num_workers)
 
         self.engine, self.optimizer, self.scheduler = ds_engine.initialize(
             self.model, self.ds_config, cfg, self.total_steps)

@@ -18,9 +18,12 @@ def test_reduced_gpu_check_passes_what_a_cpu_can_run(tmp_path):
     status = {r["check"]: r["status"] for r in summary["results"]}
     assert status == {"environment": "pass", "kernels": "pass", "fused loss": "pass", "fused loss speed": "pass",
                       "host syncs": "skip", "training zero2": "pass", "resume": "pass", "training zero3": "skip",
-                      "memory": "pass", "throughput": "pass", "efficiency": "pass"}
+                      "memory": "pass", "throughput": "pass", "efficiency": "pass",
+                      "feature cache": "pass"}
     table = (tmp_path / "summary.md").read_text()
     assert "(reduced: CPU, tiny models)" in table and "| fused loss | pass |" in table
     assert "Triton" in next(r["summary"] for r in summary["results"] if r["check"] == "kernels")
     efficiency = next(r["summary"] for r in summary["results"] if r["check"] == "efficiency")
     assert "patch_dropout:" in efficiency and "vision tower activations" in efficiency
+    cache = next(r["summary"] for r in summary["results"] if r["check"] == "feature cache")
+    assert "with the feature cache:" in cache and "build per million images" in cache

@@ -7,16 +7,18 @@ image is a constant of the run. ``data.cache_views: K`` views are cached: view v
 training augmentation as epoch v draws it (the same pixels an uncached epoch v sees), and epoch e
 reads view e mod K; with K = 1 the one view is the evaluation preprocessing (a resize), since a
 single augmented view repeated every epoch would only fix one random crop. The features are
-computed in fp32 and stored in a FeatureFile beside the caption file (where ``data.index_cache``
-puts the caption index), named after the caption files, the image root and K, and checked against
-what computed them: the tower (its weights, structure and config), the transform, the seed and the
-caption files; a difference restarts it, with a warning that says what changed. The ranks build
+computed in the engine's precision (as an uncached run computes them) and stored in fp32 in a
+FeatureFile beside the caption file (where ``data.index_cache`` puts the caption index), named
+after the caption files, the image root and K, and checked against what computed them: the tower
+(its weights, structure and config), the precision, the transform, the seed and the caption
+files; a difference restarts it, with a warning that says what changed. The ranks build
 it together, each its share of blocks of one batch; a killed build resumes at its first missing
 block.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -131,11 +133,12 @@ def view_transforms(dataset, views: int, image_size: int, mean, std) -> List:
     return [build_eval_transform(image_size, mean, std)] if views == 1 else [dataset.transform] * views
 
 
-def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any], device, batch_size: int,
-                          num_workers: int) -> Dict[str, Any]:
+def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any], device, dtype: torch.dtype,
+                          batch_size: int, num_workers: int) -> Dict[str, Any]:
     """Build (or find) the feature cache of ``model``'s locked image tower over ``dataset`` (a
-    CaptionDataset) and make the dataset serve cached features. ``tower_config``: the tower's
-    ``model.vision`` section (part of its identity); ``batch_size``: images per forward pass and per
+    CaptionDataset) and make the dataset serve cached features. ``tower_config``: what names the
+    tower (part of its identity); ``dtype``: the precision the tower runs in (the engine's; rows are
+    stored in fp32 either way); ``batch_size``: images per forward pass and per
     block of the build. Every rank of the process group calls it; returns what this rank did: ``{"folder", "built",
     "blocks", "seconds"}``."""
     if "vision" not in model.fully_locked:
@@ -147,14 +150,14 @@ def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any]
     folder = cache_location(table.sources, data_cfg["image_root"], views, data_cfg["index_cache"])
     meta = {"format": FORMAT, "views": views, "entries": len(table), "width": int(vision.width),
             "transforms": [repr(t) for t in transforms], "seed": dataset.seed if views > 1 else None,
-            "tower": tower_digest(vision, tower_config),
+            "tower": tower_digest(vision, tower_config), "dtype": str(dtype).replace("torch.", ""),
             "sources": source_fingerprint(table.sources)}
     start = time.perf_counter()
     with locked(folder):
         _restart_if_stale(folder, meta)
     _barrier()
     cache = FeatureFile(folder, writable=True)
-    encode = _encoder(vision, device)
+    encode = _encoder(vision, device, dtype)
     images = _Views(table, dataset._missing, transforms, dataset.seed)
     policy = dataset.on_bad_sample
     built = blocks = 0
@@ -198,7 +201,7 @@ def _difference(found: Dict[str, Any], meta: Dict[str, Any]) -> Optional[str]:
     sources = fingerprint_difference(found.get("sources", []), meta["sources"])
     if sources is not None:
         return f"built from other caption files ({sources})"
-    for key in ("format", "views", "entries", "width", "seed"):
+    for key in ("format", "dtype", "views", "entries", "width", "seed"):
         if found.get(key) != meta[key]:
             return f"built with {key} {found.get(key)!r}, this run has {meta[key]!r}"
     return None
@@ -240,17 +243,19 @@ def _build(cache: FeatureFile, todo, images: _Views, encode, num_workers: int, p
     return None
 
 
-def _encoder(vision: torch.nn.Module, device):
-    vision.to(device)
+def _encoder(vision: torch.nn.Module, device, dtype: torch.dtype):
+    """The tower as the engine will run it: on ``device`` in ``dtype`` (a copy when that is not fp32,
+    so the model itself is left for DeepSpeed to cast), eval mode, no grad."""
+    tower = vision.to(device) if dtype == torch.float32 else copy.deepcopy(vision).to(device, dtype)
 
     @torch.no_grad()
     def encode(pixels: torch.Tensor) -> np.ndarray:
-        training = vision.training
-        vision.eval()
+        training = tower.training
+        tower.eval()
         try:
-            return vision(pixels.to(device, torch.float32)).float().cpu().numpy()
+            return tower(pixels.to(device, dtype)).float().cpu().numpy()
         finally:
-            vision.train(training)
+            tower.train(training)
 
     return encode
 

@@ -43,8 +43,8 @@ def dataset_and_settings(train_file, views=1, augment=None, cache="auto", on_bad
     return CaptionDataset(table, transform, seed=3, on_bad_sample=on_bad_sample), data
 
 
-def build(dataset, data, model, batch_size=4, **kwargs):
-    return cache_locked_features(dataset, model, data, TOWER_CONFIG, "cpu", batch_size, 0, **kwargs)
+def build(dataset, data, model, batch_size=4, dtype=torch.float32):
+    return cache_locked_features(dataset, model, data, TOWER_CONFIG, "cpu", dtype, batch_size, 0)
 
 
 def tower_output(model, pixels):
@@ -85,6 +85,21 @@ def test_cached_rows_equal_the_towers_output_for_the_same_view_bit_for_bit(capti
         assert not torch.equal(dataset[(0, 0)]["image_features"], dataset[(1, 0)]["image_features"])
 
 
+def test_a_bf16_run_caches_the_bf16_towers_output_and_leaves_the_model_as_it_was(caption_file):
+    import copy
+
+    dataset, data = dataset_and_settings(caption_file(n=4))
+    model = lit_model()
+    assert build(dataset, data, model, dtype=torch.bfloat16)["built"] == 4
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # DeepSpeed casts it later
+    eval_transform = build_eval_transform(32, model.vision.mean, model.vision.std)
+    pixels = torch.stack([eval_transform(open_rgb(dataset.table.image_path(i))) for i in range(4)])
+    with torch.no_grad():
+        expected = copy.deepcopy(model.vision).to(torch.bfloat16).eval()(pixels.bfloat16()).float()
+    assert torch.equal(torch.stack([dataset[i]["image_features"] for i in range(4)]), expected)
+    assert build(dataset, data, model)["built"] == 4  # fp32 now: another precision, rebuilt
+
+
 def test_a_changed_tower_or_transform_rebuilds_the_cache_and_an_unchanged_one_is_reused(caption_file, caplog):
     train_file = caption_file(n=6)
     dataset, data = dataset_and_settings(train_file, views=2)
@@ -108,6 +123,9 @@ def test_a_changed_tower_or_transform_rebuilds_the_cache_and_an_unchanged_one_is
     with caplog.at_level(logging.WARNING, logger="lilt_ds.data"):
         assert build(flipped, data, model)["built"] == 12
     assert "built with other image preprocessing" in caplog.text
+    folder = build(flipped, data, model)["folder"]
+    os.unlink(os.path.join(folder, "features.f32"))  # a folder emptied by hand is started again
+    assert build(flipped, data, model)["built"] == 12
     assert build(flipped, data, model)["built"] == 0
 
 

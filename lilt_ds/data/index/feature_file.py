@@ -62,11 +62,21 @@ class FeatureFile:
 
 
 def read_meta(folder: str) -> Optional[Dict[str, Any]]:
+    """The folder's meta, or None when it has none or its files are not of the size it says (a
+    folder someone emptied by hand): then it has to be started again."""
     try:
         with open(os.path.join(folder, _META)) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
+            meta = json.load(handle)
+        sizes = _sizes(meta)
+        if any(os.path.getsize(os.path.join(folder, name)) != size for name, size in sizes.items()):
+            return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _sizes(meta: Dict[str, Any]) -> Dict[str, int]:
+    return {_FEATURES: meta["views"] * meta["entries"] * meta["width"] * 4, _STATUS: meta["views"] * meta["entries"]}
 
 
 def start_feature_file(folder: str, meta: Dict[str, Any]) -> None:
@@ -75,9 +85,7 @@ def start_feature_file(folder: str, meta: Dict[str, Any]) -> None:
     os.makedirs(folder, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(folder, _META))
-    sizes = {_FEATURES: meta["views"] * meta["entries"] * meta["width"] * 4,
-             _STATUS: meta["views"] * meta["entries"]}
-    for name, size in sizes.items():
+    for name, size in _sizes(meta).items():
         path = os.path.join(folder, name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a process still mapping the old file keeps its own copy
