@@ -46,6 +46,29 @@ def test_deepspeed_launcher_two_processes_writes_the_run_folder(tmp_path):
     assert "| image->text |" in result.stdout
 
 
+def test_lit_on_the_feature_cache_through_the_launcher_two_ranks_with_workers(tmp_path):
+    """Two ranks build one cache (each its blocks, DataLoader workers decoding), then train on it:
+    workers read the rows from the shared mapping; a second run finds it complete."""
+    import numpy as np
+
+    lit = ["mode=lit", "model.vision.unlock=[]", "model.text.unlock=[]", "data.cache_locked_features=true",
+           "data.num_workers=1", "train.max_steps=3", "train.epochs=1", "eval.batch_size=4"]
+
+    def launch(name):
+        args = pretrain_args(tmp_path / name, extra=lit)
+        result = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args])
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return (tmp_path / name / "train.log").read_text()
+
+    first = launch("first")
+    built = re.search(r"feature cache (\S+): (\d+) of its 48 rows built here", first)
+    assert built and 0 < int(built.group(2)) < 48, first[-2000:]  # rank 0's share; rank 1 built the rest
+    assert np.all(np.fromfile(os.path.join(built.group(1), "status.u8"), np.uint8) == 1)
+    assert "step 3 loss=" in first
+    second = launch("second")
+    assert f"feature cache {built.group(1)}: complete, 1 views x 48 images" in second
+
+
 def test_train_destroys_only_the_process_group_it_created(tmp_path):
     """A finished run must not leave gloo's threads to interpreter exit (a rank then aborts after
     training); a group the caller made is the caller's. A second run in the same process still works."""
