@@ -103,7 +103,6 @@ class CaptionDataset(Dataset):
         return int(sample_rng(self.seed, epoch, index, REPLACE_STREAM, draw).integers(len(self)))
 
 
-
 class _Unreadable(Exception):
     """An entry that cannot be served: `bad` says which and why."""
 

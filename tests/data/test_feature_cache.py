@@ -219,6 +219,27 @@ def test_shards_are_refused_by_name(caption_file, tmp_path):
                              f"data.train_shards={pattern}"])
 
 
+def test_exact_accumulation_of_cached_features_equals_one_batch():
+    """The loop's exact accumulation re-encodes micro-batches of cached features as of images."""
+    from lilt_ds.losses import ContrastiveLoss, exact_accumulation_step
+    from lilt_ds.models import encode_batch
+
+    model = lit_model().eval()  # no dropout: one batch and its halves draw none
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image_features": torch.randn(8, model.vision.width, generator=generator),
+             "input_ids": torch.randint(5, 100, (8, 6), generator=generator),
+             "attention_mask": torch.ones(8, 6, dtype=torch.long)}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ContrastiveLoss()(*encode_batch(model, batch)).backward()
+    whole = [p.grad.clone() for p in trained]
+    model.zero_grad()
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    exact_accumulation_step(model, halves, ContrastiveLoss(), lambda loss: loss.backward())
+    assert model.vision_proj.weight.grad is not None
+    for expected, param in zip(whole, trained):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
     """fp32, one view (the eval resize) against a run whose augmentation is that resize: the same
     losses step for step, and the cached run's epochs neither decode an image nor run the tower."""
