@@ -4,6 +4,7 @@ its cache folder when they are derived once and reused (converted weights, demo 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 
@@ -32,3 +33,24 @@ def atomic_path(path: str):
         if os.path.exists(scratch):
             os.unlink(scratch)
         raise
+
+
+@contextlib.contextmanager
+def advisory_lock(path: str, create: bool = False):
+    """An exclusive advisory lock (flock) on ``path`` for the block: the processes of one machine take
+    turns. ``path`` is opened for reading only (a user's read-only file serves), created empty if
+    ``create``. Where the file system offers no flock, the block runs unlocked: callers must stay
+    safe then (atomic renames, decisions every process reaches alike)."""
+    handle = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        os.close(handle)

@@ -7,8 +7,6 @@ hash of its first and last MiB); a cache whose fingerprint differs from the file
 from other data, and is rebuilt with a warning that says what changed.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -17,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from ...fileio import cache_folder
+from ...fileio import advisory_lock, cache_folder
 from .array_file import ArrayFile, ArrayFileError, write_array_file
 
 logger = logging.getLogger("lilt_ds.data")
@@ -66,7 +64,7 @@ def cached_index(sources: List[str], settings: Dict, build: Callable[[], Dict[st
         return build()
     current = source_fingerprint(sources)
     candidates = _cache_paths(sources, settings, cache, kind)
-    with _exclusive(sources[0]):  # ranks on one machine: one builds, the others then read
+    with advisory_lock(sources[0]):  # ranks on one machine: one builds, the others then read
         for path in candidates:
             found = _open_matching(path, settings, current)
             if found is not None:
@@ -112,19 +110,3 @@ def _open_matching(path: str, settings: Dict, current: List[Dict]) -> Optional[A
         logger.warning("%s: cache built from other source files (%s); rebuilding it.", path, difference)
         return None
     return found
-
-
-@contextlib.contextmanager
-def _exclusive(path: str):
-    """An advisory lock on `path` for the duration of the block, where the file system offers
-    one; without it every process builds (the atomic rename keeps that safe)."""
-    with open(path, "rb") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -13,14 +13,13 @@ Processes map the same files, so the page cache holds one copy for every rank an
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ...fileio import atomic_path
+from ...fileio import advisory_lock, atomic_path
 
 EMPTY, DONE, BAD = 0, 1, 2
 _META, _FEATURES, _STATUS, _LOCK = "meta.json", "features.f32", "status.u8", "lock"
@@ -95,22 +94,12 @@ def start_feature_file(folder: str, meta: Dict[str, Any]) -> None:
         json.dump(meta, handle, indent=1, sort_keys=True)
 
 
-@contextlib.contextmanager
 def locked(folder: str):
-    """An advisory lock on the folder for the block (the processes of one machine take turns to
-    check and restart it); without flock support every process checks, which is still safe as
-    they all reach the same decision."""
+    """An advisory lock on the folder for the block: the processes of one machine take turns to
+    check and restart it (unlocked, every process checks, which is safe as they all reach the same
+    decision)."""
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, _LOCK), "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    return advisory_lock(os.path.join(folder, _LOCK), create=True)
 
 
 def _map(path: str, dtype, shape, mode: str) -> np.ndarray:
