@@ -32,12 +32,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
 from ..distributed import is_distributed, world_info
-from ..fileio import cache_folder
 from ..models.modes import is_fully_locked
 from ..runtime import local_rank
 from .config import local_ranks
 from .errors import DataError
-from .index.cache import fingerprint_difference, source_fingerprint
+from .index.cache import cache_paths, fingerprint_difference, source_fingerprint
 from .index.feature_file import EMPTY, FeatureFile, locked, read_meta, start_feature_file
 from .preprocessing.images import open_rgb
 from .preprocessing.transforms import build_eval_transform
@@ -117,15 +116,11 @@ def tower_digest(tower: torch.nn.Module, config: Dict[str, Any]) -> str:
 
 
 def cache_location(sources: List[str], image_root, views: int, index_cache: str) -> str:
-    """The cache's folder: named after what addresses its rows; beside the first caption file when
-    that folder is writable (``index_cache: auto``), else in the lilt_ds cache folder, or in the
-    folder ``index_cache`` names."""
-    identity = json.dumps([[os.path.abspath(s) for s in sources], image_root, views], sort_keys=True, default=str)
-    name = f"{os.path.basename(sources[0])}.{hashlib.sha256(identity.encode()).hexdigest()[:16]}.lilt-features"
-    if index_cache != "auto":
-        return os.path.join(os.path.abspath(os.path.expanduser(index_cache)), name)
-    beside = os.path.dirname(os.path.abspath(sources[0]))
-    return os.path.join(beside, name) if os.access(beside, os.W_OK) else os.path.join(cache_folder(), "features", name)
+    """The cache's folder, named after what addresses its rows, where ``data.index_cache`` puts the
+    caption index: with ``auto`` beside the first caption file when that folder is writable, else in
+    the lilt_ds cache folder."""
+    candidates = cache_paths(sources, {"image_root": image_root, "views": views}, index_cache, "features")
+    return next((path for path in candidates[:-1] if os.access(os.path.dirname(path), os.W_OK)), candidates[-1])
 
 
 def view_transforms(dataset, views: int, image_size: int, mean, std) -> List:

@@ -63,7 +63,7 @@ def cached_index(sources: List[str], settings: Dict, build: Callable[[], Dict[st
     if cache is None:
         return build()
     current = source_fingerprint(sources)
-    candidates = _cache_paths(sources, settings, cache, kind)
+    candidates = cache_paths(sources, settings, cache, kind)
     with advisory_lock(sources[0]):  # ranks on one machine: one builds, the others then read
         for path in candidates:
             found = _open_matching(path, settings, current)
@@ -85,7 +85,9 @@ def cached_index(sources: List[str], settings: Dict, build: Callable[[], Dict[st
         return arrays
 
 
-def _cache_paths(sources: List[str], settings: Dict, cache: str, kind: str) -> List[str]:
+def cache_paths(sources: List[str], settings: Dict, cache: str, kind: str) -> List[str]:
+    """Where the `kind` derived from `sources` with `settings` goes, in order of preference: named
+    after both; with `cache` "auto" beside the first source, then in the lilt_ds cache folder."""
     identity = json.dumps([[os.path.abspath(s) for s in sources], settings], sort_keys=True)
     name = f"{os.path.basename(sources[0])}.{hashlib.sha256(identity.encode()).hexdigest()[:16]}.lilt-{kind}"
     if cache != "auto":
