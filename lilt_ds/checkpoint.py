@@ -23,6 +23,7 @@ import shutil
 
 import torch
 
+from .distributed import barrier
 from .errors import ConfigError
 from .fileio import atomic_path
 from .runtime import rng_state
@@ -81,11 +82,6 @@ def _differences(a, b, path: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- save
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _write_atomic(path: str, text: str) -> None:
     with atomic_path(path) as scratch, open(scratch, "w") as f:
         f.write(text)
@@ -109,7 +105,7 @@ def save_checkpoint(engine, root: str, step: int, client_state: dict, meta: dict
     if rank == 0:
         shutil.rmtree(os.path.join(root, partial), ignore_errors=True)
         os.makedirs(root, exist_ok=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(root, tag=partial, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), os.path.join(root, partial, f"rng_rank{rank}.pt"))  # this rank's device only
@@ -117,7 +113,7 @@ def save_checkpoint(engine, root: str, step: int, client_state: dict, meta: dict
         with open(os.path.join(root, partial, META), "w") as f:
             json.dump(meta, f, indent=2)
     _maybe_inject_fault(step)
-    _barrier()  # every rank's files are complete
+    barrier()  # every rank's files are complete
     if rank == 0:
         final = os.path.join(root, tag)
         if os.path.isdir(final):
@@ -128,7 +124,7 @@ def save_checkpoint(engine, root: str, step: int, client_state: dict, meta: dict
             for name in os.listdir(root):
                 if name != tag and name.startswith("step") and os.path.isdir(os.path.join(root, name)):
                     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    _barrier()
+    barrier()
     return os.path.join(root, tag)
 
 

@@ -26,6 +26,22 @@ def world_info() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def barrier() -> None:
+    """Every rank waits for the others; a no-op in one process without a group."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's picklable ``value`` in rank order (a collective: call it on every rank);
+    ``[value]`` in one process without a group."""
+    if not is_distributed():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def gather_rank_info(values: torch.Tensor) -> list[list[int]]:
     """Every rank's small 1-D int64 tensor ``values``, as Python lists in rank order.
 

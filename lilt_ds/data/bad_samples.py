@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, Iterable, List
 
-import torch.distributed as dist
 
+from ..distributed import all_gather_objects
 from .errors import DataError, format_list
 
 logger = logging.getLogger("lilt_ds.data")
@@ -128,15 +128,13 @@ class BadSampleLog:
 def global_bad_sample_counts(log: BadSampleLog) -> Dict[str, int]:
     """Counts over all ranks when torch.distributed is initialised (a collective: call it on every
     rank), else this rank's: `bad_entries` (distinct), `missing`, `unreadable`, `replaced`."""
-    unreadable, replaced, lost = set(log.unreadable), log.replaced, dict(log.lost)
-    if dist.is_available() and dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (sorted(log.unreadable), log.replaced, log.lost))
-        unreadable = set().union(*(set(u) for u, _, _ in gathered))
-        replaced = sum(r for _, r, _ in gathered)
-        for _, _, rank_lost in gathered:
-            for file, count in rank_lost.items():
-                lost[file] = max(lost.get(file, 0), count)
+    gathered = all_gather_objects((sorted(log.unreadable), log.replaced, log.lost))
+    unreadable = set().union(*(set(u) for u, _, _ in gathered))
+    replaced = sum(r for _, r, _ in gathered)
+    lost: Dict[str, int] = {}
+    for _, _, rank_lost in gathered:
+        for file, count in rank_lost.items():
+            lost[file] = max(lost.get(file, 0), count)
     unreadable_count = len(unreadable - log.missing) + sum(lost.values())
     return {"bad_entries": len(log.missing) + unreadable_count, "missing": len(log.missing),
             "unreadable": unreadable_count, "replaced": replaced}

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
-from ..distributed import is_distributed, world_info
+from ..distributed import all_gather_objects, barrier, world_info
 from ..models.modes import is_fully_locked
 from ..runtime import local_rank
 from .config import local_ranks
@@ -150,7 +150,7 @@ def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any]
     start = time.perf_counter()
     with locked(folder):
         _restart_if_stale(folder, meta)
-    _barrier()
+    barrier()
     cache = FeatureFile(folder, writable=True)
     encode = _encoder(vision, device, dtype)
     images = _Views(table, dataset._missing, transforms, dataset.seed)
@@ -163,7 +163,7 @@ def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any]
         error = _build(cache, todo, images, encode, num_workers, policy) if todo else None
         built += sum(len(b[1]) for b in todo)
         blocks += len(todo)
-        _raise_first(_all_gather(error))
+        _raise_first(all_gather_objects(error))
     if not cache.complete():
         raise DataError(f"the feature cache {folder} is incomplete after every rank built its share: "
                         "another run may be restarting it (two runs with different towers on one cache?)")
@@ -253,19 +253,6 @@ def _encoder(vision: torch.nn.Module, device, dtype: torch.dtype):
             tower.train(training)
 
     return encode
-
-
-def _barrier() -> None:
-    if is_distributed():
-        torch.distributed.barrier()
-
-
-def _all_gather(value) -> list:
-    if not is_distributed():
-        return [value]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
 
 
 def _raise_first(errors: list) -> None:

@@ -17,8 +17,8 @@ import multiprocessing
 from typing import Dict, List, Tuple
 
 import numpy as np
-import torch.distributed as dist
 
+from ...distributed import all_gather_objects
 from ..errors import DataError
 from ..sampler import check_rank
 from .files import ShardFiles
@@ -93,13 +93,9 @@ class ShardProgress:
         """`{"epoch", "consumed_shards"}` over all ranks, plus what `load_state_dict` checks. A
         collective when torch.distributed is initialised: call it on every rank (checkpoint
         saving does)."""
-        consumed = self._consumed
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, np.flatnonzero(consumed).tolist())
-            consumed = consumed.copy()
-            for numbers in gathered:
-                consumed[numbers] = True
+        consumed = self._consumed.copy()
+        for numbers in all_gather_objects(np.flatnonzero(consumed).tolist()):
+            consumed[numbers] = True
         epoch, numbers = self.epoch, np.flatnonzero(consumed).tolist()
         if consumed.all():
             epoch, numbers = epoch + 1, []
