@@ -49,15 +49,15 @@ class CaptionDataset(Dataset):
                             f"{format_list([s.describe() for s in missing])}\n"
                             "Fix the paths (data.image_root can rewrite a prefix), " + SKIP_FIX + ".")
         self.bad_samples.record_missing(missing)
-        self.features, self.views = None, 1
+        self.features = None
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def use_features(self, features, views: int) -> None:
-        """Serve `features` (a complete FeatureFile of `views` views per entry) in place of decoded
-        images: items then carry `"image_features"` (epoch e: view e mod `views`) and no `"image"`."""
-        self.features, self.views = features, views
+    def use_features(self, features) -> None:
+        """Serve `features` (a complete FeatureFile of K views per entry) in place of decoded
+        images: items then carry `"image_features"` (epoch e: view e mod K) and no `"image"`."""
+        self.features = features
 
     def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -69,9 +69,9 @@ class CaptionDataset(Dataset):
                 continue
             try:
                 name, value = self._read(epoch, index, served)
-            except _Unreadable as err:
+            except UnreadableEntry as err:
                 if self.on_bad_sample == "error":
-                    raise DataError(f"{err.bad.describe()}. Replace or delete the file, {SKIP_FIX}.") from err.__cause__
+                    raise DataError(unreadable_message(err.bad)) from err.__cause__
                 replaced.append(err.bad)
                 continue
             return {name: value, "caption": self.caption(epoch, served), "index": served,
@@ -83,15 +83,12 @@ class CaptionDataset(Dataset):
     def _read(self, epoch: int, index: int, served: int) -> Tuple[str, torch.Tensor]:
         """("image", pixels) decoded and augmented, or ("image_features", row) from the cache."""
         if self.features is not None:
-            view = epoch % self.views
+            view = epoch % self.features.shape[0]
             if self.features.status[view, served] == BAD:
-                raise _Unreadable(self.table.bad_sample(
+                raise UnreadableEntry(self.table.bad_sample(
                     served, f"cannot decode (found when the feature cache {self.features.folder} was built)"))
             return "image_features", torch.from_numpy(np.array(self.features.features[view, served]))
-        try:
-            image = open_rgb(self.table.image_path(served))
-        except Exception as err:  # any decoding failure of a user's file is bad data
-            raise _Unreadable(self.table.bad_sample(served, f"cannot decode: {type(err).__name__}: {err}")) from err
+        image = open_entry(self.table, served)
         return "image", augmented(self.transform, image, self.seed, epoch, index, served)
 
     def caption(self, epoch: int, index: int) -> str:
@@ -103,9 +100,22 @@ class CaptionDataset(Dataset):
         return int(sample_rng(self.seed, epoch, index, REPLACE_STREAM, draw).integers(len(self)))
 
 
-class _Unreadable(Exception):
+class UnreadableEntry(Exception):
     """An entry that cannot be served: `bad` says which and why."""
 
     def __init__(self, bad: BadSample):
         super().__init__(bad.describe())
         self.bad = bad
+
+
+def open_entry(table: CaptionTable, index: int):
+    """The decoded RGB image of entry `index`; UnreadableEntry when the file does not decode."""
+    try:
+        return open_rgb(table.image_path(index))
+    except Exception as err:  # any decoding failure of a user's file is bad data
+        raise UnreadableEntry(table.bad_sample(index, f"cannot decode: {type(err).__name__}: {err}")) from err
+
+
+def unreadable_message(bad: BadSample) -> str:
+    """What stops a run at a bad entry under on_bad_sample=error, and how to go on."""
+    return f"{bad.describe()}. Replace or delete the file, {SKIP_FIX}."

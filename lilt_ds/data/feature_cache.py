@@ -38,7 +38,7 @@ from .config import local_ranks
 from .errors import DataError
 from .index.cache import cache_paths, fingerprint_difference, source_fingerprint
 from .index.feature_file import EMPTY, FeatureFile, locked, read_meta, start_feature_file
-from .preprocessing.images import open_rgb
+from .caption_dataset import UnreadableEntry, open_entry, unreadable_message
 from .preprocessing.transforms import build_eval_transform
 from .sample_rng import augmented
 
@@ -77,7 +77,7 @@ def check_cache_config(cfg) -> None:
 
 
 class _Views(Dataset):
-    """``(view, entry)`` -> (view, entry, pixels or None, why it could not be read or None)."""
+    """``(view, entry)`` -> (view, entry, pixels or None, the BadSample when it cannot be read or None)."""
 
     def __init__(self, table, missing: np.ndarray, transforms: List, seed: int):
         self.table, self.missing, self.transforms, self.seed = table, missing, transforms, seed
@@ -88,11 +88,11 @@ class _Views(Dataset):
     def __getitem__(self, key):
         view, entry = key
         if self.missing[entry]:
-            return view, entry, None, "file not found"
+            return view, entry, None, self.table.bad_sample(entry, "file not found")
         try:
-            image = open_rgb(self.table.image_path(entry))
-        except Exception as err:  # a user's undecodable file is bad data, as in CaptionDataset
-            return view, entry, None, f"cannot decode: {type(err).__name__}: {err}"
+            image = open_entry(self.table, entry)
+        except UnreadableEntry as err:
+            return view, entry, None, err.bad
         return view, entry, augmented(self.transforms[view], image, self.seed, view, entry, entry), None
 
 
@@ -100,7 +100,7 @@ def _collate(samples):
     pixels = [s[2] for s in samples if s[2] is not None]
     return {"view": samples[0][0], "entries": np.array([s[1] for s in samples], dtype=np.int64),
             "bad": np.array([s[2] is None for s in samples], dtype=bool),
-            "reasons": [s[3] for s in samples],
+            "bad_samples": [s[3] for s in samples if s[3] is not None],
             "pixels": torch.stack(pixels) if pixels else None}
 
 
@@ -167,7 +167,7 @@ def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any]
     if not cache.complete():
         raise DataError(f"the feature cache {folder} is incomplete after every rank built its share: "
                         "another run may be restarting it (two runs with different towers on one cache?)")
-    dataset.use_features(FeatureFile(folder), views)
+    dataset.use_features(FeatureFile(folder))
     seconds = time.perf_counter() - start
     if built:
         logger.info("feature cache %s: %d of its %d rows built here in %.1f s", folder, built,
@@ -224,11 +224,8 @@ def _build(cache: FeatureFile, todo, images: _Views, encode, num_workers: int, p
     loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate)
     total, done, last_log = sum(len(b) for b in batches), 0, time.perf_counter()
     for batch in loader:
-        if batch["bad"].any() and policy == "error":
-            position = int(np.flatnonzero(batch["bad"])[0])
-            entry = int(batch["entries"][position])
-            return (f"{images.table.bad_sample(entry, batch['reasons'][position]).describe()}. Replace or "
-                    "delete the file, or set data.on_bad_sample=skip to train on without it.")
+        if batch["bad_samples"] and policy == "error":
+            return unreadable_message(batch["bad_samples"][0])
         rows = encode(batch["pixels"]) if batch["pixels"] is not None else None
         cache.write(batch["view"], batch["entries"], rows, batch["bad"])
         done += len(batch["entries"])

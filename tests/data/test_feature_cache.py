@@ -270,12 +270,13 @@ def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
             calls["decode"] += 1
             return real_open(path)
 
-        monkeypatch.setattr("lilt_ds.data.caption_dataset.open_rgb", counting_open)
         out = []
-        for epoch in range(2):
-            trainer.epoch = epoch
-            for batch in trainer.loader:
-                out.append(trainer.optimizer_step([to_device(batch, trainer.device, trainer.dtype)]))
+        with monkeypatch.context() as patch:  # this run's decodes only (the next run's cache build decodes too)
+            patch.setattr("lilt_ds.data.caption_dataset.open_rgb", counting_open)
+            for epoch in range(2):
+                trainer.epoch = epoch
+                for batch in trainer.loader:
+                    out.append(trainer.optimizer_step([to_device(batch, trainer.device, trainer.dtype)]))
         trainer.engine.destroy()
         return out, calls
 
