@@ -1,6 +1,6 @@
 """Checkpoint size of a LilT run vs a CLIP run of the same towers (one step each, real DeepSpeed).
 
-    python benchmarks/checkpoint_size.py [--config demo] [--ds_config ds_configs/zero2.json]
+    python benchmarks/checkpoint_size.py [--config demo] [--ds_config ds_configs/zero2.json] [--overrides K=V ...]
 
 Prints a Markdown table: files and bytes of one checkpoint folder per mode.
 """
@@ -22,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo")
     parser.add_argument("--ds_config", default=os.path.join("ds_configs", "zero2.json"))
+    parser.add_argument("--overrides", nargs="*", default=[], help="key=value of the config, for both runs")
     args = parser.parse_args()
     modes = {"clip": ["mode=clip", "model.vision.unlock=[]", "model.text.unlock=[]"], "lilt (the preset's unlock sets)": []}
     rows = []
@@ -30,7 +31,7 @@ def main() -> None:
             out = os.path.join(tmp, name.split()[0])
             subprocess.run([sys.executable, "launch/pretrain.py", "--deepspeed_config", args.ds_config, "--config",
                             args.config, "--output_dir", out, "--overrides", "train.max_steps=1", "eval.every_epochs=0",
-                            *overrides], cwd=ROOT, check=True, capture_output=True)
+                            *args.overrides, *overrides], cwd=ROOT, check=True, capture_output=True)
             with open(os.path.join(out, "checkpoints", "latest")) as f:
                 folder = os.path.join(out, "checkpoints", f.read().strip())
             export = os.path.getsize(os.path.join(out, "trainable.safetensors"))

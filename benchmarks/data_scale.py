@@ -104,8 +104,7 @@ def phase_load_and_pass(path: str, args) -> dict:
 
     from lilt_ds.data import build_train_loader, load_caption_files, pre_caption
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from data_throughput import load_tokenizer
+    from data_throughput import load_tokenizer  # a sibling: the script's folder is first on sys.path
 
     tokenizer = load_tokenizer()
     parent = os.getpid()

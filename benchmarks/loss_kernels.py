@@ -7,29 +7,27 @@ kernel's per-thread tiles, a few hundred KiB, are not tensors and not counted). 
 matrix loss (ContrastiveLoss(local_loss=True)), chunked = the PyTorch reference (chunk 1024).
 
 Activations: bytes of non-parameter tensors autograd saves for backward (saved_tensors_hooks), per
-sample, for lilt base/base (ln+adapters on both towers) with and without memory.frozen_recompute,
-next to clip base/base; random init, fp32, batch 2 at 256 px, text length 32. The time of one
-forward+backward (fastest of 3) shows what the recompute costs.
+sample, for lilt base/base (ln+adapters on both towers; --activation-size for other towers) with and
+without memory.frozen_recompute, next to clip of the same towers; random init, fp32, batch 2 at 256 px
+(--activation-image-size), text length 32. The time of one forward+backward (fastest of 3) shows
+what the recompute costs.
 
-Usage: python benchmarks/kernels.py [--sizes 1k,4k,16k,32k] [--skip-local-above 16k] [--no-activations]
+Usage: python benchmarks/loss_kernels.py [--sizes 1k,4k,16k,32k] [--skip-local-above 16k] [--no-activations]
+       [--activation-size base] [--activation-image-size 256]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loss_memory import LiveTensorPeak, format_bytes, forward_backward, parse_size  # noqa: E402
-
-from lilt_ds.models import apply_frozen_recompute  # noqa: E402
-from lilt_ds.ops import FusedContrastiveLoss  # noqa: E402
+import loss_memory  # a sibling: the script's folder is first on sys.path
 from lilt_ds.memory import SavedTensorMeter
-import loss_memory  # noqa: E402
+from lilt_ds.models import apply_frozen_recompute
+from lilt_ds.ops import FusedContrastiveLoss
+from loss_memory import LiveTensorPeak, format_bytes, forward_backward, parse_size
 
 WORLD, DIM, CHUNK = 8, 256, 1024
 
@@ -86,15 +84,15 @@ def step_seconds(model, batch, repeats: int = 3) -> float:
     return min(times)
 
 
-def activation_table(batch_size: int = 2, image_size: int = 256, text_len: int = 32) -> None:
+def activation_table(size: str = "base", batch_size: int = 2, image_size: int = 256, text_len: int = 32) -> None:
     from lilt_ds.config import load_config
     from lilt_ds.models import build_model
 
-    common = ["vision_encoder=base", "text_encoder=base", "model.vision.pretrained=false",
+    common = [f"vision_encoder={size}", f"text_encoder={size}", "model.vision.pretrained=false",
               "model.text.pretrained=false", f"image_size={image_size}"]
     batch = (torch.randn(batch_size, 3, image_size, image_size), torch.randint(0, 1000, (batch_size, text_len)),
              torch.ones(batch_size, text_len, dtype=torch.long))
-    print(f"\n## saved activations per sample: base/base, random init, fp32, batch {batch_size}, {image_size} px, "
+    print(f"\n## saved activations per sample: {size}/{size}, random init, fp32, batch {batch_size}, {image_size} px, "
           f"{text_len} tokens")
     print("| model | recompute | patched | saved per sample | x clip | fwd+bwd (s) | x clip time |")
     print("|---|---|---|---|---|---|---|")
@@ -117,13 +115,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="1k,4k,16k,32k")
     parser.add_argument("--skip-local-above", default="32k", help="skip the B x N local loss above this N")
     parser.add_argument("--no-activations", action="store_true")
+    parser.add_argument("--activation-size", default="base", help="tower preset of both towers in the activation table")
+    parser.add_argument("--activation-image-size", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
     for mode in ("local", "chunked", "fused"):  # warm-up: thread pools, kernel build/load
         measure_loss(mode, 256)
     loss_table([parse_size(s) for s in args.sizes.split(",")], parse_size(args.skip_local_above))
     if not args.no_activations:
-        activation_table()
+        activation_table(args.activation_size, image_size=args.activation_image_size)
 
 
 if __name__ == "__main__":
