@@ -33,7 +33,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision",
-        "deepspeed>=0.19.3",
+        "deepspeed>=0.19.3,<0.20",
         "transformers>=4.40",
         "timm>=1.0",
         "pillow",

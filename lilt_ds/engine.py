@@ -19,6 +19,7 @@ import os
 import torch
 from torch import nn
 
+from . import ds_compat
 from .config import check_compile
 from .errors import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
@@ -222,24 +223,17 @@ def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None =
         # one rank has nothing to average, yet ZeRO-0 would flatten every gradient into buckets,
         # all-reduce them with itself and copy them back after each backward (ZeRO-1/2/3 move
         # gradients into their partitions in that reduction: they keep it)
-        engine.enable_backward_allreduce = False
+        ds_compat.disable_backward_allreduce(engine)
     return engine, optimizer, scheduler
-
-
-def plain_linear():
-    """torch.nn.functional.linear as torch defines it, also after a ZeRO-3 engine in this process
-    replaced it (``zero_optimization.memory_efficient_linear``) for the rest of the process."""
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
-
-    return getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", torch.nn.functional.linear)
 
 
 @contextlib.contextmanager
 def torch_linear(function=None):
-    """``function`` (default: :func:`plain_linear`) as torch.nn.functional.linear inside the block, and
-    whatever was there before after it: work beside a ZeRO-3 engine must not run through its linear."""
+    """``function`` (default: torch's own, :func:`lilt_ds.ds_compat.torch_linear_function`) as
+    torch.nn.functional.linear inside the block, and whatever was there before after it: work beside
+    a ZeRO-3 engine must not run through its linear."""
     before = torch.nn.functional.linear
-    torch.nn.functional.linear = function or plain_linear()
+    torch.nn.functional.linear = function or ds_compat.torch_linear_function()
     try:
         yield
     finally:
@@ -264,33 +258,10 @@ def trainable_fingerprint(engine) -> str:
     digest = hashlib.sha256()
     for name, param in engine.module.named_parameters():
         if param.requires_grad:
-            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            with deepspeed.zero.GatheredParameters([param], enabled=ds_compat.is_zero3(param)):
                 digest.update(name.encode())
                 digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-def local_fp32_master(engine, param) -> torch.Tensor | None:
-    """This rank's part of the fp32 master copy of ``param``, as a view to change in place; None
-    when the engine keeps no master apart from the parameter (fp32 without ZeRO) or this rank owns
-    none of it. Not for ZeRO-3 (use DeepSpeed's safe_get/set_local_fp32_param).
-
-    ZeRO-1/2 (and DeepSpeed's BF16_Optimizer): the fragment this rank owns, which
-    ``safe_get_full_fp32_param`` would all-reduce into the whole tensor. ZeRO-0 with bf16 or fp16
-    (DeepSpeed's FP16_Optimizer, which ``safe_get_full_fp32_param`` does not know): the
-    parameter's slice of its group's flat fp32 master.
-    """
-    if hasattr(param, "_hp_mapping"):
-        return None if param._hp_mapping is None else param._hp_mapping.get_hp_fragment()
-    groups = getattr(engine.optimizer, "fp16_groups", None)
-    flats = getattr(engine.optimizer, "fp32_groups_flat", None)
-    for group, flat in zip(groups or (), flats or ()):
-        offset = 0
-        for p in group:
-            if p is param:
-                return flat.narrow(0, offset, p.numel())
-            offset += p.numel()
-    return None
 
 
 @torch.no_grad()
@@ -307,7 +278,7 @@ def clamp_logit_scale(engine) -> None:
     param = engine.module.logit_scale
     if not param.requires_grad:
         return
-    zero3 = hasattr(param, "ds_id")
+    zero3 = ds_compat.is_zero3(param)
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=zero3):
         param.data.clamp_(0, MAX_LOGIT_SCALE)
     if zero3:  # each rank clamps its own fp32 partition (the "full" setter mis-slices a 1-element param)
@@ -315,6 +286,6 @@ def clamp_logit_scale(engine) -> None:
         if local is not None:
             safe_set_local_fp32_param(param, local.clamp(0, MAX_LOGIT_SCALE))
         return
-    master = local_fp32_master(engine, param)
+    master = ds_compat.local_fp32_master(engine, param)
     if master is not None:
         master.clamp_(0, MAX_LOGIT_SCALE)

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from .ds_compat import is_zero3
 from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
 from .errors import ConfigError, moved_command
 from .presets import to_config
@@ -37,7 +38,7 @@ def trainable_state_from_engine(engine) -> dict[str, torch.Tensor]:
             continue
         master = safe_get_full_fp32_param(param)
         if master is None:
-            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            with deepspeed.zero.GatheredParameters([param], enabled=is_zero3(param)):
                 master = param.detach().clone()
         state[name] = master.float().cpu().contiguous()
     return state

@@ -136,6 +136,8 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
     from deepspeed.ops.op_builder import AsyncIOBuilder
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from lilt_ds import ds_compat
+    from lilt_ds import engine as ds_engine
     from lilt_ds.models.dual_encoder import MAX_LOGIT_SCALE
     from lilt_ds.train import Trainer
 
@@ -170,7 +172,6 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
             batch = next(iter(trainer.loader))
             from lilt_ds.train import to_device
             losses.append(trainer.train_step([to_device(batch, trainer.device, trainer.dtype)]))
-            from lilt_ds import engine as ds_engine
             ds_engine.clamp_logit_scale(trainer.engine)
         model = trainer.engine.module
         frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
@@ -179,13 +180,13 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
         scale = model.logit_scale
         master = safe_get_full_fp32_param(scale)
         if master is None:  # ZeRO-0 in bf16/fp16: DeepSpeed's FP16_Optimizer holds the master
-            master = ds_engine.local_fp32_master(trainer.engine, scale)
-        with deepspeed.zero.GatheredParameters([scale], enabled=hasattr(scale, "ds_id")):
+            master = ds_compat.local_fp32_master(trainer.engine, scale)
+        with deepspeed.zero.GatheredParameters([scale], enabled=ds_compat.is_zero3(scale)):
             scale_value = float(scale.detach().float().max())
         results[name] = {
             "losses": losses, "frozen_with_grad": frozen_with_grad, "exp_avg_numel": state_numel,
-            "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad),
-            "total": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+            "trainable": sum(ds_compat.full_numel(p) for p in model.parameters() if p.requires_grad),
+            "total": sum(ds_compat.full_numel(p) for p in model.parameters()),
             "scale": scale_value,
             "master_scale": None if master is None else float(master.max()), "max_scale": MAX_LOGIT_SCALE,
             "low_precision": any(trainer.ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")),

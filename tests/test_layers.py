@@ -18,7 +18,7 @@ import lilt_ds
 PACKAGE_DIR = os.path.dirname(lilt_ds.__file__)
 LAYERS = [
     ("errors", "fileio", "presets"),
-    ("runtime", "distributed", "allocator", "hostfile"),
+    ("runtime", "distributed", "allocator", "hostfile", "ds_compat"),
     ("models",),
     ("losses", "ops"),
     ("data",),

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..data.synthetic import random_batch
-from ..engine import engine_dtype, plain_linear, torch_linear, zero_stage
+from ..ds_compat import torch_linear_function
+from ..engine import engine_dtype, torch_linear, zero_stage
 from ..errors import ConfigError
 from ..models import parameter_numel
 from ..runtime import GPU_TARGET, DeviceFacts
@@ -384,7 +385,7 @@ def profile_activations(cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: i
     batch = random_batch(cfg, probe_batch, vocab=vocab, dtype=dtype, device=device,
                          length=getattr(model.text, "context_length", None))
     meter = SavedTensorMeter(model.parameters(), backward=False)
-    plain = plain_linear()
+    plain = torch_linear_function()
 
     def linear(input, weight, bias=None):
         meter.note_linear_input(input, weight)

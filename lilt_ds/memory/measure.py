@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import engine as ds_engine
 from ..data.synthetic import random_batch
+from ..ds_compat import is_persistent, zero3_partition
 from ..engine import torch_linear
 from ..losses import as_fp32, build_loss
 from ..models import build_model
@@ -91,9 +92,9 @@ def engine_state_bytes(engine) -> dict[str, int]:
     params = list(engine.module.parameters())
     for p in params:
         weights = "trainable_weights" if p.requires_grad else "frozen_weights"
-        partition = getattr(p, "ds_tensor", None)
+        partition = zero3_partition(p)
         ledger.claim(partition, weights)
-        ledger.claim(p.data, weights if partition is None or getattr(p, "ds_persist", False) else "buckets")
+        ledger.claim(p.data, weights if partition is None or is_persistent(p) else "buckets")
     wrapper = engine.optimizer
     basic = getattr(wrapper, "optimizer", wrapper)
     for state in basic.state.values():

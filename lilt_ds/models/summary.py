@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..ds_compat import full_numel
+
 GROUPS = ("vision", "text", "heads")  # heads: projections, temperature (and SigLIP bias)
 
 
 def parameter_numel(p: nn.Parameter) -> int:
     """A parameter's size, also under ZeRO-3 (whose partitions leave ``numel()`` at 0)."""
-    return getattr(p, "ds_numel", p.numel())
+    return full_numel(p)
 
 
 def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:

@@ -1,0 +1,125 @@
+"""Every use of DeepSpeed's private attributes, in one place, for the layouts of the versions tested.
+
+DeepSpeed has no public API for a few things lilt_ds needs: the fp32 master fragment of one
+parameter under ZeRO-0/1/2 (to clamp the temperature there), turning off ZeRO-0's self-all-reduce on
+one rank, torch's own ``F.linear`` after a ZeRO-3 engine replaced it, and the ZeRO-3 attributes of a
+parameter. Each function here knows the layouts of the tested versions (``TESTED``, pinned in
+setup.py) and raises :class:`UnknownLayout` on anything else, so a renamed attribute stops a run
+with a message instead of silently changing what it does. ``PRIVATE`` lists every attribute used;
+a test checks them against the installed DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TESTED = ">=0.19.3,<0.20"
+"""DeepSpeed versions these layouts were checked with (setup.py pins the same range)."""
+
+PRIVATE = {
+    "deepspeed.runtime.engine:DeepSpeedEngine": ("enable_backward_allreduce",),
+    "deepspeed.runtime.zero.partition_parameters:InsertPostInitMethodToModuleSubClasses": ("linear_bk",),
+    "deepspeed.runtime.zero.partition_parameters:zero3_linear_wrap": (),
+    "deepspeed.runtime.fp16.fused_optimizer:FP16_Optimizer": ("fp16_groups", "fp32_groups_flat"),
+    "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer": ("_hp_mapping",),
+    "ZeRO-3 parameter": ("ds_id", "ds_numel", "ds_tensor", "ds_persist"),
+}
+"""Owner -> the private attributes lilt_ds reads or writes on it (on an engine, an optimizer of that
+class, a parameter it manages, or the class itself)."""
+
+
+class UnknownLayout(RuntimeError):
+    """DeepSpeed's internals are not laid out as in the tested versions."""
+
+    def __init__(self, what: str):
+        import deepspeed
+
+        super().__init__(f"{what}: DeepSpeed {deepspeed.__version__} is not laid out as the versions lilt_ds was "
+                         f"tested with ({TESTED}); install one of those (pip install 'deepspeed{TESTED}')")
+
+
+# ---------------------------------------------------------------------------------- ZeRO-3 parameters
+def is_zero3(param: torch.Tensor) -> bool:
+    """A parameter that a ZeRO-3 engine partitions (gather it before reading or writing it)."""
+    return hasattr(param, "ds_id")
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also while ZeRO-3 holds only this rank's partition."""
+    return param.ds_numel if is_zero3(param) else param.numel()
+
+
+def zero3_partition(param: torch.Tensor) -> torch.Tensor | None:
+    """This rank's ZeRO-3 partition of ``param`` (None for a parameter ZeRO-3 does not manage)."""
+    if not is_zero3(param):
+        return None
+    if not hasattr(param, "ds_tensor"):
+        raise UnknownLayout("a ZeRO-3 parameter without ds_tensor")
+    return param.ds_tensor
+
+
+def is_persistent(param: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter kept whole on every rank (below the persistence threshold)."""
+    return bool(getattr(param, "ds_persist", False))
+
+
+# ---------------------------------------------------------------------------------- the engine
+def disable_backward_allreduce(engine) -> None:
+    """Stop the engine's gradient all-reduce after backward (ZeRO-0 on one rank: nothing to average)."""
+    if not hasattr(engine, "enable_backward_allreduce"):
+        raise UnknownLayout("DeepSpeedEngine has no enable_backward_allreduce")
+    engine.enable_backward_allreduce = False
+
+
+def torch_linear_function():
+    """torch.nn.functional.linear as torch defines it, also after a ZeRO-3 engine in this process
+    replaced it (``zero_optimization.memory_efficient_linear``) for the rest of the process."""
+    from deepspeed.runtime.zero import partition_parameters as zero3
+
+    saved = getattr(zero3.InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if saved is not None:
+        return saved
+    if torch.nn.functional.linear is getattr(zero3, "zero3_linear_wrap", None):
+        raise UnknownLayout("F.linear is ZeRO-3's but DeepSpeed kept no linear_bk")
+    return torch.nn.functional.linear
+
+
+def local_fp32_master(engine, param: torch.Tensor) -> torch.Tensor | None:
+    """This rank's part of the fp32 master copy of ``param``, as a view to change in place.
+
+    None only where that is the answer: the engine keeps no master apart from the parameter (fp32
+    without ZeRO), or this rank owns none of it. ZeRO-1/2 (DeepSpeedZeroOptimizer): the fragment
+    this rank owns (``safe_get_full_fp32_param`` would all-reduce it into the whole
+    tensor). ZeRO-0 with fp16/bf16 (FP16_Optimizer, which ``safe_get_full_fp32_param`` does not
+    know): the parameter's slice of its group's flat fp32 master. Not for ZeRO-3: use DeepSpeed's
+    public ``safe_get/set_local_fp32_param``.
+    """
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = engine.optimizer
+    if is_zero3(param):
+        raise ValueError("local_fp32_master: a ZeRO-3 parameter (use deepspeed.utils.safe_get_local_fp32_param)")
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        if not hasattr(param, "_hp_mapping"):
+            raise UnknownLayout(f"{type(optimizer).__name__} linked no _hp_mapping to a trainable parameter")
+        return None if param._hp_mapping is None else param._hp_mapping.get_hp_fragment()
+    if isinstance(optimizer, FP16_Optimizer):
+        groups, flats = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups_flat", None)
+        if groups is None or flats is None:
+            raise UnknownLayout("FP16_Optimizer without fp16_groups / fp32_groups_flat")
+        for group, flat in zip(groups, flats):
+            offset = 0
+            for p in group:
+                if p is param:
+                    return flat.narrow(0, offset, p.numel())
+                offset += p.numel()
+        raise UnknownLayout("a trainable parameter in none of FP16_Optimizer's fp16_groups")
+    if isinstance(optimizer, torch.optim.Optimizer) and engine_keeps_no_master(engine):
+        return None  # fp32 without ZeRO: the parameter is the master
+    raise UnknownLayout(f"an engine whose optimizer is a {type(optimizer).__name__}")
+
+
+def engine_keeps_no_master(engine) -> bool:
+    """fp32 without ZeRO: DeepSpeed steps the module's own parameters (public engine calls only)."""
+    return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
