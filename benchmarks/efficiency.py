@@ -21,7 +21,6 @@ whose locked image tower keeps nothing), with and without patch dropout.
 import argparse
 import os
 import platform
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

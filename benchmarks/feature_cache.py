@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 

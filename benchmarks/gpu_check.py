@@ -283,8 +283,7 @@ def check_host_syncs(ctx: Context, args) -> Result:
     from lilt_ds.train import Trainer, to_device
 
     cfg = load_config("demo", [*REDUCED.train_overrides, "train.max_steps=20", "train.log_every=1000",
-                               "eval.every_epochs=0"])
-    cfg.output_dir = os.path.join(ctx.workdir, "host-syncs")
+                               "eval.every_epochs=0", f"output_dir={os.path.join(ctx.workdir, 'host-syncs')}"])
     package = os.path.dirname(lilt_ds.__file__)
     with process_group_scope():
         trainer = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))

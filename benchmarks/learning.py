@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
 from learning_data import ensure_learning_data  # a sibling: the script's folder is first on sys.path

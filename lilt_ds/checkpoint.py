@@ -25,6 +25,7 @@ import torch
 
 from .distributed import barrier
 from .errors import ConfigError
+from .schema import to_plain
 from .fileio import atomic_path
 from .runtime import rng_state
 
@@ -51,7 +52,7 @@ def frozen_fingerprint(model: torch.nn.Module) -> dict:
 
 def run_identity(cfg, model: torch.nn.Module | None = None) -> dict:
     """What a checkpoint must match to be loaded into this run (the frozen weights: given a model)."""
-    identity = {"mode": cfg["mode"], "model": json.loads(json.dumps(cfg["model"]))}
+    identity = {"mode": cfg.mode, "model": json.loads(json.dumps(to_plain(cfg.model)))}
     if model is not None:
         identity["frozen"] = frozen_fingerprint(model)
     return identity

@@ -1,169 +1,29 @@
-"""Loading an experiment config: a preset plus overrides (:mod:`lilt_ds.presets`), then one validation
-pass over everything a user can write, before any model or data is built.
+"""Loading an experiment config: a preset plus overrides (:mod:`lilt_ds.presets`), parsed into the typed
+schema (:mod:`lilt_ds.schema`: each key's type and range), then the checks that need more than one
+value, before any model or data is built.
 
-Every key of ``configs/_base.yaml`` is checked here: its type and range, enumerations, and the paths
-that must exist. Sections that a layer below owns are checked by that layer's own functions (the
-model section by :func:`lilt_ds.models.check_model_config`, the loss by
-:func:`lilt_ds.losses.loss_arguments`, the data by :func:`lilt_ds.data.resolve_data_config`), the same
-ones that guard the build, so a message reads the same whenever it comes. Keys added with
-``+key=value`` are the user's own and are not checked.
+Each section's own checks that need its layer run through that layer's function, the same one that
+guards the build, so a message reads the same whenever it comes: the model section's
+(:func:`lilt_ds.models.check_model_config`: tower names, weight sources, unlock sets, a pretrained
+pair), the loss's (:func:`lilt_ds.losses.loss_arguments`: the registry), the data's
+(:func:`lilt_ds.data.resolve_data_config`: files, augmentation). The checks that span sections live
+here. What a ds_config decides (ZeRO stage, precision) is checked against the experiment config when
+the ds_config is resolved (:func:`lilt_ds.engine.resolve_ds_config`).
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Iterable
+import dataclasses
+from typing import Iterable
 
-from .data import check_cache_config, check_zeroshot, resolve_data_config
+from .data import check_zeroshot, resolve_data_config
 from .errors import ConfigError
 from .losses import loss_arguments
 from .models import check_model_config
-from .models.efficient import ADAPTER_POSITIONS
+from .models.modes import is_fully_locked
 from .original_flags import apply_flags, split_flags
-from .presets import (Config, apply_override, available_presets, base_defaults, parse_override, read_config,  # noqa: F401
-                      save_config, to_config)
-
-
-# ---------------------------------------------------------------------------------- value rules
-class Rule:
-    """What one key accepts: ``check`` returns the value (normalised) or raises ConfigError naming the key."""
-
-    text = "a value"
-
-    def accepts(self, value) -> bool:
-        raise NotImplementedError
-
-    def check(self, key: str, value):
-        if not self.accepts(value):
-            raise ConfigError(f"{key} = {value!r}: expected {self.text}")
-        return value
-
-
-class Int(Rule):
-    def __init__(self, minimum: int | None = None):
-        self.minimum = minimum
-        self.text = "an integer" + ("" if minimum is None else f" >= {minimum}")
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and (self.minimum is None or value >= self.minimum)
-
-
-class Number(Rule):
-    def __init__(self, minimum: float | None = None, positive: bool = False, below: float | None = None,
-                 maximum: float | None = None):
-        self.minimum, self.positive, self.below, self.maximum = minimum, positive, below, maximum
-        bounds = ["> 0"] if positive else ([f">= {minimum:g}"] if minimum is not None else [])
-        bounds += [f"< {below:g}"] if below is not None else []
-        bounds += [f"<= {maximum:g}"] if maximum is not None else []
-        self.text = "a number" + (" " + " and ".join(bounds) if bounds else "")
-
-    def accepts(self, value) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        return ((not self.positive or value > 0) and (self.minimum is None or value >= self.minimum)
-                and (self.below is None or value < self.below) and (self.maximum is None or value <= self.maximum))
-
-    def check(self, key: str, value):
-        return float(super().check(key, value))
-
-
-class OneOf(Rule):
-    def __init__(self, *choices: str):
-        self.choices, self.text = choices, "one of " + ", ".join(choices)
-
-    def accepts(self, value) -> bool:
-        return value in self.choices
-
-
-class Pattern(Rule):
-    text = "a regular expression (Python re)"
-
-    def accepts(self, value) -> bool:
-        try:
-            re.compile(value)
-        except (re.error, TypeError):
-            return False
-        return isinstance(value, str) and bool(value)
-
-
-class Bool(Rule):
-    text = "true or false"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, bool)
-
-
-class Str(Rule):
-    text = "a non-empty string"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, str) and bool(value)
-
-
-class Nullable(Rule):
-    def __init__(self, rule: Rule):
-        self.rule, self.text = rule, f"{rule.text}, or null"
-
-    def accepts(self, value) -> bool:
-        return value is None or self.rule.accepts(value)
-
-    def check(self, key: str, value):
-        return None if value is None else self.rule.check(key, super().check(key, value))
-
-
-class Either(Rule):
-    def __init__(self, *rules: Rule, text: str):
-        self.rules, self.text = rules, text
-
-    def accepts(self, value) -> bool:
-        return any(rule.accepts(value) for rule in self.rules)
-
-
-class ListOf(Rule):
-    def __init__(self, rule: Rule):
-        self.rule, self.text = rule, f"a list of {rule.text}s"
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, list) and all(self.rule.accepts(v) for v in value)
-
-
-LORA = {"rank": Int(1), "alpha": Number(positive=True), "dropout": Number(0.0, below=1.0),
-        "target_modules": Nullable(Either(Str(), ListOf(Str()), text="a module name pattern or a list of them"))}
-TOWER = {"name": Str(), "pretrained": Either(Bool(), Str(), text="true, false or a weights source"),
-         "unlock": ListOf(Str()), "adapter_reduction": Int(1),
-         "adapter_position": OneOf(*ADAPTER_POSITIONS), "grad_checkpointing": Bool(),
-         "layer_decay": Nullable(Number(positive=True, maximum=1.0)),
-         **{f"lora.{k}": rule for k, rule in LORA.items()}}
-RULES: dict[str, Rule] = {
-    "seed": Int(0), "output_dir": Nullable(Str()),
-    "model.init_from": Nullable(Str()), "model.init_weights": Nullable(Str()),
-    "model.embed_dim": Int(1), "model.image_size": Nullable(Int(8)), "model.freeze_projections": Bool(),
-    "model.freeze_logit_scale": Bool(), "model.init_logit_scale": Nullable(Number()),
-    "model.init_logit_bias": Nullable(Number()),
-    **{f"model.vision.{k}": rule for k, rule in TOWER.items()},
-    **{f"model.text.{k}": rule for k, rule in TOWER.items()},
-    "model.text.tokenizer": Nullable(Str()), "model.text.pooling": Str(),
-    "model.vision.patch_dropout": Number(0.0, maximum=0.9),
-    "memory.frozen_recompute": Bool(),
-    "loss.type": Str(), "loss.local_loss": Bool(), "loss.gather_with_grad": Bool(), "loss.chunk_size": Int(1),
-    "loss.tile_rows": Nullable(Int(1)), "loss.tile_cols": Nullable(Int(1)),
-    "train.epochs": Int(1), "train.max_steps": Nullable(Int(1)), "train.micro_batch_size": Int(1),
-    "train.grad_accum_steps": Int(1), "train.exact_accumulation": Bool(), "train.lr": Number(positive=True),
-    "train.min_lr": Number(0.0), "train.weight_decay": Number(0.0), "train.warmup_steps": Int(0),
-    "train.grad_clip": Number(0.0), "train.log_every": Int(1), "train.max_nonfinite_steps": Int(1),
-    "train.deterministic": Bool(),
-    "train.compile": Either(Bool(), Str(), text="true, false or a torch.compile backend name"),
-    **{f"train.lr_scale.{part}": Number(positive=True) for part in ("vision", "text", "heads")},
-    "train.no_weight_decay": ListOf(Pattern()), "train.schedule": OneOf("cosine", "constant", "constant_cooldown"),
-    "train.cooldown_fraction": Number(positive=True, maximum=1.0),
-    "checkpoint.every_steps": Nullable(Int(1)), "checkpoint.save_last_only": Bool(),
-    "eval.every_epochs": Int(0), "eval.batch_size": Int(1),
-    "eval.classification.data": Nullable(Str()), "eval.classification.image_root": Nullable(Str()),
-    "eval.classification.classnames": Nullable(Str()), "eval.classification.templates": Str(),
-    "eval.classification.every_epochs": Int(0),
-    "logging.disable_wandb": Bool(), "logging.wandb_project": Str(), "logging.wandb_run_name": Nullable(Str()),
-}
-"""Every key of ``configs/_base.yaml`` but ``mode`` (checked by the models) and ``data.*`` (by the data)."""
+from .presets import parse_override, read_config
+from .schema import ExperimentConfig, parse, replace_keys
 
 
 def check_compile(value) -> str | None:
@@ -180,44 +40,82 @@ def check_compile(value) -> str | None:
     return backend
 
 
-def _get(cfg: dict, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def _set(cfg: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = cfg
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
-# ---------------------------------------------------------------------------------- the pass
-def validate(cfg: Config) -> None:
-    """Check everything a user can write in ``cfg`` (normalising in place: lists, numbers, data paths)."""
-    for tower in ("vision", "text"):
-        if cfg.model[tower].unlock is None:
-            cfg.model[tower].unlock = []
-    for key, rule in RULES.items():
-        _set(cfg, key, rule.check(key, _get(cfg, key)))
+# ---------------------------------------------------------------------------------- across sections
+def check_schedule(cfg: ExperimentConfig) -> None:
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr = {cfg.train.min_lr!r} is above train.lr = {cfg.train.lr!r}: the cosine "
                           "schedule decays from lr to min_lr; lower train.min_lr")
-    check_model_config(cfg)
+
+
+def check_pair(cfg: ExperimentConfig, facts) -> None:
+    """A pretrained pair (``model.init_from``) against the loss and the memory settings."""
+    if facts.kind != "pair":
+        return
+    where = f"model.init_from={cfg.model.init_from}"
+    if cfg.memory.frozen_recompute:
+        raise ConfigError(f"memory.frozen_recompute with {where}: frozen recomputation knows timm and BERT blocks "
+                          "only; turn it off (model.<tower>.grad_checkpointing works for pairs)")
+    if facts.sigmoid and cfg.loss.type != "siglip":
+        raise ConfigError(f"{where} is a SigLIP (sigmoid) pair, but loss.type={cfg.loss.type}: set loss.type=siglip "
+                          "(its logit bias trains only with the sigmoid loss)")
+
+
+def check_cache(cfg: ExperimentConfig) -> None:
+    """The locked-tower feature cache is asked for where it can work (the image tower trains nothing,
+    its output does not depend on the run's RNG, a caption file to key it by, a place to write it)."""
+    data, vision = cfg.data, cfg.model.vision
+    if not data.cache_locked_features:
+        return
+    if not is_fully_locked(cfg.mode, "vision", vision.unlock):
+        raise ConfigError(
+            f"data.cache_locked_features=true caches the image tower's output, but mode={cfg.mode} with "
+            f"model.vision.unlock={list(vision.unlock)} trains it, so its output changes every step: "
+            "use mode=lit, or mode=lilt with model.vision.unlock=[] (or turn the cache off)")
+    if vision.patch_dropout:
+        raise ConfigError(
+            f"data.cache_locked_features=true with model.vision.patch_dropout={vision.patch_dropout}: patch "
+            "dropout draws new patches every step, so the tower's output is not a function of the image "
+            "and cannot be cached. Set model.vision.patch_dropout=0.0 or turn the cache off (a cached tower "
+            "costs nothing to run, so patch dropout would save nothing)")
+    if data.train_shards is not None:
+        raise ConfigError(
+            "data.cache_locked_features=true works with data.train_files (its entries are the cache's "
+            "rows); data.train_shards streams samples without a fixed index. Train on caption JSON files "
+            "or turn the cache off")
+    if data.index_cache is None:
+        raise ConfigError(
+            "data.cache_locked_features=true stores the features where data.index_cache puts the caption "
+            "index, and data.index_cache is null (no file): set it to auto or a folder")
+
+
+# ---------------------------------------------------------------------------------- the pass
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` checked in full, with what loading resolves (the image size, the data section) filled in."""
+    check_schedule(cfg)
+    facts = check_model_config(cfg)
+    cfg = replace_keys(cfg, {"model.image_size": facts.image_size})
+    check_pair(cfg, facts)
     check_compile(cfg.train.compile)
     loss_arguments(cfg.loss)
-    cfg.data = resolve_data_config(cfg.data, must_exist=True)
-    check_cache_config(cfg)
+    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data, must_exist=True))
+    check_cache(cfg)
     check_zeroshot(cfg.eval.classification)
-
-
-def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
-    """Resolve a preset name or YAML path, then the overrides, into a Config checked in full."""
-    ours, original = split_flags(overrides)
-    cfg = read_config(name, ours)
-    apply_flags(cfg, original, explicit=dict(parse_override(text)[:2] for text in ours))
-    validate(cfg)
     return cfg
+
+
+def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Resolve a preset name or YAML path, then the overrides, into a config checked in full."""
+    ours, original = split_flags(overrides)
+    draft = read_config(name, ours)
+    apply_flags(draft.values, original, explicit=dict(parse_override(text)[:2] for text in ours))
+    cfg = parse(ExperimentConfig, draft.values, source=f"config {name}")
+    return validate(dataclasses.replace(cfg, config_name=draft.name, extras=draft.extras))
+
+
+def config_from_dict(values: dict) -> ExperimentConfig:
+    """A config a run saved (its checkpoint, its export): the user's added keys kept, nothing resolved again."""
+    values = dict(values)
+    name = values.pop("config_name", "custom")
+    extras: dict = {}
+    cfg = parse(ExperimentConfig, values, extras=extras, source="the saved config")
+    return dataclasses.replace(cfg, config_name=name, extras=extras)

@@ -23,8 +23,7 @@ from . import ds_compat
 from .config import check_compile
 from .errors import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
-from .optim import build_scheduler, group_options, param_groups  # noqa: F401 (param_groups: engine API)
-from .presets import walk
+from .optim import build_scheduler, group_options, param_groups
 from .runtime import DeviceFacts, present_device
 
 log = logging.getLogger("lilt_ds")
@@ -46,6 +45,15 @@ def load_ds_config(path: str) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError(f"ds_config {path} must hold a JSON object")
     return ds
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """(dotted key, value) of every value of a nested ds_config."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
 
 
 def _fill(ds: dict, path: str, expected, source: str, ds_name: str) -> None:
@@ -133,31 +141,28 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     ds, notes = resolve_device_choices(ds, device or present_device(), ds_name)
     for note in notes:
         log.info("%s", note)
-    train = cfg["train"]
-    micro, accum = train["micro_batch_size"], train["grad_accum_steps"]
-    for name, value in (("train.micro_batch_size", micro), ("train.grad_accum_steps", accum)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    ratio = train["min_lr"] / train["lr"] if train["lr"] else 0.0
+    train = cfg.train
+    micro, accum = train.micro_batch_size, train.grad_accum_steps
+    ratio = train.min_lr / train.lr
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", ds_name)
     _fill(ds, "gradient_accumulation_steps", accum, "train.grad_accum_steps", ds_name)
     _fill(ds, "train_batch_size", micro * accum * world_size,
           f"train.micro_batch_size x train.grad_accum_steps x world size ({micro} x {accum} x {world_size})", ds_name)
-    _fill(ds, "gradient_clipping", float(train["grad_clip"]), "train.grad_clip", ds_name)
+    _fill(ds, "gradient_clipping", train.grad_clip, "train.grad_clip", ds_name)
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
-    _fill(ds, "optimizer.params.lr", float(train["lr"]), "train.lr", ds_name)
-    _fill(ds, "optimizer.params.weight_decay", float(train["weight_decay"]), "train.weight_decay", ds_name)
+    _fill(ds, "optimizer.params.lr", train.lr, "train.lr", ds_name)
+    _fill(ds, "optimizer.params.weight_decay", train.weight_decay, "train.weight_decay", ds_name)
     _resolve_schedule(ds, train, total_steps, ratio, ds_name)
-    leftover = [k for k, v in walk(ds) if v == AUTO]
+    leftover = [k for k, v in _leaves(ds) if v == AUTO]
     if leftover:
         raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
     _check_precision_and_stage(ds, ds_name)
-    if check_compile(cfg["train"].get("compile", False)) is not None and zero_stage(ds, ds_name) == 3:
+    if check_compile(train.compile) is not None and zero_stage(ds, ds_name) == 3:
         raise ConfigError(
-            f"train.compile={cfg['train']['compile']} with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 gathers each "
+            f"train.compile={train.compile} with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 gathers each "
             "module's weights in hooks around its forward, which torch.compile of the towers does not see (lilt_ds "
             "checks compiled towers with ZeRO 0-2 only); use ds_configs/zero2.json, or train.compile=false")
-    if (cfg.get("memory") or {}).get("frozen_recompute") and zero_stage(ds, ds_name) == 3:
+    if cfg.memory.frozen_recompute and zero_stage(ds, ds_name) == 3:
         raise ConfigError(
             f"memory.frozen_recompute=true does not work with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 releases "
             "the weights after forward and the recompute in backward finds them partitioned; use a stage 0-2 "
@@ -171,7 +176,7 @@ def _resolve_schedule(ds: dict, train, total_steps: int, ratio: float, ds_name: 
     WarmupCosineLR (constant: a cosine that ends where it starts); constant_cooldown has no DeepSpeed
     scheduler, so it replaces a block that left every value to the experiment config ("auto") and
     ``initialize`` passes its own; a block with explicit values keeps its schedule and is refused."""
-    schedule = train["schedule"]
+    schedule = train.schedule
     if schedule == "constant_cooldown":
         block = ds.get("scheduler")
         settable = {k: v for k, v in ((block or {}).get("params") or {}).items() if k != "warmup_type"}
@@ -184,7 +189,7 @@ def _resolve_schedule(ds: dict, train, total_steps: int, ratio: float, ds_name: 
         return
     ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
     if ds["scheduler"].get("type") == "WarmupCosineLR":
-        warmup = max(1, min(int(train["warmup_steps"]), total_steps))  # DeepSpeed needs >= 1
+        warmup = max(1, min(train.warmup_steps, total_steps))  # DeepSpeed needs >= 1
         _fill(ds, "scheduler.params.total_num_steps", total_steps, "the schedule length (train.epochs / train.max_steps)", ds_name)
         _fill(ds, "scheduler.params.warmup_num_steps", warmup, "train.warmup_steps", ds_name)
         _fill(ds, "scheduler.params.warmup_min_ratio", ratio, "train.min_lr / train.lr", ds_name)
@@ -205,7 +210,7 @@ def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None =
     model.to(engine_dtype(ds_config))  # buffers too (BatchNorm statistics), which DeepSpeed leaves as they are
     groups = param_groups(model, lr=ds_config["optimizer"]["params"].get("lr"), **group_options(cfg))
     client_scheduler = None
-    if "scheduler" not in ds_config and cfg["train"]["schedule"] == "constant_cooldown":
+    if "scheduler" not in ds_config and cfg.train.schedule == "constant_cooldown":
         if total_steps is None:
             raise ValueError("initialize: train.schedule=constant_cooldown needs the schedule length (total_steps)")
         client_scheduler = functools.partial(build_scheduler, cfg=cfg, total_steps=total_steps)
@@ -215,7 +220,7 @@ def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None =
         # DeepSpeed's schedules start "before step 0" with lr 0, which wastes the first optimizer
         # step; start at step 0 (warmup's first value), as the scheduler steps after every update
         scheduler.step(0)
-    backend = check_compile(cfg["train"].get("compile", False))
+    backend = check_compile(cfg.train.compile)
     if backend is not None:  # in place: parameter names, hooks and checkpoints stay as they are
         for tower in (model.vision, model.text):
             tower.trunk.compile(backend=backend)

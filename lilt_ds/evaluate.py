@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError, moved_command
+from .schema import DataSettings
 from .distributed import world_info
 
 RECALL_KS = (1, 5, 10)
@@ -210,7 +211,7 @@ def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: 
             model = build_model(cfg).eval()
         model.to(device)
         tokenizer = build_tokenizer(cfg.model)
-        loader_workers, pin = eval_loader_settings({"num_workers": "auto", "pin_memory": "auto"}, device.type)
+        loader_workers, pin = eval_loader_settings(DataSettings(), device.type)  # the "auto" defaults
         if workers != "auto":
             loader_workers = workers
         size, mean, std = model.vision.image_size, model.vision.mean, model.vision.std

@@ -19,7 +19,7 @@ import torch
 from .ds_compat import is_zero3
 from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
 from .errors import ConfigError, moved_command
-from .presets import to_config
+from .config import config_from_dict
 from .fileio import atomic_path
 
 CONFIG_KEY = "lilt_ds_config"
@@ -86,7 +86,7 @@ def load_exported(path: str) -> torch.nn.Module:
         raise ConfigError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
     if CONFIG_KEY not in metadata:
         raise ConfigError(f"{path} carries no lilt_ds config: export it with python launch/export.py")
-    cfg = to_config(json.loads(metadata[CONFIG_KEY]))
+    cfg = config_from_dict(json.loads(metadata[CONFIG_KEY]))
     full = metadata.get("lilt_ds_full") == "1"
     model = build_model(cfg, load_weights=not full)
     if not full:
@@ -107,12 +107,12 @@ def load_trained(source: str):
         from safetensors import safe_open
 
         with safe_open(source, "pt") as f:
-            return model, to_config(json.loads(f.metadata()[CONFIG_KEY]))
+            return model, config_from_dict(json.loads(f.metadata()[CONFIG_KEY]))
     from .models import build_model
 
     root, tag = resolve_checkpoint(source)
     meta = read_meta(root, tag)
-    cfg = to_config(meta["config"])
+    cfg = config_from_dict(meta["config"])
     model = build_model(cfg)
     check_identity(meta["identity"], run_identity(cfg, model), f"checkpoint {os.path.join(root, tag)}")
     model.load_state_dict(trainable_state_from_checkpoint(root, tag), strict=False)

@@ -79,7 +79,7 @@ def _write_open_clip(model, cfg, out: str) -> None:
 
     from .models.sources import open_clip as source
 
-    spec = parse_init_from(cfg["model"]["init_from"])[1]
+    spec = parse_init_from(cfg.model.init_from)[1]
     config = source.model_config(spec, download=True)  # hf-hub: in the hub cache since the model was built
     vision = model.vision
     config = {"model_cfg": config["model_cfg"],
@@ -105,7 +105,7 @@ def _write_hf(model, cfg, out: str) -> None:
 
     from .models.sources import hf as source
 
-    spec = parse_init_from(cfg["model"]["init_from"])[1]
+    spec = parse_init_from(cfg.model.init_from)[1]
     config = AutoConfig.from_pretrained(source.model_source(spec))
     reference = AutoModel.from_config(config)
     state = _fit_to(source.state_for_hf(model, model.pair), reference.state_dict(), "hf")
@@ -141,9 +141,8 @@ def _final_metrics(run_dir: str | None) -> dict | None:
 def model_card(cfg, counts: dict, fmt: str, metrics: dict | None) -> str:
     """README.md of an exported folder: base pair, mode, what trained (``counts``: trainable_summary's
     total, taken before LoRA was merged), data, final metrics, how to load."""
-    init_from = cfg["model"]["init_from"]
-    data = cfg["data"]
-    source = data.get("train_files") or data.get("train_shards") or "the built-in demo data (lilt_ds)"
+    init_from = cfg.model.init_from
+    source = cfg.data.train_files or cfg.data.train_shards or "the built-in demo data (lilt_ds)"
     base = parse_init_from(init_from)[1]
     hub_base = base[len("hf-hub:"):] if base.startswith("hf-hub:") else (
         base if "/" in base and not base.startswith(("/", ".", "~", "local-dir:")) else None)
@@ -152,13 +151,13 @@ def model_card(cfg, counts: dict, fmt: str, metrics: dict | None) -> str:
     if hub_base:
         lines.append(f"base_model: {hub_base}")
     lines += ["---", "", f"# Contrastive image-text model from `{init_from}`", "",
-              f"Trained with lilt_ds, mode `{cfg['mode']}`: vision unlock `{list(cfg['model']['vision']['unlock'])}`, "
-              f"text unlock `{list(cfg['model']['text']['unlock'])}` (a locked tower trains only its unlock set; "
+              f"Trained with lilt_ds, mode `{cfg.mode}`: vision unlock `{cfg.model.vision.unlock}`, "
+              f"text unlock `{cfg.model.text.unlock}` (a locked tower trains only its unlock set; "
               "LoRA is merged into the weights here).", "",
               f"- trainable parameters: {counts['trainable']:,} of {counts['total']:,}",
               f"- training data: {source}",
-              f"- epochs: {cfg['train']['epochs']}, max steps: {cfg['train']['max_steps']}, "
-              f"lr {cfg['train']['lr']}, loss `{cfg['loss']['type']}`", ""]
+              f"- epochs: {cfg.train.epochs}, max steps: {cfg.train.max_steps}, "
+              f"lr {cfg.train.lr}, loss `{cfg.loss.type}`", ""]
     if metrics:
         lines += ["## Final evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
@@ -183,12 +182,12 @@ def export_pretrained_format(source: str, out: str, fmt: str) -> str:
     if fmt not in WRITERS:
         raise ConfigError(f"--format {fmt!r}: choose {', '.join(FORMATS)}")
     model, cfg = load_trained(source)
-    parsed = parse_init_from(cfg["model"].get("init_from"))
+    parsed = parse_init_from(cfg.model.init_from)
     if parsed is None or parsed[0] not in SOURCE_FORMAT:
         raise ConfigError(f"--format {fmt}: {source} was not started from a pretrained pair (model.init_from is "
-                          f"{cfg['model'].get('init_from')!r}); its towers have no {fmt} architecture. Use --format lilt_ds")
+                          f"{cfg.model.init_from!r}); its towers have no {fmt} architecture. Use --format lilt_ds")
     if SOURCE_FORMAT[parsed[0]] != fmt:
-        raise ConfigError(f"--format {fmt}: {source} started from {cfg['model']['init_from']}, whose architecture is "
+        raise ConfigError(f"--format {fmt}: {source} started from {cfg.model.init_from}, whose architecture is "
                           f"written as --format {SOURCE_FORMAT[parsed[0]]}; converting between the two is not supported")
     _refuse_adapters(model, fmt)
     counts = trainable_summary(model)["total"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,9 @@ from torch.autograd.function import once_differentiable
 
 from .distributed import all_gather_rows, all_reduce_sum, gather_rank_info, world_info
 from .errors import ConfigError
-from .models.dual_encoder import encode_batch
-from .models.dual_encoder import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE  # noqa: F401
+from .models.dual_encoder import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE, encode_batch
 from .runtime import set_torch_rng_state, torch_rng_state
+from .schema import LossSettings, as_section, user_fields
 
 
 class NonFiniteInputError(ValueError):
@@ -581,31 +581,23 @@ def loss_options(loss_type: str) -> set[str]:
     return {name for name in inspect.signature(loss_class(loss_type).__init__).parameters if name != "self"}
 
 
-def loss_arguments(loss_cfg: dict | None, defaults: dict | None = None) -> tuple[str, dict]:
-    """``(type, constructor arguments)`` of a ``loss`` config section, checked.
+def loss_arguments(loss_cfg: LossSettings | Mapping | None = None) -> tuple[str, dict]:
+    """``(type, constructor arguments)`` of the ``loss`` section (typed, or a mapping of its keys), checked.
 
-    The section may hold options of other types (the experiment config lists every option with
-    its default): those are left out while they keep their ``defaults`` value (by default those of
-    ``configs/_base.yaml``); a changed one is an error, as is an option no type knows, or local_loss
+    The section lists the options of every type: those the type does not take are left out while
+    they keep their default; a changed one is an error (it would do nothing), as is local_loss
     without gather_with_grad.
     """
-    options = dict(loss_cfg or {})
-    loss_type = options.pop("type", "clip")
-    accepted = loss_options(loss_type)
-    known = set().union(*(loss_options(t) for t in LOSS_REGISTRY))
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown loss option(s) {unknown} ({', '.join(f'loss.{k}' for k in unknown)}); "
-                          f"known options: {sorted(known)}")
-    if defaults is None:
-        from .presets import base_defaults
-
-        defaults = base_defaults()["loss"]
+    settings = as_section(LossSettings, loss_cfg, "loss")
+    loss_type, accepted, defaults = settings.type, loss_options(settings.type), LossSettings()
     arguments = {}
-    for key, value in options.items():
+    for f in user_fields(LossSettings):
+        key, value = f.name, getattr(settings, f.name)
+        if key == "type":
+            continue
         if key in accepted:
             arguments[key] = value
-        elif key not in defaults or value != defaults[key]:
+        elif value != getattr(defaults, key):
             takers = sorted(t for t in LOSS_REGISTRY if key in loss_options(t))
             raise ConfigError(
                 f"loss.{key}={value!r} is an option of loss.type {' or '.join(takers)}, not {loss_type}: "
@@ -618,13 +610,10 @@ def loss_arguments(loss_cfg: dict | None, defaults: dict | None = None) -> tuple
     return loss_type, arguments
 
 
-def build_loss(loss_cfg: dict | None, defaults: dict | None = None) -> _DataParallelLoss:
-    """Loss from the config section ``{"type": "clip"|"siglip"|"chunked"|"fused", <options>}``.
-
-    The section may carry the options of other types at their defaults; see :func:`loss_arguments`.
-    Nothing is dropped silently.
-    """
-    loss_type, arguments = loss_arguments(loss_cfg, defaults)
+def build_loss(loss_cfg: LossSettings | Mapping | None = None) -> _DataParallelLoss:
+    """The loss of the ``loss`` section: ``loss.type`` looked up in the registry, with its options
+    (see :func:`loss_arguments`). Nothing is dropped silently."""
+    loss_type, arguments = loss_arguments(loss_cfg)
     return loss_class(loss_type)(**arguments)
 
 

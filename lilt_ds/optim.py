@@ -9,6 +9,7 @@ group's own rate (WarmupCosineLR keeps the ratio), so the factors hold through t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Iterable, Mapping
@@ -19,15 +20,14 @@ from .errors import ConfigError
 from .models.efficient import transformer_blocks
 
 TOWERS = ("vision", "text")
-SCHEDULES = ("cosine", "constant", "constant_cooldown")
 
 
 def group_options(cfg) -> dict:
     """The keyword arguments of ``param_groups`` that the experiment config sets."""
-    return {"weight_decay": float(cfg["train"]["weight_decay"]),
-            "lr_scale": dict(cfg["train"]["lr_scale"]),
-            "layer_decay": {tower: cfg["model"][tower].get("layer_decay") for tower in TOWERS},
-            "no_weight_decay": list(cfg["train"]["no_weight_decay"])}
+    return {"weight_decay": cfg.train.weight_decay,
+            "lr_scale": dataclasses.asdict(cfg.train.lr_scale),
+            "layer_decay": {tower: getattr(cfg.model, tower).layer_decay for tower in TOWERS},
+            "no_weight_decay": list(cfg.train.no_weight_decay)}
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
@@ -155,7 +155,7 @@ class WarmupConstantCooldownLR:
 
 def build_scheduler(optimizer, cfg, total_steps: int) -> WarmupConstantCooldownLR:
     """``train.schedule=constant_cooldown``'s scheduler for ``optimizer`` (DeepSpeed has none like it)."""
-    train = cfg["train"]
-    return WarmupConstantCooldownLR(optimizer, total_steps, warmup_num_steps=min(int(train["warmup_steps"]), total_steps),
-                                    cooldown_num_steps=max(1, math.ceil(total_steps * train["cooldown_fraction"])),
-                                    min_ratio=train["min_lr"] / train["lr"])
+    train = cfg.train
+    return WarmupConstantCooldownLR(optimizer, total_steps, warmup_num_steps=min(train.warmup_steps, total_steps),
+                                    cooldown_num_steps=max(1, math.ceil(total_steps * train.cooldown_fraction)),
+                                    min_ratio=train.min_lr / train.lr)

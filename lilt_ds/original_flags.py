@@ -99,8 +99,9 @@ def apply_flags(cfg, flags: dict, explicit: dict) -> None:
                               f"no {' or '.join(towers)} tower; add freeze_vision_encoder=True (and "
                               "freeze_text_encoder=True)")
         for kind in towers:
-            if kind in locked_towers and item not in cfg["model"][kind]["unlock"]:
-                cfg["model"][kind]["unlock"] = [*cfg["model"][kind]["unlock"], item]
+            unlock = list(cfg["model"][kind]["unlock"] or [])
+            if kind in locked_towers and item not in unlock:
+                cfg["model"][kind]["unlock"] = [*unlock, item]
         if item == "adapters" and "vision" in towers:  # the original's ViT adapters sit before norm1 / norm2
             _set(cfg, "model.vision.adapter_position", "branch_input", flag, explicit)
     if "conventional_adapter.reduction_factor" in flags:

@@ -1,14 +1,12 @@
-"""The experiment config's form: packaged YAML presets, the schema of defaults, Hydra-style overrides.
+"""The experiment config as written: packaged YAML presets and Hydra-style overrides.
 
-Every preset is merged onto ``configs/_base.yaml``, which lists every valid key with its default:
-a key that is not there is a typo (``key=value`` fails with the closest valid keys) unless the
-user adds it on purpose with ``+key=value``, as in Hydra. Values parse as YAML, so ``true``,
-``1e-4`` and ``[ln,adapters]`` mean what they look like. Short aliases of the original project
+Every preset is merged onto the schema's defaults (:mod:`lilt_ds.schema`, which lists every valid
+key): a key that is not there is a typo (``key=value`` fails with the closest valid keys) unless the
+user adds it on purpose with ``+key=value``, as in Hydra. A section takes a mapping of its keys
+(``data.demo={n: 48}``), merged onto what it holds. Values parse as YAML, so ``true``, ``1e-4`` and
+``[ln,adapters]`` mean what they look like. Short aliases of the original project
 (``vision_encoder=base text_encoder=base +save_last_only=True``) map to their dotted keys, and its
-config name ``CLIPAdjustable`` is a preset.
-
-What the values may be is checked by :func:`lilt_ds.config.load_config`, which also uses the
-checks of the layers that own the keys; this module is what every layer may import.
+config name ``CLIPAdjustable`` is a preset. :func:`lilt_ds.config.load_config` checks the values.
 """
 
 from __future__ import annotations
@@ -16,14 +14,15 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable
 
 import yaml
 
 from .errors import ConfigError
+from .schema import defaults_dict, unknown_key_error
 
-BASE_PRESET = "_base"
 RESOLVED_MARKER = "config_name"  # written into every resolved config: the preset it came from
 
 # short names of the original project's command lines -> dotted keys of our schema
@@ -51,33 +50,6 @@ ALIASES = {
 }
 """Flags of the original that set several keys (``freeze_vision_encoder``, ``unlock_layernorm``, ...)
 are translated by :mod:`lilt_ds.original_flags`."""
-
-
-class Config(dict):
-    """A nested dict with attribute access (``cfg.model.vision.name``) that stays a plain mapping."""
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        self[key] = value
-
-    def __deepcopy__(self, memo):
-        return Config({k: copy.deepcopy(v, memo) for k, v in self.items()})
-
-    def to_dict(self) -> dict:
-        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
-
-
-def to_config(value: Any) -> Any:
-    if isinstance(value, dict):
-        return Config({k: to_config(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return [to_config(v) for v in value]
-    return value
 
 
 def available_presets() -> list[str]:
@@ -115,50 +87,29 @@ def _preset_path(name: str) -> str:
     return str(path)
 
 
-def base_defaults() -> dict:
-    """Every valid key with its default (``configs/_base.yaml``), as plain dicts."""
-    return _read_yaml(_preset_path(BASE_PRESET))
+@dataclass
+class Draft:
+    """A config as written, before its values are checked: the merged plain values (defaults, preset,
+    overrides), the user's added keys (dotted name -> value) and the name of the preset or file."""
+
+    values: dict
+    extras: dict = field(default_factory=dict)
+    name: str = "custom"
 
 
-def walk(tree: dict, prefix: str = "", sections: bool = False):
-    """(dotted name, value) of every value of a nested mapping; with ``sections``, of its sub-mappings too."""
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            if sections:
-                yield prefix + k, v
-            yield from walk(v, prefix + k + ".", sections)
-        else:
-            yield prefix + k, v
-
-
-# Keys that moved: a config or override that still names one is told where it went.
-MOVED_KEYS = {
-    "data.hflip": "data.augment.hflip",
-    "data.randaugment": "data.augment.randaugment (false turns it off, null keeps the preset's)",
-}
-
-
-def _unknown_key_error(key: str, tree: dict, source: str) -> ConfigError:
-    if key in MOVED_KEYS:
-        return ConfigError(f"config key {key!r} in {source} is now {MOVED_KEYS[key]}.")
-    valid = [key for key, _ in walk(tree, sections=True)] + list(ALIASES)
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
-    hint = f" Closest valid keys: {', '.join(close)}." if close else ""
-    return ConfigError(f"unknown config key {key!r} in {source}.{hint} Use +{key}=VALUE to add a new key.")
-
-
-def _merge(base: dict, update: dict, source: str, allow_new: bool = False, root: dict | None = None,
-           path: str = "") -> None:
-    """Merge ``update`` into ``base`` in place; a key ``base`` lacks is an error unless ``allow_new``."""
-    root = base if root is None else root
+def _merge(base: dict, update: dict, source: str, extras: dict | None = None, path: str = "") -> None:
+    """Merge ``update`` into ``base`` in place, section by section; a key ``base`` lacks is an error
+    unless ``extras`` (a dict) collects it."""
     for k, v in update.items():
         dotted = path + k
         if k not in base:
-            if not allow_new:
-                raise _unknown_key_error(dotted, root, source)
-            base[k] = copy.deepcopy(v)
-        elif isinstance(base[k], dict) and isinstance(v, dict):
-            _merge(base[k], v, source, allow_new, root, dotted + ".")
+            if extras is None:
+                raise unknown_key_error(dotted, source, ALIASES)
+            extras[dotted] = copy.deepcopy(v)
+        elif isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{dotted} = {v!r} in {source}: expected a mapping of {', '.join(base[k])}")
+            _merge(base[k], v, source, extras, dotted + ".")
         else:
             base[k] = copy.deepcopy(v)
 
@@ -189,41 +140,42 @@ def _as_number(value: Any) -> Any:
     return value
 
 
-def apply_override(cfg: dict, text: str) -> None:
+def apply_override(draft: Draft, text: str) -> None:
+    """One ``key=value`` (a section takes a mapping of its keys, merged) or ``+key=value`` (a new key)."""
     key, value, add = parse_override(text)
-    parts = key.split(".")
-    node = cfg
-    for i, part in enumerate(parts[:-1]):
+    source = f"override {text!r}"
+    *parents, leaf = key.split(".")
+    node = draft.values
+    for i, part in enumerate(parents):
         if part not in node:
-            if not add:
-                raise _unknown_key_error(key, cfg, f"override {text!r}")
-            node[part] = Config()
+            break
         node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} holds a value, not a section")
-    if parts[-1] not in node and not add:
-        raise _unknown_key_error(key, cfg, f"override {text!r}")
-    node[parts[-1]] = to_config(value)
+            raise ConfigError(f"{source}: {'.'.join(parents[: i + 1])} holds a value, not a section")
+    else:
+        if leaf in node:
+            _merge(node, {leaf: value}, source, None, key[: -len(leaf)])
+            return
+    if not add:
+        raise unknown_key_error(key, source, ALIASES)
+    draft.extras[key] = value
 
 
-def read_config(name: str = "demo", overrides: Iterable[str] = ()) -> Config:
-    """A preset name or YAML path merged onto the defaults, then the overrides: not yet checked."""
-    cfg = base_defaults()
+def read_config(name: str = "demo", overrides: Iterable[str] = ()) -> Draft:
+    """A preset name or YAML path merged onto the schema's defaults, then the overrides: not yet checked."""
     preset = _read_yaml(_preset_path(name))
-    # a run's resolved config.yaml (it names its preset) may carry keys added with +key=value
-    _merge(cfg, preset, f"config {name}", allow_new=RESOLVED_MARKER in preset)
-    cfg = to_config(cfg)
-    cfg.setdefault(RESOLVED_MARKER, os.path.splitext(os.path.basename(name))[0])
+    draft = Draft(defaults_dict(), name=os.path.splitext(os.path.basename(name))[0])
+    # a run's resolved config.yaml names its preset, and may carry keys added with +key=value
+    resolved = RESOLVED_MARKER in preset
+    if resolved:
+        draft.name = preset.pop(RESOLVED_MARKER)
+    _merge(draft.values, preset, f"config {name}", draft.extras if resolved else None)
     for text in overrides:
-        apply_override(cfg, text)
-    return cfg
+        apply_override(draft, text)
+    return draft
 
 
-def leaf_keys(tree: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the values of a nested mapping (not of its sections)."""
-    return [key for key, _ in walk(tree, prefix)]
-
-
-def save_config(cfg: Config, path: str) -> None:
+def save_config(cfg, path: str) -> None:
+    """A checked config (:class:`lilt_ds.schema.ExperimentConfig`) as YAML that reloads to the same config."""
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

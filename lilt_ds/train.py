@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -17,7 +18,8 @@ from .allocator import ENV as ALLOCATOR_ENV
 from .allocator import retain_freed_memory
 from . import engine as ds_engine
 from .errors import ConfigError, LiltError
-from .presets import Config, save_config
+from .presets import save_config
+from .schema import ExperimentConfig
 from .data import cache_locked_features, build_eval_data, build_train_loader, build_zeroshot_data, global_bad_sample_counts, eval_loader_settings, resolve_data_config
 from .export import save_exported, trainable_state_from_engine
 from .evaluate import evaluate_classification, evaluate_retrieval, format_retrieval_table
@@ -33,7 +35,7 @@ class NonFiniteLossError(LiltError, RuntimeError):
     """Training diverged: too many non-finite losses in a row, or one that cannot be skipped."""
 
 
-def prepare_output_dir(cfg: Config, rank: int) -> str:
+def prepare_output_dir(cfg: ExperimentConfig, rank: int) -> str:
     """Create (and check we can write to) the run folder before any expensive work.
 
     Rank 0 decides (the default name has a timestamp) and every rank gets its answer, an error
@@ -91,7 +93,7 @@ class Trainer:
     ``build_model(cfg)``; ``quiet``: warnings only on the console (the run's log file is complete).
     """
 
-    def __init__(self, cfg: Config, ds_config_path: str, resume: str | None = None, model=None,
+    def __init__(self, cfg: ExperimentConfig, ds_config_path: str, resume: str | None = None, model=None,
                  quiet: bool = False):
         self.cfg = cfg
         runtime.set_deterministic(cfg.train.deterministic)  # before anything reaches the device
@@ -130,7 +132,7 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss)
         self.loss_fn.static_batches = True  # the loader drops incomplete batches: no per-call size exchange
         if self.rank == 0:  # the resolved config says where the run went
-            save_config(Config({**cfg, "output_dir": self.output_dir}), os.path.join(self.output_dir, "config.yaml"))
+            save_config(dataclasses.replace(cfg, output_dir=self.output_dir), os.path.join(self.output_dir, "config.yaml"))
             with open(os.path.join(self.output_dir, "ds_config.json"), "w") as f:
                 json.dump(self.ds_config, f, indent=2)
         log.info("parameters (trainable only reach DeepSpeed):\n%s", format_summary(trainable_summary(self.model)))
@@ -351,7 +353,7 @@ class _SkippedStep(Exception):
         self.loss = loss
 
 
-def train(cfg: Config, ds_config_path: str, resume: str | None = None) -> dict:
+def train(cfg: ExperimentConfig, ds_config_path: str, resume: str | None = None) -> dict:
     """One whole run, in the launcher's process group (destroyed afterwards if this created it)."""
     with runtime.process_group_scope():
         return Trainer(cfg, ds_config_path, resume).run()

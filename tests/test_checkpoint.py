@@ -1,6 +1,7 @@
 """Checkpoints with real DeepSpeed engines: frozen-free, exact resume after a real kill, atomic saves,
 another world size, corrupt and foreign checkpoints."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -229,7 +230,7 @@ def test_bad_sample_counts_survive_a_resume(tmp_path):
         "eval.every_epochs=0", "train.max_steps=3"]))
     ds = os.path.join(ROOT, "ds_configs", "zero2.json")
     with process_group_scope(), _lilt_ds_logging_restored():
-        cfg.output_dir = str(tmp_path / "run")
+        cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "run"))
         first = Trainer(cfg, ds)
         first.run()
         counts = first.loader.dataset.bad_samples.state_dict()
@@ -254,8 +255,7 @@ def test_patch_dropout_resumes_with_the_same_patches(tmp_path, fp32_ds_configs):
     losses = {}
     with process_group_scope(), _lilt_ds_logging_restored():
         for name, resume in (("run", None), ("resumed", str(tmp_path / "run" / "checkpoints" / "step2"))):
-            cfg = load_config("demo", tiny_training_overrides(tmp_path, extra))
-            cfg.output_dir = str(tmp_path / name)
+            cfg = load_config("demo", tiny_training_overrides(tmp_path, [*extra, f"output_dir={tmp_path / name}"]))
             trainer = Trainer(cfg, fp32_ds_configs[2], resume=resume, quiet=True)
             trainer.run()
             trainer.engine.destroy()

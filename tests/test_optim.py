@@ -60,7 +60,7 @@ def test_a_convolutional_tower_refuses_layer_decay():
     ("train.schedule=linear", r"train\.schedule = 'linear': expected one of cosine, constant, constant_cooldown"),
     ("train.lr_scale.vision=0", r"train\.lr_scale\.vision = 0: expected a number > 0"),
     ("model.text.layer_decay=1.5", r"model\.text\.layer_decay = 1\.5: expected a number > 0 and <= 1"),
-    ("train.no_weight_decay=['(']", r"train\.no_weight_decay = \['\('\]: expected a list of a regular expression"),
+    ("train.no_weight_decay=['(']", r"train\.no_weight_decay = \['\('\]: expected a list of regular expressions"),
     ("train.cooldown_fraction=0", r"train\.cooldown_fraction = 0"),
 ])
 def test_bad_settings_are_refused_at_load_time(override, message):

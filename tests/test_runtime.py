@@ -58,8 +58,7 @@ training = json.loads(sys.argv[5])
 def pretrain():
     from lilt_ds.config import load_config
     from lilt_ds.train import train
-    cfg = load_config("demo", training)
-    cfg.output_dir = out + "/train"
+    cfg = load_config("demo", [*training, "output_dir=" + out + "/train"])
     train(cfg, "ds_configs/zero2.json")
 
 def evaluate():

@@ -80,8 +80,8 @@ from tests.conftest import tiny_training_overrides
 from tests.distributed import free_port
 
 def run(name):
-    cfg = load_config("demo", tiny_training_overrides({str(tmp_path)!r}, ["train.max_steps=1"]))
-    cfg.output_dir = {str(tmp_path)!r} + "/" + name
+    cfg = load_config("demo", tiny_training_overrides({str(tmp_path)!r}, ["train.max_steps=1",
+                                                                     "output_dir=" + {str(tmp_path)!r} + "/" + name]))
     train(cfg, "ds_configs/zero2.json")
 
 run("own")
@@ -272,12 +272,13 @@ def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_pa
 
     from lilt_ds.config import load_config
     from lilt_ds.runtime import process_group_scope
+    from lilt_ds.schema import replace_keys
     from lilt_ds.train import NonFiniteLossError, Trainer, to_device
 
     def trainer(name, accum):
         cfg = load_config("demo", tiny_training_overrides(tmp_path, [
-            "train.max_steps=20", "train.log_every=1000", f"train.grad_accum_steps={accum}", "eval.every_epochs=0"]))
-        cfg.output_dir = str(tmp_path / name)
+            "train.max_steps=20", "train.log_every=1000", f"train.grad_accum_steps={accum}", "eval.every_epochs=0",
+            f"output_dir={tmp_path / name}"]))
         t = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
         t.batches = [to_device(b, t.device, t.dtype) for b in itertools.islice(iter(t.loader), 4)]
         t.optimizer_step(t.batches[:accum])  # step 1 logs its metrics (host reads of its own)
@@ -299,11 +300,11 @@ def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_pa
 
         accumulating = trainer("accumulating", 2)
         assert syncs_per_step(accumulating, accumulating.batches[:2]) == 1
-        accumulating.cfg.train.exact_accumulation = True
+        accumulating.cfg = replace_keys(accumulating.cfg, {"train.exact_accumulation": True})
         assert syncs_per_step(accumulating, accumulating.batches[:2]) == 1
         assert accumulating.optimizer_step([nan_batch, accumulating.batches[0]]) != 0  # exact: skipped
         assert accumulating.nonfinite_total == 1
-        accumulating.cfg.train.exact_accumulation = False
+        accumulating.cfg = replace_keys(accumulating.cfg, {"train.exact_accumulation": False})
         with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in step 6 \(non-finite values \(NaN or "
                                                      r"inf\) in image_emb\).*cannot be skipped"):
             accumulating.optimizer_step([nan_batch, accumulating.batches[0]])

@@ -7,9 +7,9 @@ from .bad_samples import BadSample, BadSampleLog, global_bad_sample_counts
 from .caption_dataset import CaptionDataset
 from .index.captions import CaptionTable, load_caption_files
 from .preprocessing.collate import ImageTextCollator
-from .config import DATA_DEFAULTS, eval_loader_settings, loader_settings, resolve_data_config
+from .config import eval_loader_settings, loader_settings, resolve_data_config
 from .demo import ensure_demo_data, generate_demo
-from .feature_cache import cache_locked_features, check_cache_config
+from .feature_cache import cache_locked_features
 from .errors import DataError
 from .index.image_root import ImageRoot
 from .loader import TrainLoader, build_eval_data, build_train_loader
@@ -24,10 +24,10 @@ from .preprocessing.text import pre_caption, tokenize_captions
 from .preprocessing.transforms import LILT_RANDAUGMENT_OPS, build_eval_transform, build_train_transform
 
 __all__ = [
-    "BadSample", "BadSampleLog", "CaptionDataset", "CaptionTable", "DATA_DEFAULTS", "DataError",
+    "BadSample", "BadSampleLog", "CaptionDataset", "CaptionTable", "DataError",
     "ImageRoot", "ImageTextCollator", "LILT_RANDAUGMENT_OPS", "ResumableDistributedSampler",
     "RetrievalData", "RetrievalImages", "ShardDataset", "ShardFiles", "ShardProgress", "TrainLoader",
-    "build_eval_data", "cache_locked_features", "check_cache_config", "build_zeroshot_data", "check_zeroshot", "load_templates", "read_classnames", "build_eval_transform", "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
+    "build_eval_data", "cache_locked_features", "build_zeroshot_data", "check_zeroshot", "load_templates", "read_classnames", "build_eval_transform", "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
     "ensure_demo_data", "eval_loader_settings", "find_shards", "generate_demo", "global_bad_sample_counts",
     "load_caption_files", "loader_settings", "pre_caption", "resolve_data_config", "tokenize_captions", "write_shards",
 ]

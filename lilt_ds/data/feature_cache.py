@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
 from ..distributed import all_gather_objects, barrier, world_info
-from ..models.modes import is_fully_locked
 from ..runtime import local_rank
 from .config import local_ranks
 from .errors import DataError
@@ -45,35 +44,6 @@ from .sample_rng import augmented
 logger = logging.getLogger("lilt_ds.data")
 
 FORMAT = 1
-
-
-def check_cache_config(cfg) -> None:
-    """At config load: the cache is asked for where it can work (the image tower trains nothing, its
-    output does not depend on the run's RNG, a caption file to key it by, a place to write it)."""
-    data = cfg.data
-    if not data.cache_locked_features:
-        return
-    vision = cfg.model.vision
-    if not is_fully_locked(cfg.mode, "vision", vision.unlock):
-        raise ConfigError(
-            f"data.cache_locked_features=true caches the image tower's output, but mode={cfg.mode} with "
-            f"model.vision.unlock={list(vision.unlock or [])} trains it, so its output changes every step: "
-            "use mode=lit, or mode=lilt with model.vision.unlock=[] (or turn the cache off)")
-    if vision.get("patch_dropout"):
-        raise ConfigError(
-            f"data.cache_locked_features=true with model.vision.patch_dropout={vision.patch_dropout}: patch "
-            "dropout draws new patches every step, so the tower's output is not a function of the image "
-            "and cannot be cached. Set model.vision.patch_dropout=0.0 or turn the cache off (a cached tower "
-            "costs nothing to run, so patch dropout would save nothing)")
-    if data.train_shards is not None:
-        raise ConfigError(
-            "data.cache_locked_features=true works with data.train_files (its entries are the cache's "
-            "rows); data.train_shards streams samples without a fixed index. Train on caption JSON files "
-            "or turn the cache off")
-    if data.index_cache is None:
-        raise ConfigError(
-            "data.cache_locked_features=true stores the features where data.index_cache puts the caption "
-            "index, and data.index_cache is null (no file): set it to auto or a folder")
 
 
 class _Views(Dataset):
@@ -139,10 +109,10 @@ def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any]
     if "vision" not in model.fully_locked:
         raise ConfigError("data.cache_locked_features=true, but the image tower trains parameters: "
                           "use mode=lit, or mode=lilt with model.vision.unlock=[]")
-    vision, views = model.vision, data_cfg["cache_views"]
+    vision, views = model.vision, data_cfg.cache_views
     transforms = view_transforms(dataset, views, vision.image_size, vision.mean, vision.std)
     table = dataset.table
-    folder = cache_location(table.sources, data_cfg["image_root"], views, data_cfg["index_cache"])
+    folder = cache_location(table.sources, data_cfg.image_root, views, data_cfg.index_cache)
     meta = {"format": FORMAT, "views": views, "entries": len(table), "width": int(vision.width),
             "transforms": [repr(t) for t in transforms], "seed": dataset.seed if views > 1 else None,
             "tower": tower_digest(vision, tower_config), "dtype": str(dtype).replace("torch.", ""),

@@ -5,13 +5,16 @@ ResumableDistributedSampler) or tar shards (`data.train_shards`, a ShardDataset 
 its workers and whose sampler is its ShardProgress); both give the same batches and the same
 TrainLoader interface."""
 
+from __future__ import annotations
+
 import functools
 import gc
 import os
-from typing import Dict, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from torch.utils.data import DataLoader, get_worker_info
 
+from ..schema import DataSettings
 from .caption_dataset import CaptionDataset
 from .index.captions import load_caption_files
 from .preprocessing.collate import ImageTextCollator
@@ -65,26 +68,25 @@ class TrainLoader:
         self.sampler.set_epoch(epoch)
 
 
-def build_train_loader(data_cfg: Dict, tokenizer, image_size: int, mean: Sequence[float],
+def build_train_loader(data_cfg: DataSettings | Mapping, tokenizer, image_size: int, mean: Sequence[float],
                        std: Sequence[float], rank: int, world_size: int, micro_batch_size: int,
                        seed: int, device_type: str = "cpu") -> TrainLoader:
-    """Everything for training from the `data` config section (see `DATA_DEFAULTS`): tar shards
+    """Everything for training from the `data` config section (`lilt_ds.schema.DataSettings`): tar shards
     when `train_shards` is set, else the `train_files`; neither trains on the built-in demo
     dataset (generated on first use). ``device_type`` decides the "auto" workers and pinning."""
-    cfg = dict(resolve_data_config(data_cfg))
-    cfg["num_workers"], cfg["pin_memory"] = loader_settings(cfg, device_type)
+    cfg = resolve_data_config(data_cfg)
+    workers, pin_memory = loader_settings(cfg, device_type)
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise DataError(f"micro batch size {micro_batch_size!r}: expected a positive integer.")
-    transform = build_train_transform(image_size, mean, std, cfg["augment"])
-    collate = ImageTextCollator(tokenizer, cfg["max_length"])
-    workers = cfg["num_workers"]
+    transform = build_train_transform(image_size, mean, std, cfg.augment)
+    collate = ImageTextCollator(tokenizer, cfg.max_length)
     if workers > 0:
         # Fast tokenizers used before the fork warn and disable themselves in workers anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader_args = {"num_workers": workers, "pin_memory": cfg["pin_memory"],
-                   "persistent_workers": cfg["persistent_workers"] and workers > 0,
+    loader_args = {"num_workers": workers, "pin_memory": pin_memory,
+                   "persistent_workers": cfg.persistent_workers and workers > 0,
                    "worker_init_fn": start_worker}
-    build = _shard_loader if cfg["train_shards"] is not None else _json_loader
+    build = _shard_loader if cfg.train_shards is not None else _json_loader
     loader, dataset, sampler, size = build(cfg, transform, collate, micro_batch_size, rank, world_size,
                                            seed, loader_args)
     if sampler.num_samples < micro_batch_size:
@@ -95,17 +97,17 @@ def build_train_loader(data_cfg: Dict, tokenizer, image_size: int, mean: Sequenc
 
 
 def _caption_cleaning(cfg):
-    return functools.partial(pre_caption, max_words=cfg["max_words"]) if cfg["clean_captions"] else None
+    return functools.partial(pre_caption, max_words=cfg.max_words) if cfg.clean_captions else None
 
 
 def _json_loader(cfg, transform, collate, batch_size, rank, world_size, seed, loader_args):
-    files, image_root = cfg["train_files"], cfg["image_root"]
+    files, image_root = cfg.train_files, cfg.image_root
     if not files:
         files, image_root = [_demo(cfg)["train"]], None
-    table = load_caption_files(files, image_root, _caption_cleaning(cfg), cache=cfg["index_cache"])
+    table = load_caption_files(files, image_root, _caption_cleaning(cfg), cache=cfg.index_cache)
     table.make_resident()
-    dataset = CaptionDataset(table, transform, seed=seed, on_bad_sample=cfg["on_bad_sample"],
-                             max_bad_fraction=cfg["max_bad_fraction"])
+    dataset = CaptionDataset(table, transform, seed=seed, on_bad_sample=cfg.on_bad_sample,
+                             max_bad_fraction=cfg.max_bad_fraction)
     sampler = ResumableDistributedSampler(len(dataset), rank, world_size, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         collate_fn=collate, **loader_args)
@@ -113,15 +115,15 @@ def _json_loader(cfg, transform, collate, batch_size, rank, world_size, seed, lo
 
 
 def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, loader_args):
-    shards = find_shards(cfg["train_shards"], cfg["on_bad_sample"])
-    workers = max(cfg["num_workers"], 1)
+    shards = find_shards(cfg.train_shards, cfg.on_bad_sample)
+    workers = max(loader_args["num_workers"], 1)
     if len(shards.paths) < world_size * workers:
         raise DataError(f"data.train_shards has {len(shards.paths)} shards, fewer than ranks x "
                         f"DataLoader workers = {world_size} x {workers}: some would read the same "
                         "shards. Write more, smaller shards (--shard-size) or lower data.num_workers.")
     dataset = ShardDataset(shards, transform, collate, batch_size, rank, world_size, seed,
-                           on_bad_sample=cfg["on_bad_sample"], max_bad_fraction=cfg["max_bad_fraction"],
-                           clean=_caption_cleaning(cfg), shuffle_buffer=cfg["shuffle_buffer"])
+                           on_bad_sample=cfg.on_bad_sample, max_bad_fraction=cfg.max_bad_fraction,
+                           clean=_caption_cleaning(cfg), shuffle_buffer=cfg.shuffle_buffer)
     loader = DataLoader(dataset, batch_size=None, **loader_args)  # the dataset batches
     return loader, dataset, dataset.progress, shards.total
 
@@ -138,24 +140,24 @@ def start_worker(_worker_id: int) -> None:
         dataset.table.make_resident()
 
 
-def build_eval_data(data_cfg: Dict, tokenizer, image_size: int, mean: Sequence[float],
+def build_eval_data(data_cfg: DataSettings | Mapping, tokenizer, image_size: int, mean: Sequence[float],
                     std: Sequence[float]) -> Optional[RetrievalData]:
     """The retrieval evaluation data: `eval_file`, else the demo's eval split when training on the
     demo, else None (no evaluation data configured)."""
     cfg = resolve_data_config(data_cfg)
-    if cfg["eval_file"] is not None:
-        path, image_root = cfg["eval_file"], cfg["eval_image_root"]
-    elif not cfg["train_files"] and cfg["train_shards"] is None:
+    if cfg.eval_file is not None:
+        path, image_root = cfg.eval_file, cfg.eval_image_root
+    elif not cfg.train_files and cfg.train_shards is None:
         demo = _demo(cfg)
         path, image_root = demo["eval"], demo["image_root"]
     else:
         return None
     return build_retrieval_data(path, image_root, tokenizer, image_size, mean, std,
-                                max_length=cfg["eval_max_length"],
-                                clean_captions=cfg["clean_captions"], max_words=cfg["max_words"],
-                                index_cache=cfg["index_cache"])
+                                max_length=cfg.eval_max_length,
+                                clean_captions=cfg.clean_captions, max_words=cfg.max_words,
+                                index_cache=cfg.index_cache)
 
 
-def _demo(cfg: Dict) -> Dict[str, str]:
-    demo = cfg["demo"]
-    return ensure_demo_data(n=demo["n"], seed=demo["seed"], eval_n=demo["eval_n"], size=demo["size"])
+def _demo(cfg: DataSettings) -> dict[str, str]:
+    demo = cfg.demo
+    return ensure_demo_data(n=demo.n, seed=demo.seed, eval_n=demo.eval_n, size=demo.size)

@@ -19,6 +19,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from ..engine import engine_dtype, torch_linear, zero_stage
 from ..errors import ConfigError
 from ..models import parameter_numel
 from ..runtime import GPU_TARGET, DeviceFacts
+from ..schema import LossSettings, as_section
 from .saved_tensors import SavedTensorMeter
 
 GIB, MIB = 2**30, 2**20
@@ -287,7 +289,8 @@ def _zero3_states(inv: ParameterInventory, s: EngineSettings, rank: int, tally: 
 # --------------------------------------------------------------------------------------------------
 
 
-def loss_buffer_bytes(loss_cfg, micro_batch: int, world_size: int, embed_dim: int) -> int:
+def loss_buffer_bytes(loss_cfg: LossSettings | Mapping | None, micro_batch: int, world_size: int,
+                      embed_dim: int) -> int:
     """Bytes the contrastive loss saves for backward on one rank (it runs in fp32).
 
     Dominated by the logits once the global batch N = micro batch x world size outgrows the
@@ -296,13 +299,14 @@ def loss_buffer_bytes(loss_cfg, micro_batch: int, world_size: int, embed_dim: in
     features), none for the chunked and fused losses (their row log-sum-exps only). Besides
     them: the features the matmuls keep (local, gathered, scaled by the temperature) and the labels.
     """
-    kind = (loss_cfg or {}).get("type", "clip")
-    local = bool((loss_cfg or {}).get("local_loss", True)) or kind == "siglip"
+    loss_cfg = as_section(LossSettings, loss_cfg, "loss")
+    kind = loss_cfg.type
+    local = loss_cfg.local_loss or kind == "siglip"
     B, N, D, f = micro_batch, micro_batch * world_size, embed_dim, 4
     rows = B if local else N
     gathered = N * D if world_size > 1 else 0   # all-gathered copies are new storages
     if kind == "siglip":                           # local images x all texts
-        if N > (loss_cfg or {}).get("chunk_size", 4096):  # blockwise: the features it keeps, no logits
+        if N > loss_cfg.chunk_size:  # blockwise: the features it keeps, no logits
             return f * (B * D + (gathered or B * D))
         return f * (B * N + B * D + B * D + (gathered or B * D))
     features = 2 * (B * D + gathered) if local else 2 * N * D
@@ -410,7 +414,7 @@ def activation_device() -> torch.device:
 
 def describe_model(cfg) -> str:
     """``lilt (ln+adapters)``, ``lit``, ``clip``: the mode and what a locked tower unlocks."""
-    vision, text = ("+".join(map(str, cfg.model[t].unlock or [])) for t in ("vision", "text"))
+    vision, text = ("+".join(map(str, getattr(cfg.model, t).unlock)) for t in ("vision", "text"))
     unlocks = vision if vision == text else f"vision {vision or '-'}, text {text or '-'}"
     return cfg.mode + (f" ({unlocks})" if unlocks else "")
 

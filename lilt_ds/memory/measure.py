@@ -8,7 +8,6 @@ autograd saved in the forward and the loss, and on a GPU the allocator's peak: s
 
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from ..engine import torch_linear
 from ..losses import as_fp32, build_loss
 from ..models import build_model
 from ..runtime import init_distributed
+from ..schema import replace_keys
 from .estimate import MODEL_STATES
 from .saved_tensors import SavedTensorMeter
 
@@ -139,8 +139,7 @@ def measure_training_memory(cfg, ds_config: dict, micro_batch: int, ds_name: str
 def _measure(cfg, ds_config: dict, micro_batch: int, ds_name: str, world_size: int) -> Measurement:
     from deepspeed.accelerator import get_accelerator
 
-    cfg = copy.deepcopy(cfg)
-    cfg.train.micro_batch_size, cfg.train.grad_accum_steps = micro_batch, 1
+    cfg = replace_keys(cfg, {"train.micro_batch_size": micro_batch, "train.grad_accum_steps": 1})
     ds = ds_engine.resolve_ds_config(ds_config, cfg, world_size, total_steps=2, ds_name=ds_name)
     dtype = ds_engine.engine_dtype(ds)
     torch.manual_seed(cfg.seed)

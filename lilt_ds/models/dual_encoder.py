@@ -110,7 +110,7 @@ def encode_batch(model, batch: dict):
 
 def _freeze_tower(tower, mode: str, tower_cfg) -> None:
     """Apply the mode to one tower: trainable whole, or locked but for its unlock set."""
-    unlock = list(tower_cfg.get("unlock") or [])
+    unlock = list(tower_cfg.unlock)
     check_unlock_for_mode(mode, tower.kind, unlock)
     if tower.kind not in LOCKED_TOWERS[mode]:
         tower.requires_grad_(True)
@@ -135,15 +135,15 @@ def seeded_init_rng(seed: int, device: str | torch.device | None):
 def build_model(cfg, load_weights: bool = True, device: str | torch.device | None = None) -> DualEncoder:
     """Build the DualEncoder an experiment config describes, with its parameters frozen per mode.
 
-    Random initialisation is seeded from ``cfg.seed``. ``load_weights=False`` skips every weight
+    ``cfg``: an :class:`lilt_ds.schema.ExperimentConfig`. Random initialisation is seeded from ``cfg.seed``. ``load_weights=False`` skips every weight
     file and download (random init); with
     ``device="meta"`` nothing is allocated either, which is how the summary counts any preset offline.
     """
-    mode = check_mode(cfg["mode"])
-    mcfg = cfg["model"]
-    siglip = cfg.get("loss", {}).get("type") == "siglip"
-    init_scale = mcfg.get("init_logit_scale")
-    init_bias = mcfg.get("init_logit_bias")
+    mode = check_mode(cfg.mode)
+    mcfg = cfg.model
+    siglip = cfg.loss.type == "siglip"
+    init_scale = mcfg.init_logit_scale
+    init_bias = mcfg.init_logit_bias
     if init_scale is None:
         init_scale = SIGLIP_INIT_LOGIT_SCALE if siglip else CLIP_INIT_LOGIT_SCALE
     if init_bias is None and siglip:
@@ -153,37 +153,36 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
     # generator that initialises them is seeded (and restored afterwards): torch.manual_seed would
     # also reseed every GPU's generator, each time a model is built.
     source = init_source(mcfg)
-    with seeded_init_rng(cfg.get("seed", 0), device), \
+    with seeded_init_rng(cfg.seed, device), \
             (torch.device(device) if device is not None else contextlib.nullcontext()):
         if source is not None and source[0].KIND == "pair":
             pair = source[0].build_pair(source[1], mcfg, load_weights=load_weights)
             vision, text = pair.vision, pair.text
             # the pair's own temperature (and bias) unless the config sets one
-            scale = pair.logit_scale if mcfg.get("init_logit_scale") is None else init_scale
-            bias = pair.logit_bias if mcfg.get("init_logit_bias") is None and pair.logit_bias is not None else init_bias
+            scale = pair.logit_scale if mcfg.init_logit_scale is None else init_scale
+            bias = pair.logit_bias if mcfg.init_logit_bias is None and pair.logit_bias is not None else init_bias
             model = DualEncoder(vision, text, None, scale, bias, locked=LOCKED_TOWERS[mode],
                                 vision_proj=pair.vision_proj, text_proj=pair.text_proj)
             model.pair = pair.extra  # what an export to the pair's own format needs
         else:  # a weights source (an original LilT checkpoint) brings the towers' weights too
             tower_weights = load_weights and source is None
-            vision = VisionTower(mcfg["vision"], mcfg.get("image_size") or DEFAULT_IMAGE_SIZE,
-                                 load_weights=tower_weights)
-            text = TextTower(mcfg["text"], load_weights=tower_weights)
+            vision = VisionTower(mcfg.vision, mcfg.image_size or DEFAULT_IMAGE_SIZE, load_weights=tower_weights)
+            text = TextTower(mcfg.text, load_weights=tower_weights)
             # the projections draw from the generator before the adapters: the order fixes every init
-            model = DualEncoder(vision, text, mcfg["embed_dim"], init_scale, init_bias, locked=LOCKED_TOWERS[mode])
-        if mcfg["vision"].get("patch_dropout"):
-            set_patch_dropout(vision, mcfg["vision"]["patch_dropout"])
-        for tower, tower_cfg in ((vision, mcfg["vision"]), (text, mcfg["text"])):
+            model = DualEncoder(vision, text, mcfg.embed_dim, init_scale, init_bias, locked=LOCKED_TOWERS[mode])
+        if mcfg.vision.patch_dropout:
+            set_patch_dropout(vision, mcfg.vision.patch_dropout)
+        for tower, tower_cfg in ((vision, mcfg.vision), (text, mcfg.text)):
             _freeze_tower(tower, mode, tower_cfg)
-            if tower_cfg.get("grad_checkpointing"):
+            if tower_cfg.grad_checkpointing:
                 check_checkpointing(mode, tower.kind, tower_cfg)
                 tower.set_grad_checkpointing(True)
     if source is not None and source[0].KIND == "weights" and load_weights:
         source[0].load_weights(model, source[1], mcfg)
-    model.vision_proj.requires_grad_(not mcfg.get("freeze_projections", False))
-    model.text_proj.requires_grad_(not mcfg.get("freeze_projections", False))
-    model.logit_scale.requires_grad_(not mcfg.get("freeze_logit_scale", False))
-    if (cfg.get("memory") or {}).get("frozen_recompute"):
+    model.vision_proj.requires_grad_(not mcfg.freeze_projections)
+    model.text_proj.requires_grad_(not mcfg.freeze_projections)
+    model.logit_scale.requires_grad_(not mcfg.freeze_logit_scale)
+    if cfg.memory.frozen_recompute:
         apply_frozen_recompute(model)
     model.train()
     return model

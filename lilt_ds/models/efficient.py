@@ -67,12 +67,6 @@ def _output_width(module: nn.Module) -> int:
     return module.out_features if hasattr(module, "out_features") else module.embed_dim
 
 
-ADAPTER_POSITIONS = ("output", "branch_input")
-"""Where ``adapters`` go: after the attention's and the MLP's output projection (Houlsby), or on the
-input of each branch of a pre-norm block, before its norm, the residual untouched (the original
-LilT's ViT: ``x + attn(norm1(adapter1(x)))``)."""
-
-
 def _suffix_regex(pattern: str) -> re.Pattern:
     return re.compile(r"(?:^|\.)(?:" + pattern + r")$")
 
@@ -138,7 +132,7 @@ def _top_k(tower, k, tower_cfg) -> set[str]:
 
 def check_adapter_position(tower, tower_cfg) -> str:
     """The tower's ``adapter_position`` (its values are checked with the config), if the tower has that place."""
-    position = tower_cfg.get("adapter_position", "output")
+    position = tower_cfg.adapter_position
     if position == "branch_input" and (tower.layout is None or tower.layout.branch_norms is None):
         raise ConfigError(f"model.{tower.kind}.adapter_position=branch_input: the {tower.kind} tower "
                           f"{tower.model_name!r} has no norm at the input of its attention and MLP branches "
@@ -148,7 +142,7 @@ def check_adapter_position(tower, tower_cfg) -> str:
 
 def _adapters(tower, arg, tower_cfg) -> set[str]:
     _require_blocks(tower, "adapters")
-    reduction = tower_cfg.get("adapter_reduction", 4)
+    reduction = tower_cfg.adapter_reduction
     if check_adapter_position(tower, tower_cfg) == "branch_input":
         for _, norm in modules_matching(tower, tower.layout.branch_norms):
             norm.adapter = Adapter(_output_width(norm), reduction)
@@ -189,11 +183,11 @@ class LoraDelta(nn.Module):
 def _lora_packed_attention(tower, lora_cfg) -> None:
     from torch.nn.utils import parametrize
 
-    if lora_cfg.get("dropout", 0.0):
-        raise ConfigError(f"model.{tower.kind}.lora.dropout={lora_cfg['dropout']}: the {tower.kind} tower's attention "
+    if lora_cfg.dropout:
+        raise ConfigError(f"model.{tower.kind}.lora.dropout={lora_cfg.dropout}: the {tower.kind} tower's attention "
                           "is an nn.MultiheadAttention, whose LoRA is a weight parametrization (no dropout on its "
                           "input is possible); set it to 0.0, or restrict target_modules to the MLP linears")
-    rank, alpha = lora_cfg.get("rank", 8), lora_cfg.get("alpha", 16)
+    rank, alpha = lora_cfg.rank, lora_cfg.alpha
     for _, attn in modules_matching(tower, tower.layout.packed_attn):
         for owner, name in ((attn, "in_proj_weight"), (attn.out_proj, "weight")):
             weight = getattr(owner, name)
@@ -203,8 +197,8 @@ def _lora_packed_attention(tower, lora_cfg) -> None:
 def _lora(tower, arg, tower_cfg) -> set[str]:
     from peft import LoraConfig, inject_adapter_in_model
 
-    lora_cfg = tower_cfg.get("lora") or {}
-    targets = lora_cfg.get("target_modules")
+    lora_cfg = tower_cfg.lora
+    targets = lora_cfg.target_modules
     if targets is None:
         _require_blocks(tower, "lora")
         targets = default_lora_targets(tower)
@@ -220,9 +214,9 @@ def _lora(tower, arg, tower_cfg) -> set[str]:
                 "out_proj never runs as a Linear. Leave target_modules=null (LoRA on the attention's packed weights "
                 "and the MLP linears) or name MLP linears only")
     config = LoraConfig(
-        r=lora_cfg.get("rank", 8),
-        lora_alpha=lora_cfg.get("alpha", 16),
-        lora_dropout=lora_cfg.get("dropout", 0.0),
+        r=lora_cfg.rank,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
         target_modules=targets,
     )
     try:

@@ -36,7 +36,7 @@ def check_unlock_for_mode(mode: str, kind: str, unlock) -> None:
 
 def check_checkpointing(mode: str, kind: str, tower_cfg) -> None:
     """Activation checkpointing of a tower that keeps no activations (fully locked) is a mistake."""
-    if tower_cfg.get("grad_checkpointing") and is_fully_locked(mode, kind, tower_cfg.get("unlock")):
+    if tower_cfg.grad_checkpointing and is_fully_locked(mode, kind, tower_cfg.unlock):
         raise ConfigError(
             f"model.{kind}.grad_checkpointing is on, but the tower is fully locked and keeps "
             "no activations anyway: turn it off"

@@ -6,7 +6,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
 
-from ..errors import ConfigError
+from typing import Mapping
+
+from ..schema import ModelSettings, TextSettings, as_section
 from .efficient import TowerLayout
 from .weights import local_folder_or_name, resolve_pkg
 
@@ -31,48 +33,36 @@ BERT_LAYOUT = TowerLayout(
     mlp_out=r"encoder\.layer\.\d+\.output\.dense",
 )
 
-POOLINGS = ("cls", "mean")
-
-
 def _check_local(source: str, key: str) -> str:
     return local_folder_or_name(source, f"{key}={source}")
 
 
-def check_pooling(pooling) -> str:
-    if pooling not in POOLINGS:
-        raise ConfigError(f"unknown model.text.pooling {pooling!r}: choose {' or '.join(POOLINGS)}")
-    return pooling
-
-
 def text_sources(tower_cfg) -> tuple[dict | None, str, str | None]:
     """(preset architecture or None, architecture source, weights source or None) of ``model.text``."""
-    name, pretrained = tower_cfg["name"], tower_cfg.get("pretrained")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"model.text.name must be a preset ({', '.join(TEXT_PRESETS)}), a hub name or a folder")
+    name, pretrained = tower_cfg.name, tower_cfg.pretrained
     preset = TEXT_PRESETS.get(name)
     arch_source = preset[1] if preset else _check_local(resolve_pkg(name), "model.text.name")
     if pretrained is True:
         weights = arch_source
-    elif pretrained in (None, False):
+    elif pretrained is False:
         weights = None
-    elif isinstance(pretrained, str):
-        weights = _check_local(resolve_pkg(pretrained), "model.text.pretrained")
     else:
-        raise ConfigError(f"model.text.pretrained must be true, false, a hub name or a folder, got {pretrained!r}")
+        weights = _check_local(resolve_pkg(pretrained), "model.text.pretrained")
     return (preset[0] if preset else None), arch_source, weights
 
 
-def build_tokenizer(model_cfg):
+def build_tokenizer(model_cfg: ModelSettings | Mapping):
     """The tokenizer of the text tower: a pair's own (``model.init_from``), else ``model.text.tokenizer``,
-    else where the text weights come from."""
+    else where the text weights come from. ``model_cfg``: the ``model`` section (typed, or a mapping)."""
     from .sources import init_source
 
+    model_cfg = as_section(ModelSettings, model_cfg, "model")
     source = init_source(model_cfg)
     if source is not None and source[0].KIND == "pair":
         return source[0].build_tokenizer(source[1], model_cfg)
-    tower_cfg = model_cfg["text"]
+    tower_cfg = model_cfg.text
     _, arch_source, weights = text_sources(tower_cfg)
-    source = tower_cfg.get("tokenizer") or weights or arch_source
+    source = tower_cfg.tokenizer or weights or arch_source
     return AutoTokenizer.from_pretrained(_check_local(resolve_pkg(source), "model.text.tokenizer"))
 
 
@@ -81,11 +71,12 @@ class TextTower(nn.Module):
 
     kind = "text"
 
-    def __init__(self, tower_cfg, load_weights: bool = True):
+    def __init__(self, tower_cfg: TextSettings | Mapping, load_weights: bool = True):
         super().__init__()
+        tower_cfg = as_section(TextSettings, tower_cfg, "model.text")
         preset_arch, arch_source, weights = text_sources(tower_cfg)
-        self.model_name = tower_cfg["name"]
-        self.pooling = check_pooling(tower_cfg.get("pooling", "cls"))
+        self.model_name = tower_cfg.name
+        self.pooling = tower_cfg.pooling
         if load_weights and weights is not None:
             trunk = AutoModel.from_pretrained(weights)
         else:

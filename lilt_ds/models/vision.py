@@ -10,7 +10,10 @@ import torch
 from timm.layers import PatchDropout
 from torch import nn
 
+from typing import Mapping
+
 from ..errors import ConfigError
+from ..schema import VisionSettings, as_section
 from .efficient import TowerLayout
 from .weights import PKG_PREFIX, check_pkg, resolve_pkg
 
@@ -123,10 +126,11 @@ class VisionTower(nn.Module):
 
     kind = "vision"
 
-    def __init__(self, tower_cfg, image_size: int, load_weights: bool = True):
+    def __init__(self, tower_cfg: VisionSettings | Mapping, image_size: int, load_weights: bool = True):
         super().__init__()
-        self.model_name = timm_model_name(tower_cfg["name"])
-        kwargs = pretrained_kwargs(tower_cfg.get("pretrained")) if load_weights else {"pretrained": False}
+        tower_cfg = as_section(VisionSettings, tower_cfg, "model.vision")
+        self.model_name = timm_model_name(tower_cfg.name)
+        kwargs = pretrained_kwargs(tower_cfg.pretrained) if load_weights else {"pretrained": False}
         try:
             trunk = timm.create_model(self.model_name, num_classes=0, img_size=image_size, **kwargs)
         except TypeError as e:  # convolutional nets take any size and have no img_size argument

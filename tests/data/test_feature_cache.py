@@ -38,8 +38,8 @@ def dataset_and_settings(train_file, views=1, augment=None, cache="auto", on_bad
     data = resolve_data_config({"train_files": [train_file], "cache_locked_features": True, "cache_views": views,
                                 "index_cache": cache, "augment": augment or {}, "on_bad_sample": on_bad_sample})
     model_mean = lit_model().vision
-    transform = build_train_transform(32, model_mean.mean, model_mean.std, data["augment"])
-    table = load_caption_files(data["train_files"], cache=None)
+    transform = build_train_transform(32, model_mean.mean, model_mean.std, data.augment)
+    table = load_caption_files(data.train_files, cache=None)
     return CaptionDataset(table, transform, seed=3, on_bad_sample=on_bad_sample), data
 
 
@@ -259,8 +259,7 @@ def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
              "train.epochs=2", "data.demo={n: 16, eval_n: 8, seed: 0, size: 32}", "eval.every_epochs=0"]
 
     def losses(name, extra):
-        cfg = load_config("demo", [*base, *extra])
-        cfg.output_dir = str(tmp_path / name)
+        cfg = load_config("demo", [*base, *extra, f"output_dir={tmp_path / name}"])
         trainer = Trainer(cfg, str(ds_path))
         calls = {"tower": 0, "decode": 0}
         trainer.model.vision.register_forward_hook(lambda *args: calls.__setitem__("tower", calls["tower"] + 1))

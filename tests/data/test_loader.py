@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lilt_ds.errors import LiltError
 from lilt_ds.data import DataError, build_eval_data, build_train_loader
 
 from .files import MEAN, STD, write_image, write_json
@@ -75,17 +76,18 @@ def test_skip_aborts_during_training_above_the_threshold(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"on_bad_sample": "drop"}, r"data\.on_bad_sample = 'drop'; choose one of"),
-    ({"max_bad_fraction": 2}, r"data\.max_bad_fraction = 2; give a fraction between 0 and 1"),
-    ({"train_file": ["a.json"]}, r"unknown setting\(s\) data\.train_file; data accepts: train_files,"),
-    ({"demo": {"count": 3}}, r"unknown setting\(s\) data\.demo\.count"),
+    ({"on_bad_sample": "drop"}, r"data\.on_bad_sample = 'drop': expected one of error, skip"),
+    ({"max_bad_fraction": 2}, r"data\.max_bad_fraction = 2: expected a number >= 0 and <= 1"),
+    ({"train_file": ["a.json"]}, r"unknown config key 'data\.train_file'.*Closest valid keys: data\.train_files"),
+    ({"demo": {"count": 3}}, r"unknown config key 'data\.demo\.count'"),
     ({"num_workers": -1}, r"data\.num_workers = -1: expected auto or an integer >= 0"),
     ({"augment": {"hflip": "yes"}}, r"data\.augment\.hflip = 'yes': expected true or false"),
     ({"augment": {"randaugment": "rand-m7-x"}}, r"data\.augment\.randaugment = 'rand-m7-x' is not a RandAugment string"),
-    ({"image_root": ["/a"]}, r"data\.image_root = \['/a'\]: expected null, a folder string"),
+    ({"image_root": ["/a"]}, r"data\.image_root = \['/a'\]: expected a folder, \{from: \"/old\", to: \"/new\"\}, or null"),
+    ({"image_root": {"from": "/a"}}, r"data\.image_root = \{'from': '/a'\}: a prefix rewrite needs exactly two"),
 ])
 def test_bad_settings_are_rejected(cfg, message, caption_file, tokenizer):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(LiltError, match=message):
         build({"train_files": [caption_file(4)], **cfg}, tokenizer)
 
 

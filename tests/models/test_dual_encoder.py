@@ -213,7 +213,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     (["model.text.unlock=[top_k]"], r"top_k needs a block count"),
     (["model.text.unlock=[top_k:9]"], r"top_k:9 is out of range: the text tower has 2 blocks"),
     (["mode=clip", "model.text.unlock=[ln]"], r"mode=clip trains the whole text tower"),
-    (["model.text.pooling=max"], r"unknown model.text.pooling 'max'"),
+    (["model.text.pooling=max"], r"model\.text\.pooling = 'max': expected one of cls, mean"),
     (["model.text.adapter_position=branch_input"], r"model\.text\.adapter_position=branch_input: BERT.*use output"),
     (["model.vision.adapter_position=before"], r"model\.vision\.adapter_position.*one of output, branch_input"),
     (["model.vision.patch_dropout=0.95"], r"model\.vision\.patch_dropout = 0\.95: expected a number >= 0 and <= 0\.9"),

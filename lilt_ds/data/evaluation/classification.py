@@ -144,13 +144,13 @@ def build_zeroshot_data(source: str, image_size: int, mean: Sequence[float], std
 
 def check_zeroshot(section) -> None:
     """``eval.classification`` names files that exist and templates with a ``{}``: checked at load time."""
-    if section["data"] is None:
+    if section.data is None:
         return
     for key, exists in (("data", os.path.exists), ("image_root", os.path.isdir), ("classnames", os.path.isfile)):
-        path = section[key]
+        path = getattr(section, key)
         if path is not None and not exists(path):
             raise DataError(f"eval.classification.{key} = {path!r} does not exist: check the path")
-    if not section["data"].endswith(".json") and not os.path.isdir(section["data"]):
-        raise DataError(f"eval.classification.data = {section['data']!r}: expected a folder with one sub-folder "
+    if not section.data.endswith(".json") and not os.path.isdir(section.data):
+        raise DataError(f"eval.classification.data = {section.data!r}: expected a folder with one sub-folder "
                         "per class or a JSON list of {image, label}")
-    load_templates(section["templates"])
+    load_templates(section.templates)

@@ -1,15 +1,19 @@
 """Image transforms: training augmentation by preset (the original LilT recipe, OpenCLIP's, none) with
 every parameter settable, and the evaluation resize; the vision tower's mean/std passed in."""
 
+from __future__ import annotations
+
 import copy
+import dataclasses
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 import torch
 from timm.data.auto_augment import rand_augment_transform
 from torchvision import transforms as T
 
+from ...schema import AugmentSettings, as_section
 from ..errors import DataError
 
 _RANDAUGMENT_SECTION = re.compile(r"(m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d*)?|t[a-z0-9]+")
@@ -31,22 +35,17 @@ AUGMENT_PRESETS: Dict[str, Dict[str, Any]] = {
     "none": {"scale": None, "ratio": None, "interpolation": "bicubic", "hflip": False,
              "randaugment": False, "color_jitter": 0.0, "grayscale": 0.0},
 }
-AUGMENT_KEYS = ("preset",) + tuple(AUGMENT_PRESETS["lilt"])
 INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}
 
 
-def resolve_augment(augment: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The complete augmentation of `data.augment`: its preset's values, replaced by those it sets
-    (null keeps the preset's), each checked; DataError names the key, the value and what it takes."""
-    given = dict(augment or {})
-    unknown = sorted(set(given) - set(AUGMENT_KEYS))
-    if unknown:
-        raise DataError(f"unknown setting(s) {', '.join('data.augment.' + k for k in unknown)}; "
-                        f"data.augment accepts: {', '.join(AUGMENT_KEYS)}.")
-    preset = given.get("preset") or "lilt"
-    if preset not in AUGMENT_PRESETS:
-        raise DataError(f"data.augment.preset = {preset!r}: expected one of {', '.join(AUGMENT_PRESETS)}.")
+def resolve_augment(augment: AugmentSettings | Mapping[str, Any] | None = None, **changes) -> AugmentSettings:
+    """The complete augmentation of `data.augment` (typed, or a mapping of its keys), with `changes`
+    on top: its preset's values, replaced by those it sets (null keeps the preset's), each checked;
+    the error names the key, the value and what it takes."""
+    given = dataclasses.asdict(as_section(AugmentSettings, augment, "data.augment"))
+    given.update(changes)
+    preset = given["preset"]
     out = {"preset": preset, **copy.deepcopy(AUGMENT_PRESETS[preset])}
     out.update({k: v for k, v in given.items() if v is not None and k != "preset"})
     for key in ("scale", "ratio"):
@@ -73,12 +72,12 @@ def resolve_augment(augment: Optional[Mapping[str, Any]] = None) -> Dict[str, An
         raise DataError(f"data.augment.grayscale = {gray!r}: expected the probability (0 to 1) of "
                         "turning an image grey (0: off).")
     out["grayscale"] = float(gray)
-    return out
+    return AugmentSettings(**out)
 
 
 def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                          augment: Optional[Mapping[str, Any]] = None, **changes):
-    """The training transform of `augment` (a `data.augment` mapping; None: the lilt preset), with
+                          augment: AugmentSettings | Mapping[str, Any] | None = None, **changes):
+    """The training transform of `augment` (`data.augment`; None: the lilt preset), with
     `changes` (its keys, e.g. hflip=False) on top: RandomResizedCrop(scale, ratio) or, with preset
     none, a square resize -> [horizontal flip] -> [colour jitter] -> [grayscale] -> [RandAugment]
     -> ToTensor + Normalize(mean, std).
@@ -86,22 +85,22 @@ def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[
     `randaugment` is a timm config string ("rand-m7-n2": magnitude 7, two ops) or false. Unless the
     string picks a timm op set itself (a "-t..." section), the ops are `LILT_RANDAUGMENT_OPS`."""
     _check_size(image_size)
-    aug = resolve_augment({**dict(augment or {}), **changes})
-    interpolation = INTERPOLATIONS[aug["interpolation"]]
-    if aug["scale"] is None and aug["ratio"] is None:
+    aug = resolve_augment(augment, **changes)
+    interpolation = INTERPOLATIONS[aug.interpolation]
+    if aug.scale is None and aug.ratio is None:
         steps = [T.Resize((image_size, image_size), interpolation=interpolation)]
     else:
-        steps = [T.RandomResizedCrop(image_size, scale=aug["scale"] or (0.08, 1.0),
-                                     ratio=aug["ratio"] or (3 / 4, 4 / 3), interpolation=interpolation)]
-    if aug["hflip"]:
+        steps = [T.RandomResizedCrop(image_size, scale=aug.scale or (0.08, 1.0),
+                                     ratio=aug.ratio or (3 / 4, 4 / 3), interpolation=interpolation)]
+    if aug.hflip:
         steps.append(T.RandomHorizontalFlip())
-    if any(aug["color_jitter"]):
-        brightness, contrast, saturation, hue = aug["color_jitter"]
+    if any(aug.color_jitter):
+        brightness, contrast, saturation, hue = aug.color_jitter
         steps.append(T.ColorJitter(brightness, contrast, saturation, hue))
-    if aug["grayscale"] > 0:
-        steps.append(T.RandomGrayscale(aug["grayscale"]))
-    if aug["randaugment"]:
-        steps.append(_randaugment(aug["randaugment"], mean))
+    if aug.grayscale > 0:
+        steps.append(T.RandomGrayscale(aug.grayscale))
+    if aug.randaugment:
+        steps.append(_randaugment(aug.randaugment, mean))
     steps.append(ToNormalizedTensor(mean, std))
     return T.Compose(steps)
 

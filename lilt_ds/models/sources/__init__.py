@@ -60,7 +60,7 @@ def source_module(prefix: str) -> ModuleType:
 
 def init_source(model_cfg) -> tuple[ModuleType, str] | None:
     """(source module, spec) of ``model.init_from``, or None for the towers named in the config."""
-    parsed = parse_init_from(model_cfg.get("init_from"))
+    parsed = parse_init_from(model_cfg.init_from)
     return None if parsed is None else (source_module(parsed[0]), parsed[1])
 
 
@@ -73,8 +73,8 @@ def check_init_from(model_cfg) -> None:
     """Load-time checks of ``model.init_from`` / ``model.init_weights`` (no weights are read)."""
     source = init_source(model_cfg)
     if source is None:
-        if model_cfg.get("init_weights") is not None:
-            raise ConfigError(f"model.init_weights={model_cfg['init_weights']!r} is set without model.init_from: "
+        if model_cfg.init_weights is not None:
+            raise ConfigError(f"model.init_weights={model_cfg.init_weights!r} is set without model.init_from: "
                               "set model.init_from=open_clip:ARCH, or use model.vision.pretrained for a timm tower")
         return
     module, spec = source

@@ -55,8 +55,8 @@ def _config(spec: str):
 
 def check(spec: str, model_cfg) -> None:
     _config(spec)
-    if model_cfg.get("init_weights") is not None:
-        raise ConfigError(f"model.init_weights={model_cfg['init_weights']!r} with model.init_from=hf:{spec}: "
+    if model_cfg.init_weights is not None:
+        raise ConfigError(f"model.init_weights={model_cfg.init_weights!r} with model.init_from=hf:{spec}: "
                           "the folder or hub repository brings its own weights; set model.init_weights=null")
 
 

@@ -139,8 +139,8 @@ def native_size(state: dict) -> int | None:
 
 
 def check(spec: str, model_cfg) -> None:
-    if model_cfg.get("init_weights") is not None:
-        raise ConfigError(f"model.init_weights={model_cfg['init_weights']!r} with model.init_from=lilt:{spec}: the "
+    if model_cfg.init_weights is not None:
+        raise ConfigError(f"model.init_weights={model_cfg.init_weights!r} with model.init_from=lilt:{spec}: the "
                           "checkpoint brings every weight; set model.init_weights=null")
     read_checkpoint(spec)
 

@@ -77,7 +77,7 @@ def model_config(spec: str, download: bool = False) -> dict | None:
 
 def check(spec: str, model_cfg) -> None:
     oc = _open_clip()
-    weights = model_cfg.get("init_weights")
+    weights = model_cfg.init_weights
     if local_dir(spec) is not None or spec.startswith(HF_HUB):
         if local_dir(spec) is not None and not os.path.isdir(local_dir(spec)):
             raise ConfigError(f"model.init_from=open_clip:{spec}: folder {local_dir(spec)} does not exist")
@@ -154,7 +154,7 @@ def _checkpointing(trunk, enable):
 
 def build_pair(spec: str, model_cfg, load_weights: bool = True) -> PairParts:
     oc = _open_clip()
-    weights = model_cfg.get("init_weights") if load_weights else None
+    weights = model_cfg.init_weights if load_weights else None
     if weights is not None and os.path.isfile(os.path.expanduser(weights)):
         weights = os.path.expanduser(weights)
     # device=None: the model stays where torch builds it (the default device, or the meta device of an

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lilt_ds.errors import LiltError
 from lilt_ds.data import (DataError, ResumableDistributedSampler, build_train_loader, find_shards,
                           write_shards)
 from tests.launchers import launcher
@@ -267,7 +268,7 @@ def test_a_shard_shorter_than_listed_is_counted(shards, tokenizer, tmp_path):
 def test_bad_shard_settings_are_rejected(shards, tokenizer, tmp_path, cfg, message):
     shards(n=8, shard_size=4)
     cfg = {k: v.format(dir=tmp_path) if isinstance(v, str) else v for k, v in cfg.items()}
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(LiltError, match=message):
         build(cfg, tokenizer, world_size=2 if cfg.get("num_workers") else 1)
 
 
