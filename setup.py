@@ -29,7 +29,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lilt_ds", "lilt_ds.*"]),
-    package_data={"lilt_ds": ["configs/*.yaml", "configs/*.txt", "data/*.json", "data/*.txt"]},
+    package_data={"lilt_ds": ["configs/*.yaml", "configs/*.txt", "ds_configs/*.json", "data/*.json", "data/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

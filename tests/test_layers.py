@@ -17,7 +17,7 @@ import lilt_ds
 
 PACKAGE_DIR = os.path.dirname(lilt_ds.__file__)
 LAYERS = [
-    ("errors", "fileio", "presets"),
+    ("errors", "fileio", "presets", "ds_configs"),
     ("runtime", "distributed", "allocator", "hostfile"),
     ("models",),
     ("losses", "ops"),

@@ -142,7 +142,7 @@ class ProfileRequest:
 
     config: str = "lilt"
     overrides: list = dataclasses.field(default_factory=list)
-    ds_config: str = "ds_configs/zero2.json"
+    ds_config: str = "zero2"  # a packaged name or a path (lilt_ds.ds_configs.ds_config_path)
     world_size: int | None = None
     micro_batch: int | None = None
     gpu_memory: str | None = None
