@@ -4,7 +4,8 @@ benchmark runner and no mock.
 
 Layers, lowest first (DESIGN.md): the base every layer may use, runtime, models, losses/ops, data,
 the experiment config's loader (it checks every section with the owning layer's own checks),
-engine, train/evaluate, tools. Optional parts looked up by name when asked for (the fused loss's
+engine, train/evaluate, tools, and the commands (cli: they may import all of the package, and nothing
+in it imports them). Optional parts looked up by name when asked for (the fused loss's
 entry in the loss registry, the Triton kernels) are not imports and are not edges here.
 """
 
@@ -26,6 +27,7 @@ LAYERS = [
     ("engine", "optim", "checkpoint", "export", "export_formats", "memory", "run_logging"),
     ("train", "evaluate"),
     ("tools",),
+    ("cli",),
 ]
 RANK = {component: rank for rank, components in enumerate(LAYERS) for component in components}
 
@@ -92,6 +94,12 @@ def test_nothing_imports_upward(graph):
     upward = sorted(f"{module} -> {target}" for module, targets in graph.items() if component(module)
                     for target in targets if component(target) and RANK[component(target)] > RANK[component(module)])
     assert upward == []
+
+
+def test_the_commands_import_the_package_and_nothing_in_it_imports_them(graph):
+    assert {"lilt_ds.train", "lilt_ds.config", "lilt_ds.cli"} <= graph["lilt_ds.cli.pretrain"]  # edges are seen
+    assert sorted(f"{module} -> {target}" for module, targets in graph.items() if component(module) != "cli"
+                  for target in targets if component(target) == "cli") == []
 
 
 def test_no_module_reaches_itself_through_its_imports(graph):

@@ -1,16 +1,15 @@
 """Build (or load from the cache) every fused kernel for this machine's device and say which runs:
 
-    python launch/build_kernels.py
+    lilt-build-kernels
 """
 
 import logging
 
-from _cli import ArgumentParser, run
+from lilt_ds.cli import ArgumentParser, run
 
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--build", action="store_true", help="accepted as in the former python -m lilt_ds.ops --build")
     parser.parse_args(argv)
 
     import torch
@@ -23,6 +22,11 @@ def main(argv=None):
         selection = select(op, device_type)
         print(f"{op} on {device_type}: {selection.kind} -- {selection.description} ({selection.seconds:.1f} s)")
     return 0
+
+
+def entry():
+    """The ``lilt-build-kernels`` console script."""
+    run(main)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Write the built-in demo dataset (coloured shapes with compositional captions) to a folder:
 
-    python launch/make_demo.py --out DIR [--n 5000 --eval_n 500 --seed 0 --size 128]
+    lilt-make-demo --out DIR [--n 5000 --eval_n 500 --seed 0 --size 128]
 """
 
 import json
 
-from _cli import ArgumentParser, run
+from lilt_ds.cli import ArgumentParser, run
 
 
 def main(argv=None):
@@ -23,6 +23,11 @@ def main(argv=None):
     from lilt_ds.data import generate_demo
 
     print(json.dumps(generate_demo(args.out, n=args.n, eval_n=args.eval_n, seed=args.seed, size=args.size), indent=1))
+
+
+def entry():
+    """The ``lilt-make-demo`` console script."""
+    run(main)
 
 
 if __name__ == "__main__":

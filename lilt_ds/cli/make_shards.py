@@ -1,11 +1,11 @@
 """Convert caption JSON files in the original LilT format into tar shards (WebDataset layout):
 
-    python launch/make_shards.py --json train.json [more.json ...] --out DIR --shard-size 10000 [--image-root R]
+    lilt-make-shards --json train.json [more.json ...] --out DIR --shard-size 10000 [--image-root R]
 """
 
 import json
 
-from _cli import ArgumentParser, run
+from lilt_ds.cli import ArgumentParser, run
 
 
 def main(argv=None):
@@ -20,6 +20,11 @@ def main(argv=None):
     from lilt_ds.data import write_shards
 
     print(json.dumps(write_shards(args.json, args.out, args.shard_size, args.image_root, args.skip_missing), indent=1))
+
+
+def entry():
+    """The ``lilt-make-shards`` console script."""
+    run(main)
 
 
 if __name__ == "__main__":

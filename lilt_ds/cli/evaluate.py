@@ -1,13 +1,13 @@
 """Zero-shot retrieval or classification of a checkpoint, an export or the untrained base towers.
 
-    python launch/evaluate.py --checkpoint outputs/run --task retrieval --data eval.json --image_root DIR
-    python launch/evaluate.py --checkpoint run.safetensors --task classification --data imagenet/val --templates imagenet
-    deepspeed --num_gpus 2 launch/evaluate.py ...      (each rank encodes a shard; same numbers)
+    lilt-evaluate --checkpoint outputs/run --task retrieval --data eval.json --image_root DIR
+    lilt-evaluate --checkpoint run.safetensors --task classification --data imagenet/val --templates imagenet
+    deepspeed --num_gpus 2 --module lilt_ds.cli.evaluate ...      (each rank encodes a shard; same numbers)
 """
 
 import argparse
 
-from _cli import ArgumentParser, run
+from lilt_ds.cli import ArgumentParser, run
 
 
 def workers(text: str):
@@ -32,13 +32,19 @@ def main(argv=None):
     parser.add_argument("--workers", default="auto", type=workers,
                         help="DataLoader workers per rank for the images (auto: none on the CPU; on a GPU as "
                              "data.num_workers=auto)")
-    parser.add_argument("--output", default=None, help="JSON file for the metrics (default outputs/eval-<task>-<time>.json)")
+    parser.add_argument("--output", default=None,
+                        help="JSON file for the metrics (default outputs/eval-<task>-<time>.json)")
     args = parser.parse_args(argv)
 
     from lilt_ds.evaluate import run_evaluation
 
     run_evaluation(args.task, args.data, args.checkpoint, args.config, args.overrides, args.image_root,
                    args.classnames, args.templates, args.batch_size, args.workers, args.output)
+
+
+def entry():
+    """The ``lilt-evaluate`` console script."""
+    run(main)
 
 
 if __name__ == "__main__":

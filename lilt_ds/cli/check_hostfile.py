@@ -1,9 +1,9 @@
 """Check a DeepSpeed hostfile before launching (the launch/*.sh scripts run it):
 
-    python launch/check_hostfile.py launch/hostfile.example
+    lilt-check-hostfile launch/hostfile.example
 """
 
-from _cli import ArgumentParser, run
+from lilt_ds.cli import ArgumentParser, run
 
 
 def main(argv=None):
@@ -16,6 +16,11 @@ def main(argv=None):
     hosts = parse_hostfile(args.hostfile)
     print(f"{args.hostfile}: {len(hosts)} node(s), {sum(hosts.values())} process(es): "
           + ", ".join(f"{h} ({n})" for h, n in hosts.items()))
+
+
+def entry():
+    """The ``lilt-check-hostfile`` console script."""
+    run(main)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """What a config trains, counted without loading any weight (works offline for every preset):
 
-    python launch/summary.py --config lilt --overrides vision_encoder=base text_encoder=base
+    lilt-summary --config lilt --overrides vision_encoder=base text_encoder=base
 """
 
-from _cli import ArgumentParser, run
+from lilt_ds.cli import ArgumentParser, run
 
 
 def main(argv=None):
@@ -20,6 +20,11 @@ def main(argv=None):
     print(f"config {args.config}: mode={cfg.mode} vision={cfg.model.vision.name} text={cfg.model.text.name} "
           f"image_size={cfg.model.image_size}")
     print(format_summary(trainable_summary(model)))
+
+
+def entry():
+    """The ``lilt-summary`` console script."""
+    run(main)
 
 
 if __name__ == "__main__":
