@@ -17,7 +17,7 @@ import os
 import torch
 
 from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
-from .errors import ConfigError, moved_command
+from .errors import ConfigError
 from .presets import to_config
 from .fileio import atomic_path
 
@@ -134,7 +134,3 @@ def export_checkpoint(checkpoint: str, out: str, full: bool = False) -> str:
     full_state = {k: v.float().contiguous() for k, v in model.state_dict().items()}
     save_file(full_state, out, metadata={CONFIG_KEY: json.dumps(cfg), "lilt_ds_full": "1"})
     return out
-
-
-if __name__ == "__main__":
-    raise SystemExit(moved_command("launch/export.py"))
