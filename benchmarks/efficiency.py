@@ -47,7 +47,7 @@ def main():
     from lilt_ds.allocator import retain_freed_memory
     from lilt_ds.memory.estimate import profile_activations
     from lilt_ds.runtime import process_group_scope
-    from lilt_ds.tools.throughput import OursStep, benchmark_config, synthetic_batch, time_interleaved
+    from step_runners import OursStep, benchmark_config, synthetic_batch, time_interleaved  # a sibling
 
     retain_freed_memory()  # as our trainer does on the CPU
     ds = os.path.join(ROOT, "ds_configs", "zero2.json")

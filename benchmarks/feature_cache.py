@@ -55,7 +55,7 @@ def main():
 
     from lilt_ds.allocator import retain_freed_memory
     from lilt_ds.runtime import process_group_scope
-    from lilt_ds.tools.throughput import benchmark_config
+    from step_runners import benchmark_config  # a sibling
     from lilt_ds.train import Trainer
 
     retain_freed_memory()  # as our trainer does on the CPU

@@ -8,7 +8,7 @@
 
 For each tower size (``size``/``size``: DeiT and BERT presets, random weights) and mode (clip, lit,
 lilt = LayerNorms + adapters in both towers), one process times full optimizer steps of
-(see lilt_ds/tools/throughput.py for how each is built and where they differ):
+(see benchmarks/step_runners.py for how each is built and where they differ):
 
 - ``zero0`` / ``zero2`` / ``zero3``: our trainer, ``lilt_ds.train.Trainer`` with
   ``ds_configs/zeroN.json`` (bf16), stepped with ``Trainer.optimizer_step``: what a run does per step;
@@ -59,7 +59,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from lilt_ds.tools import throughput as tp  # noqa: E402
+import step_runners as tp  # noqa: E402 (a sibling: the script's folder is first on sys.path)
 from lilt_ds.allocator import ENV as ALLOCATOR_ENV, retain_freed_memory  # noqa: E402
 from lilt_ds.runtime import init_distributed, present_device, process_group_scope  # noqa: E402
 
@@ -252,7 +252,7 @@ def main():
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops per implementation")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="device peak for MFU (default: the GPUs whose exact name lilt_ds.tools.throughput lists)")
+                        help="device peak for MFU (default: the GPUs whose exact name step_runners.py lists)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="for every implementation: bf16 (our ds_config, the peers' autocast) or fp32; auto: "
                              "bf16 where the device runs it natively, as the shipped ds_configs decide")

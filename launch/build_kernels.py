@@ -1,29 +1,6 @@
-"""Build (or load from the cache) every fused kernel for this machine's device and say which runs:
-
-    python launch/build_kernels.py
-"""
-
-import logging
-
-from _cli import ArgumentParser, run
-
-
-def main(argv=None):
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--build", action="store_true", help="accepted as in the former python -m lilt_ds.ops --build")
-    parser.parse_args(argv)
-
-    import torch
-
-    from lilt_ds.ops.builder import OPS, select
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    for op in OPS:
-        selection = select(op, device_type)
-        print(f"{op} on {device_type}: {selection.kind} -- {selection.description} ({selection.seconds:.1f} s)")
-    return 0
-
+"""`python launch/build_kernels.py` = `python -m lilt_ds.cli.build_kernels` (kept for the documented commands)."""
+from lilt_ds.cli import run
+from lilt_ds.cli.build_kernels import main
 
 if __name__ == "__main__":
     run(main)

@@ -1,22 +1,6 @@
-"""Check a DeepSpeed hostfile before launching (the launch/*.sh scripts run it):
-
-    python launch/check_hostfile.py launch/hostfile.example
-"""
-
-from _cli import ArgumentParser, run
-
-
-def main(argv=None):
-    parser = ArgumentParser(description=__doc__)
-    parser.add_argument("hostfile")
-    args = parser.parse_args(argv)
-
-    from lilt_ds.hostfile import parse_hostfile
-
-    hosts = parse_hostfile(args.hostfile)
-    print(f"{args.hostfile}: {len(hosts)} node(s), {sum(hosts.values())} process(es): "
-          + ", ".join(f"{h} ({n})" for h, n in hosts.items()))
-
+"""`python launch/check_hostfile.py` = `python -m lilt_ds.cli.check_hostfile` (kept for the documented commands)."""
+from lilt_ds.cli import run
+from lilt_ds.cli.check_hostfile import main
 
 if __name__ == "__main__":
     run(main)

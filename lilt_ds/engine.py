@@ -21,6 +21,7 @@ from torch import nn
 
 from . import ds_compat
 from .config import check_compile
+from .ds_configs import ds_config_path
 from .errors import ConfigError
 from .models.dual_encoder import MAX_LOGIT_SCALE
 from .optim import build_scheduler, group_options, param_groups
@@ -33,6 +34,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 
 def load_ds_config(path: str) -> dict:
+    path = ds_config_path(path)
     if not path:
         raise ConfigError("no ds_config given: pass --deepspeed_config ds_configs/zero2.json (or another file there)")
     if not os.path.isfile(path):

@@ -11,8 +11,3 @@ class LiltError(Exception):
 
 class ConfigError(LiltError, ValueError):
     """A config the user wrote (preset, file, override, ds_config or argument) that cannot be used as is."""
-
-
-def moved_command(script: str) -> str:
-    """The message of a ``python -m lilt_ds...`` command that now lives in launch/ (for an old habit)."""
-    return f"error: this command is now `python {script}` (the same arguments), run from the checkout"

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ConfigError, moved_command
+from .errors import ConfigError
 from .schema import DataSettings
 from .distributed import world_info
 
@@ -234,7 +234,3 @@ def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: 
             json.dump({"task": task, "checkpoint": checkpoint, "data": data, **metrics}, f, indent=2)
         print(f"{task} on {data} ({checkpoint or 'untrained base towers'}):\n{table}\nwrote {out}", flush=True)
     return metrics
-
-
-if __name__ == "__main__":
-    raise SystemExit(moved_command("launch/evaluate.py"))

@@ -18,7 +18,7 @@ import torch
 
 from .ds_compat import is_zero3
 from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
-from .errors import ConfigError, moved_command
+from .errors import ConfigError
 from .config import config_from_dict
 from .fileio import atomic_path
 
@@ -135,7 +135,3 @@ def export_checkpoint(checkpoint: str, out: str, full: bool = False) -> str:
     full_state = {k: v.float().contiguous() for k, v in model.state_dict().items()}
     save_file(full_state, out, metadata={CONFIG_KEY: json.dumps(cfg), "lilt_ds_full": "1"})
     return out
-
-
-if __name__ == "__main__":
-    raise SystemExit(moved_command("launch/export.py"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ConfigError, moved_command
+from .errors import ConfigError
 
 LINE = re.compile(r"^(\S+)\s+slots=(\d+)\s*(#.*)?$")
 
@@ -40,7 +40,3 @@ def parse_hostfile(path: str) -> dict[str, int]:
     if not hosts:
         raise ConfigError(f"hostfile {path} lists no node: add lines like 'worker-1 slots=4'")
     return hosts
-
-
-if __name__ == "__main__":
-    raise SystemExit(moved_command("launch/check_hostfile.py"))

@@ -34,7 +34,7 @@ SMOKE = {
 }
 # run by tests/test_gpu_check.py, through gpu_check.py's own command lines
 BY_GPU_CHECK = {"gpu_check.py", "efficiency.py", "feature_cache.py"}
-LIBRARIES = {"learning_data.py"}  # imported by a script, no command of its own
+LIBRARIES = {"learning_data.py", "step_runners.py"}  # imported by scripts, no command of their own
 # what each smoke run prints when it got to its end
 ENDS = {"checkpoint_size.py": "| lilt (the preset's unlock sets) |", "data_scale.py": "Index resident for the rank",
         "data_throughput.py": "| 1 |", "learning.py": "| LiT |", "loss_kernels.py": "| lilt ln+adapters | yes |",

@@ -24,7 +24,6 @@ from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
-from ..errors import moved_command
 from .errors import DataError
 from ..fileio import cache_folder
 
@@ -226,7 +225,3 @@ def ensure_demo_data(cache_dir: Optional[str] = None, n: int = 5000, seed: int =
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return paths
-
-
-if __name__ == "__main__":
-    raise SystemExit(moved_command("launch/make_demo.py"))

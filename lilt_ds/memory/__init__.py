@@ -1,6 +1,6 @@
 """Per-rank memory of a training run: estimated before renting GPUs (:mod:`.estimate`), measured
 after (:mod:`.measure`), with the saved-tensor meter both use (:mod:`.saved_tensors`). Tables,
-charts and the ``launch/profile_memory.py`` command live in :mod:`lilt_ds.tools.memory_report`."""
+charts behind the profile_memory command (lilt_ds.cli.profile_memory) live in :mod:`lilt_ds.tools.memory_report`."""
 
 from .estimate import (CATEGORIES, GIB, LABELS, MIB, MODEL_STATES, ActivationProfile, EngineSettings, MemoryEstimate,
                        MemoryModel, ParameterInventory, activation_device, describe_model, format_gib,

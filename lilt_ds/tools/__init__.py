@@ -1,2 +1,2 @@
-"""Outside the core: what measures and reports on training runs rather than running them (the
-throughput harness of benchmarks/throughput.py, the memory reports of launch/profile_memory.py)."""
+"""Outside the core: what reports on training runs rather than running them (the memory reports of the
+profile_memory command). The throughput harness is benchmarks/step_runners.py, outside the package."""

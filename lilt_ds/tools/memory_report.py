@@ -1,5 +1,5 @@
 """Memory reports: the estimate as Markdown, CSV and a PNG chart, the comparison with a measurement,
-and the command behind ``launch/profile_memory.py`` (will a config fit my GPUs?)."""
+and the work of the profile_memory command (lilt_ds.cli.profile_memory: will a config fit my GPUs?)."""
 
 from __future__ import annotations
 
@@ -132,17 +132,17 @@ def write_report(estimates: list[MemoryEstimate], output_dir: str, stem: str, ti
 
 
 # --------------------------------------------------------------------------------------------------
-# The command (launch/profile_memory.py)
+# The command (lilt_ds.cli.profile_memory)
 # --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ProfileRequest:
-    """Arguments of launch/profile_memory.py; ``check()`` rejects bad ones before any slow work."""
+    """Arguments of the profile_memory command; ``check()`` rejects bad ones before any slow work."""
 
     config: str = "lilt"
     overrides: list = dataclasses.field(default_factory=list)
-    ds_config: str = "ds_configs/zero2.json"
+    ds_config: str = "zero2"  # a packaged name or a path (lilt_ds.ds_configs.ds_config_path)
     world_size: int | None = None
     micro_batch: int | None = None
     gpu_memory: str | None = None
@@ -170,7 +170,7 @@ def run_profile(request: ProfileRequest) -> str:
     world_size = request.world_size or launched
     if request.measure and world_size != launched:
         raise ConfigError(f"--measure runs on the {launched} process(es) launched here, not --world-size {world_size}: "
-                          f"start it with `deepspeed --num_gpus {world_size} launch/profile_memory.py ...`")
+                          f"start it with `deepspeed --num_gpus {world_size} --module lilt_ds.cli.profile_memory ...`")
     explicit = ds_raw.get("train_micro_batch_size_per_gpu")
     micro_batch = request.micro_batch or (explicit if isinstance(explicit, int) else cfg.train.micro_batch_size)
     budget = usable_bytes(parse_memory_size(request.gpu_memory), request.headroom) if request.gpu_memory else None

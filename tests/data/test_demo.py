@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lilt_ds.data import DataError, build_retrieval_data, ensure_demo_data, generate_demo, load_caption_files
-from tests.launchers import launcher
+from lilt_ds.cli.make_demo import main as make_demo
 from lilt_ds.data import demo
 
 from .files import MEAN, STD
@@ -65,7 +65,7 @@ def test_count_and_article_wording():
 
 
 def test_command_line(tmp_path, capsys):
-    launcher("make_demo").main(["--out", str(tmp_path), "--n", "3", "--eval-n", "2", "--size", "32"])
+    make_demo(["--out", str(tmp_path), "--n", "3", "--eval-n", "2", "--size", "32"])
     assert json.loads(capsys.readouterr().out)["train"] == str(tmp_path / "train.json")
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 5
 

@@ -7,7 +7,7 @@ import pytest
 
 from lilt_ds.config import load_config
 from lilt_ds.models import build_model, trainable_summary
-from tests.launchers import launcher
+from lilt_ds.cli.summary import main as summary
 from tests.conftest import tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,7 +23,7 @@ def total_percent(output: str) -> float:
     ("lilt", 6.5, 7.5), ("lilt_ln", 0.0, 0.5), ("lilt_bitfit", 0.0, 0.5), ("lit", 50, 60), ("clip", 100, 100),
 ])
 def test_summary_of_base_presets(preset, low, high, capsys):
-    launcher("summary").main(["--config", preset])
+    summary(["--config", preset])
     out = capsys.readouterr().out
     assert "vision=base text=base image_size=256" in out
     assert low <= total_percent(out) <= high

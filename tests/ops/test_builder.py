@@ -56,12 +56,10 @@ def test_unknown_switch_value_is_rejected(fresh_selection):
 
 
 def test_build_command_reports_the_implementation(fresh_selection, capsys):
-    from tests.launchers import launcher
-
-    main = launcher("build_kernels").main
+    from lilt_ds.cli.build_kernels import main
 
     fresh_selection.setenv("LILT_DS_KERNELS", "reference")
-    assert main(["--build"]) == 0
+    assert main([]) == 0
     assert capsys.readouterr().out.startswith("contrastive on cpu: reference -- PyTorch chunked loss")
 
 

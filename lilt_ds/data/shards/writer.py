@@ -20,7 +20,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..index.captions import load_caption_files
-from ...errors import moved_command
 from ..errors import DataError, format_list
 from ..index.image_root import ImageRootSpec
 from ..preprocessing.images import SHARD_IMAGE_KEYS
@@ -95,7 +94,3 @@ def _write_shard(path: str, table, entries: List[int]) -> None:
 def _image_type(path: str) -> Optional[str]:
     extension = os.path.splitext(path)[1].lower().lstrip(".")
     return extension if extension in SHARD_IMAGE_KEYS else None
-
-
-if __name__ == "__main__":
-    raise SystemExit(moved_command("launch/make_shards.py"))

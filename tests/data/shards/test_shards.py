@@ -14,7 +14,7 @@ from PIL import Image
 from lilt_ds.errors import LiltError
 from lilt_ds.data import (DataError, ResumableDistributedSampler, build_train_loader, find_shards,
                           write_shards)
-from tests.launchers import launcher
+from lilt_ds.cli.make_shards import main as make_shards
 from lilt_ds.data.shards.files import scan_tar
 
 from ..files import MEAN, STD, write_image, write_json
@@ -77,7 +77,7 @@ def test_converter_writes_shards_sizes_and_the_pattern(shards, tmp_path, capsys)
         assert tar.extractfile("000000009.jpg").read() == open(tmp_path / "images" / "train.json_9.jpg", "rb").read()
     found = find_shards(pattern)
     assert found.counts == (4, 4, 2) and found.paths[0] == str(folder / "shard-000000.tar")
-    launcher("make_shards").main(["--json", path, "--out", str(tmp_path / "cli"), "--shard-size", "6"])
+    make_shards(["--json", path, "--out", str(tmp_path / "cli"), "--shard-size", "6"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["shards"] == 2 and printed["samples"] == 10
     with tarfile.open(tmp_path / "cli" / "shard-000000.tar") as tar:

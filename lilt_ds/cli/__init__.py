@@ -1,4 +1,6 @@
-"""What every command in launch/ shares: one flag style and one way of reporting a user's mistake.
+"""The commands that ship with the package, one module each (``lilt-<name>`` console scripts,
+``python -m lilt_ds.cli.<name>``, ``deepspeed --module lilt_ds.cli.pretrain``; launch/ keeps a
+wrapper per command), and what they share: one flag style and one way of reporting a user's mistake.
 
 Every long flag works as ``--x_y`` and as ``--x-y`` (DeepSpeed's launcher passes ``--local_rank``,
 users type either). A :class:`lilt_ds.errors.LiltError` (a config key, a file, an argument, a run
@@ -28,6 +30,14 @@ class ArgumentParser(argparse.ArgumentParser):
                 if other not in spellings:
                     spellings.append(other)
         return super().add_argument(*spellings, **kwargs)
+
+    def add_ds_config_argument(self, **kwargs):
+        """``--deepspeed_config``: a packaged name or a path (:func:`lilt_ds.ds_configs.ds_config_path`)."""
+        from lilt_ds.ds_configs import names
+
+        return self.add_argument("--deepspeed_config", default="zero2", **kwargs, help=(
+            "DeepSpeed JSON config (ZeRO stage, precision, offload, buckets): a packaged name "
+            f"({', '.join(names())}) or a path (default zero2)"))
 
 
 def run(main, argv=None) -> None:

@@ -1,8 +1,10 @@
 """One training step, three ways, on the same model: ours, a plain PyTorch loop, and OpenCLIP's.
 
-The harness behind ``benchmarks/throughput.py`` (and its tests). Every implementation takes the
-batch the training loader yields (fp32 images, token ids and attention mask on the host), moves it
-to the device itself and does one full optimizer step:
+The harness behind ``benchmarks/throughput.py``, ``efficiency.py`` and ``feature_cache.py`` (and its
+tests), which import it as a sibling: a script's folder is first on sys.path (pytest's ``pythonpath =
+benchmarks`` does the same for the tests). It is no part of the installed package. Every implementation
+takes the batch the training loader yields (fp32 images, token ids and attention mask on the host), moves
+it to the device itself and does one full optimizer step:
 
 - :class:`OursStep`: :class:`lilt_ds.train.Trainer` built from the experiment config and a
   ds_config file, stepped with ``Trainer.optimizer_step`` (exactly the loop's per-step work:
@@ -31,7 +33,7 @@ to the device itself and does one full optimizer step:
 Ours and the plain loop build the model with ``build_model``, which seeds its random weights from
 the config; OpenCLIP's model gets a copy of them. All three therefore start from the same weights
 and, on the same batch, report the same first loss: exactly in fp32 (and the same loss after one
-step: tests/test_throughput.py), within bf16 rounding in bf16 (DeepSpeed's bf16 keeps bf16 weights
+step: tests/test_step_runners.py), within bf16 rounding in bf16 (DeepSpeed's bf16 keeps bf16 weights
 and runs LayerNorm in bf16; autocast keeps fp32 weights and runs only matrix products in bf16).
 """
 
@@ -52,13 +54,14 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..config import load_config
-from ..data.synthetic import random_batch
-from ..engine import param_groups, torch_linear
-from ..losses import build_loss
-from ..models import LOCKED_TOWERS, build_model, build_tokenizer, trainable_summary
-from ..models.dual_encoder import MAX_LOGIT_SCALE
-from ..presets import Config
+from lilt_ds.config import load_config
+from lilt_ds.data.synthetic import random_batch
+from lilt_ds.engine import torch_linear
+from lilt_ds.losses import build_loss
+from lilt_ds.models import LOCKED_TOWERS, build_model, build_tokenizer, trainable_summary
+from lilt_ds.models.dual_encoder import MAX_LOGIT_SCALE
+from lilt_ds.optim import param_groups
+from lilt_ds.presets import Config
 
 MODES = {"clip": "clip", "lit": "lit", "lilt": "lilt"}  # benchmark mode -> preset (lilt: ln + adapters)
 MODE_LABELS = {"clip": "clip", "lit": "lit", "lilt": "lilt (ln+adapters)"}
@@ -190,7 +193,7 @@ class StepRunner:
 
     def loader(self):
         """The training loader of the config (a fresh one; ``OursStep`` uses its Trainer's)."""
-        from ..data import build_train_loader
+        from lilt_ds.data import build_train_loader
 
         cfg = self.cfg
         tokenizer = build_tokenizer(cfg.model)
@@ -219,7 +222,7 @@ class OursStep(StepRunner):
 
     def __init__(self, cfg, ds_config_path: str, options: StepOptions = StepOptions(), output_dir: str | None = None,
                  prepare_model: Callable[[nn.Module], None] | None = None):
-        from ..train import Trainer, to_device
+        from lilt_ds.train import Trainer, to_device
 
         self.cfg, self.options = copy.deepcopy(cfg), options
         self._tmp = None
@@ -320,9 +323,9 @@ def build_openclip_model(cfg, reference: nn.Module, hf_dir: str, copy_weights: b
     """
     from open_clip.model import CustomTextCLIP
 
-    from ..models.efficient import apply_unlocks
-    from ..models.text import BERT_LAYOUT
-    from ..models.vision import TIMM_TRANSFORMER
+    from lilt_ds.models.efficient import apply_unlocks
+    from lilt_ds.models.text import BERT_LAYOUT
+    from lilt_ds.models.vision import TIMM_TRANSFORMER
 
     vision_cfg = {"timm_model_name": reference.vision.model_name, "timm_model_pretrained": False,
                   "timm_pool": "", "timm_proj": "linear", "timm_proj_bias": True,

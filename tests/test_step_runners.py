@@ -1,5 +1,5 @@
 """The throughput benchmark compares like with like: our trainer, the plain PyTorch loop and OpenCLIP's
-step (lilt_ds/tools/throughput.py) train the same model. Same trainable parameters per mode; in fp32 the same
+step (benchmarks/step_runners.py) train the same model. Same trainable parameters per mode; in fp32 the same
 loss on the same weights and batch, and the same loss again after one optimizer step (same optimizer,
 clipping and schedule); in bf16 the same first loss up to bf16 rounding. No timing is asserted."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from tests.distributed import run_ranks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("clip", "lit", "lilt")
 
 
@@ -20,7 +20,7 @@ def _two_steps(rank, world_size, tmp_dir, modes):
     import torch
 
     from lilt_ds.engine import load_ds_config
-    from lilt_ds.tools import throughput as tp
+    import step_runners as tp
 
     def config(stage, bf16):  # explicit precision: the shipped files say "auto"
         ds = load_ds_config(os.path.join(ROOT, "ds_configs", f"zero{stage}.json"))
@@ -111,7 +111,7 @@ def test_peak_flops_need_the_exact_device_name_else_unknown(monkeypatch, name, p
     """A substring match gave the H100 NVL the SXM's 989 TF and the L40 the L4's figure."""
     import torch
 
-    from lilt_ds.tools import throughput as tp
+    import step_runners as tp
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert tp.peak_flops(torch.device("cuda", 0)) == peak

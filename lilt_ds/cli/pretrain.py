@@ -1,0 +1,38 @@
+"""Train a dual encoder:
+
+    deepspeed --module lilt_ds.cli.pretrain --deepspeed_config zero2 [...]
+    lilt-pretrain [...]      (one process, without the launcher)
+
+With no other argument it trains the `demo` config on the built-in demo data.
+"""
+
+from lilt_ds.cli import ArgumentParser, run
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__, launcher=True)
+    parser.add_argument("--config", default="demo",
+                        help="preset (clip, lit, lilt, lilt_ln, lilt_bitfit, lilt_lora, demo) or a YAML path")
+    parser.add_argument("--overrides", nargs="*", default=[],
+                        help="key=value (dotted or alias) or +key=value to add a key")
+    parser.add_argument("--output_dir", default=None, help="run folder (default outputs/<config>-<time>)")
+    parser.add_argument("--resume", default=None, help="checkpoint folder, or 'latest' for this output_dir's last one")
+    parser.add_ds_config_argument()
+    args = parser.parse_args(argv)
+
+    from lilt_ds.config import load_config
+    from lilt_ds.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    train(cfg, args.deepspeed_config, resume=args.resume)
+
+
+def entry():
+    """The ``lilt-pretrain`` console script."""
+    run(main)
+
+
+if __name__ == "__main__":
+    run(main)
