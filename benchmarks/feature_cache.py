@@ -55,6 +55,7 @@ def main():
 
     from lilt_ds.allocator import retain_freed_memory
     from lilt_ds.runtime import process_group_scope
+    from lilt_ds.schema import replace_keys
     from step_runners import benchmark_config  # a sibling
     from lilt_ds.train import Trainer
 
@@ -70,7 +71,7 @@ def main():
             for name, extra in variants.items():
                 cfg = benchmark_config(args.size, "lit", args.image_size, args.batch, workers=args.workers,
                                        demo=demo, total_steps=10**6, extra=extra)
-                cfg.output_dir = os.path.join(scratch, name)
+                cfg = replace_keys(cfg, {"output_dir": os.path.join(scratch, name)})
                 start = time.perf_counter()
                 trainers[name] = Trainer(cfg, ds, quiet=True)
                 built[name] = time.perf_counter() - start

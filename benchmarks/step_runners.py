@@ -40,7 +40,6 @@ and runs LayerNorm in bf16; autocast keeps fp32 weights and runs only matrix pro
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import os
@@ -61,7 +60,7 @@ from lilt_ds.losses import build_loss
 from lilt_ds.models import LOCKED_TOWERS, build_model, build_tokenizer, trainable_summary
 from lilt_ds.models.dual_encoder import MAX_LOGIT_SCALE
 from lilt_ds.optim import param_groups
-from lilt_ds.presets import Config
+from lilt_ds.schema import ExperimentConfig, replace_keys
 
 MODES = {"clip": "clip", "lit": "lit", "lilt": "lilt"}  # benchmark mode -> preset (lilt: ln + adapters)
 MODE_LABELS = {"clip": "clip", "lit": "lit", "lilt": "lilt (ln+adapters)"}
@@ -103,7 +102,7 @@ class StepOptions:
 
 def benchmark_config(size: str, mode: str, image_size: int = 224, batch: int = 32, *,
                      checkpointing: bool = False, workers: int = 2, demo: dict | None = None,
-                     total_steps: int = 100, extra=()) -> Config:
+                     total_steps: int = 100, extra=()) -> ExperimentConfig:
     """The mode's preset (clip, lit, lilt = ln + adapters) with random ``size``/``size`` towers."""
     overrides = [
         f"vision_encoder={size}", f"text_encoder={size}", "model.vision.pretrained=false",
@@ -224,12 +223,12 @@ class OursStep(StepRunner):
                  prepare_model: Callable[[nn.Module], None] | None = None):
         from lilt_ds.train import Trainer, to_device
 
-        self.cfg, self.options = copy.deepcopy(cfg), options
+        self.options = options
         self._tmp = None
         if output_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lilt_ds-throughput-")
             output_dir = self._tmp.name
-        self.cfg.output_dir = output_dir
+        self.cfg = replace_keys(cfg, {"output_dir": output_dir})
         model = build_model(self.cfg)  # the options go on before DeepSpeed sees the model, as for the peers
         if prepare_model is not None:
             prepare_model(model)
@@ -347,7 +346,7 @@ def build_openclip_model(cfg, reference: nn.Module, hf_dir: str, copy_weights: b
     if cfg.mode == "lilt":  # not an OpenCLIP feature: our unlock items on its trunks
         for kind, trunk, layout in (("vision", model.visual.trunk, TIMM_TRANSFORMER),
                                     ("text", model.text.transformer, BERT_LAYOUT)):
-            tower_cfg = cfg.model[kind]
+            tower_cfg = getattr(cfg.model, kind)
             shim = types.SimpleNamespace(kind=kind, trunk=trunk, layout=layout, model_name=tower_cfg.name)
             names = apply_unlocks(shim, tower_cfg.unlock, tower_cfg, f"model.{kind}.unlock")
             for name, param in trunk.named_parameters():
@@ -542,8 +541,7 @@ def count_step_flops(cfg, batch: int, device: torch.device | None = None, probe_
     from torch.utils.flop_counter import FlopCounterMode
 
     device = device or benchmark_device()
-    cfg = copy.deepcopy(cfg)
-    cfg.model.vision.grad_checkpointing = cfg.model.text.grad_checkpointing = False
+    cfg = replace_keys(cfg, {"model.vision.grad_checkpointing": False, "model.text.grad_checkpointing": False})
     model = build_model(cfg, load_weights=False).to(device)
     probe = {k: v.to(device) for k, v in synthetic_batch(cfg, probe_batch, vocab=model.text.trunk.config.vocab_size).items()}
     loss_fn = build_loss(cfg.loss)

@@ -23,9 +23,8 @@ def main(argv=None):
     from lilt_ds.config import load_config
     from lilt_ds.train import train
 
-    cfg = load_config(args.config, args.overrides)
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
+    output_dir = [f"output_dir={args.output_dir}"] if args.output_dir else []
+    cfg = load_config(args.config, [*args.overrides, *output_dir])
     train(cfg, args.deepspeed_config, resume=args.resume)
 
 
