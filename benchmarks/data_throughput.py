@@ -27,9 +27,17 @@ def load_tokenizer():
 
 
 def images_per_second(data_cfg, tokenizer, size, batch, batches):
-    loader = build_train_loader(data_cfg, tokenizer, image_size=size, mean=CLIP_MEAN,
-                                      std=CLIP_STD, rank=0, world_size=1,
-                                      micro_batch_size=batch, seed=0)
+    loader = build_train_loader(
+        data_cfg,
+        tokenizer,
+        image_size=size,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        rank=0,
+        world_size=1,
+        micro_batch_size=batch,
+        seed=0,
+    )
     iterator = iter(loader)
     next(iterator)
     start = time.perf_counter()
@@ -55,16 +63,22 @@ def main():
     ensure_demo_data(n=demo["n"], seed=demo["seed"], eval_n=demo["eval_n"], size=demo["size"])
     tokenizer = load_tokenizer()
     randaugment = False if args.randaugment.lower() == "none" else args.randaugment
-    print(f"Train pipeline on the demo data ({args.n} images of {args.demo_size} px), resolution "
-          f"{args.size}, RandAugment {randaugment}, batch {args.batch}, {args.batches} timed batches; "
-          f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
-          f"load average {os.getloadavg()[0]:.1f} at start.\n")
+    print(
+        f"Train pipeline on the demo data ({args.n} images of {args.demo_size} px), resolution "
+        f"{args.size}, RandAugment {randaugment}, batch {args.batch}, {args.batches} timed batches; "
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"load average {os.getloadavg()[0]:.1f} at start.\n"
+    )
     print("| DataLoader workers | images/s |")
     print("|---:|---:|")
     for workers in args.workers:
-        cfg = {"demo": demo, "augment": {"randaugment": randaugment}, "num_workers": workers,
-               "persistent_workers": False}
+        cfg = {
+            "demo": demo,
+            "augment": {"randaugment": randaugment},
+            "num_workers": workers,
+            "persistent_workers": False,
+        }
         rate = images_per_second(cfg, tokenizer, args.size, args.batch, args.batches)
         print(f"| {workers} | {rate:.1f} |", flush=True)
 

@@ -44,23 +44,28 @@ def main():
     parser.add_argument("--output", default=os.path.join("outputs", "benchmarks", "efficiency.md"))
     args = parser.parse_args()
 
+    from step_runners import OursStep, benchmark_config, synthetic_batch, time_interleaved  # a sibling
+
     from lilt_ds.allocator import retain_freed_memory
     from lilt_ds.memory.estimate import profile_activations
     from lilt_ds.runtime import process_group_scope
-    from step_runners import OursStep, benchmark_config, synthetic_batch, time_interleaved  # a sibling
 
     retain_freed_memory()  # as our trainer does on the CPU
     ds = os.path.join(ROOT, "ds_configs", "zero2.json")
     variants = {"eager": [], "patch_dropout": [f"model.vision.patch_dropout={args.patch_dropout}"]}
     if not args.skip_compile:
         variants["compiled"] = [f"train.compile={args.compile}"]
-    lines = [f"# our trainer, clip {args.size}/{args.size}, {args.image_size} px, batch {args.batch}, ZeRO-2 "
-             "(precision: the shipped config's choice for this device), "
-             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-             ""]
+    lines = [
+        f"# our trainer, clip {args.size}/{args.size}, {args.image_size} px, batch {args.batch}, ZeRO-2 "
+        "(precision: the shipped config's choice for this device), "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "",
+    ]
     with process_group_scope():
-        cfgs = {name: benchmark_config(args.size, "clip", args.image_size, args.batch, extra=extra)
-                for name, extra in variants.items()}
+        cfgs = {
+            name: benchmark_config(args.size, "clip", args.image_size, args.batch, extra=extra)
+            for name, extra in variants.items()
+        }
         runners, first = {}, {}
         batch = synthetic_batch(cfgs["eager"], args.batch)
         for name, cfg in cfgs.items():
@@ -78,7 +83,9 @@ def main():
             lines.append(f"| {name} | {first[name]:.2f} | failed: {errors[name]} | | |")
             continue
         median = times[name].median
-        lines.append(f"| {name} | {first[name]:.2f} | {median:.3f} | {args.batch / median:.1f} | {base / median:.2f}x |")
+        lines.append(
+            f"| {name} | {first[name]:.2f} | {median:.3f} | {args.batch / median:.1f} | {base / median:.2f}x |"
+        )
 
     dtype = torch.bfloat16  # as the memory estimator measures
 
@@ -89,11 +96,16 @@ def main():
     dropped = [f"model.vision.patch_dropout={args.patch_dropout}"]
     clip, clip_pd, text_only = per_sample("clip"), per_sample("clip", dropped), per_sample("lit")
     vision, vision_pd = clip - text_only, clip_pd - text_only
-    mib = 2 ** 20
-    lines += ["", f"saved activations per sample ({dtype}, probe batch 2):", "",
-              "| | no dropout | patch dropout | ratio |", "|---|---:|---:|---:|",
-              f"| clip model | {clip / mib:.2f} MiB | {clip_pd / mib:.2f} MiB | {clip_pd / clip:.2f}x |",
-              f"| vision tower | {vision / mib:.2f} MiB | {vision_pd / mib:.2f} MiB | {vision_pd / vision:.2f}x |"]
+    mib = 2**20
+    lines += [
+        "",
+        f"saved activations per sample ({dtype}, probe batch 2):",
+        "",
+        "| | no dropout | patch dropout | ratio |",
+        "|---|---:|---:|---:|",
+        f"| clip model | {clip / mib:.2f} MiB | {clip_pd / mib:.2f} MiB | {clip_pd / clip:.2f}x |",
+        f"| vision tower | {vision / mib:.2f} MiB | {vision_pd / mib:.2f} MiB | {vision_pd / vision:.2f}x |",
+    ]
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)

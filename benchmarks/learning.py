@@ -26,12 +26,19 @@ from learning_data import ensure_learning_data  # a sibling: the script's folder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (row, what trains, overrides): one recipe, only the mode and the unlock sets differ
 RUNS = [
-    ("projections only", "2 projections + temperature", ["mode=lilt", "model.vision.unlock=[]", "model.text.unlock=[]"]),
+    (
+        "projections only",
+        "2 projections + temperature",
+        ["mode=lilt", "model.vision.unlock=[]", "model.text.unlock=[]"],
+    ),
     ("LiT", "text tower (image tower locked)", ["mode=lit", "model.vision.unlock=[]", "model.text.unlock=[]"]),
     ("LilT ln", "LayerNorm/BatchNorm affine", ["mode=lilt", "model.vision.unlock=[ln]", "model.text.unlock=[ln]"]),
     ("LilT bitfit", "biases", ["mode=lilt", "model.vision.unlock=[bitfit]", "model.text.unlock=[bitfit]"]),
-    ("LilT ln + adapters", "norms; text adapters", ["mode=lilt", "model.vision.unlock=[ln]",
-                                                     "model.text.unlock=[ln,adapters]"]),
+    (
+        "LilT ln + adapters",
+        "norms; text adapters",
+        ["mode=lilt", "model.vision.unlock=[ln]", "model.text.unlock=[ln,adapters]"],
+    ),
     ("LilT LoRA", "image norms; text LoRA r=8", ["mode=lilt", "model.vision.unlock=[ln]", "model.text.unlock=[lora]"]),
     ("CLIP", "everything", ["mode=clip", "model.vision.unlock=[]", "model.text.unlock=[]"]),
 ]
@@ -39,12 +46,24 @@ AUGMENT_ROWS = [("projections only, augment lilt", "lilt"), ("projections only, 
 
 
 def recipe(args, data, seed: int, out: str) -> list:
-    return [f"data.train_files=[{data['train']}]", f"data.eval_file={data['eval']}",
-            f"data.eval_image_root={data['image_root']}", "data.augment.preset=none", "data.num_workers=1",
-            f"model.image_size={args.size}", f"train.epochs={args.epochs}", f"train.micro_batch_size={args.batch}",
-            f"train.lr={args.lr}", f"train.min_lr={args.lr / 10}", f"train.warmup_steps={args.warmup}",
-            "train.log_every=1000", f"eval.every_epochs={args.epochs}", f"seed={seed}", f"output_dir={out}",
-            "checkpoint.save_last_only=true"]
+    return [
+        f"data.train_files=[{data['train']}]",
+        f"data.eval_file={data['eval']}",
+        f"data.eval_image_root={data['image_root']}",
+        "data.augment.preset=none",
+        "data.num_workers=1",
+        f"model.image_size={args.size}",
+        f"train.epochs={args.epochs}",
+        f"train.micro_batch_size={args.batch}",
+        f"train.lr={args.lr}",
+        f"train.min_lr={args.lr / 10}",
+        f"train.warmup_steps={args.warmup}",
+        "train.log_every=1000",
+        f"eval.every_epochs={args.epochs}",
+        f"seed={seed}",
+        f"output_dir={out}",
+        "checkpoint.save_last_only=true",
+    ]
 
 
 def fp32_ds_config(folder: str) -> str:
@@ -84,18 +103,24 @@ def plain_reference(args, data, seed: int) -> tuple[dict, float]:
     cfg = load_config("demo", recipe(args, data, seed, "unused") + RUNS[0][2])
     towers = build_model(cfg).eval()  # the same frozen towers; everything below is plain PyTorch
     tokenizer = build_tokenizer(cfg.model)
-    transform = T.Compose([T.Resize((args.size, args.size), interpolation=T.InterpolationMode.BICUBIC),
-                           T.ToTensor(), T.Normalize(towers.vision.mean, towers.vision.std)])
+    transform = T.Compose(
+        [
+            T.Resize((args.size, args.size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(towers.vision.mean, towers.vision.std),
+        ]
+    )
 
     @torch.no_grad()
     def features(entries, root):
         images, texts = [], []
         for i in range(0, len(entries), 64):
-            chunk = entries[i:i + 64]
+            chunk = entries[i : i + 64]
             pixels = torch.stack([transform(Image.open(os.path.join(root, e["image"])).convert("RGB")) for e in chunk])
             images.append(towers.vision(pixels))
-            captions = [pre_caption(e["caption"] if isinstance(e["caption"], str) else e["caption"][0], 30)
-                        for e in chunk]
+            captions = [
+                pre_caption(e["caption"] if isinstance(e["caption"], str) else e["caption"][0], 30) for e in chunk
+            ]
             tokens = tokenizer(captions, padding="longest", truncation=True, max_length=30, return_tensors="pt")
             texts.append(towers.text(tokens["input_ids"], tokens["attention_mask"]))
         return torch.cat(images), torch.cat(texts)
@@ -111,22 +136,30 @@ def plain_reference(args, data, seed: int) -> tuple[dict, float]:
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = [*vision_proj.parameters(), *text_proj.parameters(), logit_scale]
     decay = [vision_proj.weight, text_proj.weight]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                                   {"params": [p for p in params if all(p is not d for d in decay)], "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.train.weight_decay},
+            {"params": [p for p in params if all(p is not d for d in decay)], "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     steps_per_epoch = len(train_entries) // args.batch
     total, warmup, floor = args.epochs * steps_per_epoch, args.warmup, 0.1
 
     def ratio(step):  # DeepSpeed's WarmupCosineLR, linear warmup
         if step < warmup:
             return floor + (1 - floor) * step / warmup
-        return floor + (1 - floor) * (1 + math.cos(math.pi * min(1.0, (step - warmup + 1) / max(1, total - warmup)))) / 2
+        return (
+            floor + (1 - floor) * (1 + math.cos(math.pi * min(1.0, (step - warmup + 1) / max(1, total - warmup)))) / 2
+        )
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, ratio)
     for _ in range(args.epochs):
         order = torch.randperm(len(train_entries))
         for b in range(steps_per_epoch):
-            rows = order[b * args.batch:(b + 1) * args.batch]
+            rows = order[b * args.batch : (b + 1) * args.batch]
             image = F.normalize(vision_proj(train_img[rows]), dim=-1)
             text = F.normalize(text_proj(train_txt[rows]), dim=-1)
             logits = logit_scale.exp() * image @ text.T
@@ -167,8 +200,10 @@ def main():
     began = time.perf_counter()
     data = ensure_learning_data(args.size, args.eval_n)
     ds_path = fp32_ds_config(args.out)
-    head = ("| run | trains | i->t R@1 | R@5 | R@10 | t->i R@1 | R@5 | R@10 | time |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = (
+        "| run | trains | i->t R@1 | R@5 | R@10 | t->i R@1 | R@5 | R@10 | time |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     lines, records = [], []
     for seed in args.seeds:
         metrics, seconds = plain_reference(args, data, seed)
@@ -177,18 +212,24 @@ def main():
         metrics, seconds = ours(args, data, ds_path, RUNS[0][2], seed, os.path.join(args.out, f"projections-{seed}"))
         lines.append(row(f"projections only, seed {seed}", RUNS[0][1], metrics, seconds))
         records.append({"run": RUNS[0][0], "seed": seed, "seconds": seconds, **metrics})
-    runs = RUNS[1:] + [(name, RUNS[0][1], RUNS[0][2] + [f"data.augment.preset={preset}"]) for name, preset in AUGMENT_ROWS]
+    runs = RUNS[1:] + [
+        (name, RUNS[0][1], RUNS[0][2] + [f"data.augment.preset={preset}"]) for name, preset in AUGMENT_ROWS
+    ]
     for name, trains, overrides in runs:
         if args.only and name not in args.only:
             continue
         seed = args.seeds[0]
-        metrics, seconds = ours(args, data, ds_path, overrides, seed,
-                                os.path.join(args.out, name.replace(" ", "_").replace(",", "")))
+        metrics, seconds = ours(
+            args, data, ds_path, overrides, seed, os.path.join(args.out, name.replace(" ", "_").replace(",", ""))
+        )
         lines.append(row(name, trains, metrics, seconds))
         records.append({"run": name, "seed": seed, "seconds": seconds, **metrics})
     table = "\n".join([head, *lines])
-    summary = (f"{data['pairs']} training and {data['held_out']} held-out pairs (Tux Paint stamps), {args.size} px, "
-               f"{args.epochs} epochs of batch {args.batch}, lr {args.lr:g}; whole benchmark {time.perf_counter() - began:.0f} s")
+    summary = (
+        f"{data['pairs']} training and {data['held_out']} held-out pairs (Tux Paint stamps), {args.size} px, "
+        f"{args.epochs} epochs of batch {args.batch}, lr {args.lr:g}; "
+        f"whole benchmark {time.perf_counter() - began:.0f} s"
+    )
     print("\n" + summary + "\n\n" + table, flush=True)
     with open(os.path.join(args.out, "learning.md"), "w") as f:
         f.write(summary + "\n\n" + table + "\n")

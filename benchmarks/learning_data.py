@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Dict, List, Tuple
 
 from PIL import Image
 
@@ -55,14 +54,16 @@ def stamps_folder() -> str:
         os.rename(os.path.join(scratch, "root"), target)
     except (OSError, subprocess.CalledProcessError, ValueError) as err:
         detail = getattr(err, "stderr", "") or err
-        raise SystemExit(f"error: could not fetch the Debian package {PACKAGE} ({detail}); install it "
-                         f"(apt-get install {PACKAGE}) or set TUXPAINT_STAMPS to its stamps folder") from None
+        raise SystemExit(
+            f"error: could not fetch the Debian package {PACKAGE} ({detail}); install it "
+            f"(apt-get install {PACKAGE}) or set TUXPAINT_STAMPS to its stamps folder"
+        ) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return stamps
 
 
-def captioned_stamps(folder: str) -> List[Tuple[str, str]]:
+def captioned_stamps(folder: str) -> list[tuple[str, str]]:
     """(png path, caption) for every stamp with an English caption, one per distinct caption, sorted by path."""
     pairs, seen = [], set()
     for png in sorted(glob.glob(os.path.join(folder, "**", "*.png"), recursive=True)):
@@ -89,13 +90,13 @@ def on_white(path: str, size: int) -> Image.Image:
     return canvas.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
-def held_out_paths(paths: List[str], folder: str, eval_n: int) -> set:
+def held_out_paths(paths: list[str], folder: str, eval_n: int) -> set:
     """The eval_n stamps whose path inside the package hashes lowest: a split fixed by the package alone."""
     digest = lambda path: hashlib.sha1(os.path.relpath(path, folder).encode()).hexdigest()
     return set(sorted(paths, key=digest)[:eval_n])
 
 
-def ensure_learning_data(size: int = 224, eval_n: int = 200, folder: str | None = None) -> Dict[str, str]:
+def ensure_learning_data(size: int = 224, eval_n: int = 200, folder: str | None = None) -> dict[str, str]:
     """The prepared set, written on first use: {"train", "eval", "image_root", "pairs", "held_out"}."""
     out = os.path.join(cache_folder(), f"tuxpaint-{size}px-eval{eval_n}")
     paths = {"train": os.path.join(out, "train.json"), "eval": os.path.join(out, "eval.json"), "image_root": out}

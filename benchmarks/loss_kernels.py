@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 import loss_memory  # a sibling: the script's folder is first on sys.path
+import torch
+from loss_memory import LiveTensorPeak, format_bytes, forward_backward, parse_size
+
 from lilt_ds.memory import SavedTensorMeter
 from lilt_ds.models import apply_frozen_recompute
 from lilt_ds.ops import FusedContrastiveLoss
-from loss_memory import LiveTensorPeak, format_bytes, forward_backward, parse_size
 
 WORLD, DIM, CHUNK = 8, 256, 1024
 
@@ -48,8 +48,10 @@ def measure_loss(mode: str, n: int) -> tuple[int, float]:
 
 
 def loss_table(sizes: list[int], skip_local_above: int) -> None:
-    print(f"## contrastive loss, one rank of W={WORLD}: B=N/{WORLD} local rows vs N gathered, d={DIM}, fp32, "
-          f"cpu, {torch.get_num_threads()} threads")
+    print(
+        f"## contrastive loss, one rank of W={WORLD}: B=N/{WORLD} local rows vs N gathered, d={DIM}, fp32, "
+        f"cpu, {torch.get_num_threads()} threads"
+    )
     print("| N | B | mode | peak memory | % of local | time (s) | x local time |")
     print("|---|---|---|---|---|---|---|")
     for n in sizes:
@@ -60,8 +62,11 @@ def loss_table(sizes: list[int], skip_local_above: int) -> None:
                 continue
             peak, seconds = measure_loss(mode, n)
             base = base or (peak, seconds)
-            print(f"| {n} | {n // WORLD} | {mode} | {format_bytes(peak)} | {100 * peak / base[0]:.1f}% | "
-                  f"{seconds:.2f} | {seconds / base[1]:.2f}x |", flush=True)
+            print(
+                f"| {n} | {n // WORLD} | {mode} | {format_bytes(peak)} | {100 * peak / base[0]:.1f}% | "
+                f"{seconds:.2f} | {seconds / base[1]:.2f}x |",
+                flush=True,
+            )
 
 
 def saved_activation_bytes(model, batch) -> int:
@@ -88,25 +93,41 @@ def activation_table(size: str = "base", batch_size: int = 2, image_size: int = 
     from lilt_ds.config import load_config
     from lilt_ds.models import build_model
 
-    common = [f"vision_encoder={size}", f"text_encoder={size}", "model.vision.pretrained=false",
-              "model.text.pretrained=false", f"image_size={image_size}"]
-    batch = (torch.randn(batch_size, 3, image_size, image_size), torch.randint(0, 1000, (batch_size, text_len)),
-             torch.ones(batch_size, text_len, dtype=torch.long))
-    print(f"\n## saved activations per sample: {size}/{size}, random init, fp32, batch {batch_size}, {image_size} px, "
-          f"{text_len} tokens")
+    common = [
+        f"vision_encoder={size}",
+        f"text_encoder={size}",
+        "model.vision.pretrained=false",
+        "model.text.pretrained=false",
+        f"image_size={image_size}",
+    ]
+    batch = (
+        torch.randn(batch_size, 3, image_size, image_size),
+        torch.randint(0, 1000, (batch_size, text_len)),
+        torch.ones(batch_size, text_len, dtype=torch.long),
+    )
+    print(
+        f"\n## saved activations per sample: {size}/{size}, random init, fp32, batch {batch_size}, {image_size} px, "
+        f"{text_len} tokens"
+    )
     print("| model | recompute | patched | saved per sample | x clip | fwd+bwd (s) | x clip time |")
     print("|---|---|---|---|---|---|---|")
     clip_bytes = clip_time = None
-    for name, preset, recompute in (("clip", "clip", False), ("lilt ln+adapters", "lilt", False),
-                                    ("lilt ln+adapters", "lilt", True)):
+    for name, preset, recompute in (
+        ("clip", "clip", False),
+        ("lilt ln+adapters", "lilt", False),
+        ("lilt ln+adapters", "lilt", True),
+    ):
         extra = [] if preset == "clip" else ["model.vision.unlock=[ln,adapters]", "model.text.unlock=[ln,adapters]"]
         model = build_model(load_config(preset, common + extra), load_weights=False)
         patched = apply_frozen_recompute(model) if recompute else 0
         per_sample = saved_activation_bytes(model, batch) / batch_size
         seconds = step_seconds(model, batch)
         clip_bytes, clip_time = clip_bytes or per_sample, clip_time or seconds
-        print(f"| {name} | {'yes' if recompute else 'no'} | {patched} | {format_bytes(per_sample)} | "
-              f"{per_sample / clip_bytes:.2f}x | {seconds:.2f} | {seconds / clip_time:.2f}x |", flush=True)
+        print(
+            f"| {name} | {'yes' if recompute else 'no'} | {patched} | {format_bytes(per_sample)} | "
+            f"{per_sample / clip_bytes:.2f}x | {seconds:.2f} | {seconds / clip_time:.2f}x |",
+            flush=True,
+        )
         del model
 
 

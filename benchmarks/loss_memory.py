@@ -138,8 +138,12 @@ def forward_backward(mode: str, n: int, world: int, dim: int, chunk: int, device
         return F.normalize(torch.randn(rows, dim, device=device), dim=1).requires_grad_()
 
     batch = GatheredBatch(
-        local_img=unit_rows(b), local_txt=unit_rows(b), all_img=unit_rows(n), all_txt=unit_rows(n),
-        offset=0, world_size=world,
+        local_img=unit_rows(b),
+        local_txt=unit_rows(b),
+        all_img=unit_rows(n),
+        all_txt=unit_rows(n),
+        offset=0,
+        world_size=world,
     )
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True) if mode.startswith("siglip") else None
@@ -198,15 +202,23 @@ def main() -> None:
     for mode in MODES:  # one-time initialisation (thread pools, kernels) stays out of the numbers
         measure(mode, 256, 2, args.dim, args.chunk_size, args.device)
 
-    print(f"# Contrastive loss, forward+backward of ONE rank, fp32, d={args.dim}, device={args.device}, "
-          f"chunk_size={args.chunk_size}")
-    print(f"# W={args.world} ranks simulated in one process: B=N/W local rows against N gathered rows; "
-          "no communication, all-gather buffers not counted")
-    print("# peak memory = peak bytes of live tensors created by the loss (TorchDispatchMode tracking of every "
-          "op's new outputs: saved activations, temporaries, feature gradients; kernel-internal scratch not "
-          "seen); % = of local mode's")
-    print(f"# time = wall clock of the same forward+backward (includes the ~0.1 ms/op tracking hook), "
-          f"{torch.get_num_threads()} threads; skipped = estimated above --mem-cap-gib {args.mem_cap_gib:g}")
+    print(
+        f"# Contrastive loss, forward+backward of ONE rank, fp32, d={args.dim}, device={args.device}, "
+        f"chunk_size={args.chunk_size}"
+    )
+    print(
+        f"# W={args.world} ranks simulated in one process: B=N/W local rows against N gathered rows; "
+        "no communication, all-gather buffers not counted"
+    )
+    print(
+        "# peak memory = peak bytes of live tensors created by the loss (TorchDispatchMode tracking of every "
+        "op's new outputs: saved activations, temporaries, feature gradients; kernel-internal scratch not "
+        "seen); % = of local mode's"
+    )
+    print(
+        f"# time = wall clock of the same forward+backward (includes the ~0.1 ms/op tracking hook), "
+        f"{torch.get_num_threads()} threads; skipped = estimated above --mem-cap-gib {args.mem_cap_gib:g}"
+    )
     print()
     allocator_column = " CUDA allocator peak |" if args.device == "cuda" else ""
     print(f"| N | mode | B (local rows) | peak memory | % of local (sigmoid: of siglip) |{allocator_column} time (s) |")
@@ -226,8 +238,9 @@ def main() -> None:
             base = peaks.get(BASELINE[mode])
             share = f"{100 * tensor_peak / base:.1f}%" if base else ""
             allocator = f" {format_bytes(allocator_peak)} |" if allocator_column else ""
-            print(f"| {n} | {mode} | {b} | {format_bytes(tensor_peak)} | {share} |{allocator} {seconds:.2f} |",
-                  flush=True)
+            print(
+                f"| {n} | {mode} | {b} | {format_bytes(tensor_peak)} | {share} |{allocator} {seconds:.2f} |", flush=True
+            )
 
 
 if __name__ == "__main__":

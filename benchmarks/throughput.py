@@ -25,7 +25,8 @@ each round after round, so a shared machine that speeds up or slows down shifts 
 data loading" then times ``--loader-impls`` one after the other on the built-in demo images through
 the training loader (decode, RandomResizedCrop, RandAugment, tokenisation, ``--workers`` DataLoader
 workers); the loader's share is the part of those steps spent waiting for the batch (the workers
-also take CPU from the step itself on a small machine: compare the samples/s). Ratios: "x our clip" divides by our ZeRO-2 clip of the
+also take CPU from the step itself on a small machine: compare the samples/s). Ratios: "x our clip" divides by our
+ZeRO-2 clip of the
 same size (for lit and lilt, one more runner of it steps in the same rounds), "x plain" and
 "x OpenCLIP" by that implementation in the same mode. Model FLOPs of a step
 are counted with ``torch.utils.flop_counter.FlopCounterMode``; on a GPU of known peak (or with
@@ -57,17 +58,24 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from local configs
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import step_runners as tp  # noqa: E402 (a sibling: the script's folder is first on sys.path)
 import torch  # noqa: E402
 
-import step_runners as tp  # noqa: E402 (a sibling: the script's folder is first on sys.path)
-from lilt_ds.allocator import ENV as ALLOCATOR_ENV, retain_freed_memory  # noqa: E402
+from lilt_ds.allocator import ENV as ALLOCATOR_ENV  # noqa: E402
+from lilt_ds.allocator import retain_freed_memory
 from lilt_ds.runtime import init_distributed, present_device, process_group_scope  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = ("zero0", "zero1", "zero2", "zero3")
 CLIP_REFERENCE = "our clip beside"  # our ZeRO-2 clip, stepped with the lit and lilt runners
-LABELS = {"zero0": "ours ZeRO-0", "zero1": "ours ZeRO-1", "zero2": "ours ZeRO-2", "zero3": "ours ZeRO-3",
-          "plain": "plain PyTorch (DDP, autocast)", "openclip": "OpenCLIP"}
+LABELS = {
+    "zero0": "ours ZeRO-0",
+    "zero1": "ours ZeRO-1",
+    "zero2": "ours ZeRO-2",
+    "zero3": "ours ZeRO-3",
+    "plain": "plain PyTorch (DDP, autocast)",
+    "openclip": "OpenCLIP",
+}
 
 
 def ds_config_with_precision(impl: str, bf16: bool, folder: str) -> str:
@@ -131,8 +139,9 @@ def measure_mode(cfg, options, args, synthetic, clip_cfg=None):
             loader = runner.loader()
             batches = tp.loader_batches(loader)
             try:
-                rows[impl]["loaded"] = tp.time_steps(runner, batches, args.warmup, args.steps,
-                                                     prepare=lambda b: tp.host_batch(b, options))
+                rows[impl]["loaded"] = tp.time_steps(
+                    runner, batches, args.warmup, args.steps, prepare=lambda b: tp.host_batch(b, options)
+                )
             except Exception as e:  # noqa: BLE001
                 rows[impl]["loader_error"] = error_text(e)
             finally:
@@ -166,11 +175,22 @@ def size_section(size, rows_by_mode, clip_refs, flops, args, world, peak) -> lis
         for r in rows:
             if "error" in r:
                 continue
-            out.append(f"| {tp.MODE_LABELS[mode]} | {LABELS[r['impl']]} | {r['params']:,} | {r['trainable']:,} | "
-                       f"{r['synthetic'].first_loss:.4f} |")
+            out.append(
+                f"| {tp.MODE_LABELS[mode]} | {LABELS[r['impl']]} | {r['params']:,} | {r['trainable']:,} | "
+                f"{r['synthetic'].first_loss:.4f} |"
+            )
     out.append("")
-    header = ["mode", "implementation", "step s", "samples/s", "per device", "x our clip", "x plain",
-              "x OpenCLIP", "model TFLOP/s"] + (["MFU"] if peak else [])
+    header = [
+        "mode",
+        "implementation",
+        "step s",
+        "samples/s",
+        "per device",
+        "x our clip",
+        "x plain",
+        "x OpenCLIP",
+        "model TFLOP/s",
+    ] + (["MFU"] if peak else [])
     out += ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
     for mode, rows in rows_by_mode.items():
         by_impl = {r["impl"]: r for r in rows if "synthetic" in r}
@@ -178,31 +198,49 @@ def size_section(size, rows_by_mode, clip_refs, flops, args, world, peak) -> lis
         rate = {k: r["synthetic"].samples_per_s(args.batch) for k, r in by_impl.items()}
         for r in rows:
             if "error" in r:
-                out.append(f"| {tp.MODE_LABELS[mode]} | {LABELS[r['impl']]} | failed: {r['error']} |" + " |" * (len(header) - 3))
+                out.append(
+                    f"| {tp.MODE_LABELS[mode]} | {LABELS[r['impl']]} | failed: {r['error']} |"
+                    + " |" * (len(header) - 3)
+                )
                 continue
             t = r["synthetic"]
             sps = t.samples_per_s(args.batch)
             achieved = flops[mode] / t.median if flops.get(mode) else None
-            cells = [tp.MODE_LABELS[mode], LABELS[r["impl"]], f"{t.median:.3f}", f"{sps:.1f}", f"{sps / world:.1f}",
-                     ratio(sps, ref_clip_rate), ratio(sps, rate.get("plain")), ratio(sps, rate.get("openclip")),
-                     fmt(achieved / 1e12 if achieved else None, ".3f")]
+            cells = [
+                tp.MODE_LABELS[mode],
+                LABELS[r["impl"]],
+                f"{t.median:.3f}",
+                f"{sps:.1f}",
+                f"{sps / world:.1f}",
+                ratio(sps, ref_clip_rate),
+                ratio(sps, rate.get("plain")),
+                ratio(sps, rate.get("openclip")),
+                fmt(achieved / 1e12 if achieved else None, ".3f"),
+            ]
             if peak:
                 cells.append(f"{achieved / peak:.1%}" if achieved else "")
             out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    loader_rows = [(mode, r) for mode, rows in rows_by_mode.items() for r in rows if "loaded" in r or "loader_error" in r]
+    loader_rows = [
+        (mode, r) for mode, rows in rows_by_mode.items() for r in rows if "loaded" in r or "loader_error" in r
+    ]
     if loader_rows:
-        out += [f"Fed by the training loader ({args.workers} DataLoader workers on the demo images), each "
-                "implementation alone after the rounds above:", "",
-                "| mode | implementation | samples/s with data loading | synthetic (above) | step waiting for its batch |",
-                "|---|---|---:|---:|---:|"]
+        out += [
+            f"Fed by the training loader ({args.workers} DataLoader workers on the demo images), each "
+            "implementation alone after the rounds above:",
+            "",
+            "| mode | implementation | samples/s with data loading | synthetic (above) | step waiting for its batch |",
+            "|---|---|---:|---:|---:|",
+        ]
         for mode, r in loader_rows:
             if "loader_error" in r:
                 out.append(f"| {tp.MODE_LABELS[mode]} | {LABELS[r['impl']]} | failed: {r['loader_error']} | | |")
                 continue
             loaded = r["loaded"]
-            out.append(f"| {tp.MODE_LABELS[mode]} | {LABELS[r['impl']]} | {loaded.samples_per_s(args.batch):.1f} | "
-                       f"{r['synthetic'].samples_per_s(args.batch):.1f} | {loaded.wait_share:.0%} |")
+            out.append(
+                f"| {tp.MODE_LABELS[mode]} | {LABELS[r['impl']]} | {loaded.samples_per_s(args.batch):.1f} | "
+                f"{r['synthetic'].samples_per_s(args.batch):.1f} | {loaded.wait_share:.0%} |"
+            )
         out.append("")
     return out
 
@@ -216,12 +254,14 @@ def targets_section(size, rows_by_mode, clip_refs, args) -> list[str]:
         return clip_refs[mode].samples_per_s(args.batch) if clip_refs.get(mode) else None
 
     clip = rate("clip", "zero2")
-    checks = [("our clip (ZeRO-2) >= 0.95x plain PyTorch", clip, rate("clip", "plain"), 0.95),
-              ("our clip (ZeRO-0) >= 0.95x plain PyTorch", rate("clip", "zero0"), rate("clip", "plain"), 0.95),
-              ("our clip (ZeRO-2) >= 1.0x OpenCLIP", clip, rate("clip", "openclip"), 1.0),
-              ("our clip (ZeRO-0) >= 1.0x OpenCLIP", rate("clip", "zero0"), rate("clip", "openclip"), 1.0),
-              ("our lilt (ln+adapters) >= 1.3x our clip (ZeRO-2)", rate("lilt", "zero2"), clip_beside("lilt"), 1.3),
-              ("our lit >= 2x our clip (ZeRO-2)", rate("lit", "zero2"), clip_beside("lit"), 2.0)]
+    checks = [
+        ("our clip (ZeRO-2) >= 0.95x plain PyTorch", clip, rate("clip", "plain"), 0.95),
+        ("our clip (ZeRO-0) >= 0.95x plain PyTorch", rate("clip", "zero0"), rate("clip", "plain"), 0.95),
+        ("our clip (ZeRO-2) >= 1.0x OpenCLIP", clip, rate("clip", "openclip"), 1.0),
+        ("our clip (ZeRO-0) >= 1.0x OpenCLIP", rate("clip", "zero0"), rate("clip", "openclip"), 1.0),
+        ("our lilt (ln+adapters) >= 1.3x our clip (ZeRO-2)", rate("lilt", "zero2"), clip_beside("lilt"), 1.3),
+        ("our lit >= 2x our clip (ZeRO-2)", rate("lit", "zero2"), clip_beside("lit"), 2.0),
+    ]
     out = [f"Targets, {size}/{size} (synthetic data):", "", "| target | measured | met |", "|---|---:|---|"]
     for name, a, b, need in checks:
         if a and b:
@@ -239,10 +279,18 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="micro batch per device")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (the median is reported)")
-    parser.add_argument("--impls", nargs="+", default=["zero0", "zero2", "zero3", "plain", "openclip"],
-                        choices=[*OURS, "plain", "openclip"])
-    parser.add_argument("--loader-impls", nargs="*", default=["zero2"],
-                        help="implementations also timed with the data loader (default zero2; none: skip)")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=["zero0", "zero2", "zero3", "plain", "openclip"],
+        choices=[*OURS, "plain", "openclip"],
+    )
+    parser.add_argument(
+        "--loader-impls",
+        nargs="*",
+        default=["zero2"],
+        help="implementations also timed with the data loader (default zero2; none: skip)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (data.num_workers)")
     parser.add_argument("--demo-size", type=int, default=256, help="side of the demo images on disk")
     parser.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
@@ -251,15 +299,27 @@ def main():
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops per implementation")
     parser.add_argument("--profile-steps", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="device peak for MFU (default: the GPUs whose exact name step_runners.py lists)")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="for every implementation: bf16 (our ds_config, the peers' autocast) or fp32; auto: "
-                             "bf16 where the device runs it natively, as the shipped ds_configs decide")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak for MFU (default: the GPUs whose exact name step_runners.py lists)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="for every implementation: bf16 (our ds_config, the peers' autocast) or fp32; auto: "
+        "bf16 where the device runs it natively, as the shipped ds_configs decide",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--malloc", choices=["retain", "system"], default="retain",
-                        help="CPU: glibc keeps freed memory for every implementation, as our trainer sets "
-                             "(lilt_ds.allocator; default), or the C library's own settings for all")
+    parser.add_argument(
+        "--malloc",
+        choices=["retain", "system"],
+        default="retain",
+        help="CPU: glibc keeps freed memory for every implementation, as our trainer sets "
+        "(lilt_ds.allocator; default), or the C library's own settings for all",
+    )
     parser.add_argument("--output", default=os.path.join("outputs", "benchmarks", "throughput", "throughput.md"))
     args = parser.parse_args()
     try:
@@ -284,57 +344,103 @@ def main():
     if device.type == "cpu":  # process-wide: the same allocator settings for every implementation
         if args.malloc == "system":
             os.environ[ALLOCATOR_ENV] = "system"  # our Trainer would set it otherwise
-        malloc = "glibc malloc keeping freed memory (lilt_ds.allocator)" if retain_freed_memory() else \
-            "the C library's default malloc"
+        malloc = (
+            "glibc malloc keeping freed memory (lilt_ds.allocator)"
+            if retain_freed_memory()
+            else "the C library's default malloc"
+        )
     peak = args.peak_tflops * 1e12 if args.peak_tflops else tp.peak_flops(device)
-    mfu_note = "" if peak or device.type == "cpu" else \
-        f" MFU: unknown (no peak listed for the exact name {torch.cuda.get_device_name(device)!r}; pass --peak-tflops)."
-    options = tp.StepOptions(channels_last=args.channels_last, attention=args.attention, compile=args.compile,
-                             checkpointing=args.checkpointing)
-    demo = {"n": max(1000, (args.warmup + args.steps + 2) * args.batch), "eval_n": 50, "seed": 0,
-            "size": args.demo_size}
+    mfu_note = (
+        ""
+        if peak or device.type == "cpu"
+        else f" MFU: unknown (no peak listed for the exact name {torch.cuda.get_device_name(device)!r}; "
+        "pass --peak-tflops)."
+    )
+    options = tp.StepOptions(
+        channels_last=args.channels_last,
+        attention=args.attention,
+        compile=args.compile,
+        checkpointing=args.checkpointing,
+    )
+    demo = {
+        "n": max(1000, (args.warmup + args.steps + 2) * args.batch),
+        "eval_n": 50,
+        "seed": 0,
+        "size": args.demo_size,
+    }
     start = time.perf_counter()
     load = os.getloadavg()[0]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {torch.get_num_threads()} intra-op threads"
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+        f"{torch.get_num_threads()} intra-op threads"
+    )
     import deepspeed
     import timm
     import transformers
 
-    versions = f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, timm {timm.__version__}, " \
-               f"transformers {transformers.__version__}"
+    versions = (
+        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, timm {timm.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     if open_clip is not None:
         versions += f", open_clip {open_clip.__version__}"
-    lines = ["## Throughput", "", "`python benchmarks/throughput.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`", "",
-             f"{device_name}; {versions}; world size {world}; load average {load:.1f} at start. "
-             f"{precision}; attention {args.attention}{', channels_last' if args.channels_last else ''}"
-             f"{', torch.compile' if args.compile else ''}{', activation checkpointing' if args.checkpointing else ''}; "
-             f"median of {args.steps} steps after {args.warmup} warm-up steps; data loading with {args.workers} "
-             f"DataLoader workers on demo images of {args.demo_size} px; {malloc} for all.{mfu_note}", ""]
+    lines = [
+        "## Throughput",
+        "",
+        "`python benchmarks/throughput.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`",
+        "",
+        f"{device_name}; {versions}; world size {world}; load average {load:.1f} at start. "
+        f"{precision}; attention {args.attention}{', channels_last' if args.channels_last else ''}"
+        f"{', torch.compile' if args.compile else ''}{', activation checkpointing' if args.checkpointing else ''}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up steps; data loading with {args.workers} "
+        f"DataLoader workers on demo images of {args.demo_size} px; {malloc} for all.{mfu_note}",
+        "",
+    ]
     print("\n".join(lines), flush=True)
     profiles = []
     for size in args.sizes:
         rows_by_mode, clip_refs, flops = {}, {}, {}
-        configs = {mode: tp.benchmark_config(size, mode, args.image_size, args.batch, checkpointing=args.checkpointing,
-                                             workers=args.workers, demo=demo, total_steps=10 * (args.warmup + args.steps))
-                   for mode in {*args.modes, "clip"}}
+        configs = {
+            mode: tp.benchmark_config(
+                size,
+                mode,
+                args.image_size,
+                args.batch,
+                checkpointing=args.checkpointing,
+                workers=args.workers,
+                demo=demo,
+                total_steps=10 * (args.warmup + args.steps),
+            )
+            for mode in {*args.modes, "clip"}
+        }
         for mode in args.modes:
             cfg = configs[mode]
             flops[mode] = tp.count_step_flops(cfg, args.batch, device)
             synthetic = tp.synthetic_batch(cfg, args.batch)
-            rows, clip_refs[mode] = measure_mode(cfg, options, args, synthetic,
-                                                 clip_cfg=None if mode == "clip" else configs["clip"])
+            rows, clip_refs[mode] = measure_mode(
+                cfg, options, args, synthetic, clip_cfg=None if mode == "clip" else configs["clip"]
+            )
             for row in rows:
                 t = row.get("synthetic")
-                print(f"  {size} {mode} {row['impl']}: " + (row["error"] if "error" in row else
-                      f"{t.median:.3f} s/step, {t.samples_per_s(args.batch):.1f} samples/s"
-                      + (f", with loader {row['loaded'].samples_per_s(args.batch):.1f}" if "loaded" in row else "")),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {size} {mode} {row['impl']}: "
+                    + (
+                        row["error"]
+                        if "error" in row
+                        else f"{t.median:.3f} s/step, {t.samples_per_s(args.batch):.1f} samples/s"
+                        + (f", with loader {row['loaded'].samples_per_s(args.batch):.1f}" if "loaded" in row else "")
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if "profile" in row:
                     profiles.append((f"{size}/{size} {tp.MODE_LABELS[mode]}, {LABELS[row['impl']]}", row["profile"]))
             rows_by_mode[mode] = rows
-        section = size_section(size, rows_by_mode, clip_refs, flops, args, world, peak) + \
-            targets_section(size, rows_by_mode, clip_refs, args)
+        section = size_section(size, rows_by_mode, clip_refs, flops, args, world, peak) + targets_section(
+            size, rows_by_mode, clip_refs, args
+        )
         print("\n".join(section), flush=True)
         lines += section
     elapsed = time.perf_counter() - start

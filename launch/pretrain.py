@@ -1,4 +1,5 @@
 """`python launch/pretrain.py` = `python -m lilt_ds.cli.pretrain` (kept for the documented commands)."""
+
 from lilt_ds.cli import run
 from lilt_ds.cli.pretrain import main
 

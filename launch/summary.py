@@ -1,4 +1,5 @@
 """`python launch/summary.py` = `python -m lilt_ds.cli.summary` (kept for the documented commands)."""
+
 from lilt_ds.cli import run
 from lilt_ds.cli.summary import main
 

@@ -25,9 +25,9 @@ import torch
 
 from .distributed import barrier
 from .errors import ConfigError
-from .schema import to_plain
 from .fileio import atomic_path
 from .runtime import rng_state
+from .schema import to_plain
 
 log = logging.getLogger("lilt_ds")
 
@@ -60,17 +60,22 @@ def run_identity(cfg, model: torch.nn.Module | None = None) -> dict:
 
 def check_identity(saved: dict, current: dict, where: str) -> None:
     if saved["mode"] != current["mode"]:
-        raise ConfigError(f"{where} was trained with mode={saved['mode']}, this run has mode={current['mode']}: "
-                          "resume or evaluate it with the same mode")
+        raise ConfigError(
+            f"{where} was trained with mode={saved['mode']}, this run has mode={current['mode']}: "
+            "resume or evaluate it with the same mode"
+        )
     diffs = _differences(saved["model"], current["model"], "model")
     if diffs:
-        raise ConfigError(f"{where} was trained with other towers or settings: {'; '.join(diffs[:6])}. "
-                          "Use the run's own config (its config.yaml) to load it")
+        raise ConfigError(
+            f"{where} was trained with other towers or settings: {'; '.join(diffs[:6])}. "
+            "Use the run's own config (its config.yaml) to load it"
+        )
     if "frozen" in saved and "frozen" in current and saved["frozen"] != current["frozen"]:
         raise ConfigError(
             f"{where}: the frozen base weights differ from those the run started from "
             f"(sha256 {saved['frozen']['sha256'][:12]}... vs {current['frozen']['sha256'][:12]}...): "
-            "the checkpoint holds only trained weights, so it needs the very same pretrained towers")
+            "the checkpoint holds only trained weights, so it needs the very same pretrained towers"
+        )
 
 
 def _differences(a, b, path: str) -> list[str]:
@@ -98,8 +103,9 @@ def _maybe_inject_fault(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(engine, root: str, step: int, client_state: dict, meta: dict, rank: int,
-                    keep_only_latest: bool = False) -> str:
+def save_checkpoint(
+    engine, root: str, step: int, client_state: dict, meta: dict, rank: int, keep_only_latest: bool = False
+) -> str:
     """Save on every rank; returns the final folder. Frozen weights and their (absent) states stay out."""
     tag = f"step{step}"
     partial = tag + PARTIAL
@@ -107,8 +113,9 @@ def save_checkpoint(engine, root: str, step: int, client_state: dict, meta: dict
         shutil.rmtree(os.path.join(root, partial), ignore_errors=True)
         os.makedirs(root, exist_ok=True)
     barrier()
-    engine.save_checkpoint(root, tag=partial, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        root, tag=partial, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
     torch.save(rng_state(), os.path.join(root, partial, f"rng_rank{rank}.pt"))  # this rank's device only
     if rank == 0:
         with open(os.path.join(root, partial, META), "w") as f:
@@ -145,8 +152,10 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
             if not os.path.isfile(os.path.join(root, tag, META)):
                 raise ConfigError(f"checkpoint {root}: 'latest' names {tag}, which is missing or incomplete")
             return root, tag
-    raise ConfigError(f"{path} holds no lilt_ds checkpoint (no {META}, and no 'latest' in it or in "
-                      f"{os.path.join(path, 'checkpoints')})")
+    raise ConfigError(
+        f"{path} holds no lilt_ds checkpoint (no {META}, and no 'latest' in it or in "
+        f"{os.path.join(path, 'checkpoints')})"
+    )
 
 
 def read_meta(root: str, tag: str) -> dict:
@@ -155,7 +164,9 @@ def read_meta(root: str, tag: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"checkpoint {os.path.join(root, tag)}: {META} is unreadable ({e}); the folder is corrupt") from None
+        raise ConfigError(
+            f"checkpoint {os.path.join(root, tag)}: {META} is unreadable ({e}); the folder is corrupt"
+        ) from None
 
 
 def load_checkpoint(engine, root: str, tag: str, identity: dict, world_size: int, rank: int) -> dict:
@@ -169,14 +180,26 @@ def load_checkpoint(engine, root: str, tag: str, identity: dict, world_size: int
     check_identity(meta["identity"], identity, where)
     same_world = meta["world_size"] == world_size
     if not same_world:
-        log.warning("%s was saved by %d rank(s), this run has %d: loading the trained weights only; "
-                    "the optimizer state (Adam moments) starts afresh", where, meta["world_size"], world_size)
+        log.warning(
+            "%s was saved by %d rank(s), this run has %d: loading the trained weights only; "
+            "the optimizer state (Adam moments) starts afresh",
+            where,
+            meta["world_size"],
+            world_size,
+        )
     try:
         path, client_state = engine.load_checkpoint(
-            root, tag=tag, load_module_strict=False, load_optimizer_states=same_world,
-            load_lr_scheduler_states=same_world, load_module_only=not same_world)
+            root,
+            tag=tag,
+            load_module_strict=False,
+            load_optimizer_states=same_world,
+            load_lr_scheduler_states=same_world,
+            load_module_only=not same_world,
+        )
     except Exception as e:  # noqa: BLE001 - a torn or foreign file surfaces deep inside torch.load
-        raise ConfigError(f"{where} could not be loaded ({type(e).__name__}: {e}); it is corrupt or incomplete") from None
+        raise ConfigError(
+            f"{where} could not be loaded ({type(e).__name__}: {e}); it is corrupt or incomplete"
+        ) from None
     if path is None:
         raise ConfigError(f"{where} could not be loaded by DeepSpeed")
     rng_file = os.path.join(root, tag, f"rng_rank{rank}.pt")

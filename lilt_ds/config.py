@@ -14,7 +14,7 @@ the ds_config is resolved (:func:`lilt_ds.engine.resolve_ds_config`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 from .data import check_zeroshot, resolve_data_config
 from .errors import ConfigError
@@ -35,16 +35,20 @@ def check_compile(value) -> str | None:
 
     known = torch.compiler.list_backends(exclude_tags=())
     if backend not in known:
-        raise ConfigError(f"train.compile = {value!r}: not a torch.compile backend; use true (inductor), false "
-                          f"or one of {', '.join(known)}")
+        raise ConfigError(
+            f"train.compile = {value!r}: not a torch.compile backend; use true (inductor), false "
+            f"or one of {', '.join(known)}"
+        )
     return backend
 
 
 # ---------------------------------------------------------------------------------- across sections
 def check_schedule(cfg: ExperimentConfig) -> None:
     if cfg.train.min_lr > cfg.train.lr:
-        raise ConfigError(f"train.min_lr = {cfg.train.min_lr!r} is above train.lr = {cfg.train.lr!r}: the cosine "
-                          "schedule decays from lr to min_lr; lower train.min_lr")
+        raise ConfigError(
+            f"train.min_lr = {cfg.train.min_lr!r} is above train.lr = {cfg.train.lr!r}: the cosine "
+            "schedule decays from lr to min_lr; lower train.min_lr"
+        )
 
 
 def check_pair(cfg: ExperimentConfig, facts) -> None:
@@ -53,11 +57,15 @@ def check_pair(cfg: ExperimentConfig, facts) -> None:
         return
     where = f"model.init_from={cfg.model.init_from}"
     if cfg.memory.frozen_recompute:
-        raise ConfigError(f"memory.frozen_recompute with {where}: frozen recomputation knows timm and BERT blocks "
-                          "only; turn it off (model.<tower>.grad_checkpointing works for pairs)")
+        raise ConfigError(
+            f"memory.frozen_recompute with {where}: frozen recomputation knows timm and BERT blocks "
+            "only; turn it off (model.<tower>.grad_checkpointing works for pairs)"
+        )
     if facts.sigmoid and cfg.loss.type != "siglip":
-        raise ConfigError(f"{where} is a SigLIP (sigmoid) pair, but loss.type={cfg.loss.type}: set loss.type=siglip "
-                          "(its logit bias trains only with the sigmoid loss)")
+        raise ConfigError(
+            f"{where} is a SigLIP (sigmoid) pair, but loss.type={cfg.loss.type}: set loss.type=siglip "
+            "(its logit bias trains only with the sigmoid loss)"
+        )
 
 
 def check_cache(cfg: ExperimentConfig) -> None:
@@ -70,22 +78,26 @@ def check_cache(cfg: ExperimentConfig) -> None:
         raise ConfigError(
             f"data.cache_locked_features=true caches the image tower's output, but mode={cfg.mode} with "
             f"model.vision.unlock={list(vision.unlock)} trains it, so its output changes every step: "
-            "use mode=lit, or mode=lilt with model.vision.unlock=[] (or turn the cache off)")
+            "use mode=lit, or mode=lilt with model.vision.unlock=[] (or turn the cache off)"
+        )
     if vision.patch_dropout:
         raise ConfigError(
             f"data.cache_locked_features=true with model.vision.patch_dropout={vision.patch_dropout}: patch "
             "dropout draws new patches every step, so the tower's output is not a function of the image "
             "and cannot be cached. Set model.vision.patch_dropout=0.0 or turn the cache off (a cached tower "
-            "costs nothing to run, so patch dropout would save nothing)")
+            "costs nothing to run, so patch dropout would save nothing)"
+        )
     if data.train_shards is not None:
         raise ConfigError(
             "data.cache_locked_features=true works with data.train_files (its entries are the cache's "
             "rows); data.train_shards streams samples without a fixed index. Train on caption JSON files "
-            "or turn the cache off")
+            "or turn the cache off"
+        )
     if data.index_cache is None:
         raise ConfigError(
             "data.cache_locked_features=true stores the features where data.index_cache puts the caption "
-            "index, and data.index_cache is null (no file): set it to auto or a folder")
+            "index, and data.index_cache is null (no file): set it to auto or a folder"
+        )
 
 
 # ---------------------------------------------------------------------------------- the pass

@@ -34,8 +34,10 @@ class UnknownLayout(RuntimeError):
     def __init__(self, what: str):
         import deepspeed
 
-        super().__init__(f"{what}: DeepSpeed {deepspeed.__version__} is not laid out as the versions lilt_ds was "
-                         f"tested with ({TESTED}); install one of those (pip install 'deepspeed{TESTED}')")
+        super().__init__(
+            f"{what}: DeepSpeed {deepspeed.__version__} is not laid out as the versions lilt_ds was "
+            f"tested with ({TESTED}); install one of those (pip install 'deepspeed{TESTED}')"
+        )
 
 
 # ---------------------------------------------------------------------------------- ZeRO-3 parameters

@@ -68,8 +68,11 @@ def _fill(ds: dict, path: str, expected, source: str, ds_name: str) -> None:
     if value == AUTO:
         node[leaf] = expected
         return
-    same = abs(float(value) - float(expected)) <= 1e-12 * max(1.0, abs(float(expected))) \
-        if isinstance(value, (int, float)) and isinstance(expected, (int, float)) else value == expected
+    same = (
+        abs(float(value) - float(expected)) <= 1e-12 * max(1.0, abs(float(expected)))
+        if isinstance(value, (int, float)) and isinstance(expected, (int, float))
+        else value == expected
+    )
     if not same:
         raise ConfigError(
             f"ds_config {ds_name} sets {path}={value!r} but the experiment config gives {source}={expected!r}: "
@@ -81,7 +84,9 @@ def zero_stage(ds: dict, ds_name: str = "ds_config") -> int:
     """The ds_config's ZeRO stage (0 when it names none), refused unless DeepSpeed has it."""
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in ZERO_STAGES:
-        raise ConfigError(f"ds_config {ds_name}: unknown ZeRO stage {stage!r} in zero_optimization.stage; use 0, 1, 2 or 3")
+        raise ConfigError(
+            f"ds_config {ds_name}: unknown ZeRO stage {stage!r} in zero_optimization.stage; use 0, 1, 2 or 3"
+        )
     return stage
 
 
@@ -96,7 +101,9 @@ def _check_precision_and_stage(ds: dict, ds_name: str) -> None:
             "use a bf16 config such as ds_configs/zero2.json"
         )
     if ds.get("bf16", {}).get("enabled") and not accel.is_bf16_supported():
-        raise ConfigError(f"ds_config {ds_name} enables bf16, which this device does not support: use ds_configs/zero2_fp16.json")
+        raise ConfigError(
+            f"ds_config {ds_name} enables bf16, which this device does not support: use ds_configs/zero2_fp16.json"
+        )
     for key in ("offload_optimizer", "offload_param"):
         offload = ds.get("zero_optimization", {}).get(key) or {}
         if offload.get("device") == "nvme":
@@ -126,18 +133,23 @@ def resolve_device_choices(ds: dict, device: DeviceFacts, ds_name: str = "ds_con
     bf16 = ds.get("bf16")
     if isinstance(bf16, dict) and bf16.get("enabled") == AUTO:
         bf16["enabled"] = device.native_bf16
-        notes.append(f"precision {'bf16' if device.native_bf16 else 'fp32'} (ds_config {ds_name}: "
-                     f"bf16.enabled=auto; {device.reason})")
+        notes.append(
+            f"precision {'bf16' if device.native_bf16 else 'fp32'} (ds_config {ds_name}: "
+            f"bf16.enabled=auto; {device.reason})"
+        )
     zero = ds.get("zero_optimization")
     if isinstance(zero, dict) and zero.get("overlap_comm") == AUTO:
         zero["overlap_comm"] = device.is_gpu
-        notes.append(f"overlap_comm {'on' if device.is_gpu else 'off'} (ds_config {ds_name}: "
-                     f"zero_optimization.overlap_comm=auto on {'a GPU' if device.is_gpu else 'the CPU'})")
+        notes.append(
+            f"overlap_comm {'on' if device.is_gpu else 'off'} (ds_config {ds_name}: "
+            f"zero_optimization.overlap_comm=auto on {'a GPU' if device.is_gpu else 'the CPU'})"
+        )
     return ds, notes
 
 
-def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name: str = "ds_config",
-                      device: DeviceFacts | None = None) -> dict:
+def resolve_ds_config(
+    ds: dict, cfg, world_size: int, total_steps: int, ds_name: str = "ds_config", device: DeviceFacts | None = None
+) -> dict:
     """A copy of ``ds`` with every "auto" filled (from the experiment config, and the device's keys from
     ``device``, default this process's), checked for contradictions."""
     ds, notes = resolve_device_choices(ds, device or present_device(), ds_name)
@@ -148,8 +160,13 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     ratio = train.min_lr / train.lr
     _fill(ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", ds_name)
     _fill(ds, "gradient_accumulation_steps", accum, "train.grad_accum_steps", ds_name)
-    _fill(ds, "train_batch_size", micro * accum * world_size,
-          f"train.micro_batch_size x train.grad_accum_steps x world size ({micro} x {accum} x {world_size})", ds_name)
+    _fill(
+        ds,
+        "train_batch_size",
+        micro * accum * world_size,
+        f"train.micro_batch_size x train.grad_accum_steps x world size ({micro} x {accum} x {world_size})",
+        ds_name,
+    )
     _fill(ds, "gradient_clipping", train.grad_clip, "train.grad_clip", ds_name)
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     _fill(ds, "optimizer.params.lr", train.lr, "train.lr", ds_name)
@@ -157,13 +174,16 @@ def resolve_ds_config(ds: dict, cfg, world_size: int, total_steps: int, ds_name:
     _resolve_schedule(ds, train, total_steps, ratio, ds_name)
     leftover = [k for k, v in _leaves(ds) if v == AUTO]
     if leftover:
-        raise ConfigError(f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values")
+        raise ConfigError(
+            f"ds_config {ds_name}: no experiment setting fills {', '.join(leftover)}; give explicit values"
+        )
     _check_precision_and_stage(ds, ds_name)
     if check_compile(train.compile) is not None and zero_stage(ds, ds_name) == 3:
         raise ConfigError(
             f"train.compile={train.compile} with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 gathers each "
             "module's weights in hooks around its forward, which torch.compile of the towers does not see (lilt_ds "
-            "checks compiled towers with ZeRO 0-2 only); use ds_configs/zero2.json, or train.compile=false")
+            "checks compiled towers with ZeRO 0-2 only); use ds_configs/zero2.json, or train.compile=false"
+        )
     if cfg.memory.frozen_recompute and zero_stage(ds, ds_name) == 3:
         raise ConfigError(
             f"memory.frozen_recompute=true does not work with ZeRO stage 3 (ds_config {ds_name}): ZeRO-3 releases "
@@ -185,21 +205,30 @@ def _resolve_schedule(ds: dict, train, total_steps: int, ratio: float, ds_name: 
         if block and (block.get("type") != "WarmupCosineLR" or any(v != AUTO for v in settable.values())):
             raise ConfigError(
                 f"train.schedule=constant_cooldown: ds_config {ds_name} has its own scheduler block "
-                f"({block.get('type')} with explicit values); set its values to \"auto\" or remove the block to "
-                "let train.schedule decide, or choose train.schedule=cosine or constant")
+                f'({block.get("type")} with explicit values); set its values to "auto" or remove the block to '
+                "let train.schedule decide, or choose train.schedule=cosine or constant"
+            )
         ds.pop("scheduler", None)
         return
     ds.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_type": "linear"}})
     if ds["scheduler"].get("type") == "WarmupCosineLR":
         warmup = max(1, min(train.warmup_steps, total_steps))  # DeepSpeed needs >= 1
-        _fill(ds, "scheduler.params.total_num_steps", total_steps, "the schedule length (train.epochs / train.max_steps)", ds_name)
+        _fill(
+            ds,
+            "scheduler.params.total_num_steps",
+            total_steps,
+            "the schedule length (train.epochs / train.max_steps)",
+            ds_name,
+        )
         _fill(ds, "scheduler.params.warmup_num_steps", warmup, "train.warmup_steps", ds_name)
         _fill(ds, "scheduler.params.warmup_min_ratio", ratio, "train.min_lr / train.lr", ds_name)
         end = (1.0, "train.schedule=constant") if schedule == "constant" else (ratio, "train.min_lr / train.lr")
         _fill(ds, "scheduler.params.cos_min_ratio", end[0], end[1], ds_name)
     elif schedule == "constant":
-        raise ConfigError(f"train.schedule=constant: ds_config {ds_name}'s scheduler is {ds['scheduler'].get('type')}, "
-                          "not WarmupCosineLR; use a ds_config with the shipped scheduler block or train.schedule=cosine")
+        raise ConfigError(
+            f"train.schedule=constant: ds_config {ds_name}'s scheduler is {ds['scheduler'].get('type')}, "
+            "not WarmupCosineLR; use a ds_config with the shipped scheduler block or train.schedule=cosine"
+        )
 
 
 def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None = None):
@@ -217,7 +246,8 @@ def initialize(model: nn.Module, ds_config: dict, cfg, total_steps: int | None =
             raise ValueError("initialize: train.schedule=constant_cooldown needs the schedule length (total_steps)")
         client_scheduler = functools.partial(build_scheduler, cfg=cfg, total_steps=total_steps)
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds_config, lr_scheduler=client_scheduler)
+        model=model, model_parameters=groups, config=ds_config, lr_scheduler=client_scheduler
+    )
     if getattr(scheduler, "last_batch_iteration", None) == -1:
         # DeepSpeed's schedules start "before step 0" with lr 0, which wastes the first optimizer
         # step; start at step 0 (warmup's first value), as the scheduler steps after every update

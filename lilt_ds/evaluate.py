@@ -11,13 +11,13 @@ gathered: the numbers are the same with any number of ranks.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from .distributed import world_info
 from .errors import ConfigError
 from .schema import DataSettings
-from .distributed import world_info
 
 RECALL_KS = (1, 5, 10)
 
@@ -26,9 +26,9 @@ def _ranks_i2t(img: torch.Tensor, txt: torch.Tensor, img2txt: Sequence[Sequence[
     """Per image: how many non-matching texts score at least as high as its best-scoring caption."""
     ranks = []
     for start in range(0, img.shape[0], chunk):
-        scores = img[start:start + chunk] @ txt.T
+        scores = img[start : start + chunk] @ txt.T
         positive = torch.zeros_like(scores, dtype=torch.bool)
-        for row, texts in enumerate(img2txt[start:start + chunk]):
+        for row, texts in enumerate(img2txt[start : start + chunk]):
             positive[row, list(texts)] = True
         best = scores.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
         ranks.append(((scores >= best) & ~positive).sum(dim=1))
@@ -40,9 +40,9 @@ def _ranks_t2i(img: torch.Tensor, txt: torch.Tensor, txt2img: Sequence[int], chu
     ranks = []
     target = torch.as_tensor(list(txt2img), dtype=torch.long)
     for start in range(0, txt.shape[0], chunk):
-        scores = txt[start:start + chunk] @ img.T
+        scores = txt[start : start + chunk] @ img.T
         rows = torch.arange(scores.shape[0])
-        mine = target[start:start + chunk]
+        mine = target[start : start + chunk]
         own = scores[rows, mine].unsqueeze(1)
         higher = scores >= own
         higher[rows, mine] = False
@@ -50,8 +50,14 @@ def _ranks_t2i(img: torch.Tensor, txt: torch.Tensor, txt2img: Sequence[int], chu
     return torch.cat(ranks)
 
 
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, img2txt: Sequence[Sequence[int]],
-                      txt2img: Sequence[int], ks: Sequence[int] = RECALL_KS, chunk: int = 1024) -> dict:
+def retrieval_metrics(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    ks: Sequence[int] = RECALL_KS,
+    chunk: int = 1024,
+) -> dict:
     """``{"txt_r1": .., "img_r1": .., ..., "txt_r_mean", "img_r_mean", "r_mean"}`` in percent.
 
     ``txt_rK`` is image->text recall (the original project's naming), ``img_rK`` text->image.
@@ -91,16 +97,22 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(model, dataset, batch_size: int, device, dtype=torch.float32, num_workers: int = 0,
-                  pin_memory: bool = False) -> torch.Tensor:
+def encode_images(
+    model, dataset, batch_size: int, device, dtype=torch.float32, num_workers: int = 0, pin_memory: bool = False
+) -> torch.Tensor:
     """L2-normalised embeddings of every image of ``dataset`` (items ``{"image", ...}``), in order."""
     from torch.utils.data import DataLoader, Subset
 
     from .data import collate_images
 
     indices, _ = shard_indices(len(dataset))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=pin_memory, collate_fn=collate_images)
+    loader = DataLoader(
+        Subset(dataset, indices),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_images,
+    )
     dim = model.vision_proj.out_features
     local = [model.encode_image(b["images"].to(device, dtype, non_blocking=pin_memory)).float() for b in loader]
     local = torch.cat(local) if local else torch.empty(0, dim, device=device)
@@ -115,14 +127,15 @@ def encode_texts(model, texts, tokenizer, max_length: int, batch_size: int, devi
     indices, _ = shard_indices(len(texts))
     local = []
     for start in range(0, len(indices), batch_size):
-        tokens = tokenize_captions(tokenizer, [texts[i] for i in indices[start:start + batch_size]], max_length)
+        tokens = tokenize_captions(tokenizer, [texts[i] for i in indices[start : start + batch_size]], max_length)
         local.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).float())
     local = torch.cat(local) if local else torch.empty(0, model.text_proj.out_features, device=device)
     return gather_rows(local, len(texts)).cpu()
 
 
-def evaluate_retrieval(model, data, batch_size: int, device, dtype=torch.float32, num_workers: int = 0,
-                       pin_memory: bool = False) -> dict:
+def evaluate_retrieval(
+    model, data, batch_size: int, device, dtype=torch.float32, num_workers: int = 0, pin_memory: bool = False
+) -> dict:
     """Recall@K of a ``lilt_ds.data.RetrievalData``; every rank encodes a shard and gets the numbers."""
     was_training = model.training
     model.eval()
@@ -149,15 +162,32 @@ def classification_metrics(image_emb: torch.Tensor, class_emb: torch.Tensor, lab
     topk = scores.topk(k, dim=1).indices
     hit1 = topk[:, 0] == labels
     hit5 = (topk == labels[:, None]).any(dim=1)
-    per_class = {name: 100.0 * hit1[labels == i].float().mean().item()
-                 for i, name in enumerate(classnames) if (labels == i).any()}
-    return {"top1": 100.0 * hit1.float().mean().item(), "top5": 100.0 * hit5.float().mean().item(),
-            "per_class_top1": per_class, "num_images": len(labels), "num_classes": len(classnames)}
+    per_class = {
+        name: 100.0 * hit1[labels == i].float().mean().item()
+        for i, name in enumerate(classnames)
+        if (labels == i).any()
+    }
+    return {
+        "top1": 100.0 * hit1.float().mean().item(),
+        "top5": 100.0 * hit5.float().mean().item(),
+        "per_class_top1": per_class,
+        "num_images": len(labels),
+        "num_classes": len(classnames),
+    }
 
 
-def evaluate_classification(model, dataset, tokenizer, templates, batch_size: int, device,
-                            dtype=torch.float32, max_length: int = 30, num_workers: int = 0,
-                            pin_memory: bool = False) -> dict:
+def evaluate_classification(
+    model,
+    dataset,
+    tokenizer,
+    templates,
+    batch_size: int,
+    device,
+    dtype=torch.float32,
+    max_length: int = 30,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> dict:
     model.eval()
     class_emb = classifier_weights(model, dataset.classnames, templates, tokenizer, max_length, batch_size, device)
     image_emb = encode_images(model, dataset, batch_size, device, dtype, num_workers, pin_memory)
@@ -168,21 +198,41 @@ def format_retrieval_table(metrics: dict, ks: Sequence[int] = RECALL_KS) -> str:
     """A Markdown table of recall@K in both directions."""
     head = "| direction | " + " | ".join(f"R@{k}" for k in ks) + " | mean |"
     rule = "|---|" + "---:|" * (len(ks) + 1)
-    rows = ["| image->text | " + " | ".join(f"{metrics[f'txt_r{k}']:.2f}" for k in ks) + f" | {metrics['txt_r_mean']:.2f} |",
-            "| text->image | " + " | ".join(f"{metrics[f'img_r{k}']:.2f}" for k in ks) + f" | {metrics['img_r_mean']:.2f} |"]
+    rows = [
+        "| image->text | "
+        + " | ".join(f"{metrics[f'txt_r{k}']:.2f}" for k in ks)
+        + f" | {metrics['txt_r_mean']:.2f} |",
+        "| text->image | "
+        + " | ".join(f"{metrics[f'img_r{k}']:.2f}" for k in ks)
+        + f" | {metrics['img_r_mean']:.2f} |",
+    ]
     return "\n".join([head, rule, *rows])
 
 
 def format_classification_table(metrics: dict) -> str:
-    return "\n".join(["| images | classes | top-1 | top-5 |", "|---:|---:|---:|---:|",
-                      f"| {metrics['num_images']} | {metrics['num_classes']} | {metrics['top1']:.2f} | {metrics['top5']:.2f} |"])
+    return "\n".join(
+        [
+            "| images | classes | top-1 | top-5 |",
+            "|---:|---:|---:|---:|",
+            f"| {metrics['num_images']} | {metrics['num_classes']} | {metrics['top1']:.2f} | {metrics['top5']:.2f} |",
+        ]
+    )
 
 
 # ------------------------------------------------------------------------ a whole evaluation
-def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: str | None = None,
-                   overrides=(), image_root: str | None = None, classnames_file: str | None = None,
-                   templates: str = "a photo of a {}.", batch_size: int = 128, workers="auto",
-                   output: str | None = None) -> dict:
+def run_evaluation(
+    task: str,
+    data: str,
+    checkpoint: str | None = None,
+    config: str | None = None,
+    overrides=(),
+    image_root: str | None = None,
+    classnames_file: str | None = None,
+    templates: str = "a photo of a {}.",
+    batch_size: int = 128,
+    workers="auto",
+    output: str | None = None,
+) -> dict:
     """What ``launch/evaluate.py`` runs: a checkpoint, an export or (no ``checkpoint``) the untrained
     base towers of ``config``, on retrieval or classification data; every rank encodes a shard, rank
     0 prints the table and writes the metrics to ``output`` (JSON). ``config`` given with
@@ -216,16 +266,26 @@ def run_evaluation(task: str, data: str, checkpoint: str | None = None, config: 
             loader_workers = workers
         size, mean, std = model.vision.image_size, model.vision.mean, model.vision.std
         if task == "retrieval":
-            retrieval = build_retrieval_data(data, image_root, tokenizer, size, mean, std,
-                                             max_length=cfg.data.eval_max_length)
-            metrics = evaluate_retrieval(model, retrieval, batch_size, device, num_workers=loader_workers,
-                                         pin_memory=pin)
+            retrieval = build_retrieval_data(
+                data, image_root, tokenizer, size, mean, std, max_length=cfg.data.eval_max_length
+            )
+            metrics = evaluate_retrieval(
+                model, retrieval, batch_size, device, num_workers=loader_workers, pin_memory=pin
+            )
             table = format_retrieval_table(metrics)
         else:
             dataset, prompts = build_zeroshot_data(data, size, mean, std, image_root, classnames_file, templates)
-            metrics = evaluate_classification(model, dataset, tokenizer, prompts, batch_size,
-                                              device, max_length=cfg.data.eval_max_length, num_workers=loader_workers,
-                                              pin_memory=pin)
+            metrics = evaluate_classification(
+                model,
+                dataset,
+                tokenizer,
+                prompts,
+                batch_size,
+                device,
+                max_length=cfg.data.eval_max_length,
+                num_workers=loader_workers,
+                pin_memory=pin,
+            )
             table = format_classification_table(metrics)
     if rank == 0:
         out = output or os.path.join("outputs", f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}.json")

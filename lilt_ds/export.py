@@ -16,10 +16,10 @@ import os
 
 import torch
 
-from .ds_compat import is_zero3
 from .checkpoint import check_identity, read_meta, resolve_checkpoint, run_identity
-from .errors import ConfigError
 from .config import config_from_dict
+from .ds_compat import is_zero3
+from .errors import ConfigError
 from .fileio import atomic_path
 
 CONFIG_KEY = "lilt_ds_config"
@@ -58,7 +58,9 @@ def trainable_state_from_checkpoint(root: str, tag: str) -> dict[str, torch.Tens
         try:
             state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
         except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"checkpoint {files[0]} cannot be read ({type(e).__name__}: {e}); it is corrupt") from None
+            raise ConfigError(
+                f"checkpoint {files[0]} cannot be read ({type(e).__name__}: {e}); it is corrupt"
+            ) from None
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
@@ -95,8 +97,10 @@ def load_exported(path: str) -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     lacking = sorted(trainable - set(state)) if not full else sorted(missing)
     if unexpected or lacking:
-        raise ConfigError(f"export {path} does not fit the model its config builds: "
-                          f"unexpected {unexpected[:5]}, missing {lacking[:5]}")
+        raise ConfigError(
+            f"export {path} does not fit the model its config builds: "
+            f"unexpected {unexpected[:5]}, missing {lacking[:5]}"
+        )
     return model.eval()
 
 

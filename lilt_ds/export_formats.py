@@ -1,7 +1,7 @@
 """Hand a model started from a pretrained pair back to its ecosystem: an OpenCLIP model folder or a
 Hugging Face model folder, loadable without lilt_ds, with a model card.
 
-    python launch/export.py --checkpoint outputs/run --format open_clip --out exported/   (model.init_from=open_clip:...)
+    python launch/export.py --checkpoint outputs/run --format open_clip --out exported/  (init_from=open_clip:...)
     python launch/export.py --checkpoint outputs/run --format hf --out exported/          (model.init_from=hf:...)
 
 LoRA is merged into the weights it adapts (exact). Houlsby adapters are a nonlinear bottleneck after
@@ -54,20 +54,25 @@ def _refuse_adapters(model: nn.Module, fmt: str) -> None:
             f"--format {fmt}: the model has {len(hosts)} bottleneck adapters (after {hosts[0]}, ...), which "
             f"cannot be merged into any weight of the {fmt} architecture, so that format would lose them. Export it "
             "with --format lilt_ds (load it with lilt_ds.export.load_exported), or train with unlock items that "
-            "merge: ln, bitfit, attn, mlp, top_k:K, lora")
+            "merge: ln, bitfit, attn, mlp, top_k:K, lora"
+        )
 
 
 def _fit_to(state: dict, reference: dict, fmt: str) -> dict:
     """``state`` reshaped to ``reference``'s shapes (scalars are [1] here, [] there), refusing any mismatch."""
     missing, unexpected = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
     if missing or unexpected:
-        raise ConfigError(f"--format {fmt}: the weights do not map onto the architecture: missing {missing[:5]} "
-                          f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+        raise ConfigError(
+            f"--format {fmt}: the weights do not map onto the architecture: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
     out = {}
     for key, ref in reference.items():
         value = state[key]
         if value.numel() != ref.numel():
-            raise ConfigError(f"--format {fmt}: {key} has shape {tuple(value.shape)}, the architecture {tuple(ref.shape)}")
+            raise ConfigError(
+                f"--format {fmt}: {key} has shape {tuple(value.shape)}, the architecture {tuple(ref.shape)}"
+            )
         out[key] = value.reshape(ref.shape).to(ref.dtype).contiguous()
     return out
 
@@ -82,10 +87,16 @@ def _write_open_clip(model, cfg, out: str) -> None:
     spec = parse_init_from(cfg.model.init_from)[1]
     config = source.model_config(spec, download=True)  # hf-hub: in the hub cache since the model was built
     vision = model.vision
-    config = {"model_cfg": config["model_cfg"],
-              "preprocess_cfg": {**(config.get("preprocess_cfg") or {}), "mean": list(vision.mean),
-                                 "std": list(vision.std), "interpolation": vision.interpolation,
-                                 "size": vision.image_size}}
+    config = {
+        "model_cfg": config["model_cfg"],
+        "preprocess_cfg": {
+            **(config.get("preprocess_cfg") or {}),
+            "mean": list(vision.mean),
+            "std": list(vision.std),
+            "interpolation": vision.interpolation,
+            "size": vision.image_size,
+        },
+    }
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, source.CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
@@ -118,11 +129,20 @@ def _write_hf(model, cfg, out: str) -> None:
     resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}[vision.interpolation]
     size = vision.image_size
     if model.pair["siglip"]:
-        processor = SiglipImageProcessor(size={"height": size, "width": size}, resample=resample,
-                                         image_mean=list(vision.mean), image_std=list(vision.std))
+        processor = SiglipImageProcessor(
+            size={"height": size, "width": size},
+            resample=resample,
+            image_mean=list(vision.mean),
+            image_std=list(vision.std),
+        )
     else:
-        processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                       resample=resample, image_mean=list(vision.mean), image_std=list(vision.std))
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            resample=resample,
+            image_mean=list(vision.mean),
+            image_std=list(vision.std),
+        )
     processor.save_pretrained(out)
 
 
@@ -144,20 +164,32 @@ def model_card(cfg, counts: dict, fmt: str, metrics: dict | None) -> str:
     init_from = cfg.model.init_from
     source = cfg.data.train_files or cfg.data.train_shards or "the built-in demo data (lilt_ds)"
     base = parse_init_from(init_from)[1]
-    hub_base = base[len("hf-hub:"):] if base.startswith("hf-hub:") else (
-        base if "/" in base and not base.startswith(("/", ".", "~", "local-dir:")) else None)
-    lines = ["---", f"library_name: {'open_clip' if fmt == 'open_clip' else 'transformers'}",
-             "tags: [clip, zero-shot-image-classification, lilt_ds]"]
+    hub_base = (
+        base[len("hf-hub:") :]
+        if base.startswith("hf-hub:")
+        else (base if "/" in base and not base.startswith(("/", ".", "~", "local-dir:")) else None)
+    )
+    lines = [
+        "---",
+        f"library_name: {'open_clip' if fmt == 'open_clip' else 'transformers'}",
+        "tags: [clip, zero-shot-image-classification, lilt_ds]",
+    ]
     if hub_base:
         lines.append(f"base_model: {hub_base}")
-    lines += ["---", "", f"# Contrastive image-text model from `{init_from}`", "",
-              f"Trained with lilt_ds, mode `{cfg.mode}`: vision unlock `{cfg.model.vision.unlock}`, "
-              f"text unlock `{cfg.model.text.unlock}` (a locked tower trains only its unlock set; "
-              "LoRA is merged into the weights here).", "",
-              f"- trainable parameters: {counts['trainable']:,} of {counts['total']:,}",
-              f"- training data: {source}",
-              f"- epochs: {cfg.train.epochs}, max steps: {cfg.train.max_steps}, "
-              f"lr {cfg.train.lr}, loss `{cfg.loss.type}`", ""]
+    lines += [
+        "---",
+        "",
+        f"# Contrastive image-text model from `{init_from}`",
+        "",
+        f"Trained with lilt_ds, mode `{cfg.mode}`: vision unlock `{cfg.model.vision.unlock}`, "
+        f"text unlock `{cfg.model.text.unlock}` (a locked tower trains only its unlock set; "
+        "LoRA is merged into the weights here).",
+        "",
+        f"- trainable parameters: {counts['trainable']:,} of {counts['total']:,}",
+        f"- training data: {source}",
+        f"- epochs: {cfg.train.epochs}, max steps: {cfg.train.max_steps}, lr {cfg.train.lr}, loss `{cfg.loss.type}`",
+        "",
+    ]
     if metrics:
         lines += ["## Final evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
@@ -166,11 +198,17 @@ def model_card(cfg, counts: dict, fmt: str, metrics: dict | None) -> str:
         lines += ["No evaluation was recorded for this run.", ""]
     lines += ["## Load", "", "```python"]
     if fmt == "open_clip":
-        lines += ["import open_clip", 'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")',
-                  'tokenizer = open_clip.get_tokenizer("local-dir:THIS_FOLDER")']
+        lines += [
+            "import open_clip",
+            'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")',
+            'tokenizer = open_clip.get_tokenizer("local-dir:THIS_FOLDER")',
+        ]
     else:
-        lines += ["from transformers import AutoModel, AutoProcessor, pipeline", 'model = AutoModel.from_pretrained("THIS_FOLDER")',
-                  'classifier = pipeline("zero-shot-image-classification", model="THIS_FOLDER")']
+        lines += [
+            "from transformers import AutoModel, AutoProcessor, pipeline",
+            'model = AutoModel.from_pretrained("THIS_FOLDER")',
+            'classifier = pipeline("zero-shot-image-classification", model="THIS_FOLDER")',
+        ]
     lines += ["```", ""]
     return "\n".join(lines)
 
@@ -184,11 +222,15 @@ def export_pretrained_format(source: str, out: str, fmt: str) -> str:
     model, cfg = load_trained(source)
     parsed = parse_init_from(cfg.model.init_from)
     if parsed is None or parsed[0] not in SOURCE_FORMAT:
-        raise ConfigError(f"--format {fmt}: {source} was not started from a pretrained pair (model.init_from is "
-                          f"{cfg.model.init_from!r}); its towers have no {fmt} architecture. Use --format lilt_ds")
+        raise ConfigError(
+            f"--format {fmt}: {source} was not started from a pretrained pair (model.init_from is "
+            f"{cfg.model.init_from!r}); its towers have no {fmt} architecture. Use --format lilt_ds"
+        )
     if SOURCE_FORMAT[parsed[0]] != fmt:
-        raise ConfigError(f"--format {fmt}: {source} started from {cfg.model.init_from}, whose architecture is "
-                          f"written as --format {SOURCE_FORMAT[parsed[0]]}; converting between the two is not supported")
+        raise ConfigError(
+            f"--format {fmt}: {source} started from {cfg.model.init_from}, whose architecture is "
+            f"written as --format {SOURCE_FORMAT[parsed[0]]}; converting between the two is not supported"
+        )
     _refuse_adapters(model, fmt)
     counts = trainable_summary(model)["total"]
     model = merge_lora(model).float().eval()

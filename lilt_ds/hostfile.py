@@ -30,7 +30,8 @@ def parse_hostfile(path: str) -> dict[str, int]:
         if not match:
             raise ConfigError(
                 f"hostfile {path}, line {number}: {raw!r} does not parse. Each line is 'hostname slots=N' "
-                "(N GPUs on that node), e.g. 'worker-1 slots=4'; '#' starts a comment")
+                "(N GPUs on that node), e.g. 'worker-1 slots=4'; '#' starts a comment"
+            )
         host, slots = match.group(1), int(match.group(2))
         if slots < 1:
             raise ConfigError(f"hostfile {path}, line {number}: {host} has slots={slots}; give at least 1")

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,7 @@ def _check_shapes(image_emb: torch.Tensor, text_emb: torch.Tensor, scalars: dict
         if emb.dim() != 2:
             raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(emb.shape)}")
     if image_emb.shape != text_emb.shape:
-        raise ValueError(
-            f"image_emb and text_emb shapes differ: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}"
-        )
+        raise ValueError(f"image_emb and text_emb shapes differ: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
     for name, value in scalars.items():
         if value.numel() != 1:
             raise ValueError(f"{name} must hold one value (shape [1] or []), got shape {tuple(value.shape)}")
@@ -80,8 +78,11 @@ def _nonfinite_bits(named: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def _nonfinite_message(names: list[str], bits_per_rank: list[int]) -> str | None:
     where = (lambda rank: f" on rank {rank}") if len(bits_per_rank) > 1 else (lambda rank: "")
-    problems = [", ".join(name for i, name in enumerate(names) if bits >> i & 1) + where(rank)
-                for rank, bits in enumerate(bits_per_rank) if bits]
+    problems = [
+        ", ".join(name for i, name in enumerate(names) if bits >> i & 1) + where(rank)
+        for rank, bits in enumerate(bits_per_rank)
+        if bits
+    ]
     return f"non-finite values (NaN or inf) in {'; '.join(problems)}" if problems else None
 
 
@@ -218,9 +219,7 @@ class _DataParallelLoss(nn.Module):
         message = _nonfinite_message(self._input_names, [row[0] for row in gather_rank_info(bits.reshape(1))])
         return message or "every input was finite: the loss itself overflowed (logit scale or features too large)"
 
-    def summed_loss(
-        self, batch: GatheredBatch, scale: torch.Tensor, bias: torch.Tensor | None
-    ) -> torch.Tensor:
+    def summed_loss(self, batch: GatheredBatch, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
@@ -370,9 +369,7 @@ class ChunkedContrastiveLoss(ContrastiveLoss):
             rows_img, rows_txt, offset = batch.local_img, batch.local_txt, batch.offset
         else:
             rows_img, rows_txt, offset = batch.all_img, batch.all_txt, 0
-        return chunked_clip_loss_fn(
-            rows_img, rows_txt, batch.all_img, batch.all_txt, scale, offset, self.chunk_size
-        )
+        return chunked_clip_loss_fn(rows_img, rows_txt, batch.all_img, batch.all_txt, scale, offset, self.chunk_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,9 +498,10 @@ class _ChunkedSigLip(torch.autograd.Function):
         for rows in _blocks(q.shape[0], chunk_size):
             scaled = s * q[rows]
             for cols in _blocks(k.shape[0], chunk_size):
-                total += F.softplus(torch.addmm(b.expand(rows.stop - rows.start, cols.stop - cols.start),
-                                                scaled, k[cols].T)).sum()
-        positives = s * (q * k[offset:offset + q.shape[0]]).sum() + q.shape[0] * b
+                total += F.softplus(
+                    torch.addmm(b.expand(rows.stop - rows.start, cols.stop - cols.start), scaled, k[cols].T)
+                ).sum()
+        positives = s * (q * k[offset : offset + q.shape[0]]).sum() + q.shape[0] * b
         ctx.save_for_backward(queries, keys, scale, bias if bias is not None else torch.empty(0))
         ctx.has_bias, ctx.offset, ctx.chunk_size = bias is not None, offset, chunk_size
         return (total - positives).to(queries.dtype)
@@ -533,20 +531,33 @@ class _ChunkedSigLip(torch.autograd.Function):
         grad_s -= (q * k[own]).sum()
         grad_b -= q.shape[0]
         g = grad_loss.to(compute)
-        return (grad_q.mul_(g).to(queries.dtype), grad_k.mul_(g).to(keys.dtype),
-                (grad_s * g).reshape(scale.shape).to(scale.dtype),
-                (grad_b * g).reshape(bias.shape).to(bias.dtype) if ctx.has_bias else None, None, None)
+        return (
+            grad_q.mul_(g).to(queries.dtype),
+            grad_k.mul_(g).to(keys.dtype),
+            (grad_s * g).reshape(scale.shape).to(scale.dtype),
+            (grad_b * g).reshape(bias.shape).to(bias.dtype) if ctx.has_bias else None,
+            None,
+            None,
+        )
 
 
-def chunked_siglip_loss_fn(local_img: torch.Tensor, all_txt: torch.Tensor, scale: torch.Tensor,
-                           bias: torch.Tensor | None, offset: int, chunk_size: int) -> torch.Tensor:
+def chunked_siglip_loss_fn(
+    local_img: torch.Tensor,
+    all_txt: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    offset: int,
+    chunk_size: int,
+) -> torch.Tensor:
     """Summed sigmoid loss of the B local image rows against the N gathered texts (the local rows'
     texts at offset..offset+B-1), in chunk_size x chunk_size blocks; computed in at least float32."""
     if not 0 <= offset <= all_txt.shape[0] - local_img.shape[0]:
         raise ValueError(
-            f"offset {offset} puts {local_img.shape[0]} local rows outside {all_txt.shape[0]} gathered rows")
-    return _ChunkedSigLip.apply(local_img, all_txt, scale.reshape(()), None if bias is None else bias.reshape(()),
-                                offset, chunk_size)
+            f"offset {offset} puts {local_img.shape[0]} local rows outside {all_txt.shape[0]} gathered rows"
+        )
+    return _ChunkedSigLip.apply(
+        local_img, all_txt, scale.reshape(()), None if bias is None else bias.reshape(()), offset, chunk_size
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,8 +576,9 @@ LOSS_REGISTRY: dict[str, type[_DataParallelLoss] | str] = {
 def loss_class(loss_type: str) -> type[_DataParallelLoss]:
     """The class registered for ``loss_type`` (``loss.type``), importing a deferred one."""
     if loss_type not in LOSS_REGISTRY:
-        raise ConfigError(f"unknown loss type {loss_type!r}; allowed types: {', '.join(sorted(LOSS_REGISTRY))} "
-                          "(loss.type)")
+        raise ConfigError(
+            f"unknown loss type {loss_type!r}; allowed types: {', '.join(sorted(LOSS_REGISTRY))} (loss.type)"
+        )
     entry = LOSS_REGISTRY[loss_type]
     if isinstance(entry, str):
         import importlib
@@ -601,12 +613,14 @@ def loss_arguments(loss_cfg: LossSettings | Mapping | None = None) -> tuple[str,
             takers = sorted(t for t in LOSS_REGISTRY if key in loss_options(t))
             raise ConfigError(
                 f"loss.{key}={value!r} is an option of loss.type {' or '.join(takers)}, not {loss_type}: "
-                f"set loss.type={takers[0]}, or leave loss.{key} at its default")
+                f"set loss.type={takers[0]}, or leave loss.{key} at its default"
+            )
     if arguments.get("local_loss", True) and arguments.get("gather_with_grad", True) is False:
         raise ConfigError(
             "loss.local_loss=true with loss.gather_with_grad=false drops the gradient other ranks' rows send "
             "to this rank's features (wrong gradients with more than one rank): set loss.gather_with_grad=true "
-            "(or loss.local_loss=false)")
+            "(or loss.local_loss=false)"
+        )
     return loss_type, arguments
 
 

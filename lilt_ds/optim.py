@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
@@ -24,15 +24,22 @@ TOWERS = ("vision", "text")
 
 def group_options(cfg) -> dict:
     """The keyword arguments of ``param_groups`` that the experiment config sets."""
-    return {"weight_decay": cfg.train.weight_decay,
-            "lr_scale": dataclasses.asdict(cfg.train.lr_scale),
-            "layer_decay": {tower: getattr(cfg.model, tower).layer_decay for tower in TOWERS},
-            "no_weight_decay": list(cfg.train.no_weight_decay)}
+    return {
+        "weight_decay": cfg.train.weight_decay,
+        "lr_scale": dataclasses.asdict(cfg.train.lr_scale),
+        "layer_decay": {tower: getattr(cfg.model, tower).layer_decay for tower in TOWERS},
+        "no_weight_decay": list(cfg.train.no_weight_decay),
+    }
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                 lr_scale: Mapping[str, float] | None = None, layer_decay: Mapping[str, float | None] | None = None,
-                 no_weight_decay: Iterable[str] = ()) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    lr_scale: Mapping[str, float] | None = None,
+    layer_decay: Mapping[str, float | None] | None = None,
+    no_weight_decay: Iterable[str] = (),
+) -> list[dict]:
     """Trainable parameters only, grouped by learning-rate factor, each factor in two groups: decayed
     matrices, and undecayed biases, norms, scalars and the names matching a ``no_weight_decay`` regex.
 
@@ -66,8 +73,9 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
     return out
 
 
-def parameter_lr_factors(model: nn.Module, lr_scale: Mapping[str, float],
-                         layer_decay: Mapping[str, float | None]) -> dict[str, float]:
+def parameter_lr_factors(
+    model: nn.Module, lr_scale: Mapping[str, float], layer_decay: Mapping[str, float | None]
+) -> dict[str, float]:
     """Every parameter's learning-rate factor: its tower's scale (heads: the projections and the logit
     scale and bias) times its layer's decay."""
     factors = {}
@@ -75,7 +83,7 @@ def parameter_lr_factors(model: nn.Module, lr_scale: Mapping[str, float],
     for tower, module in towers.items():
         decay = layer_decay.get(tower)
         layers = tower_layer_ids(module, tower, decay) if module is not None and decay is not None else {}
-        for name, p in (module.named_parameters() if module is not None else ()):
+        for name, p in module.named_parameters() if module is not None else ():
             factor = float(lr_scale.get(tower, 1.0))
             if decay is not None:
                 depth = layers[None]
@@ -92,8 +100,10 @@ def tower_layer_ids(tower: nn.Module, kind: str, decay) -> dict:
     last); key None holds the depth. Refuses a tower without transformer blocks."""
     blocks = transformer_blocks(tower)
     if not blocks:
-        raise ConfigError(f"model.{kind}.layer_decay = {decay!r}: the {kind} tower {tower.model_name!r} has no "
-                          f"transformer blocks to decay by; set model.{kind}.layer_decay=null")
+        raise ConfigError(
+            f"model.{kind}.layer_decay = {decay!r}: the {kind} tower {tower.model_name!r} has no "
+            f"transformer blocks to decay by; set model.{kind}.layer_decay=null"
+        )
     prefixes = [(f"trunk.{name}.", index) for index, name in blocks]  # block names are the trunk's
     depth = max(index for index, _ in blocks) + 1
     ids, seen_block = {None: depth}, False
@@ -112,8 +122,15 @@ class WarmupConstantCooldownLR:
     Compute-Optimal Training Beyond Fixed Training Durations"), each group at its own rate times the
     ratio: DeepSpeed's scheduler interface, so checkpoints save and restore it."""
 
-    def __init__(self, optimizer, total_num_steps: int, warmup_num_steps: int, cooldown_num_steps: int,
-                 min_ratio: float = 0.0, last_batch_iteration: int = -1):
+    def __init__(
+        self,
+        optimizer,
+        total_num_steps: int,
+        warmup_num_steps: int,
+        cooldown_num_steps: int,
+        min_ratio: float = 0.0,
+        last_batch_iteration: int = -1,
+    ):
         self.optimizer = optimizer
         self.total_num_steps = total_num_steps
         self.warmup_num_steps = max(1, warmup_num_steps)
@@ -137,8 +154,9 @@ class WarmupConstantCooldownLR:
         return [lr * ratio for lr in self.org_lrs]
 
     def step(self, last_batch_iteration: int | None = None) -> None:
-        self.last_batch_iteration = (self.last_batch_iteration + 1 if last_batch_iteration is None
-                                     else last_batch_iteration)
+        self.last_batch_iteration = (
+            self.last_batch_iteration + 1 if last_batch_iteration is None else last_batch_iteration
+        )
         self._last_lr = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
@@ -156,6 +174,10 @@ class WarmupConstantCooldownLR:
 def build_scheduler(optimizer, cfg, total_steps: int) -> WarmupConstantCooldownLR:
     """``train.schedule=constant_cooldown``'s scheduler for ``optimizer`` (DeepSpeed has none like it)."""
     train = cfg.train
-    return WarmupConstantCooldownLR(optimizer, total_steps, warmup_num_steps=min(train.warmup_steps, total_steps),
-                                    cooldown_num_steps=max(1, math.ceil(total_steps * train.cooldown_fraction)),
-                                    min_ratio=train.min_lr / train.lr)
+    return WarmupConstantCooldownLR(
+        optimizer,
+        total_steps,
+        warmup_num_steps=min(train.warmup_steps, total_steps),
+        cooldown_num_steps=max(1, math.ceil(total_steps * train.cooldown_fraction)),
+        min_ratio=train.min_lr / train.lr,
+    )

@@ -61,7 +61,9 @@ def _check_value(flag: str, value, allowed) -> None:
 def _set(cfg, key: str, value, flag: str, explicit: dict) -> None:
     """Set a dotted key for ``flag``, unless an override of ours gave it another value."""
     if key in explicit and explicit[key] != value:
-        raise ConfigError(f"{flag} sets {key}={value}, but the overrides also set {key}={explicit[key]}: keep one of them")
+        raise ConfigError(
+            f"{flag} sets {key}={value}, but the overrides also set {key}={explicit[key]}: keep one of them"
+        )
     *parents, leaf = key.split(".")
     node = cfg
     for part in parents:
@@ -80,8 +82,10 @@ def apply_flags(cfg, flags: dict, explicit: dict) -> None:
         locked = (bool(flags.get("freeze_vision_encoder")), bool(flags.get("freeze_text_encoder")))
         mode = {(False, False): "clip", (True, False): "lit", (True, True): "lilt"}.get(locked)
         if mode is None:
-            raise ConfigError("freeze_text_encoder=True without freeze_vision_encoder=True: lilt_ds locks the text "
-                              "tower only together with the image tower; add freeze_vision_encoder=True (mode=lilt)")
+            raise ConfigError(
+                "freeze_text_encoder=True without freeze_vision_encoder=True: lilt_ds locks the text "
+                "tower only together with the image tower; add freeze_vision_encoder=True (mode=lilt)"
+            )
         _set(cfg, "mode", mode, "freeze_vision_encoder / freeze_text_encoder", explicit)
     locked_towers = LOCKED_TOWERS.get(cfg["mode"], ())
     for flag, (item, allowed) in UNLOCK_FLAGS.items():
@@ -91,13 +95,17 @@ def apply_flags(cfg, flags: dict, explicit: dict) -> None:
         towers = SCOPES[flags[flag]]
         trained = [kind for kind in towers if kind not in locked_towers]
         if item == "adapters" and trained:
-            raise ConfigError(f"{flag}={flags[flag]} inserts adapters into the {' and '.join(trained)} tower, which "
-                              f"mode={cfg['mode']} trains whole: lilt_ds adds adapters to locked towers only; "
-                              "lock it (freeze_*_encoder=True) or limit the flag (vision_only / language_only)")
+            raise ConfigError(
+                f"{flag}={flags[flag]} inserts adapters into the {' and '.join(trained)} tower, which "
+                f"mode={cfg['mode']} trains whole: lilt_ds adds adapters to locked towers only; "
+                "lock it (freeze_*_encoder=True) or limit the flag (vision_only / language_only)"
+            )
         if towers and not set(towers) & set(locked_towers):
-            raise ConfigError(f"{flag}={flags[flag]} unlocks parts of a locked tower, but mode={cfg['mode']} locks "
-                              f"no {' or '.join(towers)} tower; add freeze_vision_encoder=True (and "
-                              "freeze_text_encoder=True)")
+            raise ConfigError(
+                f"{flag}={flags[flag]} unlocks parts of a locked tower, but mode={cfg['mode']} locks "
+                f"no {' or '.join(towers)} tower; add freeze_vision_encoder=True (and "
+                "freeze_text_encoder=True)"
+            )
         for kind in towers:
             unlock = list(cfg["model"][kind]["unlock"] or [])
             if kind in locked_towers and item not in unlock:
@@ -106,8 +114,13 @@ def apply_flags(cfg, flags: dict, explicit: dict) -> None:
             _set(cfg, "model.vision.adapter_position", "branch_input", flag, explicit)
     if "conventional_adapter.reduction_factor" in flags:
         for kind in ("vision", "text"):
-            _set(cfg, f"model.{kind}.adapter_reduction", flags["conventional_adapter.reduction_factor"],
-                 "conventional_adapter.reduction_factor", explicit)
+            _set(
+                cfg,
+                f"model.{kind}.adapter_reduction",
+                flags["conventional_adapter.reduction_factor"],
+                "conventional_adapter.reduction_factor",
+                explicit,
+            )
     if "temp" in flags:
         temp = flags["temp"]
         if not isinstance(temp, (int, float)) or isinstance(temp, bool) or temp <= 0:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 

@@ -54,8 +54,13 @@ def start_wandb(cfg, output_dir: str):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_credentials() else "offline")
-        return wandb.init(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name, dir=output_dir,
-                          config=cfg.to_dict(), mode=mode)
+        return wandb.init(
+            project=cfg.logging.wandb_project,
+            name=cfg.logging.wandb_run_name,
+            dir=output_dir,
+            config=cfg.to_dict(),
+            mode=mode,
+        )
     except Exception as e:  # noqa: BLE001 - wandb must never fail a run
         log.warning("wandb unavailable (%s: %s): continuing without it", type(e).__name__, e)
         return None
@@ -113,8 +118,7 @@ class MetricLogger:
         record = {"step": step, "epoch": epoch, "time": time.time(), **metrics}
         with open(self.results_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("eval epoch %d step %d: %s", epoch, step,
-                 " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        log.info("eval epoch %d step %d: %s", epoch, step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
         if self.wandb is not None:
             self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
 

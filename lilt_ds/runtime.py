@@ -39,8 +39,10 @@ def local_rank() -> int:
     except ValueError:
         rank = -1
     if rank < 0:
-        raise ConfigError(f"environment variable LOCAL_RANK={value!r} is not a rank: start the run with the "
-                          "deepspeed launcher, or unset LOCAL_RANK for a single process")
+        raise ConfigError(
+            f"environment variable LOCAL_RANK={value!r} is not a rank: start the run with the "
+            "deepspeed launcher, or unset LOCAL_RANK for a single process"
+        )
     return rank
 
 
@@ -64,7 +66,8 @@ def bind_device() -> torch.device:
     if rank >= count:
         raise ConfigError(
             f"LOCAL_RANK={rank} but this machine has {count} {accel.device_name()} device(s): start at most "
-            f"{count} process(es) per node (deepspeed --num_gpus {count}, or a hostfile with slots={count})")
+            f"{count} process(es) per node (deepspeed --num_gpus {count}, or a hostfile with slots={count})"
+        )
     accel.set_device(rank)
     return torch.device(accel.device_name(rank))
 
@@ -107,8 +110,10 @@ def announced_build(name: str, what: str):
         return
     seconds = BUILD_SECONDS.get(name)
     about = f", about {seconds} s on a 2-core CPU" if seconds else ""
-    announce(f"building {what} ({name}; first run in this environment{about}; later runs load it from "
-             "torch's extension cache)...")
+    announce(
+        f"building {what} ({name}; first run in this environment{about}; later runs load it from "
+        "torch's extension cache)..."
+    )
     started = time.perf_counter()
     yield
     announce(f"built {name} in {time.perf_counter() - started:.0f} s")
@@ -179,7 +184,7 @@ def process_group_scope():
 class DeviceFacts:
     """What a device runs well: its type and whether it computes bf16 natively (and why we think so)."""
 
-    type: str            # cuda | cpu | another accelerator's name
+    type: str  # cuda | cpu | another accelerator's name
     name: str
     native_bf16: bool
     reason: str
@@ -189,8 +194,12 @@ class DeviceFacts:
         return self.type != "cpu"
 
 
-GPU_TARGET = DeviceFacts("cuda", "a GPU of compute capability 8.0 or newer", True,
-                         "the estimate assumes a GPU of compute capability 8.0 or newer (A100, H100, L4, ...)")
+GPU_TARGET = DeviceFacts(
+    "cuda",
+    "a GPU of compute capability 8.0 or newer",
+    True,
+    "the estimate assumes a GPU of compute capability 8.0 or newer (A100, H100, L4, ...)",
+)
 """What the memory estimator plans for when the ds_config leaves a device choice on "auto"."""
 
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 / AMX, Arm's BF16 extension
@@ -218,12 +227,20 @@ def present_device() -> DeviceFacts:
         name = torch.cuda.get_device_name(index)
         major, minor = torch.cuda.get_device_capability(index)
         native = major >= 8
-        return DeviceFacts("cuda", name, native, f"{name} has compute capability {major}.{minor} "
-                           + ("(8.0+ runs bf16 natively)" if native else "(bf16 needs 8.0+; fp32 instead)"))
+        return DeviceFacts(
+            "cuda",
+            name,
+            native,
+            f"{name} has compute capability {major}.{minor} "
+            + ("(8.0+ runs bf16 natively)" if native else "(bf16 needs 8.0+; fp32 instead)"),
+        )
     if kind == "cpu":
         found = sorted(set(_CPU_BF16_FLAGS) & cpu_flags())
-        reason = (f"this CPU has {', '.join(found)}" if found else
-                  "this CPU has no AVX512-BF16, AMX or Arm BF16 instructions: bf16 would be emulated, fp32 is faster")
+        reason = (
+            f"this CPU has {', '.join(found)}"
+            if found
+            else "this CPU has no AVX512-BF16, AMX or Arm BF16 instructions: bf16 would be emulated, fp32 is faster"
+        )
         return DeviceFacts("cpu", "cpu", bool(found), reason)
     return DeviceFacts(kind, kind, bool(accel.is_bf16_supported()), f"the {kind} accelerator reports its bf16 support")
 

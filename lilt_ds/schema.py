@@ -15,9 +15,11 @@ import copy
 import dataclasses
 import difflib
 import re
+import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Union
 
 from .errors import ConfigError
 
@@ -46,12 +48,19 @@ class Int(Rule):
         self.text = "an integer" + ("" if minimum is None else f" >= {minimum}")
 
     def accepts(self, value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and (self.minimum is None or value >= self.minimum)
+        return (
+            isinstance(value, int) and not isinstance(value, bool) and (self.minimum is None or value >= self.minimum)
+        )
 
 
 class Number(Rule):
-    def __init__(self, minimum: float | None = None, positive: bool = False, below: float | None = None,
-                 maximum: float | None = None):
+    def __init__(
+        self,
+        minimum: float | None = None,
+        positive: bool = False,
+        below: float | None = None,
+        maximum: float | None = None,
+    ):
         self.minimum, self.positive, self.below, self.maximum = minimum, positive, below, maximum
         bounds = ["> 0"] if positive else ([f">= {minimum:g}"] if minimum is not None else [])
         bounds += [f"< {below:g}"] if below is not None else []
@@ -61,8 +70,12 @@ class Number(Rule):
     def accepts(self, value) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        return ((not self.positive or value > 0) and (self.minimum is None or value >= self.minimum)
-                and (self.below is None or value < self.below) and (self.maximum is None or value <= self.maximum))
+        return (
+            (not self.positive or value > 0)
+            and (self.minimum is None or value >= self.minimum)
+            and (self.below is None or value < self.below)
+            and (self.maximum is None or value <= self.maximum)
+        )
 
     def normalise(self, value):
         return float(value)
@@ -150,23 +163,39 @@ class ListOf(Rule):
         self.text = ("a non-empty list" if min_items else "a list") + f" of {items[:noun_end]}s{items[noun_end:]}"
 
     def accepts(self, value) -> bool:
-        return isinstance(value, (list, tuple)) and len(value) >= self.min_items and all(self.rule.accepts(v)
-                                                                                           for v in value)
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) >= self.min_items
+            and all(self.rule.accepts(v) for v in value)
+        )
 
     def normalise(self, value):
         return [self.rule.normalise(v) for v in value]
 
 
 # ---------------------------------------------------------------------------------- fields
-def setting(default: Any, help: str, *, expect: str | None = None, minimum: float | None = None,
-            positive: bool = False, below: float | None = None, maximum: float | None = None,
-            rule: Rule | None = None, convert: Callable[[Any], Any] | None = None):
+def setting(
+    default: Any,
+    help: str,
+    *,
+    expect: str | None = None,
+    minimum: float | None = None,
+    positive: bool = False,
+    below: float | None = None,
+    maximum: float | None = None,
+    rule: Rule | None = None,
+    convert: Callable[[Any], Any] | None = None,
+):
     """A config field: its default and help; its check is derived from its type with these bounds
     (``rule`` replaces the derived one; ``convert`` turns a convenient spelling into the typed form
     first, as a single path into a list; ``expect`` words what the check accepts)."""
-    metadata = {"help": help, "expect": expect, "bounds": dict(minimum=minimum, positive=positive, below=below,
-                                                                  maximum=maximum),
-                "rule": rule, "convert": convert}
+    metadata = {
+        "help": help,
+        "expect": expect,
+        "bounds": dict(minimum=minimum, positive=positive, below=below, maximum=maximum),
+        "rule": rule,
+        "convert": convert,
+    }
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -201,9 +230,11 @@ class LoraSettings:
     rank: int = setting(8, "LoRA rank r", minimum=1)
     alpha: float = setting(16.0, "LoRA scaling alpha (the update is scaled by alpha / r)", positive=True)
     dropout: float = setting(0.0, "dropout on the LoRA branch's input", minimum=0.0, below=1.0)
-    target_modules: Union[str, list[str], None] = setting(
-        None, "module name pattern(s) LoRA wraps; null: the tower's attention projections",
-        expect="a module name pattern or a list of them, or null")
+    target_modules: str | list[str] | None = setting(
+        None,
+        "module name pattern(s) LoRA wraps; null: the tower's attention projections",
+        expect="a module name pattern or a list of them, or null",
+    )
 
 
 @dataclass(frozen=True)
@@ -211,59 +242,78 @@ class TowerSettings:
     """What the two towers share."""
 
     name: str = setting("base", "the tower")
-    pretrained: Union[bool, str] = setting(True, "where the weights come from",
-                                           expect="true, false or a weights source")
-    unlock: list[str] = setting([], "what trains in a locked tower: ln, bitfit, adapters, attn, mlp, top_k:K, lora",
-                                convert=_as_list)
+    pretrained: bool | str = setting(True, "where the weights come from", expect="true, false or a weights source")
+    unlock: list[str] = setting(
+        [], "what trains in a locked tower: ln, bitfit, adapters, attn, mlp, top_k:K, lora", convert=_as_list
+    )
     adapter_reduction: int = setting(4, "bottleneck adapters: the tower's width divided by this", minimum=1)
     adapter_position: Literal["output", "branch_input"] = setting(
-        "output", "output (Houlsby: after the attention/MLP output projection) | branch_input (before "
-        "norm1/norm2, the residual untouched: the original LilT's ViT)")
+        "output",
+        "output (Houlsby: after the attention/MLP output projection) | branch_input (before "
+        "norm1/norm2, the residual untouched: the original LilT's ViT)",
+    )
     lora: LoraSettings = section(LoraSettings, "LoRA of unlock: [lora]")
     grad_checkpointing: bool = setting(False, "activation checkpointing of the tower's blocks (a tower that trains)")
-    layer_decay: Optional[float] = setting(
-        None, "layer-wise lr decay (EVA-CLIP --visual-ld/--text-ld): block i gets lr x ld^(depth - i); null = off",
-        positive=True, maximum=1.0)
+    layer_decay: float | None = setting(
+        None,
+        "layer-wise lr decay (EVA-CLIP --visual-ld/--text-ld): block i gets lr x ld^(depth - i); null = off",
+        positive=True,
+        maximum=1.0,
+    )
 
 
 @dataclass(frozen=True)
 class VisionSettings(TowerSettings):
     name: str = setting("base", "tiny|small|base|large (DeiT/ViT patch 16) or any timm model name")
-    pretrained: Union[bool, str] = setting(
-        True, "true (timm's default weights) | false | hf-hub:ORG/NAME | local-dir:DIR | FILE.pth/.safetensors | "
-        "pkg:PACKAGE", expect="true, false or a weights source")
-    patch_dropout: float = setting(0.0, "ViTs: fraction of patch tokens each training sample drops (FLIP, "
-                                        "OpenCLIP's patch_dropout); evaluation keeps all", minimum=0.0, maximum=0.9)
+    pretrained: bool | str = setting(
+        True,
+        "true (timm's default weights) | false | hf-hub:ORG/NAME | local-dir:DIR | FILE.pth/.safetensors | pkg:PACKAGE",
+        expect="true, false or a weights source",
+    )
+    patch_dropout: float = setting(
+        0.0,
+        "ViTs: fraction of patch tokens each training sample drops (FLIP, "
+        "OpenCLIP's patch_dropout); evaluation keeps all",
+        minimum=0.0,
+        maximum=0.9,
+    )
 
 
 @dataclass(frozen=True)
 class TextSettings(TowerSettings):
     name: str = setting("base", "tiny|small|base|large (BERT) or a Hugging Face model name or folder")
-    pretrained: Union[bool, str] = setting(
-        True, "true (the preset's hub weights, or `name`) | false | hub name | local folder | pkg:PACKAGE",
-        expect="true, false or a weights source")
+    pretrained: bool | str = setting(
+        True,
+        "true (the preset's hub weights, or `name`) | false | hub name | local folder | pkg:PACKAGE",
+        expect="true, false or a weights source",
+    )
     adapter_position: Literal["output", "branch_input"] = setting(
-        "output", "BERT is post-norm: output only (the original LilT's place too)")
-    tokenizer: Optional[str] = setting(None, "null -> from the weights' source")
+        "output", "BERT is post-norm: output only (the original LilT's place too)"
+    )
+    tokenizer: str | None = setting(None, "null -> from the weights' source")
     pooling: Literal["cls", "mean"] = setting("cls", "the sentence embedding: the [CLS] token or the mean of tokens")
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    init_from: Optional[str] = setting(
-        None, "start from one pretrained pair: open_clip:ARCH | hf:NAME_OR_FOLDER; or from an original LilT run: "
-        "lilt:checkpoint_XX.pth")
-    init_weights: Optional[str] = setting(
-        None, "open_clip: a pretrained tag, a weights file (null: the folder's / hub's weights, random for a bare ARCH)")
+    init_from: str | None = setting(
+        None,
+        "start from one pretrained pair: open_clip:ARCH | hf:NAME_OR_FOLDER; or from an original LilT run: "
+        "lilt:checkpoint_XX.pth",
+    )
+    init_weights: str | None = setting(
+        None, "open_clip: a pretrained tag, a weights file (null: the folder's / hub's weights, random for a bare ARCH)"
+    )
     embed_dim: int = setting(256, "the shared embedding's width (a pair keeps its own)", minimum=1)
-    image_size: Optional[int] = setting(
-        None, "null -> 256 for timm towers (the paper's), the pair's (or lilt: checkpoint's) own size with "
-        "model.init_from", minimum=8)
+    image_size: int | None = setting(
+        None,
+        "null -> 256 for timm towers (the paper's), the pair's (or lilt: checkpoint's) own size with model.init_from",
+        minimum=8,
+    )
     freeze_projections: bool = setting(False, "the two projections keep their initial weights")
     freeze_logit_scale: bool = setting(False, "the temperature keeps its initial value")
-    init_logit_scale: Optional[float] = setting(None, "log of the logit multiplier; null -> ln(1/0.07) (ln 10 for "
-                                                      "siglip)")
-    init_logit_bias: Optional[float] = setting(None, "null -> none (-10 for siglip)")
+    init_logit_scale: float | None = setting(None, "log of the logit multiplier; null -> ln(1/0.07) (ln 10 for siglip)")
+    init_logit_bias: float | None = setting(None, "null -> none (-10 for siglip)")
     vision: VisionSettings = section(VisionSettings, "the image tower")
     text: TextSettings = section(TextSettings, "the text tower")
 
@@ -271,21 +321,26 @@ class ModelSettings:
 @dataclass(frozen=True)
 class MemorySettings:
     frozen_recompute: bool = setting(
-        False, "frozen MLPs/attention of a lilt tower keep only their input (lilt_ds.models.recompute): fewer "
-        "activations for more step time; ZeRO 0-2 only")
+        False,
+        "frozen MLPs/attention of a lilt tower keep only their input (lilt_ds.models.recompute): fewer "
+        "activations for more step time; ZeRO 0-2 only",
+    )
 
 
 @dataclass(frozen=True)
 class LossSettings:
     type: str = setting("clip", "clip | siglip | chunked | fused (lilt_ds.losses.LOSS_REGISTRY)")
-    local_loss: bool = setting(True, "each rank computes its rows' loss against the gathered batch (OpenCLIP's "
-                                     "--local-loss)")
+    local_loss: bool = setting(
+        True, "each rank computes its rows' loss against the gathered batch (OpenCLIP's --local-loss)"
+    )
     gather_with_grad: bool = setting(True, "gradients flow through the feature gather (OpenCLIP's --gather-with-grad)")
     chunk_size: int = setting(4096, "chunked, fused and siglip: rows x columns of one block of logits", minimum=1)
-    tile_rows: Optional[int] = setting(None, "fused: rows of one tile of dot products; null = the kernel's default",
-                                       minimum=1)
-    tile_cols: Optional[int] = setting(None, "(C++ CPU kernel 256 x 256; Triton rounds to a power of two in "
-                                             "16..128, default 64 x 64)", minimum=1)
+    tile_rows: int | None = setting(
+        None, "fused: rows of one tile of dot products; null = the kernel's default", minimum=1
+    )
+    tile_cols: int | None = setting(
+        None, "(C++ CPU kernel 256 x 256; Triton rounds to a power of two in 16..128, default 64 x 64)", minimum=1
+    )
 
 
 @dataclass(frozen=True)
@@ -293,23 +348,33 @@ class AugmentSettings:
     """The training images' augmentation; null = the preset's value (resolved when the config loads)."""
 
     preset: Literal["lilt", "openclip", "none"] = setting(
-        "lilt", "lilt (the original recipe) | openclip (its default: mild crop only) | none (the eval resize)")
-    scale: Optional[list[float]] = setting(
-        None, "RandomResizedCrop area range [low, high]: lilt [0.2, 1.0], openclip [0.9, 1.0]",
-        expect="[low, high], or null", rule=Nullable(ListOf(Number())))
-    ratio: Optional[list[float]] = setting(None, "its aspect-ratio range: [0.75, 1.333]", expect="[low, high], or null",
-                                           rule=Nullable(ListOf(Number())))
-    interpolation: Optional[Literal["bicubic", "bilinear", "nearest"]] = setting(
-        None, "bicubic | bilinear | nearest: bicubic")
-    hflip: Optional[bool] = setting(None, "random horizontal flip: lilt true, openclip/none false")
-    randaugment: Union[str, bool, None] = setting(
-        None, 'a timm RandAugment string or false: lilt "rand-m7-n2", openclip/none false',
+        "lilt", "lilt (the original recipe) | openclip (its default: mild crop only) | none (the eval resize)"
+    )
+    scale: list[float] | None = setting(
+        None,
+        "RandomResizedCrop area range [low, high]: lilt [0.2, 1.0], openclip [0.9, 1.0]",
+        expect="[low, high], or null",
+        rule=Nullable(ListOf(Number())),
+    )
+    ratio: list[float] | None = setting(
+        None, "its aspect-ratio range: [0.75, 1.333]", expect="[low, high], or null", rule=Nullable(ListOf(Number()))
+    )
+    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = setting(
+        None, "bicubic | bilinear | nearest: bicubic"
+    )
+    hflip: bool | None = setting(None, "random horizontal flip: lilt true, openclip/none false")
+    randaugment: str | bool | None = setting(
+        None,
+        'a timm RandAugment string or false: lilt "rand-m7-n2", openclip/none false',
         expect='a timm RandAugment string such as "rand-m7-n2", or false (off)',
-        rule=Nullable(Either(Str(), IsFalse())))
-    color_jitter: Union[float, list[float], None] = setting(
-        None, "strength s (brightness, contrast, saturation) or [b, c, s, h]: 0 (off)",
-        expect="a number, [brightness, contrast, saturation, hue], or null")
-    grayscale: Optional[float] = setting(None, "probability of a grey image: 0 (off)", minimum=0.0, maximum=1.0)
+        rule=Nullable(Either(Str(), IsFalse())),
+    )
+    color_jitter: float | list[float] | None = setting(
+        None,
+        "strength s (brightness, contrast, saturation) or [b, c, s, h]: 0 (off)",
+        expect="a number, [brightness, contrast, saturation, hue], or null",
+    )
+    grayscale: float | None = setting(None, "probability of a grey image: 0 (off)", minimum=0.0, maximum=1.0)
 
 
 @dataclass(frozen=True)
@@ -325,44 +390,66 @@ class DemoSettings:
 @dataclass(frozen=True)
 class DataSettings:
     train_files: list[str] = setting(
-        [], "JSON files in the original format; empty (and no shards) -> the built-in demo data",
-        expect="a list of JSON file paths (empty for the built-in demo)", convert=_as_list, rule=ListOf(Str()))
-    train_shards: Union[str, list[str], None] = setting(
-        None, 'tar shards (WebDataset layout) instead: "/d/shard-{000000..000099}.tar" or a list',
+        [],
+        "JSON files in the original format; empty (and no shards) -> the built-in demo data",
+        expect="a list of JSON file paths (empty for the built-in demo)",
+        convert=_as_list,
+        rule=ListOf(Str()),
+    )
+    train_shards: str | list[str] | None = setting(
+        None,
+        'tar shards (WebDataset layout) instead: "/d/shard-{000000..000099}.tar" or a list',
         expect='a brace pattern such as "/data/shard-{000000..000099}.tar", a list of .tar files, or null',
-        convert=_as_list_or_none, rule=Nullable(ListOf(Str(), min_items=1)))
-    shuffle_buffer: int = setting(1000, "shards: samples each DataLoader worker mixes across its shards (0: off)",
-                                  minimum=0)
-    index_cache: Optional[str] = setting(
-        "auto", "JSON index cache: auto (beside the JSON, else $LILT_DS_CACHE/caption-index) | a folder | null",
-        expect="auto, a folder, or null (no cache)")
+        convert=_as_list_or_none,
+        rule=Nullable(ListOf(Str(), min_items=1)),
+    )
+    shuffle_buffer: int = setting(
+        1000, "shards: samples each DataLoader worker mixes across its shards (0: off)", minimum=0
+    )
+    index_cache: str | None = setting(
+        "auto",
+        "JSON index cache: auto (beside the JSON, else $LILT_DS_CACHE/caption-index) | a folder | null",
+        expect="auto, a folder, or null (no cache)",
+    )
     cache_locked_features: bool = setting(
-        False, "a fully locked image tower's features computed once, read every later epoch (train_files)")
-    cache_views: int = setting(1, "cached views per image; epoch e reads view e mod K; 1: the eval resize, K > 1: K "
-                                  "augmented views", minimum=1)
-    image_root: Union[str, dict, None] = setting(
-        None, 'null | "/root" | {from: "/old", to: "/new"}', expect='a folder, {from: "/old", to: "/new"}, or null',
-        rule=Nullable(Either(Str(), AnyMapping())))
-    eval_file: Optional[str] = setting(None, "retrieval JSON; null with demo data -> the demo eval split",
-                                       expect="a path or null")
-    eval_image_root: Union[str, dict, None] = setting(
-        None, "as image_root, for eval_file", expect='a folder, {from: "/old", to: "/new"}, or null',
-        rule=Nullable(Either(Str(), AnyMapping())))
-    on_bad_sample: Literal["error", "skip"] = setting("error", "an unreadable entry stops the run, or is replaced "
-                                                               "and counted")
-    max_bad_fraction: float = setting(0.01, "skip: the share of bad entries a run tolerates", minimum=0.0,
-                                      maximum=1.0)
+        False, "a fully locked image tower's features computed once, read every later epoch (train_files)"
+    )
+    cache_views: int = setting(
+        1, "cached views per image; epoch e reads view e mod K; 1: the eval resize, K > 1: K augmented views", minimum=1
+    )
+    image_root: str | dict | None = setting(
+        None,
+        'null | "/root" | {from: "/old", to: "/new"}',
+        expect='a folder, {from: "/old", to: "/new"}, or null',
+        rule=Nullable(Either(Str(), AnyMapping())),
+    )
+    eval_file: str | None = setting(
+        None, "retrieval JSON; null with demo data -> the demo eval split", expect="a path or null"
+    )
+    eval_image_root: str | dict | None = setting(
+        None,
+        "as image_root, for eval_file",
+        expect='a folder, {from: "/old", to: "/new"}, or null',
+        rule=Nullable(Either(Str(), AnyMapping())),
+    )
+    on_bad_sample: Literal["error", "skip"] = setting(
+        "error", "an unreadable entry stops the run, or is replaced and counted"
+    )
+    max_bad_fraction: float = setting(0.01, "skip: the share of bad entries a run tolerates", minimum=0.0, maximum=1.0)
     clean_captions: bool = setting(True, "the original's caption cleaning: lower case, punctuation stripped")
     max_words: int = setting(30, "captions are cut to this many words", minimum=1)
     max_length: int = setting(25, "tokens of a training caption", minimum=1)
     eval_max_length: int = setting(30, "tokens of an evaluation caption", minimum=1)
     augment: AugmentSettings = section(AugmentSettings, "the training images' augmentation; null = the preset's value")
-    num_workers: Union[Literal["auto"], int] = setting(
-        "auto", "DataLoader workers per rank: auto = 2 on the CPU; on a GPU the CPUs per local rank less one, at most 8",
-        expect="auto or an integer >= 0", rule=Either(OneOf("auto"), Int(0)))
-    pin_memory: Union[Literal["auto"], bool] = setting(
-        "auto", "auto = pinned host memory on a GPU (asynchronous copies), off on the CPU",
-        expect="auto, true or false")
+    num_workers: Literal["auto"] | int = setting(
+        "auto",
+        "DataLoader workers per rank: auto = 2 on the CPU; on a GPU the CPUs per local rank less one, at most 8",
+        expect="auto or an integer >= 0",
+        rule=Either(OneOf("auto"), Int(0)),
+    )
+    pin_memory: Literal["auto"] | bool = setting(
+        "auto", "auto = pinned host memory on a GPU (asynchronous copies), off on the CPU", expect="auto, true or false"
+    )
     persistent_workers: bool = setting(True, "DataLoader workers live across epochs")
     demo: DemoSettings = section(DemoSettings, "the built-in demo data")
 
@@ -383,38 +470,44 @@ class LrScale:
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int = setting(15, "passes over the training data", minimum=1)
-    max_steps: Optional[int] = setting(None, "stop early after this many optimizer steps", minimum=1)
+    max_steps: int | None = setting(None, "stop early after this many optimizer steps", minimum=1)
     micro_batch_size: int = setting(128, "per GPU", minimum=1)
     grad_accum_steps: int = setting(1, "micro-batches per optimizer step", minimum=1)
     exact_accumulation: bool = setting(False, "re-encode micro-batches against cached features (OpenCLIP accum_freq)")
     lr: float = setting(1.0e-4, "peak learning rate", positive=True)
     min_lr: float = setting(1.0e-5, "the schedule's end", minimum=0.0)
-    lr_scale: LrScale = section(LrScale, "per-tower lr factors (EVA-CLIP --visual-lr/--text-lr); heads: projections, "
-                                         "logit scale")
+    lr_scale: LrScale = section(
+        LrScale, "per-tower lr factors (EVA-CLIP --visual-lr/--text-lr); heads: projections, logit scale"
+    )
     weight_decay: float = setting(0.02, "AdamW's decoupled weight decay", minimum=0.0)
     no_weight_decay: list[str] = setting(
-        [], "regexes of parameter names kept out of weight decay, besides biases, norms and scalars",
-        rule=_regex_list())
+        [], "regexes of parameter names kept out of weight decay, besides biases, norms and scalars", rule=_regex_list()
+    )
     schedule: Literal["cosine", "constant", "constant_cooldown"] = setting(
-        "cosine", "cosine (warmup, cosine to min_lr) | constant (warmup, then lr) | constant_cooldown")
-    cooldown_fraction: float = setting(0.2, "constant_cooldown: the last fraction of the steps decays linearly to "
-                                            "min_lr", positive=True, maximum=1.0)
+        "cosine", "cosine (warmup, cosine to min_lr) | constant (warmup, then lr) | constant_cooldown"
+    )
+    cooldown_fraction: float = setting(
+        0.2, "constant_cooldown: the last fraction of the steps decays linearly to min_lr", positive=True, maximum=1.0
+    )
     warmup_steps: int = setting(1000, "linear warmup from 0", minimum=0)
     grad_clip: float = setting(1.0, "global gradient norm clip (0: off)", minimum=0.0)
     log_every: int = setting(50, "optimizer steps between log lines", minimum=1)
-    max_nonfinite_steps: int = setting(5, "non-finite losses in a row (each step skipped) before the run stops",
-                                       minimum=1)
-    deterministic: bool = setting(False, "torch deterministic algorithms, deterministic cuDNN/cuBLAS (GPU runs repeat "
-                                         "bit for bit; slower)")
-    compile: Union[bool, str] = setting(
-        False, "torch.compile both towers (timm's --torchcompile): true (inductor) | a backend name | false; ZeRO 0-2",
-        expect="true, false or a torch.compile backend name")
+    max_nonfinite_steps: int = setting(
+        5, "non-finite losses in a row (each step skipped) before the run stops", minimum=1
+    )
+    deterministic: bool = setting(
+        False, "torch deterministic algorithms, deterministic cuDNN/cuBLAS (GPU runs repeat bit for bit; slower)"
+    )
+    compile: bool | str = setting(
+        False,
+        "torch.compile both towers (timm's --torchcompile): true (inductor) | a backend name | false; ZeRO 0-2",
+        expect="true, false or a torch.compile backend name",
+    )
 
 
 @dataclass(frozen=True)
 class CheckpointSettings:
-    every_steps: Optional[int] = setting(None, "a checkpoint every this many steps (and at each epoch's end)",
-                                         minimum=1)
+    every_steps: int | None = setting(None, "a checkpoint every this many steps (and at each epoch's end)", minimum=1)
     save_last_only: bool = setting(False, "keep only the newest checkpoint")
 
 
@@ -422,27 +515,29 @@ class CheckpointSettings:
 class ClassificationSettings:
     """Zero-shot classification during training (OpenCLIP --zeroshot-frequency)."""
 
-    data: Optional[str] = setting(None, "an ImageFolder-style folder or a JSON list of {image, label}; null = off")
-    image_root: Optional[str] = setting(None, "JSON with relative image paths: their folder")
-    classnames: Optional[str] = setting(None, "JSON with integer labels: a file of class names, one per line")
+    data: str | None = setting(None, "an ImageFolder-style folder or a JSON list of {image, label}; null = off")
+    image_root: str | None = setting(None, "JSON with relative image paths: their folder")
+    classnames: str | None = setting(None, "JSON with integer labels: a file of class names, one per line")
     templates: str = setting("a photo of a {}.", "one template, a file of them, or imagenet (CLIP's 80)")
     every_epochs: int = setting(1, "and after the last epoch; 0 = never", minimum=0)
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    every_epochs: int = setting(1, "retrieval on the eval split every this many epochs (and after the last); 0 = "
-                                   "never", minimum=0)
+    every_epochs: int = setting(
+        1, "retrieval on the eval split every this many epochs (and after the last); 0 = never", minimum=0
+    )
     batch_size: int = setting(128, "images per forward pass", minimum=1)
-    classification: ClassificationSettings = section(ClassificationSettings, "zero-shot classification during "
-                                                                             "training (OpenCLIP --zeroshot-frequency)")
+    classification: ClassificationSettings = section(
+        ClassificationSettings, "zero-shot classification during training (OpenCLIP --zeroshot-frequency)"
+    )
 
 
 @dataclass(frozen=True)
 class LoggingSettings:
     disable_wandb: bool = setting(True, "no Weights & Biases run")
     wandb_project: str = setting("lilt_ds", "its project")
-    wandb_run_name: Optional[str] = setting(None, "its run name; null: wandb's")
+    wandb_run_name: str | None = setting(None, "its run name; null: wandb's")
 
 
 @dataclass(frozen=True)
@@ -452,9 +547,10 @@ class ExperimentConfig:
     ``extras``, saved with the run, never read by lilt_ds)."""
 
     mode: Literal["clip", "lit", "lilt"] = setting(
-        "lilt", "clip | lit | lilt (docs/architecture.md): which towers are locked")
+        "lilt", "clip | lit | lilt (docs/architecture.md): which towers are locked"
+    )
     seed: int = setting(42, "seeds the towers' initialisation, the data order and augmentation", minimum=0)
-    output_dir: Optional[str] = setting(None, "null -> outputs/<config>-<timestamp>")
+    output_dir: str | None = setting(None, "null -> outputs/<config>-<timestamp>")
     model: ModelSettings = section(ModelSettings, "the towers, the projections and the temperature")
     memory: MemorySettings = section(MemorySettings, "memory savings that cost time")
     loss: LossSettings = section(LossSettings, "the contrastive loss")
@@ -518,10 +614,13 @@ class _Worded(Rule):
 
 def _rule_of_type(hint, bounds: dict) -> Rule:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
+    if origin in (Union, types.UnionType):  # Optional[X] / X | None
         members = [a for a in args if a is not type(None)]
-        inner = _rule_of_type(members[0], bounds) if len(members) == 1 else \
-            Either(*(_rule_of_type(a, bounds) for a in members))
+        inner = (
+            _rule_of_type(members[0], bounds)
+            if len(members) == 1
+            else Either(*(_rule_of_type(a, bounds) for a in members))
+        )
         return Nullable(inner) if type(None) in args else inner
     if origin is Literal:
         return OneOf(*args)
@@ -577,8 +676,9 @@ def unknown_key_error(key: str, source: str, aliases=()) -> ConfigError:
     """The error of a key the schema lacks, with the closest valid keys."""
     valid = dotted_keys(sections=True) + list(aliases)
     siblings = [k for k in valid if k.rpartition(".")[0] == key.rpartition(".")[0]]
-    close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.5) or difflib.get_close_matches(key, valid, n=3,
-                                                                                                   cutoff=0.5)
+    close = difflib.get_close_matches(key, siblings, n=3, cutoff=0.5) or difflib.get_close_matches(
+        key, valid, n=3, cutoff=0.5
+    )
     hint = f" Closest valid keys: {', '.join(close)}." if close else ""
     return ConfigError(f"unknown config key {key!r} in {source}.{hint} Use +{key}=VALUE to add a new key.")
 
@@ -654,9 +754,11 @@ def _yaml_value(value) -> str:
 
 def render_base_yaml() -> str:
     """``configs/_base.yaml``: every key with its default and help, as the schema says."""
-    lines = ["# Every valid key of an experiment config with its default, generated from lilt_ds/schema.py",
-             "# (python -m lilt_ds.schema; a test fails when this file is out of date). Presets override a",
-             "# subset; `--overrides key=value` changes one, `+key=value` adds one this file lacks."]
+    lines = [
+        "# Every valid key of an experiment config with its default, generated from lilt_ds/schema.py",
+        "# (python -m lilt_ds.schema; a test fails when this file is out of date). Presets override a",
+        "# subset; `--overrides key=value` changes one, `+key=value` adds one this file lacks.",
+    ]
 
     def emit(cls, indent: str) -> None:
         for f in user_fields(cls):
@@ -675,11 +777,15 @@ def render_base_yaml() -> str:
 
 def render_reference() -> str:
     """The configuration reference page (docs/configuration.md): every key, type, default and help."""
-    out = ["# Configuration reference", "",
-           "Generated from `lilt_ds/schema.py` (`python -m lilt_ds.schema`; a test fails when this page is out of "
-           "date). Every key is checked when the config loads: a wrong type or range, an unknown key or a "
-           "mapping of the wrong shape stops with `error: <key> = <value>: expected ...` and exit status 1. "
-           "Set a key with `--overrides key=value` (dotted), add one of your own with `+key=value`.", ""]
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `lilt_ds/schema.py` (`python -m lilt_ds.schema`; a test fails when this page is out of "
+        "date). Every key is checked when the config loads: a wrong type or range, an unknown key or a "
+        "mapping of the wrong shape stops with `error: <key> = <value>: expected ...` and exit status 1. "
+        "Set a key with `--overrides key=value` (dotted), add one of your own with `+key=value`.",
+        "",
+    ]
 
     def emit(cls, prefix: str, title: str, doc: str) -> None:
         out.extend([f"## `{title}`" if prefix else "## top level", ""])
@@ -708,8 +814,10 @@ def generated_files(root: str) -> dict[str, str]:
     """Path (under the checkout ``root``) -> the text the schema generates for it."""
     import os
 
-    return {os.path.join(root, "lilt_ds", "configs", "_base.yaml"): render_base_yaml(),
-            os.path.join(root, "docs", "configuration.md"): render_reference()}
+    return {
+        os.path.join(root, "lilt_ds", "configs", "_base.yaml"): render_base_yaml(),
+        os.path.join(root, "docs", "configuration.md"): render_reference(),
+    }
 
 
 def main() -> None:

@@ -13,20 +13,28 @@ import time
 import torch
 
 from . import checkpoint as ckpt
+from . import engine as ds_engine
 from . import runtime
 from .allocator import ENV as ALLOCATOR_ENV
 from .allocator import retain_freed_memory
-from . import engine as ds_engine
+from .data import (
+    build_eval_data,
+    build_train_loader,
+    build_zeroshot_data,
+    cache_locked_features,
+    eval_loader_settings,
+    global_bad_sample_counts,
+    resolve_data_config,
+)
 from .errors import ConfigError, LiltError
-from .presets import save_config
-from .schema import ExperimentConfig
-from .data import cache_locked_features, build_eval_data, build_train_loader, build_zeroshot_data, global_bad_sample_counts, eval_loader_settings, resolve_data_config
-from .export import save_exported, trainable_state_from_engine
 from .evaluate import evaluate_classification, evaluate_retrieval, format_retrieval_table
+from .export import save_exported, trainable_state_from_engine
 from .losses import as_fp32, build_loss, exact_accumulation_step
 from .models import build_model, build_tokenizer, encode_batch, trainable_summary
 from .models.summary import format_summary
+from .presets import save_config
 from .run_logging import MetricLogger, setup_logging
+from .schema import ExperimentConfig
 
 log = logging.getLogger("lilt_ds")
 
@@ -93,16 +101,19 @@ class Trainer:
     ``build_model(cfg)``; ``quiet``: warnings only on the console (the run's log file is complete).
     """
 
-    def __init__(self, cfg: ExperimentConfig, ds_config_path: str, resume: str | None = None, model=None,
-                 quiet: bool = False):
+    def __init__(
+        self, cfg: ExperimentConfig, ds_config_path: str, resume: str | None = None, model=None, quiet: bool = False
+    ):
         self.cfg = cfg
         runtime.set_deterministic(cfg.train.deterministic)  # before anything reaches the device
         self.rank, self.world_size, self.device = runtime.init_distributed()  # binds the device first
         self.output_dir = prepare_output_dir(cfg, self.rank)
         setup_logging(self.output_dir, self.rank, quiet)
         if self.device.type == "cpu" and retain_freed_memory():  # DeepSpeed's per-step temporaries page-fault otherwise
-            log.info("CPU run: freed host memory is kept for reuse (lilt_ds.allocator; %s=system turns it off)",
-                     ALLOCATOR_ENV)
+            log.info(
+                "CPU run: freed host memory is kept for reuse (lilt_ds.allocator; %s=system turns it off)",
+                ALLOCATOR_ENV,
+            )
         ds_raw = ds_engine.load_ds_config(ds_config_path)
         self.resume = resolve_resume(resume, self.output_dir)
 
@@ -110,12 +121,27 @@ class Trainer:
         self.model = model if model is not None else build_model(cfg)
         mean, std, size = self.model.vision.mean, self.model.vision.std, self.model.vision.image_size
         data = resolve_data_config(cfg.data)
-        self.loader = build_train_loader(data, self.tokenizer, size, mean, std, self.rank, self.world_size,
-                                         cfg.train.micro_batch_size, cfg.seed, self.device.type)
+        self.loader = build_train_loader(
+            data,
+            self.tokenizer,
+            size,
+            mean,
+            std,
+            self.rank,
+            self.world_size,
+            cfg.train.micro_batch_size,
+            cfg.seed,
+            self.device.type,
+        )
         self.eval_data = build_eval_data(data, self.tokenizer, size, mean, std)
         zeroshot = cfg.eval.classification
-        self.zeroshot = None if zeroshot.data is None else build_zeroshot_data(
-            zeroshot.data, size, mean, std, zeroshot.image_root, zeroshot.classnames, zeroshot.templates)
+        self.zeroshot = (
+            None
+            if zeroshot.data is None
+            else build_zeroshot_data(
+                zeroshot.data, size, mean, std, zeroshot.image_root, zeroshot.classnames, zeroshot.templates
+            )
+        )
         self.eval_workers, self.eval_pin_memory = eval_loader_settings(data, self.device.type)
 
         accum = cfg.train.grad_accum_steps
@@ -123,7 +149,8 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(
                 f"an epoch has {self.loader.batches_per_epoch} micro-batches per rank, fewer than "
-                f"train.grad_accum_steps={accum}: lower it or add data")
+                f"train.grad_accum_steps={accum}: lower it or add data"
+            )
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, int(cfg.train.max_steps))
@@ -132,7 +159,9 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss)
         self.loss_fn.static_batches = True  # the loader drops incomplete batches: no per-call size exchange
         if self.rank == 0:  # the resolved config says where the run went
-            save_config(dataclasses.replace(cfg, output_dir=self.output_dir), os.path.join(self.output_dir, "config.yaml"))
+            save_config(
+                dataclasses.replace(cfg, output_dir=self.output_dir), os.path.join(self.output_dir, "config.yaml")
+            )
             with open(os.path.join(self.output_dir, "ds_config.json"), "w") as f:
                 json.dump(self.ds_config, f, indent=2)
         log.info("parameters (trainable only reach DeepSpeed):\n%s", format_summary(trainable_summary(self.model)))
@@ -140,11 +169,19 @@ class Trainer:
         self.feature_cache = None
         if data.cache_locked_features:  # its build runs the tower (in the engine's precision) before the engine exists
             self.feature_cache = cache_locked_features(
-                self.loader.dataset, self.model, data, {"name": cfg.model.vision.name, "image_size": size},
-                self.device, self.dtype, cfg.eval.batch_size, self.loader.loader.num_workers)
+                self.loader.dataset,
+                self.model,
+                data,
+                {"name": cfg.model.vision.name, "image_size": size},
+                self.device,
+                self.dtype,
+                cfg.eval.batch_size,
+                self.loader.loader.num_workers,
+            )
 
         self.engine, self.optimizer, self.scheduler = ds_engine.initialize(
-            self.model, self.ds_config, cfg, self.total_steps)
+            self.model, self.ds_config, cfg, self.total_steps
+        )
         runtime.seed_everything(cfg.seed + 1000 * self.rank)  # per-rank dropout noise
         self.step, self.nonfinite_in_row, self.nonfinite_total = 0, 0, 0
         self.restored_rng = None
@@ -174,6 +211,7 @@ class Trainer:
         """
         engine = self.engine
         if self.cfg.train.exact_accumulation:
+
             def backward(loss):
                 engine.backward(loss, scale_wrt_gas=False)  # each pass gives its micro-batch's exact share
                 engine.step()
@@ -186,8 +224,13 @@ class Trainer:
                     raise _SkippedStep(read[0])
 
             try:
-                exact_accumulation_step(lambda *a, **k: as_fp32(engine(*a, **k)), micro_batches, self.loss_fn, backward,
-                                        before_backward=check)
+                exact_accumulation_step(
+                    lambda *a, **k: as_fp32(engine(*a, **k)),
+                    micro_batches,
+                    self.loss_fn,
+                    backward,
+                    before_backward=check,
+                )
             except _SkippedStep as skipped:
                 return skipped.loss
             return read[0]
@@ -205,7 +248,8 @@ class Trainer:
                         f"non-finite loss ({value}) in step {self.step + 1} ({self.loss_fn.nonfinite_report()}): "
                         f"with train.grad_accum_steps={len(micro_batches)} the earlier micro-batches are already "
                         "accumulated, so the step cannot be skipped. Set train.exact_accumulation=true (or "
-                        "train.grad_accum_steps=1) to skip such steps")
+                        "train.grad_accum_steps=1) to skip such steps"
+                    )
             engine.backward(loss)
             engine.step()
         return value
@@ -225,16 +269,28 @@ class Trainer:
         self.nonfinite_in_row = 0
         ds_engine.clamp_logit_scale(self.engine)
         self.step += 1
-        self.metrics.step(self.step, loss, self.engine, time.perf_counter() - start,
-                          self.cfg.train.micro_batch_size * len(micro_batches))
+        self.metrics.step(
+            self.step,
+            loss,
+            self.engine,
+            time.perf_counter() - start,
+            self.cfg.train.micro_batch_size * len(micro_batches),
+        )
         return loss
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
         cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
-        log.info("training %d steps (%d per epoch), %d rank(s), micro batch %d x accumulation %d, ds_config stage %s %s",
-                 self.total_steps, self.steps_per_epoch, self.world_size, cfg.train.micro_batch_size, accum,
-                 self.ds_config.get("zero_optimization", {}).get("stage", 0), self.dtype)
+        log.info(
+            "training %d steps (%d per epoch), %d rank(s), micro batch %d x accumulation %d, ds_config stage %s %s",
+            self.total_steps,
+            self.steps_per_epoch,
+            self.world_size,
+            cfg.train.micro_batch_size,
+            accum,
+            self.ds_config.get("zero_optimization", {}).get("stage", 0),
+            self.dtype,
+        )
         results = {}
         while self.step < self.total_steps:
             pending = []
@@ -262,8 +318,10 @@ class Trainer:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
             self.epoch += 1
             last = self.step >= self.total_steps
-            metrics = self.evaluate(retrieval=due(cfg.eval.every_epochs, self.epoch, last),
-                                    zeroshot=due(cfg.eval.classification.every_epochs, self.epoch, last))
+            metrics = self.evaluate(
+                retrieval=due(cfg.eval.every_epochs, self.epoch, last),
+                zeroshot=due(cfg.eval.classification.every_epochs, self.epoch, last),
+            )
             results = {**results, **metrics}
         if self.last_saved_step != self.step:
             self.save_checkpoint()
@@ -272,8 +330,11 @@ class Trainer:
         if "txt_r1" in results and self.rank == 0:
             print("\nretrieval on the held-out split after training:\n" + format_retrieval_table(results), flush=True)
         if "zeroshot_top1" in results and self.rank == 0:
-            print(f"zero-shot classification after training: top-1 {results['zeroshot_top1']:.2f}, "
-                  f"top-5 {results['zeroshot_top5']:.2f}", flush=True)
+            print(
+                f"zero-shot classification after training: top-1 {results['zeroshot_top1']:.2f}, "
+                f"top-5 {results['zeroshot_top5']:.2f}",
+                flush=True,
+            )
         self.metrics.close()
         return results
 
@@ -281,26 +342,51 @@ class Trainer:
         self.nonfinite_in_row += 1
         self.nonfinite_total += 1
         self.engine.zero_grad()
-        log.warning("non-finite loss (%s) at step %d, %s: step skipped (%d in a row, %d in total)",
-                    loss, self.step, self.loss_fn.nonfinite_report(), self.nonfinite_in_row, self.nonfinite_total)
+        log.warning(
+            "non-finite loss (%s) at step %d, %s: step skipped (%d in a row, %d in total)",
+            loss,
+            self.step,
+            self.loss_fn.nonfinite_report(),
+            self.nonfinite_in_row,
+            self.nonfinite_total,
+        )
         if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} non-finite losses in a row at step {self.step}: training diverged. "
                 "Lower train.lr, raise train.warmup_steps, or check the data; "
-                f"the limit is train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}")
+                f"the limit is train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}"
+            )
 
     def evaluate(self, retrieval: bool = True, zeroshot: bool = True) -> dict:
         """Retrieval on the held-out split and zero-shot classification (``eval.classification``), each
         where asked and configured; every rank encodes a shard. Rank 0 logs what was measured."""
         metrics = {}
         if retrieval and self.eval_data is not None:
-            metrics.update(evaluate_retrieval(self.engine.module, self.eval_data, self.cfg.eval.batch_size,
-                                              self.device, self.dtype, self.eval_workers, self.eval_pin_memory))
+            metrics.update(
+                evaluate_retrieval(
+                    self.engine.module,
+                    self.eval_data,
+                    self.cfg.eval.batch_size,
+                    self.device,
+                    self.dtype,
+                    self.eval_workers,
+                    self.eval_pin_memory,
+                )
+            )
         if zeroshot and self.zeroshot is not None:
             images, templates = self.zeroshot
-            scores = evaluate_classification(self.engine.module, images, self.tokenizer, templates,
-                                             self.cfg.eval.batch_size, self.device, self.dtype,
-                                             self.cfg.data.eval_max_length, self.eval_workers, self.eval_pin_memory)
+            scores = evaluate_classification(
+                self.engine.module,
+                images,
+                self.tokenizer,
+                templates,
+                self.cfg.eval.batch_size,
+                self.device,
+                self.dtype,
+                self.cfg.data.eval_max_length,
+                self.eval_workers,
+                self.eval_pin_memory,
+            )
             metrics.update({"zeroshot_top1": scores["top1"], "zeroshot_top5": scores["top5"]})
         if metrics:
             self.metrics.evaluation(self.step, self.epoch, metrics)
@@ -325,12 +411,29 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
-        state = {"step": self.step, "epoch": self.epoch, "sampler": self.loader.sampler.state_dict(),
-                 "bad_samples": self.loader.dataset.bad_samples.state_dict(), "nonfinite_total": self.nonfinite_total}
-        meta = {"identity": self.identity, "world_size": self.world_size, "step": self.step,
-                "client_state": state, "config": self.cfg.to_dict()}
-        path = ckpt.save_checkpoint(self.engine, checkpoint_folder(self.output_dir), self.step, state, meta,
-                                    self.rank, keep_only_latest=self.cfg.checkpoint.save_last_only)
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "sampler": self.loader.sampler.state_dict(),
+            "bad_samples": self.loader.dataset.bad_samples.state_dict(),
+            "nonfinite_total": self.nonfinite_total,
+        }
+        meta = {
+            "identity": self.identity,
+            "world_size": self.world_size,
+            "step": self.step,
+            "client_state": state,
+            "config": self.cfg.to_dict(),
+        }
+        path = ckpt.save_checkpoint(
+            self.engine,
+            checkpoint_folder(self.output_dir),
+            self.step,
+            state,
+            meta,
+            self.rank,
+            keep_only_latest=self.cfg.checkpoint.save_last_only,
+        )
         self.last_saved_step = self.step
         log.info("checkpoint saved: %s", path)
 

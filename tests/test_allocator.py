@@ -28,8 +28,14 @@ print(took, before, faults())
 
 
 def probe(env=None):
-    result = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, **(env or {})))
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **(env or {})),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     took, before, after = result.stdout.split()
     return took == "True", int(before), int(after)

@@ -18,6 +18,7 @@ from tests.conftest import tiny_training_overrides
 from tests.distributed import free_port
 from tests.test_train import DEEPSPEED, ROOT, run
 
+
 @pytest.fixture(scope="module")
 def fp32_ds_configs(tmp_path_factory):
     """zero2/zero3 in fp32, where a resumed run must repeat the uninterrupted one bit for bit."""
@@ -32,8 +33,15 @@ def fp32_ds_configs(tmp_path_factory):
 
 
 def args(output_dir, ds_config, extra=()):
-    return ["launch/pretrain.py", "--deepspeed_config", ds_config, "--output_dir", str(output_dir),
-            "--overrides", *tiny_training_overrides(output_dir, ["train.log_every=1", *extra])]
+    return [
+        "launch/pretrain.py",
+        "--deepspeed_config",
+        ds_config,
+        "--output_dir",
+        str(output_dir),
+        "--overrides",
+        *tiny_training_overrides(output_dir, ["train.log_every=1", *extra]),
+    ]
 
 
 def step_losses(output_dir):
@@ -46,14 +54,20 @@ def step_losses(output_dir):
 
 
 def launch_two_ranks(output_dir, ds_config, extra=(), **popen):
-    return subprocess.Popen([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-                             *args(output_dir, ds_config, extra)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args(output_dir, ds_config, extra)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 SCHEDULE = ["train.max_steps=8", "checkpoint.every_steps=3", "train.epochs=20"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, fp32_ds_configs, stage):
     ds = fp32_ds_configs[stage]
@@ -72,8 +86,18 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, fp32_
     killed_at = max(step_losses(interrupted))
     assert killed_at < 8, "the run finished before the kill; the test proves nothing"
 
-    result = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-                  *args(interrupted, ds, SCHEDULE), "--resume", "latest"])
+    result = run(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *args(interrupted, ds, SCHEDULE),
+            "--resume",
+            "latest",
+        ]
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "resumed from" in result.stdout
 
@@ -88,6 +112,7 @@ def single(output_dir, ds_config, extra=(), env=None, resume=None):
     return run(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_middle_of_a_save_leaves_latest_loadable(tmp_path):
     out, ds = tmp_path / "run", os.path.join(ROOT, "ds_configs", "zero2.json")
     killed = single(out, ds, ["train.max_steps=6", "checkpoint.every_steps=2"], env={FAULT_ENV: "kill_in_save:4"})
@@ -101,12 +126,23 @@ def test_a_kill_in_the_middle_of_a_save_leaves_latest_loadable(tmp_path):
     assert (checkpoints / "latest").read_text() == "step6" and not (checkpoints / "step4.partial").exists()
 
 
+@pytest.mark.slow
 def test_resume_on_two_ranks_from_a_one_rank_checkpoint(tmp_path):
     out, ds = tmp_path / "run", os.path.join(ROOT, "ds_configs", "zero2.json")
     first = single(out, ds, ["train.max_steps=2"])
     assert first.returncode == 0, first.stderr[-3000:]
-    result = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-                  *args(out, ds, ["train.max_steps=4"]), "--resume", "latest"])
+    result = run(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *args(out, ds, ["train.max_steps=4"]),
+            "--resume",
+            "latest",
+        ]
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "was saved by 1 rank(s), this run has 2: loading the trained weights only" in result.stdout
     assert "resumed from" in result.stdout and "at step 2" in result.stdout
@@ -130,6 +166,7 @@ def tensors_in(obj, prefix=""):
             yield from tensors_in(v, f"{prefix}[{i}]")
 
 
+@pytest.mark.slow
 def test_lilt_checkpoint_is_a_small_fraction_of_clip_and_holds_no_frozen_tensor(tmp_path):
     from lilt_ds.config import load_config
     from lilt_ds.models import build_model
@@ -177,6 +214,7 @@ def _export_equals_trained(rank, world_size, tmp_dir, ds_config):
     return {"diffs": diffs, "loss_steps": trainer.step}
 
 
+@pytest.mark.slow
 def test_export_rebuilds_the_trained_model(tmp_path, fp32_ds_configs):
     from tests.distributed import run_ranks
 
@@ -184,8 +222,16 @@ def test_export_rebuilds_the_trained_model(tmp_path, fp32_ds_configs):
     assert result["loss_steps"] == 3
     assert max(result["diffs"]) <= 1e-6, result
     export = tmp_path / "run" / "trainable.safetensors"
-    cli = run([sys.executable, "launch/export.py", "--checkpoint", str(tmp_path / "run"),
-               "--out", str(tmp_path / "again.safetensors")])
+    cli = run(
+        [
+            sys.executable,
+            "launch/export.py",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "again.safetensors"),
+        ]
+    )
     assert cli.returncode == 0, cli.stderr[-2000:]
     from safetensors.torch import load_file
 
@@ -193,6 +239,7 @@ def test_export_rebuilds_the_trained_model(tmp_path, fp32_ds_configs):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     ds = os.path.join(ROOT, "ds_configs", "zero2.json")
     missing = single(tmp_path / "a", ds, resume=str(tmp_path / "nowhere"))
@@ -221,13 +268,25 @@ def test_bad_sample_counts_survive_a_resume(tmp_path):
     from tests.data.files import write_image, write_json
     from tests.test_train import _lilt_ds_logging_restored
 
-    entries = [{"image": write_image(tmp_path / "images" / f"{i}.jpg", colour=(20 * i, 90, 160)),
-                "caption": f"caption {i}"} for i in range(12)]
+    entries = [
+        {"image": write_image(tmp_path / "images" / f"{i}.jpg", colour=(20 * i, 90, 160)), "caption": f"caption {i}"}
+        for i in range(12)
+    ]
     (tmp_path / "images" / "3.jpg").write_bytes(b"not a jpeg")
     train_json = write_json(tmp_path / "train.json", entries)
-    cfg = load_config("demo", tiny_training_overrides(tmp_path, [
-        f"data.train_files=[{train_json}]", "data.on_bad_sample=skip", "data.max_bad_fraction=0.5",
-        "eval.every_epochs=0", "train.max_steps=3"]))
+    cfg = load_config(
+        "demo",
+        tiny_training_overrides(
+            tmp_path,
+            [
+                f"data.train_files=[{train_json}]",
+                "data.on_bad_sample=skip",
+                "data.max_bad_fraction=0.5",
+                "eval.every_epochs=0",
+                "train.max_steps=3",
+            ],
+        ),
+    )
     ds = os.path.join(ROOT, "ds_configs", "zero2.json")
     with process_group_scope(), _lilt_ds_logging_restored():
         cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "run"))
@@ -250,8 +309,15 @@ def test_patch_dropout_resumes_with_the_same_patches(tmp_path, fp32_ds_configs):
     from lilt_ds.train import Trainer
     from tests.test_train import _lilt_ds_logging_restored
 
-    extra = ["model.vision.patch_dropout=0.5", "image_size=64", "data.demo={n: 48, eval_n: 12, seed: 0, size: 64}",
-             "train.max_steps=4", "checkpoint.every_steps=2", "eval.every_epochs=0", "train.epochs=20"]
+    extra = [
+        "model.vision.patch_dropout=0.5",
+        "image_size=64",
+        "data.demo={n: 48, eval_n: 12, seed: 0, size: 64}",
+        "train.max_steps=4",
+        "checkpoint.every_steps=2",
+        "eval.every_epochs=0",
+        "train.epochs=20",
+    ]
     losses = {}
     with process_group_scope(), _lilt_ds_logging_restored():
         for name, resume in (("run", None), ("resumed", str(tmp_path / "run" / "checkpoints" / "step2"))):

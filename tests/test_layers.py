@@ -2,7 +2,7 @@
 its own layer or one below, and no module reaches itself through its imports. The core holds no
 benchmark runner and no mock.
 
-Layers, lowest first (DESIGN.md): the base every layer may use, runtime, models, losses/ops, data,
+Layers, lowest first (docs/architecture.md): the base every layer may use, runtime, models, losses/ops, data,
 the experiment config's loader (it checks every section with the owning layer's own checks),
 engine, train/evaluate, tools, and the commands (cli: they may import all of the package, and nothing
 in it imports them). Optional parts looked up by name when asked for (the fused loss's
@@ -91,15 +91,28 @@ def test_every_module_belongs_to_a_layer(graph):
 
 
 def test_nothing_imports_upward(graph):
-    upward = sorted(f"{module} -> {target}" for module, targets in graph.items() if component(module)
-                    for target in targets if component(target) and RANK[component(target)] > RANK[component(module)])
+    upward = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if component(module)
+        for target in targets
+        if component(target) and RANK[component(target)] > RANK[component(module)]
+    )
     assert upward == []
 
 
 def test_the_commands_import_the_package_and_nothing_in_it_imports_them(graph):
     assert {"lilt_ds.train", "lilt_ds.config", "lilt_ds.cli"} <= graph["lilt_ds.cli.pretrain"]  # edges are seen
-    assert sorted(f"{module} -> {target}" for module, targets in graph.items() if component(module) != "cli"
-                  for target in targets if component(target) == "cli") == []
+    assert (
+        sorted(
+            f"{module} -> {target}"
+            for module, targets in graph.items()
+            if component(module) != "cli"
+            for target in targets
+            if component(target) == "cli"
+        )
+        == []
+    )
 
 
 def test_no_module_reaches_itself_through_its_imports(graph):
@@ -110,7 +123,7 @@ def test_no_module_reaches_itself_through_its_imports(graph):
         state[module] = "open"
         for target in sorted(graph.get(module, ())):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(trail[trail.index(target):] + [target]))
+                cycles.append(" -> ".join(trail[trail.index(target) :] + [target]))
             elif target not in state:
                 visit(target, trail + [target])
         state[module] = "done"

@@ -4,19 +4,27 @@ Debian's tuxpaint-stamps-default lays out its stamps."""
 import json
 import os
 
+from learning_data import captioned_stamps, ensure_learning_data
 from PIL import Image
 
-from learning_data import captioned_stamps, ensure_learning_data
 from lilt_ds.data import load_caption_files
 
 
 def stamps(root):
     """Six captioned stamps with transparent backgrounds, one mirror view, one repeated and one
     one-word caption, one stamp without a caption."""
-    captions = {"animals/cow": "A cow.", "animals/sea_lion": "A sea lion.", "food/apple": "A red apple.",
-                "food/apple_mirror": "A red apple.", "plants/holly": "Holly leaves are shiny and have prickles!",
-                "plants/flower": "A flower.", "plants/flower2": "A flower.", "town/house": "House.",
-                "town/car": "A blue car.", "town/bus": "A yellow school bus."}
+    captions = {
+        "animals/cow": "A cow.",
+        "animals/sea_lion": "A sea lion.",
+        "food/apple": "A red apple.",
+        "food/apple_mirror": "A red apple.",
+        "plants/holly": "Holly leaves are shiny and have prickles!",
+        "plants/flower": "A flower.",
+        "plants/flower2": "A flower.",
+        "town/house": "House.",
+        "town/car": "A blue car.",
+        "town/bus": "A yellow school bus.",
+    }
     for i, (stem, caption) in enumerate(captions.items()):
         os.makedirs(root / os.path.dirname(stem), exist_ok=True)
         image = Image.new("RGBA", (40 + 5 * i, 30), (0, 0, 0, 0))
@@ -30,8 +38,17 @@ def stamps(root):
 def test_one_pair_per_distinct_english_caption(tmp_path):
     pairs = captioned_stamps(str(stamps(tmp_path / "stamps")))
     captions = [caption for _, caption in pairs]
-    assert sorted(captions) == sorted(["A cow.", "A sea lion.", "A red apple.", "Holly leaves are shiny and have prickles!",
-                                       "A flower.", "A blue car.", "A yellow school bus."])
+    assert sorted(captions) == sorted(
+        [
+            "A cow.",
+            "A sea lion.",
+            "A red apple.",
+            "Holly leaves are shiny and have prickles!",
+            "A flower.",
+            "A blue car.",
+            "A yellow school bus.",
+        ]
+    )
     assert not any(path.endswith("_mirror.png") for path, _ in pairs)
 
 

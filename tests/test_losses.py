@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lilt_ds.distributed import all_gather_rows, gather_sizes, world_info
-from lilt_ds.models.dual_encoder import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from lilt_ds.losses import (
-    ChunkedContrastiveLoss,
     LOSS_REGISTRY,
+    ChunkedContrastiveLoss,
     ContrastiveLoss,
     GatheredBatch,
     NonFiniteInputError,
@@ -35,6 +34,7 @@ from lilt_ds.losses import (
     exact_accumulation_step,
     siglip_init_values,
 )
+from lilt_ds.models.dual_encoder import CLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -250,7 +250,11 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"world{w}")
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(w, marks=[pytest.mark.slow] if w > 2 else []) for w in WORLD_SIZES],
+    ids=lambda w: f"world{w}",
+)
 def spawned(request, tmp_path_factory):
     """(world_size, per-rank results) from one spawn of ``world_size`` gloo processes."""
     world_size = request.param
@@ -259,6 +263,7 @@ def spawned(request, tmp_path_factory):
     return world_size, [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES)
 def test_rank_averaged_gradient_equals_global_batch_gradient(spawned, case, layout):
@@ -294,8 +299,8 @@ def test_a_bad_input_on_one_rank_raises_the_same_error_on_every_rank(spawned):
     last = world_size - 1
     where = f" on rank {last}" if world_size > 1 else ""
     expected_nan = f"NonFiniteInputError: non-finite values (NaN or inf) in text_emb{where}"
-    expected_width = f"ValueError: embedding width differs across ranks: {[6] + [8] * last}" if world_size > 1 else (
-        "no error"
+    expected_width = (
+        f"ValueError: embedding width differs across ranks: {[6] + [8] * last}" if world_size > 1 else ("no error")
     )
     for results in per_rank:
         assert results["input_errors"] == {"nan": expected_nan, "width": expected_width}
@@ -356,8 +361,9 @@ def test_exact_accumulation_replays_dropout_masks():
     model = with_dropout()
     torch.manual_seed(7)
     exact_accumulation_step(model, split(batch, ACCUM_STEPS), loss_fn, lambda loss: loss.backward())
-    assert max_relative_error([p.grad for p in model.parameters()],
-                              [p.grad for p in reference_model.parameters()]) < EXACT
+    assert (
+        max_relative_error([p.grad for p in model.parameters()], [p.grad for p in reference_model.parameters()]) < EXACT
+    )
 
 
 def test_exact_accumulation_rejects_empty_list():
@@ -419,9 +425,7 @@ def test_chunked_function_equals_matrix_formula_for_one_ranks_rows(chunk_size):
 
 
 def test_chunked_function_passes_gradcheck():
-    double = [
-        _unit_rows(n, 5, seed).double().requires_grad_() for n, seed in ((4, 1), (4, 2), (7, 3), (7, 4))
-    ]
+    double = [_unit_rows(n, 5, seed).double().requires_grad_() for n, seed in ((4, 1), (4, 2), (7, 3), (7, 4))]
     scale = torch.tensor([3.0], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: chunked_clip_loss_fn(*t, 2, 3), (*double, scale))
 
@@ -443,7 +447,8 @@ def test_chunked_siglip_equals_the_matrix_form_and_passes_gradcheck(chunk_size, 
     assert all(torch.allclose(a, e, rtol=1e-10, atol=1e-12) for a, e in zip(actual, expected))
     inputs = tuple(t.detach().requires_grad_() for t in leaves)
     assert torch.autograd.gradcheck(
-        lambda q, k, s, *b: chunked_siglip_loss_fn(q, k, s, b[0] if b else None, 3, chunk_size), inputs)
+        lambda q, k, s, *b: chunked_siglip_loss_fn(q, k, s, b[0] if b else None, 3, chunk_size), inputs
+    )
 
 
 def test_chunked_function_rejects_rows_outside_the_gathered_batch():
@@ -522,8 +527,11 @@ def test_options_of_other_loss_types_are_refused_unless_they_keep_their_default(
     changed one is a mistake (it would do nothing), never dropped silently."""
     section = {"type": "siglip", "local_loss": True, "gather_with_grad": True, "chunk_size": 4096, "tile_rows": None}
     assert type(build_loss(section)) is SigLipLoss
-    with pytest.raises(ValueError, match=r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused or "
-                                         r"siglip, not clip: set loss\.type=chunked"):
+    with pytest.raises(
+        ValueError,
+        match=r"loss\.chunk_size=1024 is an option of loss\.type chunked or fused or "
+        r"siglip, not clip: set loss\.type=chunked",
+    ):
         build_loss({**section, "type": "clip", "chunk_size": 1024})
     with pytest.raises(ValueError, match=r"loss\.local_loss=true with loss\.gather_with_grad=false"):
         build_loss({"type": "clip", "local_loss": True, "gather_with_grad": False})
@@ -546,14 +554,28 @@ def test_siglip_init_values():
     assert bias == -10.0
 
 
+@pytest.mark.slow
 def test_memory_benchmark_runs_and_prints_a_table():
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "loss_memory.py"), "--sizes", "512", "--world", "2",
-         "--chunk-size", "64"],
-        capture_output=True, text=True, timeout=100, check=True,
+        [
+            sys.executable,
+            str(REPO_ROOT / "benchmarks" / "loss_memory.py"),
+            "--sizes",
+            "512",
+            "--world",
+            "2",
+            "--chunk-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=True,
     )
     table_rows = [line for line in result.stdout.splitlines() if line.startswith("| 512 ")]
     assert len(table_rows) == 5, result.stdout
-    assert {"global", "local", "chunked", "siglip", "siglip_chunked"} == {row.split("|")[2].strip() for row in table_rows}
+    assert {"global", "local", "chunked", "siglip", "siglip_chunked"} == {
+        row.split("|")[2].strip() for row in table_rows
+    }
     sigmoid = {row.split("|")[2].strip(): row.split("|")[5].strip() for row in table_rows}
     assert sigmoid["siglip"] == "100.0%" and float(sigmoid["siglip_chunked"].rstrip("%")) < 100

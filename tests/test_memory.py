@@ -8,11 +8,23 @@ import torch
 from torch import nn
 
 from lilt_ds.config import ConfigError, load_config
-from lilt_ds.memory import (CATEGORIES, GIB, MIB, MODEL_STATES, EngineSettings, Measurement, MemoryModel,
-                            ParameterInventory, SavedTensorMeter, loss_buffer_bytes, model_state_bytes,
-                            parse_memory_size, profile_activations)
-from lilt_ds.tools.memory_report import ProfileRequest, comparison_rows, run_profile
+from lilt_ds.memory import (
+    CATEGORIES,
+    GIB,
+    MIB,
+    MODEL_STATES,
+    EngineSettings,
+    Measurement,
+    MemoryModel,
+    ParameterInventory,
+    SavedTensorMeter,
+    loss_buffer_bytes,
+    model_state_bytes,
+    parse_memory_size,
+    profile_activations,
+)
 from lilt_ds.runtime import GPU_TARGET, DeviceFacts
+from lilt_ds.tools.memory_report import ProfileRequest, comparison_rows, run_profile
 from tests.conftest import tiny_overrides
 from tests.distributed import run_ranks
 
@@ -58,12 +70,15 @@ def test_bytes_per_parameter_follow_the_zero_stage_and_frozen_ones_cost_their_we
     expected = {0: 16, 1: 4 + 12 / W, 2: 2 + 14 / W, 3: 16 / W}
     for stage, per_parameter in expected.items():
         settings = EngineSettings.from_ds_config(
-            {"bf16": {"enabled": True}, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}, W)
+            {"bf16": {"enabled": True}, "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}},
+            W,
+        )
         states = model_state_bytes(inventory, settings, rank=0).gpu
         assert sum(states[c] for c in MODEL_STATES) - states["frozen_weights"] == trainable * per_parameter, stage
         assert states["frozen_weights"] == frozen * 2 / (W if stage == 3 else 1), stage
     offload = EngineSettings.from_ds_config(
-        {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, W)
+        {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, W
+    )
     tally = model_state_bytes(inventory, offload, rank=0)
     assert tally.gpu["master_weights"] == tally.gpu["optimizer_states"] == 0
     assert tally.offloaded["optimizer_states"] == trainable * 8 / W
@@ -73,9 +88,9 @@ def test_saved_tensor_meter_counts_each_storage_once_and_skips_parameters():
     layer = nn.Linear(4, 3)
     x = torch.randn(5, 4, requires_grad=True)
     with SavedTensorMeter(layer.parameters()) as meter:
-        y = layer(x)            # saves x (the weight is a parameter)
-        z = (y * y).sum()       # saves y twice: one storage
-        w = (x.t() * 2).sum()   # a view of x: no new storage, and 2 is not saved
+        y = layer(x)  # saves x (the weight is a parameter)
+        z = (y * y).sum()  # saves y twice: one storage
+        w = (x.t() * 2).sum()  # a view of x: no new storage, and 2 is not saved
     assert meter.bytes == 5 * 4 * 4 + 5 * 3 * 4
     (z + w).backward()
 
@@ -107,7 +122,7 @@ def test_the_fused_loss_is_costed_like_the_chunked_one_not_as_full_logits():
     assert fused == loss_buffer_bytes({"type": "chunked"}, 2048, 8, 256)
     assert fused < 0.15 * loss_buffer_bytes({"type": "clip"}, 2048, 8, 256)  # 36 MiB against 296 MiB at N = 16k
     blockwise = loss_buffer_bytes({"type": "siglip", "chunk_size": 4096}, 2048, 8, 256)  # 16k gathered > 4096
-    assert blockwise < 0.15 * loss_buffer_bytes({"type": "siglip", "chunk_size": 2 ** 20}, 2048, 8, 256)
+    assert blockwise < 0.15 * loss_buffer_bytes({"type": "siglip", "chunk_size": 2**20}, 2048, 8, 256)
 
 
 def test_auto_device_choices_of_the_shipped_configs_are_made_for_the_machine_estimated():
@@ -118,7 +133,9 @@ def test_auto_device_choices_of_the_shipped_configs_are_made_for_the_machine_est
     ds = load_ds_config(ds_config("zero2"))
     assert ds["bf16"]["enabled"] == "auto" and ds["zero_optimization"]["overlap_comm"] == "auto"
     gpu = EngineSettings.from_ds_config(ds, 4)
-    assert (gpu.dtype, gpu.overlap_comm) == (torch.bfloat16, True) and gpu == EngineSettings.from_ds_config(ds, 4, GPU_TARGET)
+    assert (gpu.dtype, gpu.overlap_comm) == (torch.bfloat16, True) and gpu == EngineSettings.from_ds_config(
+        ds, 4, GPU_TARGET
+    )
     cpu = EngineSettings.from_ds_config(ds, 4, DeviceFacts("cpu", "cpu", False, "no bf16 instructions"))
     assert (cpu.dtype, cpu.overlap_comm) == (torch.float32, False)
     inventory = ParameterInventory(((10_000_000,), (1000,)), ())
@@ -135,8 +152,9 @@ def test_gpu_comparison_puts_like_beside_like_and_shows_what_the_peak_holds_beyo
     estimate = memory.estimate(4)
     measured_bytes = {c: estimate.total(c) for c in CATEGORIES} | {"other": 0}
     categories = sum(measured_bytes[c] for c in CATEGORIES)
-    measured = Measurement("cuda:0", 1, 4, measured_bytes, peak_allocated=categories + 100 * MIB,
-                           peak_reserved=categories + 150 * MIB)
+    measured = Measurement(
+        "cuda:0", 1, 4, measured_bytes, peak_allocated=categories + 100 * MIB, peak_reserved=categories + 150 * MIB
+    )
     rows = {r["quantity"]: r for r in comparison_rows(estimate, measured)}
     assert rows["all categories"]["error_percent"] == 0.0 and rows["model states"]["error_percent"] == 0.0
     peak = next(r for q, r in rows.items() if q.startswith("GPU peak allocated (max_memory_allocated)"))
@@ -175,12 +193,33 @@ def _estimate_and_measure(rank, world_size, cases):
         cfg, ds = tiny(mode, extra), load_ds_config(ds_config(name))
         estimate = MemoryModel(cfg, ds, world_size, device=present_device()).estimate(MICRO_BATCH, rank=rank)
         measured = measure_training_memory(cfg, ds, MICRO_BATCH)
-        results.append({"case": f"{mode} {name} {' '.join(extra)}", "measured": measured.bytes,
-                        "estimate": {c: estimate.total(c) for c in CATEGORIES}})
+        results.append(
+            {
+                "case": f"{mode} {name} {' '.join(extra)}",
+                "measured": measured.bytes,
+                "estimate": {c: estimate.total(c) for c in CATEGORIES},
+            }
+        )
         torch.distributed.barrier()
     return results
 
 
+def test_estimate_matches_what_a_real_engine_holds_in_one_process():
+    """The fast tier's measurement: one lilt engine, ZeRO-2, a world of one (two ranks: the test below)."""
+    from lilt_ds.engine import load_ds_config
+    from lilt_ds.memory import measure_training_memory
+    from lilt_ds.runtime import present_device, process_group_scope
+
+    cfg, ds = tiny("lilt"), load_ds_config(ds_config("zero2"))
+    with process_group_scope():
+        measured = measure_training_memory(cfg, ds, MICRO_BATCH)
+        estimate = MemoryModel(cfg, ds, 1, device=present_device()).estimate(MICRO_BATCH, rank=0)
+    for category in MODEL_STATES:
+        assert estimate.total(category) == measured.bytes[category], category
+    assert estimate.total("activations") == pytest.approx(measured.bytes["activations"], rel=0.10)
+
+
+@pytest.mark.slow
 def test_estimate_matches_what_real_engines_hold_on_two_ranks(tmp_path):
     per_rank = run_ranks(_estimate_and_measure, 2, tmp_path, CASES)
     for rank, results in enumerate(per_rank):
@@ -193,27 +232,56 @@ def test_estimate_matches_what_real_engines_hold_on_two_ranks(tmp_path):
             assert measured["other"] < 4096, r["case"]  # nothing sizeable escapes the categories
     lilt = {r["case"]: r["measured"] for r in per_rank[0] if r["case"].startswith("lilt")}
     assert lilt["lilt zero3 "]["activations"] > 1.2 * lilt["lilt zero2 "]["activations"]  # ZeRO-3's F.linear
-    assert lilt[f"lilt zero3_offload {' '.join(CHECKPOINTING)}"]["activations"] < 0.25 * lilt["lilt zero2 "]["activations"]
+    assert (
+        lilt[f"lilt zero3_offload {' '.join(CHECKPOINTING)}"]["activations"] < 0.25 * lilt["lilt zero2 "]["activations"]
+    )
     clip = {r["case"]: r["measured"] for r in per_rank[0] if r["case"].startswith("clip")}
-    assert clip["clip zero3 "]["optimizer_states"] == pytest.approx(clip["clip zero0 "]["optimizer_states"] / 2, rel=0.01)
+    assert clip["clip zero3 "]["optimizer_states"] == pytest.approx(
+        clip["clip zero0 "]["optimizer_states"] / 2, rel=0.01
+    )
 
 
 # -------------------------------------------------------------------------------- the command
 def _profile_memory(*args, timeout=300):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "profile_memory.py"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "launch", "profile_memory.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
+@pytest.mark.slow
 def test_profile_memory_command_estimates_measures_and_writes_tables_and_chart(tmp_path):
     out = tmp_path / "memory"
-    result = _profile_memory("--config", "lilt", "--overrides", *tiny_overrides("lilt", ["ln", "adapters"]),
-                             "--deepspeed_config", ds_config("zero2"), "--micro-batch", "4", "--gpu-memory", "1GB",
-                             "--measure", "--output_dir", str(out))
+    result = _profile_memory(
+        "--config",
+        "lilt",
+        "--overrides",
+        *tiny_overrides("lilt", ["ln", "adapters"]),
+        "--deepspeed_config",
+        ds_config("zero2"),
+        "--micro-batch",
+        "4",
+        "--gpu-memory",
+        "1GB",
+        "--measure",
+        "--output_dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verdict: fits in 1GB" in result.stdout and "| model states |" in result.stdout
-    assert {p.name for p in out.iterdir()} == {"estimate.md", "estimate.csv", "estimate.png", "measured.md", "measured.csv"}
+    assert {p.name for p in out.iterdir()} == {
+        "estimate.md",
+        "estimate.csv",
+        "estimate.png",
+        "measured.md",
+        "measured.csv",
+    }
     with open(out / "estimate.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["fits"] == "True" and int(row["largest_micro_batch"]) > 4 and row["zero"] == "ZeRO-2"
@@ -224,11 +292,15 @@ def test_profile_memory_command_estimates_measures_and_writes_tables_and_chart(t
     assert (out / "estimate.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--gpu-memory", "32 bananas"], "GPU memory '32 bananas' does not parse"),
-    (["--world-size", "0"], "--world-size must be a positive integer, got 0"),
-    (["--deepspeed_config", "ds_configs/zero9.json"], "ds_config ds_configs/zero9.json does not exist"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gpu-memory", "32 bananas"], "GPU memory '32 bananas' does not parse"),
+        (["--world-size", "0"], "--world-size must be a positive integer, got 0"),
+        (["--deepspeed_config", "ds_configs/zero9.json"], "ds_config ds_configs/zero9.json does not exist"),
+    ],
+)
 def test_profile_memory_command_rejects_bad_input_without_traceback(args, message):
     result = _profile_memory("--config", "lilt", *args, timeout=120)
     assert result.returncode != 0

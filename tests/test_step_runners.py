@@ -17,10 +17,10 @@ MODES = ("clip", "lit", "lilt")
 
 def _two_steps(rank, world_size, tmp_dir, modes):
     """{mode: {precision: {impl: [params, trainable, loss step 1, loss step 2]}}} on tiny towers."""
+    import step_runners as tp
     import torch
 
     from lilt_ds.engine import load_ds_config
-    import step_runners as tp
 
     def config(stage, bf16):  # explicit precision: the shipped files say "auto"
         ds = load_ds_config(os.path.join(ROOT, "ds_configs", f"zero{stage}.json"))
@@ -35,9 +35,16 @@ def _two_steps(rank, world_size, tmp_dir, modes):
     torch.set_num_threads(1)  # the 2-core CI machine: one thread each is as fast and less noisy
     results = {}
     for mode in modes:
-        cfg = tp.benchmark_config("tiny", mode, image_size=64, batch=4, workers=0, total_steps=20,
-                                  demo={"n": 16, "eval_n": 4, "seed": 0, "size": 32},
-                                  extra=["train.warmup_steps=2", "train.epochs=10", "data.augment.randaugment=false"])
+        cfg = tp.benchmark_config(
+            "tiny",
+            mode,
+            image_size=64,
+            batch=4,
+            workers=0,
+            total_steps=20,
+            demo={"n": 16, "eval_n": 4, "seed": 0, "size": 32},
+            extra=["train.warmup_steps=2", "train.epochs=10", "data.augment.randaugment=false"],
+        )
         batch = tp.synthetic_batch(cfg, 4)
         precisions = {"fp32": (fp32_paths[2], None)}
         if mode == "clip":
@@ -45,14 +52,23 @@ def _two_steps(rank, world_size, tmp_dir, modes):
         results[mode] = {}
         for precision, (ds_path, autocast) in precisions.items():
             runners = {
-                "ours": lambda: tp.OursStep(cfg, ds_path, output_dir=os.path.join(tmp_dir, f"{mode}-{precision}"),
-                                            prepare_model=tp.zero_text_projection_bias),
+                "ours": lambda: tp.OursStep(
+                    cfg,
+                    ds_path,
+                    output_dir=os.path.join(tmp_dir, f"{mode}-{precision}"),
+                    prepare_model=tp.zero_text_projection_bias,
+                ),
                 # ZeRO-0 on one rank skips DeepSpeed's gradient all-reduce (lilt_ds.engine.initialize)
-                "ours_zero0": lambda: tp.OursStep(cfg, fp32_paths[0], output_dir=os.path.join(tmp_dir, f"{mode}-z0"),
-                                                  prepare_model=tp.zero_text_projection_bias),
+                "ours_zero0": lambda: tp.OursStep(
+                    cfg,
+                    fp32_paths[0],
+                    output_dir=os.path.join(tmp_dir, f"{mode}-z0"),
+                    prepare_model=tp.zero_text_projection_bias,
+                ),
                 "plain": lambda: tp.PlainStep(cfg, autocast_dtype=autocast, prepare_model=tp.zero_text_projection_bias),
-                "openclip": lambda: tp.OpenClipStep(cfg, autocast_dtype=autocast,
-                                                    prepare_model=tp.zero_text_projection_bias),
+                "openclip": lambda: tp.OpenClipStep(
+                    cfg, autocast_dtype=autocast, prepare_model=tp.zero_text_projection_bias
+                ),
             }
             results[mode][precision] = {}
             for impl, make in runners.items():
@@ -75,6 +91,7 @@ def two_steps(tmp_path_factory):
     return run_ranks(_two_steps, 1, tmp, str(tmp), MODES)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_the_three_implementations_train_the_same_parameters(two_steps, mode):
     counts = {impl: values[:2] for impl, values in two_steps[mode]["fp32"].items()}
@@ -85,6 +102,7 @@ def test_the_three_implementations_train_the_same_parameters(two_steps, mode):
     assert (trainable == total) == (mode == "clip")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_same_weights_and_batch_give_the_same_loss_before_and_after_a_step_in_fp32(two_steps, mode):
     losses = {impl: values[2:] for impl, values in two_steps[mode]["fp32"].items()}
@@ -95,6 +113,7 @@ def test_same_weights_and_batch_give_the_same_loss_before_and_after_a_step_in_fp
         assert losses[impl][1] == pytest.approx(second, rel=1e-4), impl
 
 
+@pytest.mark.slow
 def test_bf16_first_losses_agree_up_to_bf16_rounding(two_steps):
     losses = {impl: values[2] for impl, values in two_steps["clip"]["bf16"].items()}
     reference = two_steps["clip"]["fp32"]["ours"][2]
@@ -102,16 +121,24 @@ def test_bf16_first_losses_agree_up_to_bf16_rounding(two_steps):
         assert loss == pytest.approx(reference, rel=3e-2), impl
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
-    ("NVIDIA L40 Super", None), ("NVIDIA H100 96GB", None), ("Tesla V100-SXM2-32GB", None),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40 Super", None),
+        ("NVIDIA H100 96GB", None),
+        ("Tesla V100-SXM2-32GB", None),
+    ],
+)
 def test_peak_flops_need_the_exact_device_name_else_unknown(monkeypatch, name, peak):
     """A substring match gave the H100 NVL the SXM's 989 TF and the L40 the L4's figure."""
-    import torch
-
     import step_runners as tp
+    import torch
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert tp.peak_flops(torch.device("cuda", 0)) == peak

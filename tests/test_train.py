@@ -2,8 +2,8 @@
 
 import contextlib
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,8 +20,15 @@ DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
 def pretrain_args(output_dir, ds_config="zero2.json", extra=()):
-    return ["launch/pretrain.py", "--deepspeed_config", os.path.join("ds_configs", ds_config),
-            "--output_dir", str(output_dir), "--overrides", *tiny_training_overrides(output_dir, extra)]
+    return [
+        "launch/pretrain.py",
+        "--deepspeed_config",
+        os.path.join("ds_configs", ds_config),
+        "--output_dir",
+        str(output_dir),
+        "--overrides",
+        *tiny_training_overrides(output_dir, extra),
+    ]
 
 
 def run(cmd, timeout=600, env=None):
@@ -29,10 +36,19 @@ def run(cmd, timeout=600, env=None):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_two_processes_writes_the_run_folder(tmp_path):
     out = tmp_path / "run"
-    result = run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()),
-                  *pretrain_args(out, extra=["train.max_steps=3", "train.epochs=1"])])
+    result = run(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *pretrain_args(out, extra=["train.max_steps=3", "train.epochs=1"]),
+        ]
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "trainable weights identical on all 2 rank(s)" in result.stdout
     resolved = yaml.safe_load((out / "config.yaml").read_text())
@@ -46,13 +62,22 @@ def test_deepspeed_launcher_two_processes_writes_the_run_folder(tmp_path):
     assert "| image->text |" in result.stdout
 
 
+@pytest.mark.slow
 def test_lit_on_the_feature_cache_through_the_launcher_two_ranks_with_workers(tmp_path):
     """Two ranks build one cache (each its blocks, DataLoader workers decoding), then train on it:
     workers read the rows from the shared mapping; a second run finds it complete."""
     import numpy as np
 
-    lit = ["mode=lit", "model.vision.unlock=[]", "model.text.unlock=[]", "data.cache_locked_features=true",
-           "data.num_workers=1", "train.max_steps=3", "train.epochs=1", "eval.batch_size=4"]
+    lit = [
+        "mode=lit",
+        "model.vision.unlock=[]",
+        "model.text.unlock=[]",
+        "data.cache_locked_features=true",
+        "data.num_workers=1",
+        "train.max_steps=3",
+        "train.epochs=1",
+        "eval.batch_size=4",
+    ]
 
     def launch(name):
         args = pretrain_args(tmp_path / name, extra=lit)
@@ -69,6 +94,7 @@ def test_lit_on_the_feature_cache_through_the_launcher_two_ranks_with_workers(tm
     assert f"feature cache {built.group(1)}: complete, 1 views x 48 images" in second
 
 
+@pytest.mark.slow
 def test_train_destroys_only_the_process_group_it_created(tmp_path):
     """A finished run must not leave gloo's threads to interpreter exit (a rank then aborts after
     training); a group the caller made is the caller's. A second run in the same process still works."""
@@ -97,14 +123,33 @@ print("caller's group left:", dist.is_initialized())
     assert (tmp_path / "callers" / "trainable.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_train_together(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port, out = str(free_port()), tmp_path / "run"
-    procs = [subprocess.Popen(
-        [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-         "--master_port", port, *pretrain_args(out, extra=["train.max_steps=2"])],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                DEEPSPEED,
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                *pretrain_args(out, extra=["train.max_steps=2"]),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "trainable weights identical on all 2 rank(s)" in outputs[0]
@@ -118,10 +163,13 @@ def _wait_for(path, proc, timeout=300):
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_first_checkpoint_resumes_and_finishes(tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(out, extra=["train.max_steps=12", "checkpoint.every_steps=2", "train.epochs=20"])
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     _wait_for(out / "checkpoints" / "latest", proc)
     proc.send_signal(signal.SIGKILL)  # wherever the run is by now: a step, a save, an evaluation
     proc.wait()
@@ -146,13 +194,20 @@ def bad_inputs(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.parametrize("case,message", [
-    ("contradicting", r"sets train_micro_batch_size_per_gpu=64 but the experiment config gives train\.micro_batch_size=4"),
-    ("stage5", "unknown ZeRO stage 5"),
-    ("missing_data", "missing.json"),
-    ("unwritable", "is not writable"),
-    ("missing_ds_config", "does not exist: pick one of ds_configs"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (
+            "contradicting",
+            r"sets train_micro_batch_size_per_gpu=64 but the experiment config gives train\.micro_batch_size=4",
+        ),
+        ("stage5", "unknown ZeRO stage 5"),
+        ("missing_data", "missing.json"),
+        ("unwritable", "is not writable"),
+        ("missing_ds_config", "does not exist: pick one of ds_configs"),
+    ],
+)
 def test_bad_input_stops_before_training_with_a_clear_message(bad_inputs, case, message):
     out, ds, extra = bad_inputs / f"out-{case}", "zero2.json", []
     if case in ("contradicting", "stage5"):
@@ -181,16 +236,27 @@ def test_hostfile_check_names_the_line_and_the_fix(tmp_path):
     assert "listed twice" in run([sys.executable, "launch/check_hostfile.py", str(hostfile)]).stderr
     ok = run([sys.executable, "launch/check_hostfile.py", os.path.join(ROOT, "launch", "hostfile.example")])
     assert ok.returncode == 0 and "2 node(s), 8 process(es)" in ok.stdout
-    script = subprocess.run(["bash", os.path.join(ROOT, "launch", "pretrain_lilt.sh"), "train.json"], cwd=ROOT,
-                            capture_output=True, text=True, env=dict(os.environ, HOSTFILE=str(hostfile),
-                                                                     PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"]))
+    script = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "pretrain_lilt.sh"), "train.json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HOSTFILE=str(hostfile), PATH=os.path.dirname(sys.executable) + ":" + os.environ["PATH"]),
+    )
     assert script.returncode != 0 and "listed twice" in script.stderr
 
 
+@pytest.mark.slow
 def test_non_finite_losses_skip_steps_then_abort(tmp_path):
     out = tmp_path / "run"
-    result = run([sys.executable, *pretrain_args(out, extra=[
-        "train.lr=1e30", "train.grad_clip=0", "train.max_steps=10", "train.max_nonfinite_steps=2"])])
+    result = run(
+        [
+            sys.executable,
+            *pretrain_args(
+                out, extra=["train.lr=1e30", "train.grad_clip=0", "train.max_steps=10", "train.max_nonfinite_steps=2"]
+            ),
+        ]
+    )
     assert result.returncode != 0
     assert "step skipped (1 in a row, 1 in total)" in result.stdout
     assert "error: 2 non-finite losses in a row" in result.stderr and "Traceback" not in result.stderr
@@ -220,8 +286,9 @@ class HostSyncCounter:
 
     def note(self):
         frame = sys._getframe(2)
-        while frame is not None and (frame.f_code.co_filename.startswith(self.torch_dir)
-                                     or frame.f_code.co_filename == __file__):
+        while frame is not None and (
+            frame.f_code.co_filename.startswith(self.torch_dir) or frame.f_code.co_filename == __file__
+        ):
             frame = frame.f_back
         if frame is not None and frame.f_code.co_filename.startswith(self.package):
             self.count += 1
@@ -276,9 +343,19 @@ def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_pa
     from lilt_ds.train import NonFiniteLossError, Trainer, to_device
 
     def trainer(name, accum):
-        cfg = load_config("demo", tiny_training_overrides(tmp_path, [
-            "train.max_steps=20", "train.log_every=1000", f"train.grad_accum_steps={accum}", "eval.every_epochs=0",
-            f"output_dir={tmp_path / name}"]))
+        cfg = load_config(
+            "demo",
+            tiny_training_overrides(
+                tmp_path,
+                [
+                    "train.max_steps=20",
+                    "train.log_every=1000",
+                    f"train.grad_accum_steps={accum}",
+                    "eval.every_epochs=0",
+                    f"output_dir={tmp_path / name}",
+                ],
+            ),
+        )
         t = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
         t.batches = [to_device(b, t.device, t.dtype) for b in itertools.islice(iter(t.loader), 4)]
         t.optimizer_step(t.batches[:accum])  # step 1 logs its metrics (host reads of its own)
@@ -305,7 +382,10 @@ def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_pa
         assert accumulating.optimizer_step([nan_batch, accumulating.batches[0]]) != 0  # exact: skipped
         assert accumulating.nonfinite_total == 1
         accumulating.cfg = replace_keys(accumulating.cfg, {"train.exact_accumulation": False})
-        with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) in step 6 \(non-finite values \(NaN or "
-                                                     r"inf\) in image_emb\).*cannot be skipped"):
+        with pytest.raises(
+            NonFiniteLossError,
+            match=r"non-finite loss \(nan\) in step 6 \(non-finite values \(NaN or "
+            r"inf\) in image_emb\).*cannot be skipped",
+        ):
             accumulating.optimizer_step([nan_batch, accumulating.batches[0]])
         accumulating.engine.destroy()

@@ -35,9 +35,15 @@ class ArgumentParser(argparse.ArgumentParser):
         """``--deepspeed_config``: a packaged name or a path (:func:`lilt_ds.ds_configs.ds_config_path`)."""
         from lilt_ds.ds_configs import names
 
-        return self.add_argument("--deepspeed_config", default="zero2", **kwargs, help=(
-            "DeepSpeed JSON config (ZeRO stage, precision, offload, buckets): a packaged name "
-            f"({', '.join(names())}) or a path (default zero2)"))
+        return self.add_argument(
+            "--deepspeed_config",
+            default="zero2",
+            **kwargs,
+            help=(
+                "DeepSpeed JSON config (ZeRO stage, precision, offload, buckets): a packaged name "
+                f"({', '.join(names())}) or a path (default zero2)"
+            ),
+        )
 
 
 def run(main, argv=None) -> None:

@@ -1,6 +1,6 @@
 """Build (or load from the cache) every fused kernel for this machine's device and say which runs:
 
-    lilt-build-kernels
+lilt-build-kernels
 """
 
 import logging

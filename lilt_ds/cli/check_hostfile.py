@@ -1,6 +1,6 @@
 """Check a DeepSpeed hostfile before launching (the launch/*.sh scripts run it):
 
-    lilt-check-hostfile launch/hostfile.example
+lilt-check-hostfile launch/hostfile.example
 """
 
 from lilt_ds.cli import ArgumentParser, run
@@ -14,8 +14,10 @@ def main(argv=None):
     from lilt_ds.hostfile import parse_hostfile
 
     hosts = parse_hostfile(args.hostfile)
-    print(f"{args.hostfile}: {len(hosts)} node(s), {sum(hosts.values())} process(es): "
-          + ", ".join(f"{h} ({n})" for h, n in hosts.items()))
+    print(
+        f"{args.hostfile}: {len(hosts)} node(s), {sum(hosts.values())} process(es): "
+        + ", ".join(f"{h} ({n})" for h, n in hosts.items())
+    )
 
 
 def entry():

@@ -13,13 +13,22 @@ from lilt_ds.cli import ArgumentParser, run
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="run folder, its checkpoints folder, one stepN folder "
-                        "(or, for --format open_clip/hf, a lilt_ds .safetensors export)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder, its checkpoints folder, one stepN folder "
+        "(or, for --format open_clip/hf, a lilt_ds .safetensors export)",
+    )
     parser.add_argument("--out", required=True, help="output .safetensors file (lilt_ds) or folder (open_clip, hf)")
-    parser.add_argument("--format", default="lilt_ds", choices=("lilt_ds", "open_clip", "hf"),
-                        help="lilt_ds: trainable weights (or --full); open_clip / hf: the pair's own model folder")
-    parser.add_argument("--full", action="store_true",
-                        help="lilt_ds: write the whole model (frozen weights too) in fp32")
+    parser.add_argument(
+        "--format",
+        default="lilt_ds",
+        choices=("lilt_ds", "open_clip", "hf"),
+        help="lilt_ds: trainable weights (or --full); open_clip / hf: the pair's own model folder",
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="lilt_ds: write the whole model (frozen weights too) in fp32"
+    )
     args = parser.parse_args(argv)
 
     if args.format != "lilt_ds":

@@ -1,6 +1,6 @@
 """Write the built-in demo dataset (coloured shapes with compositional captions) to a folder:
 
-    lilt-make-demo --out DIR [--n 5000 --eval_n 500 --seed 0 --size 128]
+lilt-make-demo --out DIR [--n 5000 --eval_n 500 --seed 0 --size 128]
 """
 
 import json

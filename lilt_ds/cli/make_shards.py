@@ -1,6 +1,6 @@
 """Convert caption JSON files in the original LilT format into tar shards (WebDataset layout):
 
-    lilt-make-shards --json train.json [more.json ...] --out DIR --shard-size 10000 [--image-root R]
+lilt-make-shards --json train.json [more.json ...] --out DIR --shard-size 10000 [--image-root R]
 """
 
 import json

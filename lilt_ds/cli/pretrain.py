@@ -11,10 +11,14 @@ from lilt_ds.cli import ArgumentParser, run
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, launcher=True)
-    parser.add_argument("--config", default="demo",
-                        help="preset (clip, lit, lilt, lilt_ln, lilt_bitfit, lilt_lora, demo) or a YAML path")
-    parser.add_argument("--overrides", nargs="*", default=[],
-                        help="key=value (dotted or alias) or +key=value to add a key")
+    parser.add_argument(
+        "--config",
+        default="demo",
+        help="preset (clip, lit, lilt, lilt_ln, lilt_bitfit, lilt_lora, demo) or a YAML path",
+    )
+    parser.add_argument(
+        "--overrides", nargs="*", default=[], help="key=value (dotted or alias) or +key=value to add a key"
+    )
     parser.add_argument("--output_dir", default=None, help="run folder (default outputs/<config>-<time>)")
     parser.add_argument("--resume", default=None, help="checkpoint folder, or 'latest' for this output_dir's last one")
     parser.add_ds_config_argument()

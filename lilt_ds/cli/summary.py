@@ -1,6 +1,6 @@
 """What a config trains, counted without loading any weight (works offline for every preset):
 
-    lilt-summary --config lilt --overrides vision_encoder=base text_encoder=base
+lilt-summary --config lilt --overrides vision_encoder=base text_encoder=base
 """
 
 from lilt_ds.cli import ArgumentParser, run
@@ -17,8 +17,10 @@ def main(argv=None):
 
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg, load_weights=False, device="meta")
-    print(f"config {args.config}: mode={cfg.mode} vision={cfg.model.vision.name} text={cfg.model.text.name} "
-          f"image_size={cfg.model.image_size}")
+    print(
+        f"config {args.config}: mode={cfg.mode} vision={cfg.model.vision.name} text={cfg.model.text.name} "
+        f"image_size={cfg.model.image_size}"
+    )
     print(format_summary(trainable_summary(model)))
 
 

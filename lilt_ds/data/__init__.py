@@ -5,29 +5,60 @@ retrieval evaluation data and the built-in demo dataset. `build_train_loader` an
 
 from .bad_samples import BadSample, BadSampleLog, global_bad_sample_counts
 from .caption_dataset import CaptionDataset
-from .index.captions import CaptionTable, load_caption_files
-from .preprocessing.collate import ImageTextCollator
 from .config import eval_loader_settings, loader_settings, resolve_data_config
 from .demo import ensure_demo_data, generate_demo
-from .feature_cache import cache_locked_features
 from .errors import DataError
-from .index.image_root import ImageRoot
-from .loader import TrainLoader, build_eval_data, build_train_loader
 from .evaluation.classification import build_zeroshot_data, check_zeroshot, load_templates, read_classnames
 from .evaluation.retrieval import RetrievalData, RetrievalImages, build_retrieval_data, collate_images
+from .feature_cache import cache_locked_features
+from .index.captions import CaptionTable, load_caption_files
+from .index.image_root import ImageRoot
+from .loader import TrainLoader, build_eval_data, build_train_loader
+from .preprocessing.collate import ImageTextCollator
+from .preprocessing.text import pre_caption, tokenize_captions
+from .preprocessing.transforms import LILT_RANDAUGMENT_OPS, build_eval_transform, build_train_transform
 from .sampler import ResumableDistributedSampler
-from .shards.writer import write_shards
 from .shards.dataset import ShardDataset
 from .shards.files import ShardFiles, find_shards
 from .shards.progress import ShardProgress
-from .preprocessing.text import pre_caption, tokenize_captions
-from .preprocessing.transforms import LILT_RANDAUGMENT_OPS, build_eval_transform, build_train_transform
+from .shards.writer import write_shards
 
 __all__ = [
-    "BadSample", "BadSampleLog", "CaptionDataset", "CaptionTable", "DataError",
-    "ImageRoot", "ImageTextCollator", "LILT_RANDAUGMENT_OPS", "ResumableDistributedSampler",
-    "RetrievalData", "RetrievalImages", "ShardDataset", "ShardFiles", "ShardProgress", "TrainLoader",
-    "build_eval_data", "cache_locked_features", "build_zeroshot_data", "check_zeroshot", "load_templates", "read_classnames", "build_eval_transform", "build_retrieval_data", "build_train_loader", "build_train_transform", "collate_images",
-    "ensure_demo_data", "eval_loader_settings", "find_shards", "generate_demo", "global_bad_sample_counts",
-    "load_caption_files", "loader_settings", "pre_caption", "resolve_data_config", "tokenize_captions", "write_shards",
+    "BadSample",
+    "BadSampleLog",
+    "CaptionDataset",
+    "CaptionTable",
+    "DataError",
+    "ImageRoot",
+    "ImageTextCollator",
+    "LILT_RANDAUGMENT_OPS",
+    "ResumableDistributedSampler",
+    "RetrievalData",
+    "RetrievalImages",
+    "ShardDataset",
+    "ShardFiles",
+    "ShardProgress",
+    "TrainLoader",
+    "build_eval_data",
+    "cache_locked_features",
+    "build_zeroshot_data",
+    "check_zeroshot",
+    "load_templates",
+    "read_classnames",
+    "build_eval_transform",
+    "build_retrieval_data",
+    "build_train_loader",
+    "build_train_transform",
+    "collate_images",
+    "ensure_demo_data",
+    "eval_loader_settings",
+    "find_shards",
+    "generate_demo",
+    "global_bad_sample_counts",
+    "load_caption_files",
+    "loader_settings",
+    "pre_caption",
+    "resolve_data_config",
+    "tokenize_captions",
+    "write_shards",
 ]

@@ -6,9 +6,8 @@ of the data cannot train quietly. Nothing is dropped without being counted and l
 """
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
-
 
 from ..distributed import all_gather_objects
 from .errors import DataError, format_list
@@ -17,9 +16,11 @@ logger = logging.getLogger("lilt_ds.data")
 
 ON_BAD_SAMPLE = ("error", "skip")
 # The end of every error that on_bad_sample=skip would have avoided.
-SKIP_FIX = ("or set data.on_bad_sample=skip to replace bad images by others (counted, and the "
-            "run stops above data.max_bad_fraction)")
-_LOGGED_ONE_BY_ONE = 20   # after this many, bad entries are logged in summary only
+SKIP_FIX = (
+    "or set data.on_bad_sample=skip to replace bad images by others (counted, and the "
+    "run stops above data.max_bad_fraction)"
+)
+_LOGGED_ONE_BY_ONE = 20  # after this many, bad entries are logged in summary only
 _EXAMPLES_KEPT = 5
 
 
@@ -44,10 +45,15 @@ class BadSample:
 def check_bad_sample_policy(on_bad_sample: str, max_bad_fraction: float) -> None:
     if on_bad_sample not in ON_BAD_SAMPLE:
         raise DataError(f"data.on_bad_sample = {on_bad_sample!r}; choose one of {list(ON_BAD_SAMPLE)}.")
-    if isinstance(max_bad_fraction, bool) or not isinstance(max_bad_fraction, (int, float)) \
-            or not 0 <= max_bad_fraction <= 1:
-        raise DataError(f"data.max_bad_fraction = {max_bad_fraction!r}; give a fraction between "
-                        "0 and 1 (0.01 tolerates 1% bad entries).")
+    if (
+        isinstance(max_bad_fraction, bool)
+        or not isinstance(max_bad_fraction, (int, float))
+        or not 0 <= max_bad_fraction <= 1
+    ):
+        raise DataError(
+            f"data.max_bad_fraction = {max_bad_fraction!r}; give a fraction between "
+            "0 and 1 (0.01 tolerates 1% bad entries)."
+        )
 
 
 class BadSampleLog:
@@ -61,9 +67,9 @@ class BadSampleLog:
         self.max_bad_fraction = max_bad_fraction
         self.missing: set = set()
         self.unreadable: set = set()
-        self.lost: Dict[str, int] = {}
+        self.lost: dict[str, int] = {}
         self.replaced = 0
-        self.examples: List[BadSample] = []
+        self.examples: list[BadSample] = []
 
     @property
     def count(self) -> int:
@@ -73,11 +79,14 @@ class BadSampleLog:
         """Entries whose file does not exist (the load-time check)."""
         samples = list(samples)
         self.missing.update(s.index for s in samples)
-        self.examples.extend(samples[:max(0, _EXAMPLES_KEPT - len(self.examples))])
+        self.examples.extend(samples[: max(0, _EXAMPLES_KEPT - len(self.examples))])
         if samples:
-            logger.warning("on_bad_sample=skip: %d of %d images are missing and will be replaced:\n%s",
-                           len(samples), self.dataset_size,
-                           format_list([s.describe() for s in samples], _LOGGED_ONE_BY_ONE))
+            logger.warning(
+                "on_bad_sample=skip: %d of %d images are missing and will be replaced:\n%s",
+                len(samples),
+                self.dataset_size,
+                format_list([s.describe() for s in samples], _LOGGED_ONE_BY_ONE),
+            )
         self.check()
 
     def record(self, sample: BadSample) -> None:
@@ -114,27 +123,32 @@ class BadSampleLog:
             f"{len(self.unreadable) + sum(self.lost.values())} unreadable), more than "
             f"data.max_bad_fraction = {self.max_bad_fraction}. For example:\n{examples}\n"
             "Fix the image paths (data.image_root can rewrite a prefix) or the files; raise "
-            "data.max_bad_fraction only if losing this much data is acceptable.")
+            "data.max_bad_fraction only if losing this much data is acceptable."
+        )
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         return {"unreadable": sorted(self.unreadable), "replaced": self.replaced, "lost": dict(self.lost)}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self.unreadable = set(state["unreadable"])
         self.replaced = int(state["replaced"])
         self.lost = dict(state.get("lost", {}))
 
 
-def global_bad_sample_counts(log: BadSampleLog) -> Dict[str, int]:
+def global_bad_sample_counts(log: BadSampleLog) -> dict[str, int]:
     """Counts over all ranks when torch.distributed is initialised (a collective: call it on every
     rank), else this rank's: `bad_entries` (distinct), `missing`, `unreadable`, `replaced`."""
     gathered = all_gather_objects((sorted(log.unreadable), log.replaced, log.lost))
     unreadable = set().union(*(set(u) for u, _, _ in gathered))
     replaced = sum(r for _, r, _ in gathered)
-    lost: Dict[str, int] = {}
+    lost: dict[str, int] = {}
     for _, _, rank_lost in gathered:
         for file, count in rank_lost.items():
             lost[file] = max(lost.get(file, 0), count)
     unreadable_count = len(unreadable - log.missing) + sum(lost.values())
-    return {"bad_entries": len(log.missing) + unreadable_count, "missing": len(log.missing),
-            "unreadable": unreadable_count, "replaced": replaced}
+    return {
+        "bad_entries": len(log.missing) + unreadable_count,
+        "missing": len(log.missing),
+        "unreadable": unreadable_count,
+        "replaced": replaced,
+    }

@@ -6,16 +6,14 @@ the epoch has to travel with the index for the caption draw and the augmentation
 A plain `index` means epoch 0.
 """
 
-from typing import Dict, List, Tuple, Union
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
+from .errors import DataError, format_list
 from .index.captions import CaptionTable
 from .index.feature_file import BAD
-from .errors import DataError, format_list
 from .preprocessing.images import open_rgb
 from .sample_rng import REPLACE_STREAM, augmented, caption_choice, sample_rng
 
@@ -33,8 +31,15 @@ class CaptionDataset(Dataset):
     once here; decoding failures surface when an item is read.
     """
 
-    def __init__(self, table: CaptionTable, transform, seed: int = 0, on_bad_sample: str = "error",
-                 max_bad_fraction: float = 0.01, check_files: bool = True):
+    def __init__(
+        self,
+        table: CaptionTable,
+        transform,
+        seed: int = 0,
+        on_bad_sample: str = "error",
+        max_bad_fraction: float = 0.01,
+        check_files: bool = True,
+    ):
         check_bad_sample_policy(on_bad_sample, max_bad_fraction)
         self.table = table
         self.transform = transform
@@ -45,9 +50,11 @@ class CaptionDataset(Dataset):
         self._missing = np.zeros(len(table), dtype=bool)
         self._missing[[s.index for s in missing]] = True
         if missing and on_bad_sample == "error":
-            raise DataError(f"{len(missing)} of {len(table)} images are missing:\n"
-                            f"{format_list([s.describe() for s in missing])}\n"
-                            "Fix the paths (data.image_root can rewrite a prefix), " + SKIP_FIX + ".")
+            raise DataError(
+                f"{len(missing)} of {len(table)} images are missing:\n"
+                f"{format_list([s.describe() for s in missing])}\n"
+                "Fix the paths (data.image_root can rewrite a prefix), " + SKIP_FIX + "."
+            )
         self.bad_samples.record_missing(missing)
         self.features = None
 
@@ -59,9 +66,9 @@ class CaptionDataset(Dataset):
         images: items then carry `"image_features"` (epoch e: view e mod K) and no `"image"`."""
         self.features = features
 
-    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        replaced: List[BadSample] = []
+        replaced: list[BadSample] = []
         for draw in range(MAX_REPLACEMENT_DRAWS + 1):
             served = index if draw == 0 else self._replacement(epoch, index, draw)
             if self._missing[served]:
@@ -74,19 +81,23 @@ class CaptionDataset(Dataset):
                     raise DataError(unreadable_message(err.bad)) from err.__cause__
                 replaced.append(err.bad)
                 continue
-            return {name: value, "caption": self.caption(epoch, served), "index": served,
-                    "bad_samples": replaced}
-        raise DataError(f"on_bad_sample=skip drew {MAX_REPLACEMENT_DRAWS} replacements for entry "
-                        f"{index} and every one was bad, e.g. {replaced[-1].describe()}. Most of "
-                        "the images cannot be read: check the files and data.image_root.")
+            return {name: value, "caption": self.caption(epoch, served), "index": served, "bad_samples": replaced}
+        raise DataError(
+            f"on_bad_sample=skip drew {MAX_REPLACEMENT_DRAWS} replacements for entry "
+            f"{index} and every one was bad, e.g. {replaced[-1].describe()}. Most of "
+            "the images cannot be read: check the files and data.image_root."
+        )
 
-    def _read(self, epoch: int, index: int, served: int) -> Tuple[str, torch.Tensor]:
+    def _read(self, epoch: int, index: int, served: int) -> tuple[str, torch.Tensor]:
         """("image", pixels) decoded and augmented, or ("image_features", row) from the cache."""
         if self.features is not None:
             view = epoch % self.features.shape[0]
             if self.features.status[view, served] == BAD:
-                raise UnreadableEntry(self.table.bad_sample(
-                    served, f"cannot decode (found when the feature cache {self.features.folder} was built)"))
+                raise UnreadableEntry(
+                    self.table.bad_sample(
+                        served, f"cannot decode (found when the feature cache {self.features.folder} was built)"
+                    )
+                )
             return "image_features", torch.from_numpy(np.array(self.features.features[view, served]))
         image = open_entry(self.table, served)
         return "image", augmented(self.transform, image, self.seed, epoch, index, served)

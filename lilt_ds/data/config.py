@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..schema import DataSettings, as_section
 from .errors import DataError
@@ -14,8 +15,8 @@ from .index.image_root import ImageRoot
 from .preprocessing.transforms import resolve_augment
 
 AUTO = "auto"
-CPU_WORKERS = 2        # data.num_workers=auto on the CPU (the default before "auto" existed)
-MAX_GPU_WORKERS = 8    # data.num_workers=auto on a GPU: at most this many per rank
+CPU_WORKERS = 2  # data.num_workers=auto on the CPU (the default before "auto" existed)
+MAX_GPU_WORKERS = 8  # data.num_workers=auto on a GPU: at most this many per rank
 
 
 def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, must_exist: bool = False) -> DataSettings:
@@ -24,8 +25,9 @@ def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, mu
     exist too. Resolving a resolved section changes nothing."""
     data = as_section(DataSettings, data, "data")
     if data.train_shards is not None and data.train_files:
-        raise DataError("data.train_files and data.train_shards are both set; train on one of them "
-                        "(set the other to [] / null).")
+        raise DataError(
+            "data.train_files and data.train_shards are both set; train on one of them (set the other to [] / null)."
+        )
     ImageRoot(data.image_root, "data.image_root")
     ImageRoot(data.eval_image_root, "data.eval_image_root")
     data = dataclasses.replace(data, augment=resolve_augment(data.augment))
@@ -38,8 +40,10 @@ def _check_paths(data: DataSettings) -> None:
     """The annotation files and image folders named exist (shards are found, and checked, by pattern)."""
     for i, path in enumerate(data.train_files):
         if not os.path.isfile(path):
-            raise DataError(f"data.train_files[{i}] = {path!r} does not exist: check the path "
-                            "(relative paths start from the folder the command runs in)")
+            raise DataError(
+                f"data.train_files[{i}] = {path!r} does not exist: check the path "
+                "(relative paths start from the folder the command runs in)"
+            )
     if data.eval_file is not None and not os.path.isfile(data.eval_file):
         raise DataError(f"data.eval_file = {data.eval_file!r} does not exist: check the path")
     for key in ("image_root", "eval_image_root"):
@@ -62,8 +66,9 @@ def local_ranks() -> int:
     return max(1, int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
-def loader_settings(data: DataSettings, device_type: str, cpus: int | None = None,
-                    ranks_here: int | None = None) -> tuple[int, bool]:
+def loader_settings(
+    data: DataSettings, device_type: str, cpus: int | None = None, ranks_here: int | None = None
+) -> tuple[int, bool]:
     """(num_workers, pin_memory) of one rank's loaders, ``auto`` decided for ``device_type``.
 
     On a GPU each rank gets the CPUs it shares the machine with, less one for its own process, at

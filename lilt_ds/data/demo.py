@@ -20,22 +20,27 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw
 
-from .errors import DataError
 from ..fileio import cache_folder
+from .errors import DataError
 
-COLOURS = {"red": (215, 35, 35), "green": (35, 160, 60), "blue": (40, 75, 215),
-           "yellow": (235, 200, 25), "purple": (135, 55, 175), "orange": (240, 130, 25),
-           "black": (25, 25, 25)}
+COLOURS = {
+    "red": (215, 35, 35),
+    "green": (35, 160, 60),
+    "blue": (40, 75, 215),
+    "yellow": (235, 200, 25),
+    "purple": (135, 55, 175),
+    "orange": (240, 130, 25),
+    "black": (25, 25, 25),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
-SIZES = {"small": 0.06, "large": 0.12}          # object radius, as a fraction of the image side
+SIZES = {"small": 0.06, "large": 0.12}  # object radius, as a fraction of the image side
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 INVERSE_RELATION = {"above": "below", "below": "above", "next to": "next to"}
-_GAP = 0.02                                     # minimum free space between objects and borders
-_POOL_THRESHOLD = 400                           # fewer images are drawn in this process
+_GAP = 0.02  # minimum free space between objects and borders
+_POOL_THRESHOLD = 400  # fewer images are drawn in this process
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class Group:
     size: str
     colour: str
     shape: str
-    centres: Tuple[Tuple[float, float], ...]
+    centres: tuple[tuple[float, float], ...]
 
 
 @dataclass(frozen=True)
@@ -54,10 +59,10 @@ class Scene:
     """One image: a background and one or two groups; with two, `relation` places the first
     relative to the second."""
 
-    background: Tuple[int, int, int]
-    groups: Tuple[Group, ...]
-    relation: Optional[str]
-    tint: int                                    # colour jitter of this image's objects
+    background: tuple[int, int, int]
+    groups: tuple[Group, ...]
+    relation: str | None
+    tint: int  # colour jitter of this image's objects
 
 
 def sample_scene(rng: random.Random) -> Scene:
@@ -78,7 +83,7 @@ def sample_scene(rng: random.Random) -> Scene:
             return Scene(background, tuple(groups), relation, rng.randint(-20, 20))
 
 
-def _regions(relation: Optional[str], rng: random.Random) -> List[Tuple[float, float, float, float]]:
+def _regions(relation: str | None, rng: random.Random) -> list[tuple[float, float, float, float]]:
     """(x0, y0, x1, y1) areas of the first and second group."""
     top, bottom = (0.0, 0.0, 1.0, 0.5), (0.0, 0.5, 1.0, 1.0)
     left, right = (0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)
@@ -129,27 +134,37 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, r: fl
     elif shape == "diamond":
         draw.polygon([(x, y - r), (x + r * 0.8, y), (x, y + r), (x - r * 0.8, y)], fill=colour)
     else:  # star
-        points = [(x + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                   y - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
+        points = [
+            (
+                x + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
+                y - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
         draw.polygon(points, fill=colour)
 
 
-def scene_captions(scene: Scene) -> List[str]:
+def scene_captions(scene: Scene) -> list[str]:
     """Several phrasings of the same content (one is drawn per epoch in training)."""
     first = scene.groups[0]
     if scene.relation is None:
-        return [_phrase(first), f"a picture of {_phrase(first, article=False)}",
-                f"{_phrase(first, with_size=False)} on a plain background",
-                f"there {'is' if first.count == 1 else 'are'} {_phrase(first)}"]
+        return [
+            _phrase(first),
+            f"a picture of {_phrase(first, article=False)}",
+            f"{_phrase(first, with_size=False)} on a plain background",
+            f"there {'is' if first.count == 1 else 'are'} {_phrase(first)}",
+        ]
     second = scene.groups[1]
-    return [f"{_phrase(first)} {scene.relation} {_phrase(second)}",
-            f"{_phrase(second)} {INVERSE_RELATION[scene.relation]} {_phrase(first)}",
-            f"{_phrase(first, with_size=False)} and {_phrase(second, with_size=False)}",
-            f"a picture of {_phrase(first, article=False)} and {_phrase(second, article=False)}"]
+    return [
+        f"{_phrase(first)} {scene.relation} {_phrase(second)}",
+        f"{_phrase(second)} {INVERSE_RELATION[scene.relation]} {_phrase(first)}",
+        f"{_phrase(first, with_size=False)} and {_phrase(second, with_size=False)}",
+        f"a picture of {_phrase(first, article=False)} and {_phrase(second, article=False)}",
+    ]
 
 
 def _phrase(group: Group, article: bool = True, with_size: bool = True) -> str:
-    """"two small red circles", "a large blue square", "an orange star", "one small red circle"."""
+    """ "two small red circles", "a large blue square", "an orange star", "one small red circle"."""
     words = ([group.size] if with_size else []) + [group.colour, group.shape + ("s" if group.count > 1 else "")]
     if group.count == 1 and article:
         count = "an" if words[0][0] in "aeiou" else "a"
@@ -158,24 +173,28 @@ def _phrase(group: Group, article: bool = True, with_size: bool = True) -> str:
     return " ".join([count] + words)
 
 
-def _render(job: Tuple[Scene, int, str]) -> None:
+def _render(job: tuple[Scene, int, str]) -> None:
     scene, size, path = job
     draw_scene(scene, size).save(path, format="JPEG", quality=90)
 
 
-def generate_demo(out: str, n: int = 5000, eval_n: int = 500, seed: int = 0, size: int = 128,
-                  final_dir: Optional[str] = None) -> Dict[str, str]:
+def generate_demo(
+    out: str, n: int = 5000, eval_n: int = 500, seed: int = 0, size: int = 128, final_dir: str | None = None
+) -> dict[str, str]:
     """Write the demo dataset into `out`; `train.json` names images under `final_dir` (default
     `out`), for writing into a temporary folder that is renamed afterwards."""
     out = os.path.abspath(out)
     final_dir = os.path.abspath(final_dir or out)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     splits = {"train": n, "eval": eval_n}
-    scenes = {split: [sample_scene(random.Random(f"lilt_ds-demo:{seed}:{split}:{i}")) for i in range(count)]
-              for split, count in splits.items()}
+    scenes = {
+        split: [sample_scene(random.Random(f"lilt_ds-demo:{seed}:{split}:{i}")) for i in range(count)]
+        for split, count in splits.items()
+    }
     names = {split: [f"images/{split}_{i:06d}.jpg" for i in range(count)] for split, count in splits.items()}
-    jobs = [(scene, size, os.path.join(out, name)) for split in splits
-            for scene, name in zip(scenes[split], names[split])]
+    jobs = [
+        (scene, size, os.path.join(out, name)) for split in splits for scene, name in zip(scenes[split], names[split])
+    ]
     processes = min(os.cpu_count() or 1, 8)
     if len(jobs) >= _POOL_THRESHOLD and processes > 1:
         with multiprocessing.get_context().Pool(processes) as pool:
@@ -183,19 +202,26 @@ def generate_demo(out: str, n: int = 5000, eval_n: int = 500, seed: int = 0, siz
     else:
         for job in jobs:
             _render(job)
-    train = [{"image": os.path.join(final_dir, name), "image_id": i, "caption": scene_captions(scene)}
-             for i, (scene, name) in enumerate(zip(scenes["train"], names["train"]))]
-    evaluation = [{"image": name, "caption": scene_captions(scene)}
-                  for scene, name in zip(scenes["eval"], names["eval"])]
+    train = [
+        {"image": os.path.join(final_dir, name), "image_id": i, "caption": scene_captions(scene)}
+        for i, (scene, name) in enumerate(zip(scenes["train"], names["train"]))
+    ]
+    evaluation = [
+        {"image": name, "caption": scene_captions(scene)} for scene, name in zip(scenes["eval"], names["eval"])
+    ]
     for filename, entries in (("train.json", train), ("eval.json", evaluation)):
         with open(os.path.join(out, filename), "w", encoding="utf-8") as handle:
             json.dump(entries, handle, indent=1)
-    return {"train": os.path.join(final_dir, "train.json"), "eval": os.path.join(final_dir, "eval.json"),
-            "image_root": final_dir}
+    return {
+        "train": os.path.join(final_dir, "train.json"),
+        "eval": os.path.join(final_dir, "eval.json"),
+        "image_root": final_dir,
+    }
 
 
-def ensure_demo_data(cache_dir: Optional[str] = None, n: int = 5000, seed: int = 0,
-                     eval_n: int = 500, size: int = 128) -> Dict[str, str]:
+def ensure_demo_data(
+    cache_dir: str | None = None, n: int = 5000, seed: int = 0, eval_n: int = 500, size: int = 128
+) -> dict[str, str]:
     """The demo dataset, generated on first use and reused afterwards:
     `{"train": train.json, "eval": eval.json, "image_root": folder}`.
 
@@ -206,12 +232,17 @@ def ensure_demo_data(cache_dir: Optional[str] = None, n: int = 5000, seed: int =
     if cache_dir is None:
         cache_dir = os.path.join(cache_folder(), f"demo-{n}-{seed}-eval{eval_n}-{size}px")
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    paths = {"train": os.path.join(cache_dir, "train.json"), "eval": os.path.join(cache_dir, "eval.json"),
-             "image_root": cache_dir}
+    paths = {
+        "train": os.path.join(cache_dir, "train.json"),
+        "eval": os.path.join(cache_dir, "eval.json"),
+        "image_root": cache_dir,
+    }
     if os.path.isdir(cache_dir):
         if not (os.path.isfile(paths["train"]) and os.path.isfile(paths["eval"])):
-            raise DataError(f"{cache_dir} exists but holds no demo dataset (train.json, eval.json); "
-                            "delete it, or point LILT_DS_CACHE elsewhere.")
+            raise DataError(
+                f"{cache_dir} exists but holds no demo dataset (train.json, eval.json); "
+                "delete it, or point LILT_DS_CACHE elsewhere."
+            )
         return paths
     parent = os.path.dirname(cache_dir)
     os.makedirs(parent, exist_ok=True)

@@ -24,20 +24,20 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError
 from ..distributed import all_gather_objects, barrier, world_info
+from ..errors import ConfigError
 from ..runtime import local_rank
+from .caption_dataset import UnreadableEntry, open_entry, unreadable_message
 from .config import local_ranks
 from .errors import DataError
 from .index.cache import cache_paths, fingerprint_difference, source_fingerprint
 from .index.feature_file import EMPTY, FeatureFile, locked, read_meta, start_feature_file
-from .caption_dataset import UnreadableEntry, open_entry, unreadable_message
 from .preprocessing.transforms import build_eval_transform
 from .sample_rng import augmented
 
@@ -49,7 +49,7 @@ FORMAT = 1
 class _Views(Dataset):
     """``(view, entry)`` -> (view, entry, pixels or None, the BadSample when it cannot be read or None)."""
 
-    def __init__(self, table, missing: np.ndarray, transforms: List, seed: int):
+    def __init__(self, table, missing: np.ndarray, transforms: list, seed: int):
         self.table, self.missing, self.transforms, self.seed = table, missing, transforms, seed
 
     def __len__(self) -> int:
@@ -68,13 +68,16 @@ class _Views(Dataset):
 
 def _collate(samples):
     pixels = [s[2] for s in samples if s[2] is not None]
-    return {"view": samples[0][0], "entries": np.array([s[1] for s in samples], dtype=np.int64),
-            "bad": np.array([s[2] is None for s in samples], dtype=bool),
-            "bad_samples": [s[3] for s in samples if s[3] is not None],
-            "pixels": torch.stack(pixels) if pixels else None}
+    return {
+        "view": samples[0][0],
+        "entries": np.array([s[1] for s in samples], dtype=np.int64),
+        "bad": np.array([s[2] is None for s in samples], dtype=bool),
+        "bad_samples": [s[3] for s in samples if s[3] is not None],
+        "pixels": torch.stack(pixels) if pixels else None,
+    }
 
 
-def tower_digest(tower: torch.nn.Module, config: Dict[str, Any]) -> str:
+def tower_digest(tower: torch.nn.Module, config: dict[str, Any]) -> str:
     """What identifies a tower's function: its config, its structure and every weight and buffer."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(repr(tower).encode())
@@ -85,7 +88,7 @@ def tower_digest(tower: torch.nn.Module, config: Dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def cache_location(sources: List[str], image_root, views: int, index_cache: str) -> str:
+def cache_location(sources: list[str], image_root, views: int, index_cache: str) -> str:
     """The cache's folder, named after what addresses its rows, where ``data.index_cache`` puts the
     caption index: with ``auto`` beside the first caption file when that folder is writable, else in
     the lilt_ds cache folder."""
@@ -93,13 +96,21 @@ def cache_location(sources: List[str], image_root, views: int, index_cache: str)
     return next((path for path in candidates[:-1] if os.access(os.path.dirname(path), os.W_OK)), candidates[-1])
 
 
-def view_transforms(dataset, views: int, image_size: int, mean, std) -> List:
+def view_transforms(dataset, views: int, image_size: int, mean, std) -> list:
     """The transform of each cached view: the evaluation resize for one view, else the training one."""
     return [build_eval_transform(image_size, mean, std)] if views == 1 else [dataset.transform] * views
 
 
-def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any], device, dtype: torch.dtype,
-                          batch_size: int, num_workers: int) -> Dict[str, Any]:
+def cache_locked_features(
+    dataset,
+    model,
+    data_cfg,
+    tower_config: dict[str, Any],
+    device,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_workers: int,
+) -> dict[str, Any]:
     """Build (or find) the feature cache of ``model``'s locked image tower over ``dataset`` (a
     CaptionDataset) and make the dataset serve cached features. ``tower_config``: what names the
     tower (part of its identity); ``dtype``: the precision the tower runs in (the engine's; rows are
@@ -107,16 +118,25 @@ def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any]
     block of the build. Every rank of the process group calls it; returns what this rank did: ``{"folder", "built",
     "blocks", "seconds"}``."""
     if "vision" not in model.fully_locked:
-        raise ConfigError("data.cache_locked_features=true, but the image tower trains parameters: "
-                          "use mode=lit, or mode=lilt with model.vision.unlock=[]")
+        raise ConfigError(
+            "data.cache_locked_features=true, but the image tower trains parameters: "
+            "use mode=lit, or mode=lilt with model.vision.unlock=[]"
+        )
     vision, views = model.vision, data_cfg.cache_views
     transforms = view_transforms(dataset, views, vision.image_size, vision.mean, vision.std)
     table = dataset.table
     folder = cache_location(table.sources, data_cfg.image_root, views, data_cfg.index_cache)
-    meta = {"format": FORMAT, "views": views, "entries": len(table), "width": int(vision.width),
-            "transforms": [repr(t) for t in transforms], "seed": dataset.seed if views > 1 else None,
-            "tower": tower_digest(vision, tower_config), "dtype": str(dtype).replace("torch.", ""),
-            "sources": source_fingerprint(table.sources)}
+    meta = {
+        "format": FORMAT,
+        "views": views,
+        "entries": len(table),
+        "width": int(vision.width),
+        "transforms": [repr(t) for t in transforms],
+        "seed": dataset.seed if views > 1 else None,
+        "tower": tower_digest(vision, tower_config),
+        "dtype": str(dtype).replace("torch.", ""),
+        "sources": source_fingerprint(table.sources),
+    }
     start = time.perf_counter()
     with locked(folder):
         _restart_if_stale(folder, meta)
@@ -135,19 +155,22 @@ def cache_locked_features(dataset, model, data_cfg, tower_config: Dict[str, Any]
         blocks += len(todo)
         _raise_first(all_gather_objects(error))
     if not cache.complete():
-        raise DataError(f"the feature cache {folder} is incomplete after every rank built its share: "
-                        "another run may be restarting it (two runs with different towers on one cache?)")
+        raise DataError(
+            f"the feature cache {folder} is incomplete after every rank built its share: "
+            "another run may be restarting it (two runs with different towers on one cache?)"
+        )
     dataset.use_features(FeatureFile(folder))
     seconds = time.perf_counter() - start
     if built:
-        logger.info("feature cache %s: %d of its %d rows built here in %.1f s", folder, built,
-                    views * len(table), seconds)
+        logger.info(
+            "feature cache %s: %d of its %d rows built here in %.1f s", folder, built, views * len(table), seconds
+        )
     else:
         logger.info("feature cache %s: complete, %d views x %d images", folder, views, len(table))
     return {"folder": folder, "built": built, "blocks": blocks, "seconds": seconds}
 
 
-def _restart_if_stale(folder: str, meta: Dict[str, Any]) -> None:
+def _restart_if_stale(folder: str, meta: dict[str, Any]) -> None:
     found = read_meta(folder)
     if found is None:
         start_feature_file(folder, meta)
@@ -158,7 +181,7 @@ def _restart_if_stale(folder: str, meta: Dict[str, Any]) -> None:
         start_feature_file(folder, meta)
 
 
-def _difference(found: Dict[str, Any], meta: Dict[str, Any]) -> Optional[str]:
+def _difference(found: dict[str, Any], meta: dict[str, Any]) -> str | None:
     if found.get("tower") != meta["tower"]:
         return "built by another image tower (its weights, structure or config differ)"
     if found.get("transforms") != meta["transforms"]:
@@ -187,7 +210,7 @@ def _missing_blocks(cache: FeatureFile, block: int, part: int, parts: int):
     return todo
 
 
-def _build(cache: FeatureFile, todo, images: _Views, encode, num_workers: int, policy: str) -> Optional[str]:
+def _build(cache: FeatureFile, todo, images: _Views, encode, num_workers: int, policy: str) -> str | None:
     """Write the rows of the blocks in ``todo``; returns the first bad image under
     on_bad_sample=error (the ranks then stop together), else None."""
     batches = [[(view, int(i)) for i in rows] for view, rows in todo]
@@ -226,4 +249,3 @@ def _raise_first(errors: list) -> None:
     for error in errors:
         if error is not None:
             raise DataError(error)
-

@@ -10,27 +10,26 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from typing import Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..schema import DataSettings
 from .caption_dataset import CaptionDataset
-from .index.captions import load_caption_files
-from .preprocessing.collate import ImageTextCollator
 from .config import loader_settings, resolve_data_config
 from .demo import ensure_demo_data
 from .errors import DataError
 from .evaluation.retrieval import RetrievalData, build_retrieval_data
+from .index.captions import load_caption_files
+from .preprocessing.collate import ImageTextCollator
+from .preprocessing.text import pre_caption
+from .preprocessing.transforms import build_train_transform
 from .sampler import ResumableDistributedSampler
 from .shards.dataset import ShardDataset
 from .shards.files import find_shards
 from .shards.progress import ShardProgress
-from .preprocessing.text import pre_caption
-from .preprocessing.transforms import build_train_transform
 
-
-Sampler = Union[ResumableDistributedSampler, ShardProgress]
+Sampler = ResumableDistributedSampler | ShardProgress
 
 
 class TrainLoader:
@@ -40,8 +39,13 @@ class TrainLoader:
     `dataset.bad_samples` (workers hold copies of the dataset). Batches are
     `{"images", "input_ids", "attention_mask", "index"}`."""
 
-    def __init__(self, loader: DataLoader, dataset: Union[CaptionDataset, ShardDataset],
-                 sampler: Sampler, batch_size: Optional[int] = None):
+    def __init__(
+        self,
+        loader: DataLoader,
+        dataset: CaptionDataset | ShardDataset,
+        sampler: Sampler,
+        batch_size: int | None = None,
+    ):
         self.loader = loader
         self.dataset = dataset
         self.sampler = sampler
@@ -68,9 +72,18 @@ class TrainLoader:
         self.sampler.set_epoch(epoch)
 
 
-def build_train_loader(data_cfg: DataSettings | Mapping, tokenizer, image_size: int, mean: Sequence[float],
-                       std: Sequence[float], rank: int, world_size: int, micro_batch_size: int,
-                       seed: int, device_type: str = "cpu") -> TrainLoader:
+def build_train_loader(
+    data_cfg: DataSettings | Mapping,
+    tokenizer,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    seed: int,
+    device_type: str = "cpu",
+) -> TrainLoader:
     """Everything for training from the `data` config section (`lilt_ds.schema.DataSettings`): tar shards
     when `train_shards` is set, else the `train_files`; neither trains on the built-in demo
     dataset (generated on first use). ``device_type`` decides the "auto" workers and pinning."""
@@ -83,16 +96,22 @@ def build_train_loader(data_cfg: DataSettings | Mapping, tokenizer, image_size: 
     if workers > 0:
         # Fast tokenizers used before the fork warn and disable themselves in workers anyway.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    loader_args = {"num_workers": workers, "pin_memory": pin_memory,
-                   "persistent_workers": cfg.persistent_workers and workers > 0,
-                   "worker_init_fn": start_worker}
+    loader_args = {
+        "num_workers": workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": cfg.persistent_workers and workers > 0,
+        "worker_init_fn": start_worker,
+    }
     build = _shard_loader if cfg.train_shards is not None else _json_loader
-    loader, dataset, sampler, size = build(cfg, transform, collate, micro_batch_size, rank, world_size,
-                                           seed, loader_args)
+    loader, dataset, sampler, size = build(
+        cfg, transform, collate, micro_batch_size, rank, world_size, seed, loader_args
+    )
     if sampler.num_samples < micro_batch_size:
-        raise DataError(f"each of the {world_size} ranks gets {sampler.num_samples} of the "
-                        f"{size} training samples per epoch, fewer than the micro batch "
-                        f"size {micro_batch_size}: no full batch. Add data or lower the batch size.")
+        raise DataError(
+            f"each of the {world_size} ranks gets {sampler.num_samples} of the "
+            f"{size} training samples per epoch, fewer than the micro batch "
+            f"size {micro_batch_size}: no full batch. Add data or lower the batch size."
+        )
     return TrainLoader(loader, dataset, sampler, micro_batch_size)
 
 
@@ -106,11 +125,13 @@ def _json_loader(cfg, transform, collate, batch_size, rank, world_size, seed, lo
         files, image_root = [_demo(cfg)["train"]], None
     table = load_caption_files(files, image_root, _caption_cleaning(cfg), cache=cfg.index_cache)
     table.make_resident()
-    dataset = CaptionDataset(table, transform, seed=seed, on_bad_sample=cfg.on_bad_sample,
-                             max_bad_fraction=cfg.max_bad_fraction)
+    dataset = CaptionDataset(
+        table, transform, seed=seed, on_bad_sample=cfg.on_bad_sample, max_bad_fraction=cfg.max_bad_fraction
+    )
     sampler = ResumableDistributedSampler(len(dataset), rank, world_size, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=collate, **loader_args)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate, **loader_args
+    )
     return loader, dataset, sampler, len(dataset)
 
 
@@ -118,12 +139,24 @@ def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, l
     shards = find_shards(cfg.train_shards, cfg.on_bad_sample)
     workers = max(loader_args["num_workers"], 1)
     if len(shards.paths) < world_size * workers:
-        raise DataError(f"data.train_shards has {len(shards.paths)} shards, fewer than ranks x "
-                        f"DataLoader workers = {world_size} x {workers}: some would read the same "
-                        "shards. Write more, smaller shards (--shard-size) or lower data.num_workers.")
-    dataset = ShardDataset(shards, transform, collate, batch_size, rank, world_size, seed,
-                           on_bad_sample=cfg.on_bad_sample, max_bad_fraction=cfg.max_bad_fraction,
-                           clean=_caption_cleaning(cfg), shuffle_buffer=cfg.shuffle_buffer)
+        raise DataError(
+            f"data.train_shards has {len(shards.paths)} shards, fewer than ranks x "
+            f"DataLoader workers = {world_size} x {workers}: some would read the same "
+            "shards. Write more, smaller shards (--shard-size) or lower data.num_workers."
+        )
+    dataset = ShardDataset(
+        shards,
+        transform,
+        collate,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        on_bad_sample=cfg.on_bad_sample,
+        max_bad_fraction=cfg.max_bad_fraction,
+        clean=_caption_cleaning(cfg),
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
     loader = DataLoader(dataset, batch_size=None, **loader_args)  # the dataset batches
     return loader, dataset, dataset.progress, shards.total
 
@@ -140,8 +173,9 @@ def start_worker(_worker_id: int) -> None:
         dataset.table.make_resident()
 
 
-def build_eval_data(data_cfg: DataSettings | Mapping, tokenizer, image_size: int, mean: Sequence[float],
-                    std: Sequence[float]) -> Optional[RetrievalData]:
+def build_eval_data(
+    data_cfg: DataSettings | Mapping, tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> RetrievalData | None:
     """The retrieval evaluation data: `eval_file`, else the demo's eval split when training on the
     demo, else None (no evaluation data configured)."""
     cfg = resolve_data_config(data_cfg)
@@ -152,10 +186,18 @@ def build_eval_data(data_cfg: DataSettings | Mapping, tokenizer, image_size: int
         path, image_root = demo["eval"], demo["image_root"]
     else:
         return None
-    return build_retrieval_data(path, image_root, tokenizer, image_size, mean, std,
-                                max_length=cfg.eval_max_length,
-                                clean_captions=cfg.clean_captions, max_words=cfg.max_words,
-                                index_cache=cfg.index_cache)
+    return build_retrieval_data(
+        path,
+        image_root,
+        tokenizer,
+        image_size,
+        mean,
+        std,
+        max_length=cfg.eval_max_length,
+        clean_captions=cfg.clean_captions,
+        max_words=cfg.max_words,
+        index_cache=cfg.index_cache,
+    )
 
 
 def _demo(cfg: DataSettings) -> dict[str, str]:

@@ -9,7 +9,7 @@ when the number of ranks changed (a universal checkpoint).
 """
 
 import math
-from typing import Dict, Iterator, Tuple
+from collections.abc import Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -31,8 +31,15 @@ class ResumableDistributedSampler(Sampler):
     `set_epoch(e)` with a new epoch starts it from the beginning; with the current epoch it keeps
     the position, so a resumed run can call `set_epoch` as usual."""
 
-    def __init__(self, dataset_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False):
+    def __init__(
+        self,
+        dataset_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
         check_rank(rank, world_size)
         if dataset_size < (world_size if drop_last else 1):
             raise DataError(f"the dataset has {dataset_size} entries, too few for {world_size} ranks.")
@@ -43,7 +50,7 @@ class ResumableDistributedSampler(Sampler):
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.epoch = 0
-        self.position = 0      # samples consumed in this epoch, over all ranks
+        self.position = 0  # samples consumed in this epoch, over all ranks
 
     @property
     def num_samples(self) -> int:
@@ -84,7 +91,7 @@ class ResumableDistributedSampler(Sampler):
         epoch was read to its end."""
         self.position = self._start()
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         self.start_pass()
         epoch, shard = self.epoch, self.shard()
         return ((epoch, int(i)) for i in shard)
@@ -92,30 +99,40 @@ class ResumableDistributedSampler(Sampler):
     def __len__(self) -> int:
         return self._count_from(self._start())
 
-    def state_dict(self) -> Dict[str, int]:
+    def state_dict(self) -> dict[str, int]:
         """`{"epoch", "consumed"}` (consumed: samples this rank has consumed in the epoch), plus what
         `load_state_dict` needs to check and to resume on another world size. A finished epoch is
         saved as the start of the next one."""
         epoch, position = self.epoch, self.position
         if self._count_from(position) == 0:
             epoch, position = epoch + 1, 0
-        return {"epoch": epoch, "consumed": position // self.world_size, "global_consumed": position,
-                "world_size": self.world_size, "dataset_size": self.dataset_size}
+        return {
+            "epoch": epoch,
+            "consumed": position // self.world_size,
+            "global_consumed": position,
+            "world_size": self.world_size,
+            "dataset_size": self.dataset_size,
+        }
 
-    def load_state_dict(self, state: Dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> None:
         missing = {"epoch", "consumed"} - set(state)
         if "consumed_shards" in state:
-            raise DataError("the data position was saved for data.train_shards, this run reads "
-                            "data.train_files; use the same data, or resume without the data state.")
+            raise DataError(
+                "the data position was saved for data.train_shards, this run reads "
+                "data.train_files; use the same data, or resume without the data state."
+            )
         if missing:
-            raise DataError(f"sampler state {state!r} lacks {sorted(missing)}; pass what "
-                            "ResumableDistributedSampler.state_dict() returned.")
+            raise DataError(
+                f"sampler state {state!r} lacks {sorted(missing)}; pass what "
+                "ResumableDistributedSampler.state_dict() returned."
+            )
         saved_size = state.get("dataset_size", self.dataset_size)
         if saved_size != self.dataset_size:
             raise DataError(
                 f"the data position was saved with a dataset of {saved_size} entries, this run has "
                 f"{self.dataset_size}: the epoch order differs, so the rest of the epoch cannot be "
-                "replayed. Use the same data.train_files, or resume without the data state.")
+                "replayed. Use the same data.train_files, or resume without the data state."
+            )
         position = state.get("global_consumed", state["consumed"] * state.get("world_size", self.world_size))
         in_range = 0 <= position <= self.dataset_size + self.world_size
         if not (isinstance(state["epoch"], int) and state["epoch"] >= 0 and in_range):

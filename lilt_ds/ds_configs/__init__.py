@@ -25,8 +25,10 @@ def ds_config_path(name_or_path: str | None) -> str | None:
     Empty stays empty (the caller says none was given)."""
     if not name_or_path or os.path.isfile(name_or_path):
         return name_or_path
-    name = name_or_path[:-len(".json")] if name_or_path.endswith(".json") else name_or_path
+    name = name_or_path[: -len(".json")] if name_or_path.endswith(".json") else name_or_path
     if os.path.basename(name) == name and name in names():
         return os.path.join(FOLDER, name + ".json")
-    raise ConfigError(f"ds_config {name_or_path} does not exist: pick one of ds_configs by name "
-                      f"({', '.join(names())}) or give the path of a JSON file")
+    raise ConfigError(
+        f"ds_config {name_or_path} does not exist: pick one of ds_configs by name "
+        f"({', '.join(names())}) or give the path of a JSON file"
+    )

@@ -18,8 +18,8 @@ import contextlib
 import itertools
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -35,31 +35,69 @@ from .saved_tensors import SavedTensorMeter
 
 GIB, MIB = 2**30, 2**20
 
-CATEGORIES = ("frozen_weights", "trainable_weights", "gradients", "master_weights", "optimizer_states",
-              "activations", "loss_buffers", "buckets")
+CATEGORIES = (
+    "frozen_weights",
+    "trainable_weights",
+    "gradients",
+    "master_weights",
+    "optimizer_states",
+    "activations",
+    "loss_buffers",
+    "buckets",
+)
 MODEL_STATES = CATEGORIES[:5]
 LABELS = {
-    "frozen_weights": "frozen weights", "trainable_weights": "trainable weights", "gradients": "gradients",
-    "master_weights": "fp32 master", "optimizer_states": "optimizer states", "activations": "activations",
-    "loss_buffers": "loss buffers", "buckets": "comm buckets",
+    "frozen_weights": "frozen weights",
+    "trainable_weights": "trainable weights",
+    "gradients": "gradients",
+    "master_weights": "fp32 master",
+    "optimizer_states": "optimizer states",
+    "activations": "activations",
+    "loss_buffers": "loss buffers",
+    "buckets": "comm buckets",
 }
 
 # fp32 state tensors per trainable element, by ds_config optimizer type
-OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "lamb": 2, "onebitadam": 2, "zerooneadam": 2, "onebitlamb": 2,
-                    "muadam": 2, "muadamw": 2, "lion": 1, "adagrad": 1, "sgd": 1}
+OPTIMIZER_STATES = {
+    "adam": 2,
+    "adamw": 2,
+    "lamb": 2,
+    "onebitadam": 2,
+    "zerooneadam": 2,
+    "onebitlamb": 2,
+    "muadam": 2,
+    "muadamw": 2,
+    "lion": 1,
+    "adagrad": 1,
+    "sgd": 1,
+}
 STAGE0_ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's buffered all-reduce of unpartitioned gradients
 ZERO12_ALIGNMENT = 2  # DeepSpeedZeroOptimizer pads each flat group to a multiple of 2 x world size
 
-_UNITS = {"b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": MIB, "mb": MIB, "mib": MIB,
-          "g": GIB, "gb": GIB, "gib": GIB, "t": 2**40, "tb": 2**40, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "k": 2**10,
+    "kb": 2**10,
+    "kib": 2**10,
+    "m": MIB,
+    "mb": MIB,
+    "mib": MIB,
+    "g": GIB,
+    "gb": GIB,
+    "gib": GIB,
+    "t": 2**40,
+    "tb": 2**40,
+    "tib": 2**40,
+}
 
 
 def parse_memory_size(text) -> int:
     """``"32GB"`` -> bytes. GPU makers' GB are binary (a 32GB V100 holds 32 GiB), so GB means GiB here."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]+)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"GPU memory {text!r} does not parse: "
-                          "write a size with a unit, such as 32GB, 80GiB or 24000MB")
+        raise ConfigError(
+            f"GPU memory {text!r} does not parse: write a size with a unit, such as 32GB, 80GiB or 24000MB"
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -78,20 +116,20 @@ class EngineSettings:
 
     stage: int
     world_size: int
-    dtype: torch.dtype             # weights (and activations) as the engine casts the model
+    dtype: torch.dtype  # weights (and activations) as the engine casts the model
     grad_dtype: torch.dtype
-    optimizer_states: int          # fp32 tensors per trainable element (Adam: exp_avg, exp_avg_sq)
-    offload_optimizer: str         # none | cpu | nvme
+    optimizer_states: int  # fp32 tensors per trainable element (Adam: exp_avg, exp_avg_sq)
+    offload_optimizer: str  # none | cpu | nvme
     offload_param: str
     contiguous_gradients: bool
     overlap_comm: bool
     reduce_bucket_size: int
     prefetch_bucket_size: int
     persistence_threshold: int
-    zero3_linear: bool             # ZeRO-3 swaps F.linear for one that saves every input (memory_efficient_linear)
+    zero3_linear: bool  # ZeRO-3 swaps F.linear for one that saves every input (memory_efficient_linear)
 
     @classmethod
-    def from_ds_config(cls, ds: dict, world_size: int, device: DeviceFacts = GPU_TARGET) -> "EngineSettings":
+    def from_ds_config(cls, ds: dict, world_size: int, device: DeviceFacts = GPU_TARGET) -> EngineSettings:
         """``device`` decides the ds_config's "auto" device choices (bf16, overlap_comm): by default a
         GPU that runs bf16, the machine the estimate is for."""
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -111,15 +149,22 @@ class EngineSettings:
         grad_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(accum, dtype)
         opt_type = str((ds.get("optimizer") or {}).get("type", "AdamW")).lower()
         if opt_type not in OPTIMIZER_STATES:
-            raise ConfigError(f"the memory model does not know optimizer {opt_type!r}: "
-                              f"known types are {', '.join(sorted(OPTIMIZER_STATES))}")
+            raise ConfigError(
+                f"the memory model does not know optimizer {opt_type!r}: "
+                f"known types are {', '.join(sorted(OPTIMIZER_STATES))}"
+            )
         return cls(
-            stage=int(zero.stage), world_size=world_size, dtype=dtype, grad_dtype=grad_dtype,
+            stage=int(zero.stage),
+            world_size=world_size,
+            dtype=dtype,
+            grad_dtype=grad_dtype,
             optimizer_states=OPTIMIZER_STATES[opt_type],
             offload_optimizer=_offload_device(zero.offload_optimizer) if zero.stage >= 1 else "none",
             offload_param=_offload_device(zero.offload_param) if zero.stage == 3 else "none",
-            contiguous_gradients=bool(zero.contiguous_gradients), overlap_comm=bool(zero.overlap_comm),
-            reduce_bucket_size=int(zero.reduce_bucket_size), prefetch_bucket_size=int(zero.prefetch_bucket_size),
+            contiguous_gradients=bool(zero.contiguous_gradients),
+            overlap_comm=bool(zero.overlap_comm),
+            reduce_bucket_size=int(zero.reduce_bucket_size),
+            prefetch_bucket_size=int(zero.prefetch_bucket_size),
             persistence_threshold=int(zero.param_persistence_threshold),
             zero3_linear=zero.stage == 3 and bool(zero.memory_efficient_linear),
         )
@@ -133,8 +178,11 @@ class EngineSettings:
         return self.grad_dtype.itemsize
 
     def describe(self) -> str:
-        offloaded = [name for name, where in (("optimizer", self.offload_optimizer), ("params", self.offload_param))
-                     if where != "none"]
+        offloaded = [
+            name
+            for name, where in (("optimizer", self.offload_optimizer), ("params", self.offload_param))
+            if where != "none"
+        ]
         where = self.offload_param if self.offload_param != "none" else self.offload_optimizer
         return f"ZeRO-{self.stage}" + (f" + offload {'+'.join(offloaded)} ({where})" if offloaded else "")
 
@@ -156,7 +204,7 @@ class ParameterInventory:
     frozen: tuple[int, ...]
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ParameterInventory":
+    def of(cls, model: nn.Module) -> ParameterInventory:
         from ..engine import param_groups
 
         groups = tuple(tuple(parameter_numel(p) for p in g["params"]) for g in param_groups(model, 0.0))
@@ -267,8 +315,10 @@ def _zero3_states(inv: ParameterInventory, s: EngineSettings, rank: int, tally: 
         return n <= s.persistence_threshold
 
     offload_params, offload_opt = s.offload_param != "none", s.offload_optimizer != "none"
-    for category, sizes in (("frozen_weights", inv.frozen),
-                            ("trainable_weights", [n for g in inv.trainable_groups for n in g])):
+    for category, sizes in (
+        ("frozen_weights", inv.frozen),
+        ("trainable_weights", [n for g in inv.trainable_groups for n in g]),
+    ):
         for n in sizes:
             tally.add(category, part(n) * s.weight_bytes, offload_params and not persistent(n))
             if persistent(n) and W > 1:  # gathered once into a buffer of W partitions, kept
@@ -289,8 +339,9 @@ def _zero3_states(inv: ParameterInventory, s: EngineSettings, rank: int, tally: 
 # --------------------------------------------------------------------------------------------------
 
 
-def loss_buffer_bytes(loss_cfg: LossSettings | Mapping | None, micro_batch: int, world_size: int,
-                      embed_dim: int) -> int:
+def loss_buffer_bytes(
+    loss_cfg: LossSettings | Mapping | None, micro_batch: int, world_size: int, embed_dim: int
+) -> int:
     """Bytes the contrastive loss saves for backward on one rank (it runs in fp32).
 
     Dominated by the logits once the global batch N = micro batch x world size outgrows the
@@ -304,8 +355,8 @@ def loss_buffer_bytes(loss_cfg: LossSettings | Mapping | None, micro_batch: int,
     local = loss_cfg.local_loss or kind == "siglip"
     B, N, D, f = micro_batch, micro_batch * world_size, embed_dim, 4
     rows = B if local else N
-    gathered = N * D if world_size > 1 else 0   # all-gathered copies are new storages
-    if kind == "siglip":                           # local images x all texts
+    gathered = N * D if world_size > 1 else 0  # all-gathered copies are new storages
+    if kind == "siglip":  # local images x all texts
         if N > loss_cfg.chunk_size:  # blockwise: the features it keeps, no logits
             return f * (B * D + (gathered or B * D))
         return f * (B * N + B * D + B * D + (gathered or B * D))
@@ -374,8 +425,9 @@ def build_zero_model(cfg, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def profile_activations(cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: int = 2,
-                        device: torch.device | str | None = None) -> ActivationProfile:
+def profile_activations(
+    cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: int = 2, device: torch.device | str | None = None
+) -> ActivationProfile:
     """Measure saved-activation bytes of one training-mode forward pass at ``probe_batch`` samples.
 
     Autograd saves everything during the forward pass (the backward only consumes it), so no
@@ -386,8 +438,9 @@ def profile_activations(cfg, dtype: torch.dtype = torch.bfloat16, probe_batch: i
     device = torch.device(device) if device is not None else activation_device()
     model = build_zero_model(cfg, dtype).train().to(device)
     vocab = getattr(getattr(model.text.trunk, "config", None), "vocab_size", 1000)
-    batch = random_batch(cfg, probe_batch, vocab=vocab, dtype=dtype, device=device,
-                         length=getattr(model.text, "context_length", None))
+    batch = random_batch(
+        cfg, probe_batch, vocab=vocab, dtype=dtype, device=device, length=getattr(model.text, "context_length", None)
+    )
     meter = SavedTensorMeter(model.parameters(), backward=False)
     plain = torch_linear_function()
 
@@ -456,9 +509,16 @@ class MemoryEstimate:
 class MemoryModel:
     """One rank's memory for an (experiment config, ds_config, world size) as a function of the micro batch."""
 
-    def __init__(self, cfg, ds_config: dict, world_size: int, activations: ActivationProfile | None = None,
-                 probe_batch: int = 2, inventory: ParameterInventory | None = None,
-                 device: DeviceFacts = GPU_TARGET):
+    def __init__(
+        self,
+        cfg,
+        ds_config: dict,
+        world_size: int,
+        activations: ActivationProfile | None = None,
+        probe_batch: int = 2,
+        inventory: ParameterInventory | None = None,
+        device: DeviceFacts = GPU_TARGET,
+    ):
         """``activations`` and ``inventory`` depend on the experiment config only: pass them to reuse
         one measurement across ds_configs and world sizes. ``device`` decides the ds_config's "auto"
         device choices (see :meth:`EngineSettings.from_ds_config`)."""
@@ -479,16 +539,25 @@ class MemoryModel:
         states = self.states[rank]
         gpu = dict(states.gpu)
         gpu["activations"] = self.activations.at(micro_batch, self.settings.zero3_linear)
-        gpu["loss_buffers"] = loss_buffer_bytes(self.cfg.loss, micro_batch, self.settings.world_size,
-                                                self.cfg.model.embed_dim)
-        estimate = MemoryEstimate(describe_model(self.cfg), self.settings, micro_batch, uses_checkpointing(self.cfg),
-                                  gpu, dict(states.offloaded), budget)
+        gpu["loss_buffers"] = loss_buffer_bytes(
+            self.cfg.loss, micro_batch, self.settings.world_size, self.cfg.model.embed_dim
+        )
+        estimate = MemoryEstimate(
+            describe_model(self.cfg),
+            self.settings,
+            micro_batch,
+            uses_checkpointing(self.cfg),
+            gpu,
+            dict(states.offloaded),
+            budget,
+        )
         if budget is not None:
             estimate.largest_micro_batch = self.largest_micro_batch(budget)
         return estimate
 
     def largest_micro_batch(self, budget: int) -> int:
         """Largest micro batch whose fullest rank fits ``budget`` bytes of GPU memory (0: not even one)."""
+
         def fits(micro_batch):
             return self.estimate(micro_batch).gpu_total <= budget
 
@@ -515,5 +584,3 @@ def usable_bytes(gpu_memory: int, headroom: float) -> int:
 def check_headroom(headroom: float) -> None:
     if not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
         raise ConfigError(f"headroom must be a fraction in [0, 1), got {headroom!r}")
-
-

@@ -48,10 +48,10 @@ class _StorageLedger:
 
 # DeepSpeed's attribute names for its buffers; the first match decides
 _ATTRIBUTE_CATEGORIES = (
-    (("ipg",), "buckets"),                                         # ipg_buckets: gradient reduce buckets
-    (("norm", "overflow", "inf_or_nan"), "other"),                 # scalars: _global_grad_norm, flags
-    (("grad",), "gradients"),                                      # averaged_gradients, grad_partitions_flat_buffer
-    (("fp32",), "master_weights"),                                 # single_partition_of_fp32_groups, ...
+    (("ipg",), "buckets"),  # ipg_buckets: gradient reduce buckets
+    (("norm", "overflow", "inf_or_nan"), "other"),  # scalars: _global_grad_norm, flags
+    (("grad",), "gradients"),  # averaged_gradients, grad_partitions_flat_buffer
+    (("fp32",), "master_weights"),  # single_partition_of_fp32_groups, ...
     (("fp16", "bit16", "bf16", "lp_param"), "trainable_weights"),  # param_buffer_of_bit16_for_cpu_offload_groups
 )
 
@@ -145,8 +145,15 @@ def _measure(cfg, ds_config: dict, micro_batch: int, ds_name: str, world_size: i
     torch.manual_seed(cfg.seed)
     engine, _, _ = ds_engine.initialize(build_model(cfg, load_weights=False), ds, cfg, total_steps=2)
     loss_fn = build_loss(cfg.loss)
-    batch = tuple(random_batch(cfg, micro_batch, dtype=dtype, device=engine.device,
-                               length=getattr(engine.module.text, "context_length", None)).values())
+    batch = tuple(
+        random_batch(
+            cfg,
+            micro_batch,
+            dtype=dtype,
+            device=engine.device,
+            length=getattr(engine.module.text, "context_length", None),
+        ).values()
+    )
     accelerator = get_accelerator()
     on_gpu = torch.device(engine.device).type != "cpu"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 class _SaveInput(torch.autograd.Function):
     """Saves its input for backward and returns nothing useful: shows a tensor to the active saved-tensor hook."""
 
@@ -77,7 +78,7 @@ class SavedTensorMeter:
                 self._target.setdefault(storage.data_ptr(), storage)
         return tensor if self._backward else tensor.detach()
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         self._hooks.__enter__()
         return self
 

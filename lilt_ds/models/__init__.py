@@ -1,4 +1,4 @@
-"""Towers, the DualEncoder and the parameter-efficient modes (see DESIGN.md's mode table)."""
+"""Towers, the DualEncoder and the parameter-efficient modes (docs/architecture.md, "Modes")."""
 
 from .checks import check_model_config
 from .dual_encoder import DualEncoder, build_model, encode_batch
@@ -10,7 +10,21 @@ from .text import TEXT_PRESETS, TextTower, build_tokenizer
 from .vision import VISION_PRESETS, VisionTower
 
 __all__ = [
-    "Adapter", "DualEncoder", "LOCKED_TOWERS", "MODES", "TEXT_PRESETS", "TextTower", "UNLOCKS", "VISION_PRESETS",
-    "VisionTower", "apply_frozen_recompute", "build_model", "build_tokenizer", "encode_batch", "check_model_config", "format_summary",
-    "parameter_numel", "trainable_summary",
+    "Adapter",
+    "DualEncoder",
+    "LOCKED_TOWERS",
+    "MODES",
+    "TEXT_PRESETS",
+    "TextTower",
+    "UNLOCKS",
+    "VISION_PRESETS",
+    "VisionTower",
+    "apply_frozen_recompute",
+    "build_model",
+    "build_tokenizer",
+    "encode_batch",
+    "check_model_config",
+    "format_summary",
+    "parameter_numel",
+    "trainable_summary",
 ]

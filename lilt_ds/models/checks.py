@@ -28,7 +28,7 @@ class ModelFacts:
     ``model.init_from`` is (a pair, a weights file or nothing) for the checks across sections."""
 
     image_size: int
-    kind: str | None = None      # "pair" | "weights" | None
+    kind: str | None = None  # "pair" | "weights" | None
     sigmoid: bool | None = None  # a pair trained with the sigmoid (SigLIP) loss
 
 
@@ -55,8 +55,10 @@ def check_model_config(cfg) -> ModelFacts:
     pretrained_kwargs(model.vision.pretrained, resolve=False)
     text_sources(model.text)
     if model.text.adapter_position == "branch_input":
-        raise ConfigError("model.text.adapter_position=branch_input: BERT-family text towers are post-norm, with no "
-                          "norm at the input of their attention and MLP branches; use output")
+        raise ConfigError(
+            "model.text.adapter_position=branch_input: BERT-family text towers are post-norm, with no "
+            "norm at the input of their attention and MLP branches; use output"
+        )
     if source is not None:  # every tensor of the checkpoint must fit the model the config builds
         source[0].match_state(source[1], _built_on_meta(cfg, image_size))
     elif model.vision.patch_dropout:
@@ -81,8 +83,10 @@ def _check_replaced_keys(model, keys) -> None:
             value = getattr(getattr(model, kind), key)
             if value != getattr(defaults[kind], key):
                 what = "the pair brings both towers and their weights" if key == "name" else "it brings the weights"
-                raise ConfigError(f"model.{kind}.{key}={value!r} with {where}: {what}, so this key "
-                                  "would be ignored; remove it (or drop model.init_from)")
+                raise ConfigError(
+                    f"model.{kind}.{key}={value!r} with {where}: {what}, so this key "
+                    "would be ignored; remove it (or drop model.init_from)"
+                )
 
 
 def _check_pair(cfg, source) -> ModelFacts:
@@ -90,15 +94,19 @@ def _check_pair(cfg, source) -> ModelFacts:
     where = f"model.init_from={model.init_from}"
     _check_replaced_keys(model, PAIR_REPLACES)
     if model.text.tokenizer is not None:
-        raise ConfigError(f"model.text.tokenizer={model.text.tokenizer!r} with {where}: the pair's own "
-                          "tokenizer is used; remove the key")
+        raise ConfigError(
+            f"model.text.tokenizer={model.text.tokenizer!r} with {where}: the pair's own "
+            "tokenizer is used; remove the key"
+        )
     native = module.native(spec, model)
     image_size = model.image_size
     if image_size is None:
         image_size = native["image_size"]
     elif native["image_size"] is not None and image_size != native["image_size"]:
-        raise ConfigError(f"model.image_size={image_size} with {where}, whose towers take "
-                          f"{native['image_size']} px: set model.image_size=null (or {native['image_size']})")
+        raise ConfigError(
+            f"model.image_size={image_size} with {where}, whose towers take "
+            f"{native['image_size']} px: set model.image_size=null (or {native['image_size']})"
+        )
     if model.vision.patch_dropout:
         _built_on_meta(cfg, image_size)  # the tower must have patch tokens
     return ModelFacts(image_size, "pair", native["sigmoid"])

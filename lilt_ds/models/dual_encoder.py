@@ -35,9 +35,17 @@ class DualEncoder(nn.Module):
     (SigLIP). A fully locked tower runs in eval mode under no_grad, so it keeps no activations.
     """
 
-    def __init__(self, vision: VisionTower, text: TextTower, embed_dim: int,
-                 init_logit_scale: float = CLIP_INIT_LOGIT_SCALE, init_logit_bias: float | None = None,
-                 locked=(), vision_proj: nn.Module | None = None, text_proj: nn.Module | None = None):
+    def __init__(
+        self,
+        vision: VisionTower,
+        text: TextTower,
+        embed_dim: int,
+        init_logit_scale: float = CLIP_INIT_LOGIT_SCALE,
+        init_logit_bias: float | None = None,
+        locked=(),
+        vision_proj: nn.Module | None = None,
+        text_proj: nn.Module | None = None,
+    ):
         """``locked``: the towers (by kind) whose pretrained state stays as it is (BatchNorm statistics
         included); the mode decides them (:data:`~lilt_ds.models.modes.LOCKED_TOWERS`). A pretrained
         pair passes its own projections; otherwise new ones map each tower's width to ``embed_dim``."""
@@ -126,8 +134,10 @@ def seeded_init_rng(seed: int, device: str | torch.device | None):
     seeded with ``seed`` inside the block and as it was after it; every other generator untouched."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     on_gpu = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if on_gpu else []), \
-            (torch.cuda.device(device) if on_gpu else contextlib.nullcontext()):
+    with (
+        torch.random.fork_rng(devices=[device] if on_gpu else []),
+        torch.cuda.device(device) if on_gpu else contextlib.nullcontext(),
+    ):
         (torch.cuda.manual_seed if on_gpu else torch.random.default_generator.manual_seed)(seed)
         yield
 
@@ -135,7 +145,8 @@ def seeded_init_rng(seed: int, device: str | torch.device | None):
 def build_model(cfg, load_weights: bool = True, device: str | torch.device | None = None) -> DualEncoder:
     """Build the DualEncoder an experiment config describes, with its parameters frozen per mode.
 
-    ``cfg``: an :class:`lilt_ds.schema.ExperimentConfig`. Random initialisation is seeded from ``cfg.seed``. ``load_weights=False`` skips every weight
+    ``cfg``: an :class:`lilt_ds.schema.ExperimentConfig`. Random initialisation is seeded from ``cfg.seed``.
+    ``load_weights=False`` skips every weight
     file and download (random init); with
     ``device="meta"`` nothing is allocated either, which is how the summary counts any preset offline.
     """
@@ -153,16 +164,23 @@ def build_model(cfg, load_weights: bool = True, device: str | torch.device | Non
     # generator that initialises them is seeded (and restored afterwards): torch.manual_seed would
     # also reseed every GPU's generator, each time a model is built.
     source = init_source(mcfg)
-    with seeded_init_rng(cfg.seed, device), \
-            (torch.device(device) if device is not None else contextlib.nullcontext()):
+    with seeded_init_rng(cfg.seed, device), torch.device(device) if device is not None else contextlib.nullcontext():
         if source is not None and source[0].KIND == "pair":
             pair = source[0].build_pair(source[1], mcfg, load_weights=load_weights)
             vision, text = pair.vision, pair.text
             # the pair's own temperature (and bias) unless the config sets one
             scale = pair.logit_scale if mcfg.init_logit_scale is None else init_scale
             bias = pair.logit_bias if mcfg.init_logit_bias is None and pair.logit_bias is not None else init_bias
-            model = DualEncoder(vision, text, None, scale, bias, locked=LOCKED_TOWERS[mode],
-                                vision_proj=pair.vision_proj, text_proj=pair.text_proj)
+            model = DualEncoder(
+                vision,
+                text,
+                None,
+                scale,
+                bias,
+                locked=LOCKED_TOWERS[mode],
+                vision_proj=pair.vision_proj,
+                text_proj=pair.text_proj,
+            )
             model.pair = pair.extra  # what an export to the pair's own format needs
         else:  # a weights source (an original LilT checkpoint) brings the towers' weights too
             tower_weights = load_weights and source is None

@@ -9,8 +9,8 @@ few regular expressions over module names, so one implementation serves timm ViT
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -22,11 +22,11 @@ from ..errors import ConfigError
 class TowerLayout:
     """Where a tower's transformer parts live: regexes that a module name must end with (at a dot)."""
 
-    block: str           # one transformer block; group 1 is its index
-    attn_linears: str    # every linear of the attention
-    attn_out: str        # the attention output projection (an adapter follows it)
-    mlp_linears: str     # every linear of the MLP
-    mlp_out: str         # the MLP output linear (an adapter follows it)
+    block: str  # one transformer block; group 1 is its index
+    attn_linears: str  # every linear of the attention
+    attn_out: str  # the attention output projection (an adapter follows it)
+    mlp_linears: str  # every linear of the MLP
+    mlp_out: str  # the MLP output linear (an adapter follows it)
     packed_attn: str | None = None  # nn.MultiheadAttention modules (LoRA by parametrization of their weights)
     branch_norms: str | None = None  # pre-norm blocks: the norms at the input of the attention and MLP branches
 
@@ -134,9 +134,11 @@ def check_adapter_position(tower, tower_cfg) -> str:
     """The tower's ``adapter_position`` (its values are checked with the config), if the tower has that place."""
     position = tower_cfg.adapter_position
     if position == "branch_input" and (tower.layout is None or tower.layout.branch_norms is None):
-        raise ConfigError(f"model.{tower.kind}.adapter_position=branch_input: the {tower.kind} tower "
-                          f"{tower.model_name!r} has no norm at the input of its attention and MLP branches "
-                          "(a post-norm block, as BERT's); use output")
+        raise ConfigError(
+            f"model.{tower.kind}.adapter_position=branch_input: the {tower.kind} tower "
+            f"{tower.model_name!r} has no norm at the input of its attention and MLP branches "
+            "(a post-norm block, as BERT's); use output"
+        )
     return position
 
 
@@ -173,7 +175,7 @@ class LoraDelta(nn.Module):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # as peft and Microsoft's loralib initialise A
+        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)  # as peft and Microsoft's loralib initialise A
         self.scaling = alpha / rank
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -184,9 +186,11 @@ def _lora_packed_attention(tower, lora_cfg) -> None:
     from torch.nn.utils import parametrize
 
     if lora_cfg.dropout:
-        raise ConfigError(f"model.{tower.kind}.lora.dropout={lora_cfg.dropout}: the {tower.kind} tower's attention "
-                          "is an nn.MultiheadAttention, whose LoRA is a weight parametrization (no dropout on its "
-                          "input is possible); set it to 0.0, or restrict target_modules to the MLP linears")
+        raise ConfigError(
+            f"model.{tower.kind}.lora.dropout={lora_cfg.dropout}: the {tower.kind} tower's attention "
+            "is an nn.MultiheadAttention, whose LoRA is a weight parametrization (no dropout on its "
+            "input is possible); set it to 0.0, or restrict target_modules to the MLP linears"
+        )
     rank, alpha = lora_cfg.rank, lora_cfg.alpha
     for _, attn in modules_matching(tower, tower.layout.packed_attn):
         for owner, name in ((attn, "in_proj_weight"), (attn.out_proj, "weight")):
@@ -212,7 +216,8 @@ def _lora(tower, arg, tower_cfg) -> set[str]:
                 f"model.{tower.kind}.lora.target_modules={targets!r} names {hit[0]} (and {len(hit) - 1} more) of the "
                 f"{tower.kind} tower: an nn.MultiheadAttention, whose packed in-projection peft cannot wrap and whose "
                 "out_proj never runs as a Linear. Leave target_modules=null (LoRA on the attention's packed weights "
-                "and the MLP linears) or name MLP linears only")
+                "and the MLP linears) or name MLP linears only"
+            )
     config = LoraConfig(
         r=lora_cfg.rank,
         lora_alpha=lora_cfg.alpha,
@@ -262,8 +267,9 @@ def parse_unlock(items, where: str) -> list[tuple[str, int | None]]:
             try:
                 count = int(arg)
             except ValueError:
-                raise ConfigError(f"unlock item top_k needs a block count, as in top_k:2 (got top_k:{arg or None}) "
-                                  f"in {where}") from None
+                raise ConfigError(
+                    f"unlock item top_k needs a block count, as in top_k:2 (got top_k:{arg or None}) in {where}"
+                ) from None
             if count < 1:
                 raise ConfigError(f"top_k:{count} in {where} unlocks no block: use top_k:1 or more")
         parsed.append((name, count))

@@ -16,9 +16,9 @@ import types
 import torch
 from torch import nn
 
+from ..runtime import replay_torch_rng, torch_rng_state
 from .text import BERT_LAYOUT
 from .vision import TIMM_TRANSFORMER
-from ..runtime import replay_torch_rng, torch_rng_state
 
 
 class _RecomputeFrozen(torch.autograd.Function):
@@ -49,16 +49,25 @@ class _RecomputeFrozen(torch.autograd.Function):
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
         wanted = [t for t in (*inputs, *ctx.params) if t.requires_grad]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-                     if pairs and wanted else [])
+        grads = iter(
+            torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+            if pairs and wanted
+            else []
+        )
         return (None, None, *(next(grads) if t.requires_grad else None for t in (*inputs, *ctx.params)))
 
 
 def _autocast_state(device_type: str) -> dict[str, dict]:
     """torch.autocast arguments in force now, for the inputs' device type and for the CPU."""
-    return {kind: {"device_type": kind, "enabled": torch.is_autocast_enabled(kind),
-                   "dtype": torch.get_autocast_dtype(kind), "cache_enabled": torch.is_autocast_cache_enabled()}
-            for kind in dict.fromkeys((device_type, "cpu"))}
+    return {
+        kind: {
+            "device_type": kind,
+            "enabled": torch.is_autocast_enabled(kind),
+            "dtype": torch.get_autocast_dtype(kind),
+            "cache_enabled": torch.is_autocast_cache_enabled(),
+        }
+        for kind in dict.fromkeys((device_type, "cpu"))
+    }
 
 
 @contextlib.contextmanager

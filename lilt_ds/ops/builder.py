@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-
 from ..errors import LiltError
 from ..runtime import announced_build
 
 log = logging.getLogger("lilt_ds")
+
 
 def kernel_sources() -> Path:
     """The C++ sources: shipped inside the package by a wheel install (setup.py copies them), else
@@ -115,8 +115,10 @@ def load_triton(op: str, device_type: str) -> ModuleType:
 
     module = importlib.import_module(OPS[op].triton_module)
     if device_type == "cpu" and not module.INTERPRETED:
-        raise RuntimeError("Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 "
-                           "before the process starts (the kernels are made when their module is imported)")
+        raise RuntimeError(
+            "Triton runs on CPU tensors only through its interpreter: set TRITON_INTERPRET=1 "
+            "before the process starts (the kernels are made when their module is imported)"
+        )
     if device_type == "cuda" and module.INTERPRETED:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the Triton kernels were made for the interpreter, not the GPU")
     return module
@@ -127,7 +129,7 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def select(op: str, device_type: str = "cpu") -> Selection:
     """The implementation ``op`` runs on tensors of ``device_type`` in this process (decided once, logged once)."""
     spec = OPS[op]
@@ -139,8 +141,10 @@ def select(op: str, device_type: str = "cpu") -> Selection:
     elif device_type == "cpu":
         kind = "fused"
     elif choice == "fused":
-        raise KernelBuildError(f"{ENV_SWITCH}=fused but no fused {op} kernel exists for {device_type} tensors "
-                               f"(C++ for the CPU, Triton for CUDA): unset {ENV_SWITCH} to use the reference")
+        raise KernelBuildError(
+            f"{ENV_SWITCH}=fused but no fused {op} kernel exists for {device_type} tensors "
+            f"(C++ for the CPU, Triton for CUDA): unset {ENV_SWITCH} to use the reference"
+        )
     else:
         kind = "reference"
     if kind == "reference":
@@ -153,11 +157,15 @@ def select(op: str, device_type: str = "cpu") -> Selection:
         except Exception as error:  # a compiler, ninja, import or loader failure: all mean "no fused kernel"
             what = "Triton kernel" if kind == "triton" else "C++ kernel"
             if choice is not None:
-                fix = ("install triton (it comes with torch's CUDA build)" if kind == "triton" else
-                       "install a C++ compiler and ninja")
+                fix = (
+                    "install triton (it comes with torch's CUDA build)"
+                    if kind == "triton"
+                    else "install a C++ compiler and ninja"
+                )
                 raise KernelBuildError(
                     f"{ENV_SWITCH}={choice} but the {what} of the fused {op} loss cannot be used on {device_type} "
-                    f"tensors ({_reason(error)}); {fix}, or set {ENV_SWITCH}=reference") from error
+                    f"tensors ({_reason(error)}); {fix}, or set {ENV_SWITCH}=reference"
+                ) from error
             selection = Selection(op, None, f"{spec.reference} ({what} unavailable: {_reason(error)})")
         else:
             where = "Triton's interpreter" if kind == "triton" and device_type == "cpu" else device_type

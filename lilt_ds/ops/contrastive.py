@@ -87,12 +87,29 @@ class _FusedClipLoss(torch.autograd.Function):
         d_at[rows].add_(li.float() * minus)
         d_ai[rows].add_(lt.float() * minus)
         d_scale = ds_img + ds_txt - half * positives
-        return (d_li.to(local_img.dtype), d_lt.to(local_txt.dtype), d_ai.to(all_img.dtype), d_at.to(all_txt.dtype),
-                d_scale.reshape(()), None, None, None)
+        return (
+            d_li.to(local_img.dtype),
+            d_lt.to(local_txt.dtype),
+            d_ai.to(all_img.dtype),
+            d_at.to(all_txt.dtype),
+            d_scale.reshape(()),
+            None,
+            None,
+            None,
+        )
 
 
-def fused_clip_loss_fn(local_img, local_txt, all_img, all_txt, scale, offset: int, kernels: Kernels,
-                       tile_rows: int | None = None, tile_cols: int | None = None) -> torch.Tensor:
+def fused_clip_loss_fn(
+    local_img,
+    local_txt,
+    all_img,
+    all_txt,
+    scale,
+    offset: int,
+    kernels: Kernels,
+    tile_rows: int | None = None,
+    tile_cols: int | None = None,
+) -> torch.Tensor:
     """Same value and gradients as :func:`lilt_ds.losses.chunked_clip_loss_fn`, computed by ``kernels``.
 
     Summed symmetric InfoNCE of the B local rows against the N gathered rows (local rows at
@@ -102,8 +119,9 @@ def fused_clip_loss_fn(local_img, local_txt, all_img, all_txt, scale, offset: in
         raise ValueError(
             f"offset {offset} puts {local_img.shape[0]} local rows outside {all_img.shape[0]} gathered rows"
         )
-    loss = _FusedClipLoss.apply(local_img, local_txt, all_img, all_txt, scale.reshape(()), offset, kernels,
-                                (tile_rows, tile_cols))
+    loss = _FusedClipLoss.apply(
+        local_img, local_txt, all_img, all_txt, scale.reshape(()), offset, kernels, (tile_rows, tile_cols)
+    )
     return loss.to(local_img.dtype)
 
 
@@ -122,8 +140,14 @@ class FusedContrastiveLoss(ChunkedContrastiveLoss):
     (decided once per process and device type; the constructor decides it for this process's device).
     """
 
-    def __init__(self, chunk_size: int = 4096, local_loss: bool = True, gather_with_grad: bool = True,
-                 tile_rows: int | None = None, tile_cols: int | None = None):
+    def __init__(
+        self,
+        chunk_size: int = 4096,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        tile_rows: int | None = None,
+        tile_cols: int | None = None,
+    ):
         super().__init__(chunk_size=chunk_size, local_loss=local_loss, gather_with_grad=gather_with_grad)
         for name, value in (("tile_rows", tile_rows), ("tile_cols", tile_cols)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -144,5 +168,6 @@ class FusedContrastiveLoss(ChunkedContrastiveLoss):
             rows_img, rows_txt, offset = batch.local_img, batch.local_txt, batch.offset
         else:
             rows_img, rows_txt, offset = batch.all_img, batch.all_txt, 0
-        return fused_clip_loss_fn(rows_img, rows_txt, batch.all_img, batch.all_txt, scale, offset,
-                                  kernels, self.tile_rows, self.tile_cols)
+        return fused_clip_loss_fn(
+            rows_img, rows_txt, batch.all_img, batch.all_txt, scale, offset, kernels, self.tile_rows, self.tile_cols
+        )

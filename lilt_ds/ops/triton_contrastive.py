@@ -37,23 +37,38 @@ INTERPRETED = bool(knobs.runtime.interpret)
 
 DEFAULT_TILES = (64, 64)
 MIN_TILE, MAX_TILE = 16, 128
-DEPTH = 32   # columns of d per tl.dot when computing a tile of dot products
+DEPTH = 32  # columns of d per tl.dot when computing a tile of dot products
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _tile_dots(q_ptr, k_ptr, rows, cols, row_mask, col_mask, D, stride_q, stride_k,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OPERAND: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _tile_dots(
+    q_ptr,
+    k_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    D,
+    stride_q,
+    stride_k,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """The [BLOCK_M, BLOCK_N] dot products q_rows . k_cols in fp32, over d in chunks of BLOCK_K."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         depth = k0 + tl.arange(0, BLOCK_K)
         depth_mask = depth < D
-        q = tl.load(q_ptr + rows[:, None] * stride_q + depth[None, :],
-                    mask=row_mask[:, None] & depth_mask[None, :], other=0.0).to(OPERAND)
-        k = tl.load(k_ptr + cols[:, None] * stride_k + depth[None, :],
-                    mask=col_mask[:, None] & depth_mask[None, :], other=0.0).to(OPERAND)
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_q + depth[None, :], mask=row_mask[:, None] & depth_mask[None, :], other=0.0
+        ).to(OPERAND)
+        k = tl.load(
+            k_ptr + cols[:, None] * stride_k + depth[None, :], mask=col_mask[:, None] & depth_mask[None, :], other=0.0
+        ).to(OPERAND)
         acc = tl.dot(q, tl.trans(k), acc, input_precision=PRECISION)
     return acc
 
@@ -66,9 +81,23 @@ def _weighted_probs(dots, scale, lse, g, row_mask, col_mask):
 
 
 @triton.jit
-def _lse_forward_kernel(q_ptr, k_ptr, scale_ptr, out_ptr, B, N, D, stride_q, stride_k, cols_per_split,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+def _lse_forward_kernel(
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    out_ptr,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_k,
+    cols_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Program (row tile, split): the log-sum-exp of its rows over its split's columns, to out[split, rows]."""
     pid_m, split = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,8 +110,25 @@ def _lse_forward_kernel(q_ptr, k_ptr, scale_ptr, out_ptr, B, N, D, stride_q, str
     for n0 in range(first, last, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < last
-        logits = _tile_dots(q_ptr, k_ptr, rows, cols, row_mask, col_mask, D, stride_q, stride_k,
-                            BLOCK_M, BLOCK_N, BLOCK_K, OPERAND, PRECISION) * scale
+        logits = (
+            _tile_dots(
+                q_ptr,
+                k_ptr,
+                rows,
+                cols,
+                row_mask,
+                col_mask,
+                D,
+                stride_q,
+                stride_k,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                OPERAND,
+                PRECISION,
+            )
+            * scale
+        )
         logits = tl.where(col_mask[None, :], logits, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(logits, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
@@ -91,10 +137,27 @@ def _lse_forward_kernel(q_ptr, k_ptr, scale_ptr, out_ptr, B, N, D, stride_q, str
 
 
 @triton.jit
-def _lse_backward_rows_kernel(q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, dq_ptr, ds_ptr, B, N, D,
-                              stride_q, stride_k, cols_per_split,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_D: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+def _lse_backward_rows_kernel(
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    lse_ptr,
+    g_ptr,
+    dq_ptr,
+    ds_ptr,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_k,
+    cols_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Program (row tile, d block, split): its split's share of dQ[rows, d block] (to dq[split]) and,
     in d block 0, of the scale gradient per row (to ds[split, rows])."""
     pid_m, pid_d, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -112,22 +175,56 @@ def _lse_backward_rows_kernel(q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, dq_ptr, d
     for n0 in range(first, last, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < last
-        dots = _tile_dots(q_ptr, k_ptr, rows, cols, row_mask, col_mask, D, stride_q, stride_k,
-                          BLOCK_M, BLOCK_N, BLOCK_K, OPERAND, PRECISION)
+        dots = _tile_dots(
+            q_ptr,
+            k_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            D,
+            stride_q,
+            stride_k,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            OPERAND,
+            PRECISION,
+        )
         p = _weighted_probs(dots, scale, lse, g, row_mask, col_mask)
         ds += tl.sum(p * dots, axis=1)
-        k = tl.load(k_ptr + cols[:, None] * stride_k + width[None, :],
-                    mask=col_mask[:, None] & width_mask[None, :], other=0.0).to(OPERAND)
+        k = tl.load(
+            k_ptr + cols[:, None] * stride_k + width[None, :], mask=col_mask[:, None] & width_mask[None, :], other=0.0
+        ).to(OPERAND)
         dq = tl.dot(p.to(OPERAND), k, dq, input_precision=PRECISION)
-    tl.store(dq_ptr + (split * B + rows[:, None]) * D + width[None, :], dq * scale,
-             mask=row_mask[:, None] & width_mask[None, :])
+    tl.store(
+        dq_ptr + (split * B + rows[:, None]) * D + width[None, :],
+        dq * scale,
+        mask=row_mask[:, None] & width_mask[None, :],
+    )
     tl.store(ds_ptr + split * B + rows, ds, mask=row_mask & (pid_d == 0))
 
 
 @triton.jit
-def _lse_backward_cols_kernel(q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, dk_ptr, B, N, D, stride_q, stride_k,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_D: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+def _lse_backward_cols_kernel(
+    q_ptr,
+    k_ptr,
+    scale_ptr,
+    lse_ptr,
+    g_ptr,
+    dk_ptr,
+    B,
+    N,
+    D,
+    stride_q,
+    stride_k,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Program (column tile, d block): dK[cols, d block] over every row tile."""
     pid_n, pid_d = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,11 +238,26 @@ def _lse_backward_cols_kernel(q_ptr, k_ptr, scale_ptr, lse_ptr, g_ptr, dk_ptr, B
         row_mask = rows < B
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-        dots = _tile_dots(q_ptr, k_ptr, rows, cols, row_mask, col_mask, D, stride_q, stride_k,
-                          BLOCK_M, BLOCK_N, BLOCK_K, OPERAND, PRECISION)
+        dots = _tile_dots(
+            q_ptr,
+            k_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            D,
+            stride_q,
+            stride_k,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            OPERAND,
+            PRECISION,
+        )
         p = _weighted_probs(dots, scale, lse, g, row_mask, col_mask)
-        q = tl.load(q_ptr + rows[:, None] * stride_q + width[None, :],
-                    mask=row_mask[:, None] & width_mask[None, :], other=0.0).to(OPERAND)
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_q + width[None, :], mask=row_mask[:, None] & width_mask[None, :], other=0.0
+        ).to(OPERAND)
         dk = tl.dot(tl.trans(p.to(OPERAND)), q, dk, input_precision=PRECISION)
     tl.store(dk_ptr + cols[:, None] * D + width[None, :], dk * scale, mask=col_mask[:, None] & width_mask[None, :])
 
@@ -168,15 +280,19 @@ class Launch:
     splits: int
 
     @classmethod
-    def plan(cls, B: int, N: int, D: int, tiles=(None, None), splits: int | None = None,
-             device: torch.device | None = None) -> "Launch":
+    def plan(
+        cls, B: int, N: int, D: int, tiles=(None, None), splits: int | None = None, device: torch.device | None = None
+    ) -> Launch:
         rows = _power_of_two_tile(tiles[0], DEFAULT_TILES[0])
         cols = _power_of_two_tile(tiles[1], DEFAULT_TILES[1])
         width = min(MAX_TILE, max(MIN_TILE, triton.next_power_of_2(D)))
         col_tiles = triton.cdiv(N, cols)
         if splits is None:  # about four programs per multiprocessor, each with >= 4 column tiles
-            units = torch.cuda.get_device_properties(device).multi_processor_count \
-                if device is not None and device.type == "cuda" else 1
+            units = (
+                torch.cuda.get_device_properties(device).multi_processor_count
+                if device is not None and device.type == "cuda"
+                else 1
+            )
             wanted = triton.cdiv(4 * units, triton.cdiv(B, rows) * triton.cdiv(D, width))
             splits = max(1, min(wanted, col_tiles // 4))
         per_split = triton.cdiv(col_tiles, max(1, min(int(splits), col_tiles)))
@@ -200,25 +316,50 @@ def _prepare(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor):
     if q.dim() != 2 or k.dim() != 2 or q.shape[1] != k.shape[1] or q.device != k.device:
         raise ValueError(f"queries {tuple(q.shape)} and keys {tuple(k.shape)} must be [B, d] and [N, d] on one device")
     dtype = q.dtype if q.dtype in INPUT_DTYPES and k.dtype == q.dtype else torch.float32
-    return (q.to(dtype).contiguous(), k.to(dtype).contiguous(),
-            scale.detach().reshape(1).to(device=q.device, dtype=torch.float32))
+    return (
+        q.to(dtype).contiguous(),
+        k.to(dtype).contiguous(),
+        scale.detach().reshape(1).to(device=q.device, dtype=torch.float32),
+    )
 
 
-def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, tiles=(None, None),
-                splits: int | None = None) -> torch.Tensor:
+def lse_forward(
+    q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, tiles=(None, None), splits: int | None = None
+) -> torch.Tensor:
     """lse_i = log sum_j exp(scale * q_i . k_j), fp32 [B]."""
     q, k, scale = _prepare(q, k, scale)
     (B, D), N = q.shape, k.shape[0]
     launch = Launch.plan(B, N, D, tiles, splits, q.device)
     partial = torch.empty(launch.splits, B, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(B, launch.rows), launch.splits)
-    _lse_forward_kernel[grid](q, k, scale, partial, B, N, D, q.stride(0), k.stride(0), launch.cols_per_split(N),
-                              BLOCK_M=launch.rows, BLOCK_N=launch.cols, BLOCK_K=DEPTH, **_operands(q.dtype))
+    _lse_forward_kernel[grid](
+        q,
+        k,
+        scale,
+        partial,
+        B,
+        N,
+        D,
+        q.stride(0),
+        k.stride(0),
+        launch.cols_per_split(N),
+        BLOCK_M=launch.rows,
+        BLOCK_N=launch.cols,
+        BLOCK_K=DEPTH,
+        **_operands(q.dtype),
+    )
     return partial[0] if launch.splits == 1 else torch.logsumexp(partial, dim=0)
 
 
-def lse_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                 tiles=(None, None), splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lse_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    tiles=(None, None),
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dQ, dK, ds) of sum_i g_i lse_i, fp32; ds is a 0-d tensor on the device."""
     q, k, scale = _prepare(q, k, scale)
     (B, D), N = q.shape, k.shape[0]
@@ -228,8 +369,9 @@ def lse_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, lse: tor
     dq = torch.empty(launch.splits, B, D, device=q.device, dtype=torch.float32)
     ds = torch.empty(launch.splits, B, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(B, launch.rows), triton.cdiv(D, launch.width), launch.splits)
-    _lse_backward_rows_kernel[grid](q, k, scale, lse, g, dq, ds, B, N, D, q.stride(0), k.stride(0),
-                                    launch.cols_per_split(N), **meta)
+    _lse_backward_rows_kernel[grid](
+        q, k, scale, lse, g, dq, ds, B, N, D, q.stride(0), k.stride(0), launch.cols_per_split(N), **meta
+    )
     dk = torch.empty(N, D, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(N, launch.cols), triton.cdiv(D, launch.width))
     _lse_backward_cols_kernel[grid](q, k, scale, lse, g, dk, B, N, D, q.stride(0), k.stride(0), **meta)

@@ -13,8 +13,20 @@ from dataclasses import dataclass
 from ..config import load_config
 from ..engine import load_ds_config, resolve_device_choices
 from ..errors import ConfigError
-from ..memory import (CATEGORIES, GIB, LABELS, MIB, MODEL_STATES, Measurement, MemoryEstimate, MemoryModel,
-                      format_gib, measure_training_memory, parse_memory_size, usable_bytes)
+from ..memory import (
+    CATEGORIES,
+    GIB,
+    LABELS,
+    MIB,
+    MODEL_STATES,
+    Measurement,
+    MemoryEstimate,
+    MemoryModel,
+    format_gib,
+    measure_training_memory,
+    parse_memory_size,
+    usable_bytes,
+)
 from ..memory.estimate import check_headroom
 from ..runtime import GPU_TARGET, init_distributed, present_device, process_group_scope
 
@@ -23,11 +35,21 @@ def estimate_rows(estimates: list[MemoryEstimate]) -> list[dict]:
     """One flat record per estimate (bytes), the CSV's rows."""
     rows = []
     for e in estimates:
-        row = {"model": e.model, "zero": e.settings.describe(), "checkpointing": e.checkpointing,
-               "world_size": e.settings.world_size, "micro_batch": e.micro_batch}
+        row = {
+            "model": e.model,
+            "zero": e.settings.describe(),
+            "checkpointing": e.checkpointing,
+            "world_size": e.settings.world_size,
+            "micro_batch": e.micro_batch,
+        }
         row.update({c: e.gpu[c] for c in CATEGORIES})
-        row.update(gpu_total=e.gpu_total, offloaded=e.offloaded_total, budget=e.budget, fits=e.fits,
-                   largest_micro_batch=e.largest_micro_batch)
+        row.update(
+            gpu_total=e.gpu_total,
+            offloaded=e.offloaded_total,
+            budget=e.budget,
+            fits=e.fits,
+            largest_micro_batch=e.largest_micro_batch,
+        )
         rows.append(row)
     return rows
 
@@ -40,9 +62,14 @@ def estimate_table(estimates: list[MemoryEstimate]) -> str:
         head += [f"fits {format_gib(budget)} GiB", "largest micro batch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in estimates:
-        cells = [e.model, e.settings.describe(), "yes" if e.checkpointing else "no",
-                 *(format_gib(e.gpu[c]) for c in CATEGORIES), f"**{format_gib(e.gpu_total)}**",
-                 format_gib(e.offloaded_total)]
+        cells = [
+            e.model,
+            e.settings.describe(),
+            "yes" if e.checkpointing else "no",
+            *(format_gib(e.gpu[c]) for c in CATEGORIES),
+            f"**{format_gib(e.gpu_total)}**",
+            format_gib(e.offloaded_total),
+        ]
         if budget is not None:
             cells += ["yes" if e.fits else "**no**", str(e.largest_micro_batch)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -55,22 +82,51 @@ def comparison_rows(estimate: MemoryEstimate, measured: Measurement) -> list[dic
     which holds what no category counts (what lives only inside backward and the optimizer step):
     shown with its excess over the measured categories, which the estimate's headroom must cover."""
     pairs = [(LABELS[c], estimate.total(c), measured.bytes[c]) for c in CATEGORIES]
-    pairs.insert(len(MODEL_STATES), ("model states", sum(estimate.total(c) for c in MODEL_STATES),
-                                     sum(measured.bytes[c] for c in MODEL_STATES)))
+    pairs.insert(
+        len(MODEL_STATES),
+        ("model states", sum(estimate.total(c) for c in MODEL_STATES), sum(measured.bytes[c] for c in MODEL_STATES)),
+    )
     categories = sum(measured.bytes[c] for c in CATEGORIES)
     pairs.append(("all categories", sum(estimate.total(c) for c in CATEGORIES), categories))
-    rows = [{"quantity": name, "estimate": est, "measured": got,
-             "error_percent": None if not got else 100.0 * (est - got) / got} for name, est, got in pairs]
-    rows.append({"quantity": "other engine tensors (not estimated)", "estimate": None,
-                 "measured": measured.bytes.get("other", 0), "error_percent": None})
+    rows = [
+        {
+            "quantity": name,
+            "estimate": est,
+            "measured": got,
+            "error_percent": None if not got else 100.0 * (est - got) / got,
+        }
+        for name, est, got in pairs
+    ]
+    rows.append(
+        {
+            "quantity": "other engine tensors (not estimated)",
+            "estimate": None,
+            "measured": measured.bytes.get("other", 0),
+            "error_percent": None,
+        }
+    )
     if measured.peak_allocated is not None:
-        rows += [{"quantity": "GPU peak allocated (max_memory_allocated): the categories plus activation gradients, "
-                              "loss temporaries, optimizer-step temporaries and cuBLAS workspace",
-                  "estimate": None, "measured": measured.peak_allocated, "error_percent": None},
-                 {"quantity": "GPU peak allocated beyond the measured categories (for the headroom)",
-                  "estimate": None, "measured": measured.peak_allocated - categories, "error_percent": None},
-                 {"quantity": "GPU peak reserved (max_memory_reserved): the peak plus the caching allocator's slack",
-                  "estimate": None, "measured": measured.peak_reserved, "error_percent": None}]
+        rows += [
+            {
+                "quantity": "GPU peak allocated (max_memory_allocated): the categories plus activation gradients, "
+                "loss temporaries, optimizer-step temporaries and cuBLAS workspace",
+                "estimate": None,
+                "measured": measured.peak_allocated,
+                "error_percent": None,
+            },
+            {
+                "quantity": "GPU peak allocated beyond the measured categories (for the headroom)",
+                "estimate": None,
+                "measured": measured.peak_allocated - categories,
+                "error_percent": None,
+            },
+            {
+                "quantity": "GPU peak reserved (max_memory_reserved): the peak plus the caching allocator's slack",
+                "estimate": None,
+                "measured": measured.peak_reserved,
+                "error_percent": None,
+            },
+        ]
     return rows
 
 
@@ -95,6 +151,7 @@ def plot_estimates(estimates: list[MemoryEstimate], path: str, title: str) -> st
     """Stacked bars of GPU GiB by category, one bar per estimate, the budget as a line; None without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -109,8 +166,12 @@ def plot_estimates(estimates: list[MemoryEstimate], path: str, title: str) -> st
     budget = next((e.budget for e in estimates if e.budget is not None), None)
     if budget is not None:
         ax.axhline(budget / GIB, color="black", linestyle="--", linewidth=1, label=f"usable {budget / GIB:.1f} GiB")
-    ax.set_xticks(list(x), [f"{e.model}\n{e.settings.describe()}" + ("\nckpt" if e.checkpointing else "")
-                            for e in estimates], rotation=90, fontsize=7)
+    ax.set_xticks(
+        list(x),
+        [f"{e.model}\n{e.settings.describe()}" + ("\nckpt" if e.checkpointing else "") for e in estimates],
+        rotation=90,
+        fontsize=7,
+    )
     ax.set_ylabel("GiB per GPU")
     ax.set_title(textwrap.fill(title, 90), fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
@@ -169,8 +230,10 @@ def run_profile(request: ProfileRequest) -> str:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     world_size = request.world_size or launched
     if request.measure and world_size != launched:
-        raise ConfigError(f"--measure runs on the {launched} process(es) launched here, not --world-size {world_size}: "
-                          f"start it with `deepspeed --num_gpus {world_size} --module lilt_ds.cli.profile_memory ...`")
+        raise ConfigError(
+            f"--measure runs on the {launched} process(es) launched here, not --world-size {world_size}: "
+            f"start it with `deepspeed --num_gpus {world_size} --module lilt_ds.cli.profile_memory ...`"
+        )
     explicit = ds_raw.get("train_micro_batch_size_per_gpu")
     micro_batch = request.micro_batch or (explicit if isinstance(explicit, int) else cfg.train.micro_batch_size)
     budget = usable_bytes(parse_memory_size(request.gpu_memory), request.headroom) if request.gpu_memory else None
@@ -184,34 +247,49 @@ def run_profile(request: ProfileRequest) -> str:
         estimate = memory.estimate(micro_batch, budget, rank=rank)
         output_dir = request.output_dir or os.path.join("outputs", f"memory-{cfg.config_name}")
         name = os.path.splitext(os.path.basename(request.ds_config))[0]
-        title = (f"{estimate.model}, {estimate.settings.describe()} ({name}), {world_size} GPU(s), micro batch "
-                 f"{micro_batch}, {cfg.model.vision.name}/{cfg.model.text.name} at {cfg.model.image_size} px: "
-                 f"GiB per GPU")
+        title = (
+            f"{estimate.model}, {estimate.settings.describe()} ({name}), {world_size} GPU(s), micro batch "
+            f"{micro_batch}, {cfg.model.vision.name}/{cfg.model.text.name} at {cfg.model.image_size} px: "
+            f"GiB per GPU"
+        )
         per_sample = memory.activations.bytes_per_sample(memory.settings.zero3_linear) / MIB
-        text = [title, "", estimate_table([estimate]), "",
-                f"{str(memory.settings.dtype).replace('torch.', '')} weights and activations; activations measured "
-                f"at batch {memory.activations.probe_batch} on {memory.activations.device}: "
-                f"{per_sample:.2f} MiB per sample"]
+        text = [
+            title,
+            "",
+            estimate_table([estimate]),
+            "",
+            f"{str(memory.settings.dtype).replace('torch.', '')} weights and activations; activations measured "
+            f"at batch {memory.activations.probe_batch} on {memory.activations.device}: "
+            f"{per_sample:.2f} MiB per sample",
+        ]
         text += [f"ds_config choice: {note}" for note in resolve_device_choices(ds_raw, device, request.ds_config)[1]]
         if budget is not None:
             verdict = "fits" if estimate.fits else "does NOT fit"
-            text.append(f"verdict: {verdict} in {request.gpu_memory} with {request.headroom:.0%} headroom "
-                        f"({format_gib(budget)} GiB usable); largest micro batch that fits: "
-                        f"{estimate.largest_micro_batch}")
+            text.append(
+                f"verdict: {verdict} in {request.gpu_memory} with {request.headroom:.0%} headroom "
+                f"({format_gib(budget)} GiB usable); largest micro batch that fits: "
+                f"{estimate.largest_micro_batch}"
+            )
         measured_rows = None
         if request.measure:
             measured = measure_training_memory(cfg, ds_raw, micro_batch, request.ds_config)
             measured_rows = comparison_rows(estimate, measured)
-            text += ["", f"measured on {measured.device} (rank {rank} of {measured.world_size}), two DeepSpeed steps:",
-                     "", comparison_table(measured_rows)]
+            text += [
+                "",
+                f"measured on {measured.device} (rank {rank} of {measured.world_size}), two DeepSpeed steps:",
+                "",
+                comparison_table(measured_rows),
+            ]
     if rank not in (None, 0):
         return ""
     written = write_report([estimate], output_dir, "estimate", title)
     if measured_rows:
         with open(os.path.join(output_dir, "measured.md"), "w") as f:
             f.write(comparison_table(measured_rows) + "\n")
-        written += [os.path.join(output_dir, "measured.md"),
-                    write_csv(measured_rows, os.path.join(output_dir, "measured.csv"))]
+        written += [
+            os.path.join(output_dir, "measured.md"),
+            write_csv(measured_rows, os.path.join(output_dir, "measured.csv")),
+        ]
     if not any(p.endswith(".png") for p in written):
         text.append("no PNG chart: matplotlib is missing (pip install -e .[plot])")
     text += ["", "written: " + ", ".join(written)]

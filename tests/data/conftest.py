@@ -21,8 +21,9 @@ def caption_file(tmp_path):
         for i in range(n):
             image = write_image(tmp_path / "images" / f"{name}_{i}.jpg", colour=(10 * i % 255, 80, 160))
             captions = [f"Caption {i} {chr(97 + k)}!" for k in range(captions_per_entry)]
-            entries.append({"image": image, "image_id": i,
-                            "caption": captions[0] if captions_per_entry == 1 else captions})
+            entries.append(
+                {"image": image, "image_id": i, "caption": captions[0] if captions_per_entry == 1 else captions}
+            )
         return write_json(tmp_path / name, entries)
 
     return make

@@ -44,8 +44,8 @@ def test_global_counts_without_distributed_are_local():
 def _count_on_rank(rank, tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=rank, world_size=2)
     log = BadSampleLog(100, 1.0)
-    log.record_missing([bad(0, "file not found")])     # the load-time check finds it on both ranks
-    for index in ([1, 2] if rank == 0 else [2, 3, 3]):
+    log.record_missing([bad(0, "file not found")])  # the load-time check finds it on both ranks
+    for index in [1, 2] if rank == 0 else [2, 3, 3]:
         log.record(bad(index))
     (tmp_path / f"rank{rank}.json").write_text(json.dumps(global_bad_sample_counts(log)))
     dist.destroy_process_group()

@@ -6,8 +6,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lilt_ds.data import (CaptionDataset, DataError, ImageTextCollator, ResumableDistributedSampler,
-                          build_train_transform, load_caption_files)
+from lilt_ds.data import (
+    CaptionDataset,
+    DataError,
+    ImageTextCollator,
+    ResumableDistributedSampler,
+    build_train_transform,
+    load_caption_files,
+)
 
 from .files import MEAN, STD, write_image, write_json
 
@@ -19,8 +25,12 @@ def make_dataset(path, **kwargs):
 
 def test_loader_yields_image_tensors_and_token_ids(caption_file, tokenizer):
     dataset = make_dataset(caption_file(8))
-    loader = DataLoader(dataset, batch_size=4, sampler=ResumableDistributedSampler(len(dataset)),
-                        collate_fn=ImageTextCollator(tokenizer, max_length=25))
+    loader = DataLoader(
+        dataset,
+        batch_size=4,
+        sampler=ResumableDistributedSampler(len(dataset)),
+        collate_fn=ImageTextCollator(tokenizer, max_length=25),
+    )
     batch = next(iter(loader))
     assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.float32
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
@@ -56,8 +66,13 @@ def test_samples_do_not_depend_on_the_number_of_workers(caption_file, tokenizer)
     def batches(workers):
         sampler = ResumableDistributedSampler(len(dataset), seed=1)
         sampler.set_epoch(2)
-        loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers,
-                            collate_fn=ImageTextCollator(tokenizer, max_length=25))
+        loader = DataLoader(
+            dataset,
+            batch_size=4,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=ImageTextCollator(tokenizer, max_length=25),
+        )
         return list(loader)
 
     for a, b in zip(batches(0), batches(2)):
@@ -105,8 +120,11 @@ def test_skip_replaces_deterministically_and_reports(tmp_path, caplog):
 
 def test_skip_threshold_aborts_at_load(tmp_path):
     path = entries_with_bad_images(tmp_path, good=10, missing=[1, 2])
-    with pytest.raises(DataError, match=r"2 of 10 entries \(20\.00%\) have a missing or unreadable image .*"
-                                        r"more than data\.max_bad_fraction = 0\.1"):
+    with pytest.raises(
+        DataError,
+        match=r"2 of 10 entries \(20\.00%\) have a missing or unreadable image .*"
+        r"more than data\.max_bad_fraction = 0\.1",
+    ):
         make_dataset(path, on_bad_sample="skip", max_bad_fraction=0.1)
 
 

@@ -6,9 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from lilt_ds.data import DataError, build_retrieval_data, ensure_demo_data, generate_demo, load_caption_files
 from lilt_ds.cli.make_demo import main as make_demo
-from lilt_ds.data import demo
+from lilt_ds.data import DataError, build_retrieval_data, demo, ensure_demo_data, generate_demo, load_caption_files
 
 from .files import MEAN, STD
 
@@ -74,8 +73,7 @@ def test_ensure_generates_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LILT_DS_CACHE", str(tmp_path))
     paths = ensure_demo_data(n=6, seed=2, eval_n=3, size=32)
     folder = tmp_path / "demo-6-2-eval3-32px"
-    assert paths == {"train": str(folder / "train.json"), "eval": str(folder / "eval.json"),
-                     "image_root": str(folder)}
+    assert paths == {"train": str(folder / "train.json"), "eval": str(folder / "eval.json"), "image_root": str(folder)}
     assert json.loads((folder / "train.json").read_text())[0]["image"].startswith(str(folder))
     stamp = (folder / "train.json").stat().st_mtime_ns
     monkeypatch.setattr(demo, "generate_demo", lambda *a, **k: pytest.fail("regenerated"))

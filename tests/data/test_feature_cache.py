@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from lilt_ds.config import load_config
-from lilt_ds.data import CaptionDataset, build_eval_transform, build_train_transform, load_caption_files, resolve_data_config
+from lilt_ds.data import (
+    CaptionDataset,
+    build_eval_transform,
+    build_train_transform,
+    load_caption_files,
+    resolve_data_config,
+)
 from lilt_ds.data.feature_cache import cache_locked_features
 from lilt_ds.data.preprocessing.images import open_rgb
 from lilt_ds.data.sample_rng import augmented
@@ -35,8 +41,16 @@ def lit_model(seed=0):
 
 
 def dataset_and_settings(train_file, views=1, augment=None, cache="auto", on_bad_sample="error"):
-    data = resolve_data_config({"train_files": [train_file], "cache_locked_features": True, "cache_views": views,
-                                "index_cache": cache, "augment": augment or {}, "on_bad_sample": on_bad_sample})
+    data = resolve_data_config(
+        {
+            "train_files": [train_file],
+            "cache_locked_features": True,
+            "cache_views": views,
+            "index_cache": cache,
+            "augment": augment or {},
+            "on_bad_sample": on_bad_sample,
+        }
+    )
     model_mean = lit_model().vision
     transform = build_train_transform(32, model_mean.mean, model_mean.std, data.augment)
     table = load_caption_files(data.train_files, cache=None)
@@ -65,13 +79,23 @@ def test_cached_rows_equal_the_towers_output_for_the_same_view_bit_for_bit(capti
 
     def view_pixels(view, entry):
         image = open_rgb(dataset.table.image_path(entry))
-        return (eval_transform(image) if views == 1
-                else augmented(dataset.transform, image, dataset.seed, view, entry, entry))
+        return (
+            eval_transform(image)
+            if views == 1
+            else augmented(dataset.transform, image, dataset.seed, view, entry, entry)
+        )
 
     # the tower on the build's blocks of 4 (a GEMM rounds by the batch's shape, so another batch
     # composition agrees to about 1e-6 only)
-    expected = {view: torch.cat([tower_output(model, torch.stack([view_pixels(view, e) for e in range(b, min(b + 4, 10))]))
-                                 for b in range(0, 10, 4)]) for view in range(views)}
+    expected = {
+        view: torch.cat(
+            [
+                tower_output(model, torch.stack([view_pixels(view, e) for e in range(b, min(b + 4, 10))]))
+                for b in range(0, 10, 4)
+            ]
+        )
+        for view in range(views)
+    }
     monkeypatch.setattr("lilt_ds.data.caption_dataset.open_rgb", decoding_forbidden)
     for epoch in range(3):
         view = epoch % views
@@ -129,6 +153,7 @@ def test_a_changed_tower_or_transform_rebuilds_the_cache_and_an_unchanged_one_is
     assert build(flipped, data, model)["built"] == 0
 
 
+@pytest.mark.slow
 def test_a_killed_build_resumes_at_its_first_missing_block(caption_file, tmp_path):
     train_file = caption_file(n=12)
     script = textwrap.dedent(f"""
@@ -171,6 +196,7 @@ def _build_on_ranks(rank, world_size, train_file, cache):
     return {"blocks": report["blocks"], "built": report["built"], "rows": hashlib.sha256(rows.tobytes()).hexdigest()}
 
 
+@pytest.mark.slow
 def test_ranks_build_their_shares_in_parallel_into_one_cache(caption_file, tmp_path):
     train_file = caption_file(n=10)
     ranks = run_ranks(_build_on_ranks, 2, tmp_path, train_file, str(tmp_path / "shared"))
@@ -198,13 +224,16 @@ def test_undecodable_images_stop_the_build_or_are_replaced_when_skipped(caption_
     assert "when the feature cache" in item["bad_samples"][0].reason
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (tiny_overrides("clip"), r"mode=clip .* trains it"),
-    (tiny_overrides("lilt", vision_unlock=["ln"]), r"mode=lilt with model.vision.unlock=\['ln'\] trains it"),
-    (tiny_overrides("lit", extra=["model.vision.patch_dropout=0.5"]), r"patch_dropout=0.5: patch dropout draws"),
-    (tiny_overrides("lit", extra=["data.index_cache=null"]), r"data.index_cache is null"),
-    (tiny_overrides("lit", extra=["data.cache_views=0"]), r"data.cache_views = 0: expected an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (tiny_overrides("clip"), r"mode=clip .* trains it"),
+        (tiny_overrides("lilt", vision_unlock=["ln"]), r"mode=lilt with model.vision.unlock=\['ln'\] trains it"),
+        (tiny_overrides("lit", extra=["model.vision.patch_dropout=0.5"]), r"patch_dropout=0.5: patch dropout draws"),
+        (tiny_overrides("lit", extra=["data.index_cache=null"]), r"data.index_cache is null"),
+        (tiny_overrides("lit", extra=["data.cache_views=0"]), r"data.cache_views = 0: expected an integer >= 1"),
+    ],
+)
 def test_configs_the_cache_cannot_serve_are_refused_at_load(overrides, message):
     with pytest.raises(LiltError, match=message):
         load_config("demo", [*overrides, "data.cache_locked_features=true"])
@@ -215,8 +244,7 @@ def test_shards_are_refused_by_name(caption_file, tmp_path):
 
     pattern = write_shards([caption_file(n=2)], str(tmp_path / "shards"), 1)["train_shards"]
     with pytest.raises(ConfigError, match=r"data.train_shards streams samples"):
-        load_config("demo", [*tiny_overrides("lit"), "data.cache_locked_features=true",
-                             f"data.train_shards={pattern}"])
+        load_config("demo", [*tiny_overrides("lit"), "data.cache_locked_features=true", f"data.train_shards={pattern}"])
 
 
 def test_exact_accumulation_of_cached_features_equals_one_batch():
@@ -226,9 +254,11 @@ def test_exact_accumulation_of_cached_features_equals_one_batch():
 
     model = lit_model().eval()  # no dropout: one batch and its halves draw none
     generator = torch.Generator().manual_seed(0)
-    batch = {"image_features": torch.randn(8, model.vision.width, generator=generator),
-             "input_ids": torch.randint(5, 100, (8, 6), generator=generator),
-             "attention_mask": torch.ones(8, 6, dtype=torch.long)}
+    batch = {
+        "image_features": torch.randn(8, model.vision.width, generator=generator),
+        "input_ids": torch.randint(5, 100, (8, 6), generator=generator),
+        "attention_mask": torch.ones(8, 6, dtype=torch.long),
+    }
     trained = [p for p in model.parameters() if p.requires_grad]
     ContrastiveLoss()(*encode_batch(model, batch)).backward()
     whole = [p.grad.clone() for p in trained]
@@ -255,8 +285,15 @@ def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
     ds_path.write_text(json.dumps(ds))
     base = tiny_training_overrides(tmp_path)
     base = [o for o in base if not o.startswith(("mode=", "model.vision.unlock", "model.text.unlock"))]
-    base += ["mode=lit", "model.vision.unlock=[]", "model.text.unlock=[]", "train.max_steps=null",
-             "train.epochs=2", "data.demo={n: 16, eval_n: 8, seed: 0, size: 32}", "eval.every_epochs=0"]
+    base += [
+        "mode=lit",
+        "model.vision.unlock=[]",
+        "model.text.unlock=[]",
+        "train.max_steps=null",
+        "train.epochs=2",
+        "data.demo={n: 16, eval_n: 8, seed: 0, size: 32}",
+        "eval.every_epochs=0",
+    ]
 
     def losses(name, extra):
         cfg = load_config("demo", [*base, *extra, f"output_dir={tmp_path / name}"])

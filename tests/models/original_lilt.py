@@ -16,10 +16,12 @@ IMAGE_RES, EMBED_DIM, REDUCTION, TEMP = 32, 32, 4, 0.05
 
 def _adapter_state(prefix, width, gen):
     down = width // REDUCTION
-    return {f"{prefix}down_sampler.weight": torch.randn(down, width, generator=gen) * 0.05,
-            f"{prefix}down_sampler.bias": torch.randn(down, generator=gen) * 0.05,
-            f"{prefix}up_sampler.weight": torch.randn(width, down, generator=gen) * 0.05,
-            f"{prefix}up_sampler.bias": torch.randn(width, generator=gen) * 0.05}
+    return {
+        f"{prefix}down_sampler.weight": torch.randn(down, width, generator=gen) * 0.05,
+        f"{prefix}down_sampler.bias": torch.randn(down, generator=gen) * 0.05,
+        f"{prefix}up_sampler.weight": torch.randn(width, down, generator=gen) * 0.05,
+        f"{prefix}up_sampler.bias": torch.randn(width, generator=gen) * 0.05,
+    }
 
 
 def original_state(adapters: bool, seed: int = 0) -> dict:
@@ -31,32 +33,59 @@ def original_state(adapters: bool, seed: int = 0) -> dict:
     linear = lambda prefix, out, inp: {f"{prefix}.weight": w(out, inp), f"{prefix}.bias": w(out)}
     d, p = VISION["width"], "visual_encoder."
     tokens = (IMAGE_RES // VISION["patch"]) ** 2 + 1
-    state = {f"{p}cls_token": w(1, 1, d), f"{p}pos_embed": w(1, tokens, d),
-             f"{p}patch_embed.proj.weight": w(d, 3, VISION["patch"], VISION["patch"]), f"{p}patch_embed.proj.bias": w(d)}
+    state = {
+        f"{p}cls_token": w(1, 1, d),
+        f"{p}pos_embed": w(1, tokens, d),
+        f"{p}patch_embed.proj.weight": w(d, 3, VISION["patch"], VISION["patch"]),
+        f"{p}patch_embed.proj.bias": w(d),
+    }
     for i in range(VISION["depth"]):
         b = f"{p}blocks.{i}."
-        state.update({**norm(b + "norm1", d), **linear(b + "attn.qkv", 3 * d, d), **linear(b + "attn.proj", d, d),
-                      **norm(b + "norm2", d), **linear(b + "mlp.fc1", 4 * d, d), **linear(b + "mlp.fc2", d, 4 * d)})
+        state.update(
+            {
+                **norm(b + "norm1", d),
+                **linear(b + "attn.qkv", 3 * d, d),
+                **linear(b + "attn.proj", d, d),
+                **norm(b + "norm2", d),
+                **linear(b + "mlp.fc1", 4 * d, d),
+                **linear(b + "mlp.fc2", d, 4 * d),
+            }
+        )
         if adapters:
             state.update({**_adapter_state(b + "adapter1.", d, gen), **_adapter_state(b + "adapter2.", d, gen)})
     state.update(norm(p + "norm", d))
     h, t = TEXT["width"], "text_encoder."
-    state.update({f"{t}embeddings.word_embeddings.weight": w(TEXT["vocab"], h),
-                  f"{t}embeddings.position_embeddings.weight": w(TEXT["positions"], h),
-                  f"{t}embeddings.position_ids": torch.arange(TEXT["positions"]).expand(1, -1),
-                  **norm(t + "embeddings.LayerNorm", h)})
+    state.update(
+        {
+            f"{t}embeddings.word_embeddings.weight": w(TEXT["vocab"], h),
+            f"{t}embeddings.position_embeddings.weight": w(TEXT["positions"], h),
+            f"{t}embeddings.position_ids": torch.arange(TEXT["positions"]).expand(1, -1),
+            **norm(t + "embeddings.LayerNorm", h),
+        }
+    )
     for i in range(TEXT["layers"]):
         b = f"{t}encoder.layer.{i}."
         for part in ("query", "key", "value"):
             state.update(linear(f"{b}attention.self.{part}", h, h))
-        state.update({**linear(b + "attention.output.dense", h, h), **norm(b + "attention.output.LayerNorm", h),
-                      **linear(b + "intermediate.dense", TEXT["intermediate"], h),
-                      **linear(b + "output.dense", h, TEXT["intermediate"]), **norm(b + "output.LayerNorm", h)})
+        state.update(
+            {
+                **linear(b + "attention.output.dense", h, h),
+                **norm(b + "attention.output.LayerNorm", h),
+                **linear(b + "intermediate.dense", TEXT["intermediate"], h),
+                **linear(b + "output.dense", h, TEXT["intermediate"]),
+                **norm(b + "output.LayerNorm", h),
+            }
+        )
         if adapters:
-            state.update({**_adapter_state(b + "attention.output.adapter.", h, gen),
-                          **_adapter_state(b + "output.adapter.", h, gen)})
-    state.update({**linear("vision_proj", EMBED_DIM, d), **linear("text_proj", EMBED_DIM, h),
-                  "temp": torch.tensor(TEMP)})
+            state.update(
+                {
+                    **_adapter_state(b + "attention.output.adapter.", h, gen),
+                    **_adapter_state(b + "output.adapter.", h, gen),
+                }
+            )
+    state.update(
+        {**linear("vision_proj", EMBED_DIM, d), **linear("text_proj", EMBED_DIM, h), "temp": torch.tensor(TEMP)}
+    )
     return state
 
 
@@ -67,17 +96,42 @@ def write_original_checkpoint(path, adapters: bool = True, seed: int = 0, state:
 
     state = original_state(adapters, seed) if state is None else state
     trainable = [k for k in state if "adapter" in k or "norm" in k.lower() or "proj" in k or k == "temp"]
-    optimizer = {"state": {i: {"step": torch.tensor(100.0), "exp_avg": torch.zeros_like(state[k]),
-                               "exp_avg_sq": torch.zeros_like(state[k])} for i, k in enumerate(trainable)},
-                 "param_groups": [{"lr": 1e-5, "weight_decay": 0.02, "params": list(range(len(trainable)))}]}
-    config = OmegaConf.create({
-        "text_encoder": "tiny", "vision_encoder": "tiny", "image_res": IMAGE_RES, "embed_dim": EMBED_DIM,
-        "temp": 0.07, "freeze_text_encoder": True, "freeze_vision_encoder": True, "unlock_layernorm": True,
-        "conventional_adapter": {"insert": adapters, "reduction_factor": REDUCTION},
-        "always_freeze": {"visual_encoder": [], "text_encoder": []},
-        "schedular": {"sched": "cosine", "lr": 1e-4, "epochs": 15}})
-    torch.save({"model": state, "optimizer": optimizer, "lr_scheduler": {"base_values": [1e-4], "t_in_epochs": True},
-                "config": config, "epoch": 14}, str(path))
+    optimizer = {
+        "state": {
+            i: {
+                "step": torch.tensor(100.0),
+                "exp_avg": torch.zeros_like(state[k]),
+                "exp_avg_sq": torch.zeros_like(state[k]),
+            }
+            for i, k in enumerate(trainable)
+        },
+        "param_groups": [{"lr": 1e-5, "weight_decay": 0.02, "params": list(range(len(trainable)))}],
+    }
+    config = OmegaConf.create(
+        {
+            "text_encoder": "tiny",
+            "vision_encoder": "tiny",
+            "image_res": IMAGE_RES,
+            "embed_dim": EMBED_DIM,
+            "temp": 0.07,
+            "freeze_text_encoder": True,
+            "freeze_vision_encoder": True,
+            "unlock_layernorm": True,
+            "conventional_adapter": {"insert": adapters, "reduction_factor": REDUCTION},
+            "always_freeze": {"visual_encoder": [], "text_encoder": []},
+            "schedular": {"sched": "cosine", "lr": 1e-4, "epochs": 15},
+        }
+    )
+    torch.save(
+        {
+            "model": state,
+            "optimizer": optimizer,
+            "lr_scheduler": {"base_values": [1e-4], "t_in_epochs": True},
+            "config": config,
+            "epoch": 14,
+        },
+        str(path),
+    )
     return str(path)
 
 
@@ -103,10 +157,15 @@ def _heads(x, n):
 def original_image_features(state, images, adapters: bool):
     """vit.VisionTransformer, then ``vision_proj`` of the CLS token, normalised."""
     p, n = "visual_encoder.", VISION["heads"]
-    x = F.conv2d(images, state[p + "patch_embed.proj.weight"], state[p + "patch_embed.proj.bias"],
-                 stride=VISION["patch"]).flatten(2).transpose(1, 2)
+    x = (
+        F.conv2d(
+            images, state[p + "patch_embed.proj.weight"], state[p + "patch_embed.proj.bias"], stride=VISION["patch"]
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
     x = torch.cat([state[p + "cls_token"].expand(len(x), -1, -1), x], dim=1)
-    x = x + state[p + "pos_embed"][:, :x.size(1)]
+    x = x + state[p + "pos_embed"][:, : x.size(1)]
     for i in range(VISION["depth"]):
         b = f"{p}blocks.{i}."
         h = _ln(state, b + "norm1", _adapter(state, b + "adapter1.", x) if adapters else x, 1e-6)
@@ -124,8 +183,10 @@ def original_text_features(state, input_ids, attention_mask, adapters: bool):
     """med.BertModel in mode="text" (no token-type embedding), then ``text_proj`` of CLS, normalised."""
     t, n = "text_encoder.", TEXT["heads"]
     positions = torch.arange(input_ids.shape[1])
-    x = state[t + "embeddings.word_embeddings.weight"][input_ids] + \
-        state[t + "embeddings.position_embeddings.weight"][positions]
+    x = (
+        state[t + "embeddings.word_embeddings.weight"][input_ids]
+        + state[t + "embeddings.position_embeddings.weight"][positions]
+    )
     x = _ln(state, t + "embeddings.LayerNorm", x, 1e-12)
     mask = (1.0 - attention_mask[:, None, None, :].float()) * -10000.0
     for i in range(TEXT["layers"]):

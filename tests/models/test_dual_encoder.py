@@ -20,7 +20,7 @@ def trainable_names(model):
 
 def tower_trainable(model, tower):
     prefix = f"{tower}.trunk."
-    return {n[len(prefix):] for n in trainable_names(model) if n.startswith(prefix)}
+    return {n[len(prefix) :] for n in trainable_names(model) if n.startswith(prefix)}
 
 
 HEADS = {"vision_proj.weight", "vision_proj.bias", "text_proj.weight", "text_proj.bias", "logit_scale"}
@@ -51,9 +51,14 @@ EXPECTED = {
     "ln": (r"(norm\d?|\.norm|fc_norm)\.(weight|bias)$", r"LayerNorm\.(weight|bias)$"),
     "bitfit": (r"bias$", r"bias$"),
     "adapters": (r"\.adapter\.(down|up)\.(weight|bias)$", r"\.adapter\.(down|up)\.(weight|bias)$"),
-    "attn": (r"blocks\.\d+\.attn\.(qkv|proj)\.(weight|bias)$",
-             r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.(weight|bias)$"),
-    "mlp": (r"blocks\.\d+\.mlp\.fc[12]\.(weight|bias)$", r"encoder\.layer\.\d+\.(intermediate|output)\.dense\.(weight|bias)$"),
+    "attn": (
+        r"blocks\.\d+\.attn\.(qkv|proj)\.(weight|bias)$",
+        r"encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.(weight|bias)$",
+    ),
+    "mlp": (
+        r"blocks\.\d+\.mlp\.fc[12]\.(weight|bias)$",
+        r"encoder\.layer\.\d+\.(intermediate|output)\.dense\.(weight|bias)$",
+    ),
     "top_k:1": (r"^blocks\.11\.", r"^encoder\.layer\.1\."),
     "lora": (r"\.lora_[AB]\.default\.weight$", r"\.lora_[AB]\.default\.weight$"),
 }
@@ -68,8 +73,11 @@ def test_each_unlock_item_trains_exactly_its_parameters(item):
         wrong = [n for n in names if not re.search(pattern, n)]
         assert not wrong, f"{item} unlocked unexpected {tower} parameters: {wrong[:5]}"
         # and nothing that matches the pattern stayed frozen
-        frozen = [n for n, p in getattr(model, tower).trunk.named_parameters()
-                  if re.search(pattern, n) and not p.requires_grad]
+        frozen = [
+            n
+            for n, p in getattr(model, tower).trunk.named_parameters()
+            if re.search(pattern, n) and not p.requires_grad
+        ]
         assert not frozen, f"{item} left matching {tower} parameters frozen: {frozen[:5]}"
     assert HEADS <= trainable_names(model)
 
@@ -86,8 +94,9 @@ def test_lit_image_tower_may_unlock_norms():
     assert tower_trainable(model, "vision") and model.fully_locked == set()
 
 
-@pytest.mark.parametrize("position, hosts", [("output", r"blocks\.\d+\.(attn\.proj|mlp\.fc2)"),
-                                             ("branch_input", r"blocks\.\d+\.norm[12]")])
+@pytest.mark.parametrize(
+    "position, hosts", [("output", r"blocks\.\d+\.(attn\.proj|mlp\.fc2)"), ("branch_input", r"blocks\.\d+\.norm[12]")]
+)
 def test_fresh_adapters_are_the_identity(position, hosts):
     plain = tiny_model("lilt")
     adapted = tiny_model("lilt", ["adapters"], ["adapters"], extra=[f"model.vision.adapter_position={position}"])
@@ -110,11 +119,13 @@ def test_patch_dropout_drops_in_training_keeps_the_prefix_and_sees_every_patch_i
     dropped = tiny_model("clip", extra=[*size, "model.vision.patch_dropout=0.5"])
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(dropped.eval().encode_image(images), plain.eval().encode_image(images),
-                                   rtol=0, atol=0)  # evaluation: every patch, the same function
+        torch.testing.assert_close(
+            dropped.eval().encode_image(images), plain.eval().encode_image(images), rtol=0, atol=0
+        )  # evaluation: every patch, the same function
         seen = {}
         hook = dropped.vision.trunk.patch_drop.register_forward_hook(
-            lambda m, args, out: seen.update(inputs=args[0], out=out))
+            lambda m, args, out: seen.update(inputs=args[0], out=out)
+        )
         first = dropped.train().encode_image(images)
         second = dropped.encode_image(images)
         hook.remove()
@@ -137,7 +148,8 @@ def count_saved_tensors(module):
         return t
 
     pre = module.register_forward_pre_hook(
-        lambda *_: stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)))
+        lambda *_: stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
+    )
     post = module.register_forward_hook(lambda *_: stack.close())
     try:
         yield counter
@@ -157,8 +169,16 @@ def test_a_locked_tower_saves_no_tensors_for_backward(mode, locked):
 
 
 def test_locked_batchnorm_keeps_its_statistics():
-    cfg = load_config("demo", ["model.vision.pretrained=false", "model.text.name=tiny",
-                               "model.text.pretrained=false", "model.text.unlock=[]", "image_size=64"])
+    cfg = load_config(
+        "demo",
+        [
+            "model.vision.pretrained=false",
+            "model.text.name=tiny",
+            "model.text.pretrained=false",
+            "model.text.unlock=[]",
+            "image_size=64",
+        ],
+    )
     model = build_model(cfg)
     bn = next(m for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = bn.running_mean.clone()
@@ -192,8 +212,12 @@ def test_embeddings_are_normalised_and_image_size_is_honoured():
 def test_grad_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
-        model = tiny_model("lilt", ["ln", "adapters"], ["ln", "adapters"],
-                           extra=[f"model.vision.grad_checkpointing={ckpt}", f"model.text.grad_checkpointing={ckpt}"])
+        model = tiny_model(
+            "lilt",
+            ["ln", "adapters"],
+            ["ln", "adapters"],
+            extra=[f"model.vision.grad_checkpointing={ckpt}", f"model.text.grad_checkpointing={ckpt}"],
+        )
         torch.manual_seed(1)
         img, txt, scale = model.eval()(*batch())
         (img @ txt.T * scale).sum().backward()
@@ -203,23 +227,37 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["vision_encoder=deit_tinyy_patch16_224"], r"unknown vision model 'deit_tinyy_patch16_224'.*deit_tiny_patch16_224"),
-    (["model.vision.pretrained=/nonexistent/w.pth"], r"vision weights file /nonexistent/w\.pth does not exist"),
-    (["model.vision.pretrained=local-dir:/nonexistent"], r"folder /nonexistent does not exist"),
-    (["model.text.pretrained=/nonexistent/bert"], r"model\.text\.pretrained=/nonexistent/bert: folder /nonexistent/bert does not exist"),
-    (["model.vision.pretrained=pkg:nope"], r"unknown packaged weights 'pkg:nope'"),
-    (["model.vision.unlock=[ln,layernorm]"], r"unknown unlock item 'layernorm' in model\.vision\.unlock.*bitfit"),
-    (["model.text.unlock=[top_k]"], r"top_k needs a block count"),
-    (["model.text.unlock=[top_k:9]"], r"top_k:9 is out of range: the text tower has 2 blocks"),
-    (["mode=clip", "model.text.unlock=[ln]"], r"mode=clip trains the whole text tower"),
-    (["model.text.pooling=max"], r"model\.text\.pooling = 'max': expected one of cls, mean"),
-    (["model.text.adapter_position=branch_input"], r"model\.text\.adapter_position=branch_input: BERT.*use output"),
-    (["model.vision.adapter_position=before"], r"model\.vision\.adapter_position.*one of output, branch_input"),
-    (["model.vision.patch_dropout=0.95"], r"model\.vision\.patch_dropout = 0\.95: expected a number >= 0 and <= 0\.9"),
-    (["model.vision.patch_dropout=0.5", "vision_encoder=tf_efficientnet_lite0"],
-     r"patch_dropout=0\.5: the vision tower 'tf_efficientnet_lite0' has no patch tokens"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["vision_encoder=deit_tinyy_patch16_224"],
+            r"unknown vision model 'deit_tinyy_patch16_224'.*deit_tiny_patch16_224",
+        ),
+        (["model.vision.pretrained=/nonexistent/w.pth"], r"vision weights file /nonexistent/w\.pth does not exist"),
+        (["model.vision.pretrained=local-dir:/nonexistent"], r"folder /nonexistent does not exist"),
+        (
+            ["model.text.pretrained=/nonexistent/bert"],
+            r"model\.text\.pretrained=/nonexistent/bert: folder /nonexistent/bert does not exist",
+        ),
+        (["model.vision.pretrained=pkg:nope"], r"unknown packaged weights 'pkg:nope'"),
+        (["model.vision.unlock=[ln,layernorm]"], r"unknown unlock item 'layernorm' in model\.vision\.unlock.*bitfit"),
+        (["model.text.unlock=[top_k]"], r"top_k needs a block count"),
+        (["model.text.unlock=[top_k:9]"], r"top_k:9 is out of range: the text tower has 2 blocks"),
+        (["mode=clip", "model.text.unlock=[ln]"], r"mode=clip trains the whole text tower"),
+        (["model.text.pooling=max"], r"model\.text\.pooling = 'max': expected one of cls, mean"),
+        (["model.text.adapter_position=branch_input"], r"model\.text\.adapter_position=branch_input: BERT.*use output"),
+        (["model.vision.adapter_position=before"], r"model\.vision\.adapter_position.*one of output, branch_input"),
+        (
+            ["model.vision.patch_dropout=0.95"],
+            r"model\.vision\.patch_dropout = 0\.95: expected a number >= 0 and <= 0\.9",
+        ),
+        (
+            ["model.vision.patch_dropout=0.5", "vision_encoder=tf_efficientnet_lite0"],
+            r"patch_dropout=0\.5: the vision tower 'tf_efficientnet_lite0' has no patch tokens",
+        ),
+    ],
+)
 def test_bad_model_config_gives_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_model(load_config("lilt", tiny_overrides() + overrides))
@@ -230,3 +268,14 @@ def test_transformer_only_items_on_a_convolutional_tower_fail_clearly(item):
     cfg = load_config("lilt", tiny_overrides(vision_unlock=[item]) + ["vision_encoder=tf_efficientnet_lite0"])
     with pytest.raises(ConfigError, match=rf"{item.split(':')[0]}.*needs transformer blocks.*tf_efficientnet_lite0"):
         build_model(cfg)
+
+
+def test_the_package_entry_point_builds_the_same_model():
+    import lilt_ds
+
+    cfg = load_config("lilt", tiny_overrides("lilt", ["ln"], ["ln"]))
+    ours, models = lilt_ds.build_model(cfg), build_model(cfg)
+    assert [(n, p.shape, p.requires_grad) for n, p in ours.named_parameters()] == [
+        (n, p.shape, p.requires_grad) for n, p in models.named_parameters()
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), models.state_dict().values()))

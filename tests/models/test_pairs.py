@@ -33,8 +33,14 @@ def pair_overrides(pair, folder, mode="lilt", vision=(), text=(), extra=()):
     prefix, kind = pair.split(":")
     spec = f"open_clip:local-dir:{folder}" if prefix == "open_clip" else f"hf:{folder}"
     fmt = lambda items: "[" + ",".join(items) + "]"
-    return [f"model.init_from={spec}", f"mode={mode}", f"model.vision.unlock={fmt(vision)}",
-            f"model.text.unlock={fmt(text)}", *(["loss.type=siglip"] if kind == "siglip" else []), *extra]
+    return [
+        f"model.init_from={spec}",
+        f"mode={mode}",
+        f"model.vision.unlock={fmt(vision)}",
+        f"model.text.unlock={fmt(text)}",
+        *(["loss.type=siglip"] if kind == "siglip" else []),
+        *extra,
+    ]
 
 
 def build(pair, folder, **kwargs):
@@ -50,17 +56,27 @@ def source_features(pair, folder, images, batch):
     if pair.startswith("open_clip"):
         model = open_clip.create_model("local-dir:" + folder).eval()
         with torch.no_grad():
-            return (model.encode_image(images, normalize=True), model.encode_text(batch["input_ids"], normalize=True),
-                    model.logit_scale.item(), None if model.logit_bias is None else model.logit_bias.item())
+            return (
+                model.encode_image(images, normalize=True),
+                model.encode_text(batch["input_ids"], normalize=True),
+                model.logit_scale.item(),
+                None if model.logit_bias is None else model.logit_bias.item(),
+            )
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(folder).eval()
     with torch.no_grad():
         image = model.get_image_features(pixel_values=images).pooler_output
-        text = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        text = model.get_text_features(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).pooler_output
     bias = getattr(model, "logit_bias", None)
-    return F.normalize(image, dim=-1), F.normalize(text, dim=-1), model.logit_scale.item(), \
-        None if bias is None else bias.item()
+    return (
+        F.normalize(image, dim=-1),
+        F.normalize(text, dim=-1),
+        model.logit_scale.item(),
+        None if bias is None else bias.item(),
+    )
 
 
 def inputs(model, tokenizer, seed=0):
@@ -97,14 +113,24 @@ def every(model, tower):
 
 # what each unlock item must unlock, as a pattern over trunk parameter names, per pair family
 EXPECTED = {
-    "open_clip": {"ln": r"(.*\.)?(ln_\w+|ln_pre|ln_post|ln_final|norm\w*)\.(weight|bias)",
-                  "bitfit": r".*bias(\.original)?", "attn": r".*resblocks\.\d+\.attn\..*",
-                  "mlp": r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)\..*", "top_k:1": r".*resblocks\.1\..*",
-                  "adapters": r".*\.adapter\..*", "lora": r".*lora_.*"},
-    "hf": {"ln": r".*(layer_norm\d|layernorm|_layer_norm|post_layernorm|pre_layrnorm|norm)\.(weight|bias)",
-           "bitfit": r".*bias", "attn": r"encoder\.layers\.\d+\.self_attn\..*",
-           "mlp": r"encoder\.layers\.\d+\.mlp\..*", "top_k:1": r"encoder\.layers\.1\..*",
-           "adapters": r".*\.adapter\..*", "lora": r".*lora_.*"},
+    "open_clip": {
+        "ln": r"(.*\.)?(ln_\w+|ln_pre|ln_post|ln_final|norm\w*)\.(weight|bias)",
+        "bitfit": r".*bias(\.original)?",
+        "attn": r".*resblocks\.\d+\.attn\..*",
+        "mlp": r".*resblocks\.\d+\.mlp\.(c_fc|c_proj)\..*",
+        "top_k:1": r".*resblocks\.1\..*",
+        "adapters": r".*\.adapter\..*",
+        "lora": r".*lora_.*",
+    },
+    "hf": {
+        "ln": r".*(layer_norm\d|layernorm|_layer_norm|post_layernorm|pre_layrnorm|norm)\.(weight|bias)",
+        "bitfit": r".*bias",
+        "attn": r"encoder\.layers\.\d+\.self_attn\..*",
+        "mlp": r"encoder\.layers\.\d+\.mlp\..*",
+        "top_k:1": r"encoder\.layers\.1\..*",
+        "adapters": r".*\.adapter\..*",
+        "lora": r".*lora_.*",
+    },
 }
 
 
@@ -117,7 +143,9 @@ def test_every_mode_and_unlock_trains_exactly_what_it_names(pair, pair_folders):
     assert not trainable(lit, "vision") and trainable(lit, "text") == every(lit, "text")
     _, bare, _ = build(pair, folder, mode="lilt")
     assert not trainable(bare, "vision") and not trainable(bare, "text")
-    assert all(p.requires_grad for p in (*bare.vision_proj.parameters(), *bare.text_proj.parameters(), bare.logit_scale))
+    assert all(
+        p.requires_grad for p in (*bare.vision_proj.parameters(), *bare.text_proj.parameters(), bare.logit_scale)
+    )
     family = pair.split(":")[0]
     for item, pattern in EXPECTED[family].items():
         _, model, _ = build(pair, folder, vision=[item], text=[item])
@@ -155,19 +183,26 @@ def test_lora_on_packed_attention_trains_merges_and_is_refused_where_peft_cannot
     assert max((a - b).abs().max().item() for a, b in zip(before, after)) <= 1e-6
 
     with pytest.raises(ConfigError, match=r"nn\.MultiheadAttention.*target_modules=null"):
-        build("open_clip:clip", folder, vision=["lora"],
-              extra=[r"model.vision.lora.target_modules=transformer\.resblocks\.\d+\.attn\.out_proj"])
+        build(
+            "open_clip:clip",
+            folder,
+            vision=["lora"],
+            extra=[r"model.vision.lora.target_modules=transformer\.resblocks\.\d+\.attn\.out_proj"],
+        )
     with pytest.raises(ConfigError, match="lora.dropout"):
         build("open_clip:clip", folder, vision=["lora"], extra=["model.vision.lora.dropout=0.1"])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.vision.name=small"], "model.vision.name='small' with model.init_from"),
-    (["model.image_size=64"], "model.image_size=64 with model.init_from.*set model.image_size=null"),
-    (["model.text.tokenizer=bert-base-uncased"], "the pair's own tokenizer"),
-    (["memory.frozen_recompute=true"], "memory.frozen_recompute"),
-    (["model.init_weights=laion2b_s34b_b79k"], "brings its own weights"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.vision.name=small"], "model.vision.name='small' with model.init_from"),
+        (["model.image_size=64"], "model.image_size=64 with model.init_from.*set model.image_size=null"),
+        (["model.text.tokenizer=bert-base-uncased"], "the pair's own tokenizer"),
+        (["memory.frozen_recompute=true"], "memory.frozen_recompute"),
+        (["model.init_weights=laion2b_s34b_b79k"], "brings its own weights"),
+    ],
+)
 def test_a_pair_refuses_keys_it_would_ignore(pair_folders, overrides, message):
     from lilt_ds.config import load_config
 
@@ -181,7 +216,10 @@ def test_init_from_errors_name_the_key_and_the_fix(pair_folders, tmp_path):
     cases = [
         (["model.init_from=timm:vit"], "model.init_from='timm:vit': expected open_clip:... | hf:..."),
         (["model.init_from=open_clip:ViT-B-3"], "OpenCLIP has no architecture 'ViT-B-3'.*ViT-B-32"),
-        (["model.init_from=open_clip:ViT-B-32", "model.init_weights=no_such_tag"], "neither a file nor a pretrained tag"),
+        (
+            ["model.init_from=open_clip:ViT-B-32", "model.init_weights=no_such_tag"],
+            "neither a file nor a pretrained tag",
+        ),
         ([f"model.init_from=open_clip:local-dir:{tmp_path}/none"], "does not exist"),
         ([f"model.init_from=hf:{tmp_path}/none"], "does not exist"),
         (["model.init_weights=openai"], "without model.init_from"),
@@ -192,29 +230,64 @@ def test_init_from_errors_name_the_key_and_the_fix(pair_folders, tmp_path):
             load_config("lilt", overrides)
 
 
+@pytest.mark.slow
 def test_summary_prints_what_a_pair_trains(pair_folders):
     spec = f"model.init_from=open_clip:local-dir:{pair_folders['open_clip:clip']}"
-    out = subprocess.run([sys.executable, "launch/summary.py", "--config", "lilt", "--overrides", spec,
-                          "model.vision.unlock=[ln]", "model.text.unlock=[lora]"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "launch/summary.py",
+            "--config",
+            "lilt",
+            "--overrides",
+            spec,
+            "model.vision.unlock=[ln]",
+            "model.text.unlock=[lora]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     from lilt_ds.config import load_config
     from lilt_ds.models import build_model, trainable_summary
 
-    counts = trainable_summary(build_model(load_config("lilt", [spec, "model.vision.unlock=[ln]",
-                                                                "model.text.unlock=[lora]"])))
+    counts = trainable_summary(
+        build_model(load_config("lilt", [spec, "model.vision.unlock=[ln]", "model.text.unlock=[lora]"]))
+    )
     for group in ("vision", "text", "heads", "total"):
         row = next(line for line in out.stdout.splitlines() if line.startswith(group))
         assert f"{counts[group]['total']:,}" in row and f"{counts[group]['trainable']:,}" in row, row
     assert 0 < counts["vision"]["trainable"] < counts["vision"]["total"]
 
 
+@pytest.mark.slow
 def test_the_memory_estimator_counts_a_pair(pair_folders, tmp_path):
-    out = subprocess.run([sys.executable, "launch/profile_memory.py", "--config", "lilt", "--overrides",
-                          f"model.init_from=open_clip:local-dir:{pair_folders['open_clip:clip']}",
-                          "model.vision.unlock=[ln,lora]", "model.text.unlock=[lora]",
-                          "--deepspeed_config", "ds_configs/zero2.json", "--world_size", "2", "--micro_batch", "4",
-                          "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "launch/profile_memory.py",
+            "--config",
+            "lilt",
+            "--overrides",
+            f"model.init_from=open_clip:local-dir:{pair_folders['open_clip:clip']}",
+            "model.vision.unlock=[ln,lora]",
+            "model.text.unlock=[lora]",
+            "--deepspeed_config",
+            "ds_configs/zero2.json",
+            "--world_size",
+            "2",
+            "--micro_batch",
+            "4",
+            "--output_dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "lilt (vision ln+lora, text lora)" in out.stdout and (tmp_path / "estimate.csv").exists()
 
@@ -233,11 +306,27 @@ def _train_pairs(rank, world_size, tmp_dir, folders, ds_config):
 
     def config(name, max_steps, output_dir):
         pair, vision, text = RUNS[name]
-        return load_config("lilt", pair_overrides(pair, folders[pair], vision=vision, text=text, extra=[
-            f"output_dir={output_dir}", "data.num_workers=0", "data.augment.randaugment=false",
-            "data.demo={n: 48, eval_n: 12, seed: 0, size: 32}", "train.micro_batch_size=4",
-            f"train.max_steps={max_steps}", "train.warmup_steps=1", "train.lr=1e-2", "train.log_every=1",
-            "eval.batch_size=8"]))
+        return load_config(
+            "lilt",
+            pair_overrides(
+                pair,
+                folders[pair],
+                vision=vision,
+                text=text,
+                extra=[
+                    f"output_dir={output_dir}",
+                    "data.num_workers=0",
+                    "data.augment.randaugment=false",
+                    "data.demo={n: 48, eval_n: 12, seed: 0, size: 32}",
+                    "train.micro_batch_size=4",
+                    f"train.max_steps={max_steps}",
+                    "train.warmup_steps=1",
+                    "train.lr=1e-2",
+                    "train.log_every=1",
+                    "eval.batch_size=8",
+                ],
+            ),
+        )
 
     steps = {}
     for name in RUNS:
@@ -245,8 +334,9 @@ def _train_pairs(rank, world_size, tmp_dir, folders, ds_config):
         trainer.run()
         steps[name] = trainer.step
     # a pair's frozen-free checkpoint resumes: two more steps from the LoRA run's step 3
-    trainer = Trainer(config("lora_hf", 5, f"{tmp_dir}/lora_hf_resumed"), ds_config,
-                      resume=f"{tmp_dir}/lora_hf", quiet=True)
+    trainer = Trainer(
+        config("lora_hf", 5, f"{tmp_dir}/lora_hf_resumed"), ds_config, resume=f"{tmp_dir}/lora_hf", quiet=True
+    )
     trainer.run()
     steps["resumed"] = trainer.step
     return steps
@@ -282,14 +372,20 @@ def _exported_features(fmt, folder, images, batch):
     return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, fmt", [("lora_open_clip", "open_clip"), ("lora_hf", "hf")])
 def test_a_lora_run_on_two_ranks_exports_to_its_ecosystem(trained_pairs, pair_folders, name, fmt):
     from lilt_ds.export import load_trained
     from lilt_ds.models import build_tokenizer
 
     run_dir, out = trained_pairs / name, trained_pairs / f"{name}_{fmt}"
-    cli = subprocess.run([sys.executable, "launch/export.py", "--checkpoint", str(run_dir), "--format", fmt,
-                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [sys.executable, "launch/export.py", "--checkpoint", str(run_dir), "--format", fmt, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stderr[-3000:]
     model, cfg = load_trained(str(run_dir))
     images, batch = inputs(model, build_tokenizer(cfg.model))
@@ -311,6 +407,7 @@ def test_a_lora_run_on_two_ranks_exports_to_its_ecosystem(trained_pairs, pair_fo
         assert {s["label"] for s in scores} == {"a dog", "a car"}
 
 
+@pytest.mark.slow
 def test_a_lilt_adapter_run_on_two_ranks_is_refused_by_name_and_exports_as_lilt_ds(trained_pairs):
     from lilt_ds.export import export_checkpoint, load_exported, load_trained
     from lilt_ds.export_formats import export_pretrained_format
@@ -323,9 +420,13 @@ def test_a_lilt_adapter_run_on_two_ranks_is_refused_by_name_and_exports_as_lilt_
     rebuilt = load_exported(export_checkpoint(run_dir, str(trained_pairs / "adapters.safetensors")))
     images, batch = inputs(model, build_tokenizer(cfg.model))
     with torch.no_grad():
-        diffs = [(a - b).abs().max().item() for a, b in
-                 zip(model(images, batch["input_ids"], batch["attention_mask"]),
-                     rebuilt(images, batch["input_ids"], batch["attention_mask"]))]
+        diffs = [
+            (a - b).abs().max().item()
+            for a, b in zip(
+                model(images, batch["input_ids"], batch["attention_mask"]),
+                rebuilt(images, batch["input_ids"], batch["attention_mask"]),
+            )
+        ]
     assert max(diffs) <= 1e-6
 
 
@@ -337,8 +438,15 @@ def test_launch_evaluate_scores_a_pair_run_as_training_did(trained_pairs, tmp_pa
 
     demo = generate_demo(str(tmp_path / "demo"), n=48, eval_n=12, seed=0, size=32)  # the runs' eval split
     run_dir = trained_pairs / "lora_open_clip"
-    metrics = run_evaluation("retrieval", demo["eval"], checkpoint=str(run_dir), image_root=demo["image_root"],
-                             batch_size=8, workers=0, output=str(tmp_path / "r.json"))
+    metrics = run_evaluation(
+        "retrieval",
+        demo["eval"],
+        checkpoint=str(run_dir),
+        image_root=demo["image_root"],
+        batch_size=8,
+        workers=0,
+        output=str(tmp_path / "r.json"),
+    )
     during = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
     keys = [k for k in metrics if k.startswith(("txt_r", "img_r"))]
     assert keys and all(metrics[k] == pytest.approx(during[k]) for k in keys), (metrics, during)

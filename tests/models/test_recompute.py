@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from lilt_ds.config import load_config
-from lilt_ds.models import build_model
-from lilt_ds.models import apply_frozen_recompute
 from lilt_ds.memory import SavedTensorMeter
+from lilt_ds.models import apply_frozen_recompute, build_model
 from tests.conftest import tiny_overrides
 
 
@@ -31,13 +30,17 @@ def batch():
     return torch.randn(2, 3, 32, 32, generator=generator), torch.randint(0, 1000, (2, 9), generator=generator), mask
 
 
-@pytest.mark.parametrize("vision_unlock, text_unlock, expected_patches, max_ratio", [
-    (["ln", "adapters"], ["ln", "adapters"], 2 * 12 + 2 * 2, 0.6),  # tiny: 12 ViT blocks, 2 BERT layers
-    (["bitfit"], ["ln"], 2 * 12 + 2 * 2, 0.6),
-    (["ln", "mlp"], ["ln", "top_k:1"], 12 + 2, 0.9),  # trainable weights (ViT MLPs, the top BERT layer) stay
-])
-def test_recompute_gradients_are_exact_and_saved_bytes_drop(batch, vision_unlock, text_unlock, expected_patches,
-                                                           max_ratio):
+@pytest.mark.parametrize(
+    "vision_unlock, text_unlock, expected_patches, max_ratio",
+    [
+        (["ln", "adapters"], ["ln", "adapters"], 2 * 12 + 2 * 2, 0.6),  # tiny: 12 ViT blocks, 2 BERT layers
+        (["bitfit"], ["ln"], 2 * 12 + 2 * 2, 0.6),
+        (["ln", "mlp"], ["ln", "top_k:1"], 12 + 2, 0.9),  # trainable weights (ViT MLPs, the top BERT layer) stay
+    ],
+)
+def test_recompute_gradients_are_exact_and_saved_bytes_drop(
+    batch, vision_unlock, text_unlock, expected_patches, max_ratio
+):
     model = build_model(load_config("lilt", tiny_overrides("lilt", vision_unlock, text_unlock)), load_weights=False)
     patched = copy.deepcopy(model)
     assert apply_frozen_recompute(patched) == expected_patches
@@ -90,12 +93,15 @@ def test_config_switch_patches_the_built_model():
     from tests.conftest import tiny_overrides
 
     plain = build_model(load_config("lilt", tiny_overrides("lilt", ["ln", "adapters"], ["ln", "adapters"])))
-    patched = build_model(load_config("lilt", tiny_overrides("lilt", ["ln", "adapters"], ["ln", "adapters"],
-                                                              extra=["memory.frozen_recompute=true"])))
+    patched = build_model(
+        load_config(
+            "lilt",
+            tiny_overrides("lilt", ["ln", "adapters"], ["ln", "adapters"], extra=["memory.frozen_recompute=true"]),
+        )
+    )
     from lilt_ds.models import apply_frozen_recompute
 
     assert apply_frozen_recompute(plain) > 0 and apply_frozen_recompute(patched) == 0  # already patched
-
 
 
 def _two_steps(rank, world_size, tmp_dir, ds_path):
@@ -106,9 +112,17 @@ def _two_steps(rank, world_size, tmp_dir, ds_path):
 
     out = {}
     for recompute in (False, True):
-        cfg = load_config("lilt", tiny_training_overrides(tmp_dir, [
-            f"output_dir={tmp_dir}/recompute{recompute}", f"memory.frozen_recompute={recompute}",
-            "model.text.unlock=[ln,adapters]"]))
+        cfg = load_config(
+            "lilt",
+            tiny_training_overrides(
+                tmp_dir,
+                [
+                    f"output_dir={tmp_dir}/recompute{recompute}",
+                    f"memory.frozen_recompute={recompute}",
+                    "model.text.unlock=[ln,adapters]",
+                ],
+            ),
+        )
         trainer = Trainer(cfg, ds_path)
         batches = iter(trainer.loader)
         losses = [trainer.train_step([to_device(next(batches), trainer.device, trainer.dtype)]) for _ in range(2)]
@@ -131,6 +145,7 @@ def fp32_ds_config(tmp_path, name):
     return str(path)
 
 
+@pytest.mark.slow
 def test_recompute_under_deepspeed_on_two_ranks_trains_exactly_like_autograd(tmp_path):
     """A real ZeRO-2 engine on 2 gloo ranks, fp32: 2 steps give the same losses and weights with recompute."""
     from tests.distributed import run_ranks
@@ -140,8 +155,9 @@ def test_recompute_under_deepspeed_on_two_ranks_trains_exactly_like_autograd(tmp
     assert plain["losses"] == pytest.approx(recompute["losses"], rel=1e-6, abs=1e-6)
     assert plain["weights"].keys() == recompute["weights"].keys()
     for name, values in plain["weights"].items():
-        torch.testing.assert_close(torch.tensor(recompute["weights"][name]), torch.tensor(values), atol=1e-6,
-                                   rtol=1e-6, msg=name)
+        torch.testing.assert_close(
+            torch.tensor(recompute["weights"][name]), torch.tensor(values), atol=1e-6, rtol=1e-6, msg=name
+        )
 
 
 def test_recompute_with_zero3_is_refused_before_training(tmp_path):

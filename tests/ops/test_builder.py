@@ -44,8 +44,11 @@ def test_failed_build_falls_back_with_one_log_line(impossible_build, caplog):
 
 def test_forced_fused_that_cannot_build_is_an_error(impossible_build):
     impossible_build.setenv("LILT_DS_KERNELS", "fused")
-    with pytest.raises(KernelBuildError, match="LILT_DS_KERNELS=fused but the C\\+\\+ kernel of the fused contrastive "
-                                               "loss cannot be used on cpu tensors"):
+    with pytest.raises(
+        KernelBuildError,
+        match="LILT_DS_KERNELS=fused but the C\\+\\+ kernel of the fused contrastive "
+        "loss cannot be used on cpu tensors",
+    ):
         FusedContrastiveLoss()
 
 
@@ -63,6 +66,7 @@ def test_build_command_reports_the_implementation(fresh_selection, capsys):
     assert capsys.readouterr().out.startswith("contrastive on cpu: reference -- PyTorch chunked loss")
 
 
+@pytest.mark.slow
 def test_a_wheel_ships_the_kernel_sources_and_the_builder_finds_them_there(tmp_path):
     """A non-editable install (pip install .) must build the fused kernel too, not fall back quietly."""
     import os
@@ -71,14 +75,23 @@ def test_a_wheel_ships_the_kernel_sources_and_the_builder_finds_them_there(tmp_p
     import zipfile
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                             str(tmp_path), root], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), root],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = tmp_path.glob("lilt_ds-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "lilt_ds/ops/kernels/fused_contrastive.cpp" in names
     shipped = tmp_path / "site" / "lilt_ds" / "ops"
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
-    found = subprocess.run([sys.executable, "-c", "from lilt_ds.ops.builder import KERNELS_DIR; print(KERNELS_DIR)"],
-                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    found = subprocess.run(
+        [sys.executable, "-c", "from lilt_ds.ops.builder import KERNELS_DIR; print(KERNELS_DIR)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
     assert found.stdout.strip().endswith(str(shipped / "kernels")), found.stdout + found.stderr[-2000:]

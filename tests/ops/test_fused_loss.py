@@ -31,8 +31,9 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("b, n, dim, offset", [(5, 13, 7, 8), (33, 70, 37, 0), (64, 257, 256, 100), (1, 1, 3, 0),
-                                               (40, 40, 17, 0)])
+@pytest.mark.parametrize(
+    "b, n, dim, offset", [(5, 13, 7, 8), (33, 70, 37, 0), (64, 257, 256, 100), (1, 1, 3, 0), (40, 40, 17, 0)]
+)
 @pytest.mark.parametrize("tiles", [(1, 1), (3, 5), (16, 32), (64, 512), (256, 256)])
 def test_fused_matches_chunked_reference(kernels, threads, b, n, dim, offset, tiles):
     generator = torch.Generator().manual_seed(b * 1000 + n)
@@ -63,8 +64,10 @@ def test_fused_module_is_a_drop_in_for_chunked(implementation, local_loss):
     img, txt = unit_rows(29, 24, generator), unit_rows(29, 24, generator)
     log_scale = torch.tensor([2.3], requires_grad=True)
     results = []
-    for loss_fn in (ChunkedContrastiveLoss(chunk_size=8, local_loss=local_loss),
-                    FusedContrastiveLoss(chunk_size=8, local_loss=local_loss, tile_rows=16, tile_cols=16)):
+    for loss_fn in (
+        ChunkedContrastiveLoss(chunk_size=8, local_loss=local_loss),
+        FusedContrastiveLoss(chunk_size=8, local_loss=local_loss, tile_rows=16, tile_cols=16),
+    ):
         loss = loss_fn(img, txt, log_scale.exp())
         results.append((loss, *torch.autograd.grad(loss, [img, txt, log_scale])))
     assert FusedContrastiveLoss.implementation("cpu") == implementation
@@ -101,12 +104,14 @@ def two_rank_grads(rank, world_size, runs):
             options.update(tile_rows=tiles[0], tile_cols=tiles[1])
         loss = build_loss(options)(my_img, my_txt, scale)
         loss.backward()
-        results.append({"loss": loss.item(), "img": my_img.grad.tolist(), "txt": my_txt.grad.tolist(),
-                        "scale": scale.grad.item()})
+        results.append(
+            {"loss": loss.item(), "img": my_img.grad.tolist(), "txt": my_txt.grad.tolist(), "scale": scale.grad.item()}
+        )
     dist.destroy_process_group()
     return results
 
 
+@pytest.mark.slow
 def test_fused_is_exact_across_two_gloo_ranks_like_chunked(kernels, tmp_path):
     from tests.distributed import run_ranks
 

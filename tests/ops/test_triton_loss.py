@@ -33,8 +33,14 @@ def unit_rows(rows, dim, generator, dtype=torch.float32):
 
 
 # (B local rows, N gathered rows, d, offset of the local rows, (tile_rows, tile_cols), column splits)
-CASES = [(5, 13, 7, 8, (16, 16), None), (33, 70, 37, 0, (32, 16), 3), (64, 257, 256, 100, (32, 64), 2),
-         (1, 1, 3, 0, (16, 16), 1), (40, 40, 17, 0, (64, 32), None), (48, 300, 64, 250, (16, 64), 5)]
+CASES = [
+    (5, 13, 7, 8, (16, 16), None),
+    (33, 70, 37, 0, (32, 16), 3),
+    (64, 257, 256, 100, (32, 64), 2),
+    (1, 1, 3, 0, (16, 16), 1),
+    (40, 40, 17, 0, (64, 32), None),
+    (48, 300, 64, 250, (16, 64), 5),
+]
 
 
 def assert_within(got, want, scale, tol=1e-5):
@@ -51,8 +57,10 @@ def loss_and_grads(loss_fn, tensors, scale):
     return [loss, *torch.autograd.grad(loss, [*tensors, scale])]
 
 
-@pytest.mark.parametrize("b, n, dim, offset, tiles, splits, scale_value",
-                         [(*case, 100.0) for case in CASES] + [(*case, 1.0) for case in CASES[:3]])
+@pytest.mark.parametrize(
+    "b, n, dim, offset, tiles, splits, scale_value",
+    [(*case, 100.0) for case in CASES] + [(*case, 1.0) for case in CASES[:3]],
+)
 def test_triton_matches_chunked_reference(triton_kernels, monkeypatch, b, n, dim, offset, tiles, splits, scale_value):
     forward, backward = tc.lse_forward, tc.lse_backward  # the split count is the kernel's choice: force this one
     monkeypatch.setattr(tc, "lse_forward", lambda *a: forward(*a, splits=splits))
@@ -88,12 +96,14 @@ def test_two_runs_are_bit_identical(triton_kernels):
         generator = torch.Generator().manual_seed(7)
         tensors = [unit_rows(r, 40, generator) for r in (37, 37, 111, 111)]
         scale = torch.tensor(100.0, requires_grad=True)
-        runs.append(loss_and_grads(lambda *t: fused_clip_loss_fn(*t[:4], t[4], 50, triton_kernels, 16, 32),
-                                   tensors, scale))
+        runs.append(
+            loss_and_grads(lambda *t: fused_clip_loss_fn(*t[:4], t[4], 50, triton_kernels, 16, 32), tensors, scale)
+        )
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_triton_is_exact_across_two_gloo_ranks_with_unequal_batches(triton_kernels, tmp_path):
     from tests.distributed import run_ranks
     from tests.ops.test_fused_loss import two_rank_grads
@@ -120,9 +130,12 @@ def test_triton_on_cpu_tensors_without_the_interpreter_is_a_clear_error(monkeypa
     monkeypatch.setenv("LILT_DS_KERNELS", "triton")
     builder.select.cache_clear()
     try:
-        with pytest.raises(builder.KernelBuildError, match="LILT_DS_KERNELS=triton but the Triton kernel of the fused "
-                                                           "contrastive loss cannot be used on cpu tensors .*set "
-                                                           "TRITON_INTERPRET=1 before the process starts"):
+        with pytest.raises(
+            builder.KernelBuildError,
+            match="LILT_DS_KERNELS=triton but the Triton kernel of the fused "
+            "contrastive loss cannot be used on cpu tensors .*set "
+            "TRITON_INTERPRET=1 before the process starts",
+        ):
             builder.select("contrastive", "cpu")
     finally:
         builder.select.cache_clear()

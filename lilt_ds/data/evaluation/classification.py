@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from importlib import resources
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
@@ -20,45 +20,50 @@ from ..errors import DataError
 from ..preprocessing.images import IMAGE_EXTENSIONS, open_rgb
 
 
-
 class ClassificationImages(Dataset):
     """``dataset[i] -> {"image": FloatTensor[3,H,W], "index": i}``; ``labels[i]`` its class index."""
 
-    def __init__(self, paths: List[str], labels: List[int], classnames: List[str], transform):
+    def __init__(self, paths: list[str], labels: list[int], classnames: list[str], transform):
         self.paths, self.labels, self.classnames, self.transform = paths, labels, classnames, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> Dict:
+    def __getitem__(self, index: int) -> dict:
         try:
             image = open_rgb(self.paths[index])
         except Exception as err:  # noqa: BLE001 - any decoding failure of a user's file
-            raise DataError(f"image {self.paths[index]} (entry {index}) cannot be read: {err}. "
-                            "Replace or remove it.") from err
+            raise DataError(
+                f"image {self.paths[index]} (entry {index}) cannot be read: {err}. Replace or remove it."
+            ) from err
         return {"image": self.transform(image), "index": index}
 
 
 def _from_folder(root: str):
     if not os.path.isdir(root):
-        raise DataError(f"classification data {root} does not exist: give a folder with one sub-folder "
-                        "per class, or a JSON list of {image, label}")
+        raise DataError(
+            f"classification data {root} does not exist: give a folder with one sub-folder "
+            "per class, or a JSON list of {image, label}"
+        )
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
-        raise DataError(f"classification folder {root} has no class folder: put the images of class C "
-                        f"in {os.path.join(root, 'C')}/")
+        raise DataError(
+            f"classification folder {root} has no class folder: put the images of class C in {os.path.join(root, 'C')}/"
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise DataError(f"class folder {os.path.join(root, name)} holds no image "
-                            f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder")
+            raise DataError(
+                f"class folder {os.path.join(root, name)} holds no image "
+                f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder"
+            )
         paths += [os.path.join(root, name, f) for f in files]
         labels += [label] * len(files)
     return paths, labels, [c.replace("_", " ") for c in classes]
 
 
-def _from_json(path: str, image_root: Optional[str], classnames: Optional[Sequence[str]]):
+def _from_json(path: str, image_root: str | None, classnames: Sequence[str] | None):
     try:
         with open(path) as f:
             entries = json.load(f)
@@ -76,7 +81,7 @@ def _from_json(path: str, image_root: Optional[str], classnames: Optional[Sequen
     paths, labels = [], []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise DataError(f"{path}, entry {i}: expected {{\"image\": ..., \"label\": ...}}, got {entry!r}")
+            raise DataError(f'{path}, entry {i}: expected {{"image": ..., "label": ...}}, got {entry!r}')
         label = index.get(entry["label"], entry["label"])
         if not isinstance(label, int) or not 0 <= label < len(classnames):
             raise DataError(f"{path}, entry {i}: label {entry['label']!r} is not one of the {len(classnames)} classes")
@@ -90,10 +95,12 @@ def _from_json(path: str, image_root: Optional[str], classnames: Optional[Sequen
     return paths, labels, list(classnames)
 
 
-def build_classification_data(source: str, transform, image_root: Optional[str] = None,
-                              classnames: Optional[Sequence[str]] = None) -> ClassificationImages:
-    paths, labels, names = (_from_json(source, image_root, classnames) if source.endswith(".json")
-                            else _from_folder(source))
+def build_classification_data(
+    source: str, transform, image_root: str | None = None, classnames: Sequence[str] | None = None
+) -> ClassificationImages:
+    paths, labels, names = (
+        _from_json(source, image_root, classnames) if source.endswith(".json") else _from_folder(source)
+    )
     if not paths:
         raise DataError(f"classification data {source} is empty: it lists no image")
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -114,12 +121,13 @@ def load_templates(spec: str) -> list[str]:
     templates = [t.strip() for t in text.splitlines() if t.strip()]
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ConfigError(f"prompt template(s) {bad or spec!r} need a '{{}}' where the class name goes, "
-                          "as in 'a photo of a {}.'")
+        raise ConfigError(
+            f"prompt template(s) {bad or spec!r} need a '{{}}' where the class name goes, as in 'a photo of a {{}}.'"
+        )
     return templates
 
 
-def read_classnames(path: Optional[str]) -> Optional[List[str]]:
+def read_classnames(path: str | None) -> list[str] | None:
     """The class names of a file with one per line (for JSON data with integer labels), or None."""
     if path is None:
         return None
@@ -130,9 +138,15 @@ def read_classnames(path: Optional[str]) -> Optional[List[str]]:
         raise DataError(f"class names file {path} cannot be read: {err}") from None
 
 
-def build_zeroshot_data(source: str, image_size: int, mean: Sequence[float], std: Sequence[float],
-                        image_root: Optional[str] = None, classnames_file: Optional[str] = None,
-                        templates: str = "a photo of a {}.") -> Tuple[ClassificationImages, List[str]]:
+def build_zeroshot_data(
+    source: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_root: str | None = None,
+    classnames_file: str | None = None,
+    templates: str = "a photo of a {}.",
+) -> tuple[ClassificationImages, list[str]]:
     """The images of a zero-shot classification set in the evaluation transform, and its prompt
     templates: what ``launch/evaluate.py --task classification`` and ``eval.classification`` read."""
     from ..preprocessing.transforms import build_eval_transform
@@ -151,6 +165,8 @@ def check_zeroshot(section) -> None:
         if path is not None and not exists(path):
             raise DataError(f"eval.classification.{key} = {path!r} does not exist: check the path")
     if not section.data.endswith(".json") and not os.path.isdir(section.data):
-        raise DataError(f"eval.classification.data = {section.data!r}: expected a folder with one sub-folder "
-                        "per class or a JSON list of {image, label}")
+        raise DataError(
+            f"eval.classification.data = {section.data!r}: expected a folder with one sub-folder "
+            "per class or a JSON list of {image, label}"
+        )
     load_templates(section.templates)

@@ -10,9 +10,10 @@ still map a replaced file keep reading the old one.
 
 import json
 import mmap
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
+
 from ...fileio import atomic_path
 
 MAGIC = b"LILTARR1"
@@ -48,7 +49,7 @@ class ArrayFile:
         np.frombuffer(self._map, dtype=np.uint8)[::step].sum(dtype=np.uint64)
 
 
-def write_array_file(path: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> None:
+def write_array_file(path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Write `arrays` (1-D) and `meta` (JSON-serialisable) to `path` atomically."""
     table, offset = {}, 0
     for name, values in arrays.items():
@@ -66,11 +67,11 @@ def write_array_file(path: str, arrays: Dict[str, np.ndarray], meta: Dict[str, A
 
 
 def _parse(buffer) -> tuple:
-    if len(buffer) < len(MAGIC) + 8 or buffer[:len(MAGIC)] != MAGIC:
+    if len(buffer) < len(MAGIC) + 8 or buffer[: len(MAGIC)] != MAGIC:
         raise ArrayFileError("not an array file of this version")
-    size = int.from_bytes(buffer[len(MAGIC):len(MAGIC) + 8], "little")
+    size = int.from_bytes(buffer[len(MAGIC) : len(MAGIC) + 8], "little")
     try:
-        header = json.loads(bytes(buffer[len(MAGIC) + 8:len(MAGIC) + 8 + size]))
+        header = json.loads(bytes(buffer[len(MAGIC) + 8 : len(MAGIC) + 8 + size]))
     except ValueError:
         raise ArrayFileError("unreadable header") from None
     start = _aligned(len(MAGIC) + 8 + size)
@@ -80,8 +81,11 @@ def _parse(buffer) -> tuple:
         end = start + spec["offset"] + spec["length"] * dtype.itemsize
         if end > len(buffer):
             raise ArrayFileError("truncated")
-        arrays[name] = np.frombuffer(buffer, dtype=dtype, count=spec["length"],
-                                     offset=start + spec["offset"]) if spec["length"] else np.zeros(0, dtype)
+        arrays[name] = (
+            np.frombuffer(buffer, dtype=dtype, count=spec["length"], offset=start + spec["offset"])
+            if spec["length"]
+            else np.zeros(0, dtype)
+        )
     return header["meta"], arrays
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Union
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,10 +22,10 @@ logger = logging.getLogger("lilt_ds.data")
 
 _HASHED_BYTES = 1 << 20
 
-Index = Union[ArrayFile, Dict[str, np.ndarray]]
+Index = ArrayFile | dict[str, np.ndarray]
 
 
-def source_fingerprint(paths: List[str]) -> List[Dict]:
+def source_fingerprint(paths: list[str]) -> list[dict]:
     """What identifies the content of each file without reading all of it."""
     prints = []
     for path in paths:
@@ -36,12 +36,18 @@ def source_fingerprint(paths: List[str]) -> List[Dict]:
             if stat.st_size > 2 * _HASHED_BYTES:
                 handle.seek(-_HASHED_BYTES, os.SEEK_END)
             digest.update(handle.read(_HASHED_BYTES))
-        prints.append({"path": os.path.abspath(path), "size": stat.st_size,
-                       "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()})
+        prints.append(
+            {
+                "path": os.path.abspath(path),
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
+                "sha256_ends": digest.hexdigest(),
+            }
+        )
     return prints
 
 
-def fingerprint_difference(saved: List[Dict], current: List[Dict]) -> Optional[str]:
+def fingerprint_difference(saved: list[dict], current: list[dict]) -> str | None:
     """How the files an index was built from differ from the current ones; None if they match."""
     if [s.get("path") for s in saved] != [c["path"] for c in current]:
         return f"built from {[s.get('path') for s in saved]}"
@@ -55,8 +61,13 @@ def fingerprint_difference(saved: List[Dict], current: List[Dict]) -> Optional[s
     return None
 
 
-def cached_index(sources: List[str], settings: Dict, build: Callable[[], Dict[str, np.ndarray]],
-                 cache: Optional[str] = "auto", kind: str = "index") -> Index:
+def cached_index(
+    sources: list[str],
+    settings: dict,
+    build: Callable[[], dict[str, np.ndarray]],
+    cache: str | None = "auto",
+    kind: str = "index",
+) -> Index:
     """The arrays `build()` makes from `sources` with `settings`, from the cache when a file there
     matches both, else built now and cached. `cache`: "auto" (beside the first source, else the
     lilt_ds cache folder), a folder, or None (build in memory, no file)."""
@@ -80,12 +91,16 @@ def cached_index(sources: List[str], settings: Dict, build: Callable[[], Dict[st
                 continue
             logger.info("%s of %s cached in %s", kind, ", ".join(sources), path)
             return ArrayFile(path)
-        logger.warning("could not cache the %s of %s in %s; it is rebuilt by every process",
-                       kind, ", ".join(sources), " or ".join(candidates))
+        logger.warning(
+            "could not cache the %s of %s in %s; it is rebuilt by every process",
+            kind,
+            ", ".join(sources),
+            " or ".join(candidates),
+        )
         return arrays
 
 
-def cache_paths(sources: List[str], settings: Dict, cache: str, kind: str) -> List[str]:
+def cache_paths(sources: list[str], settings: dict, cache: str, kind: str) -> list[str]:
     """Where the `kind` derived from `sources` with `settings` goes, in order of preference: named
     after both; with `cache` "auto" beside the first source, then in the lilt_ds cache folder."""
     identity = json.dumps([[os.path.abspath(s) for s in sources], settings], sort_keys=True)
@@ -96,7 +111,7 @@ def cache_paths(sources: List[str], settings: Dict, cache: str, kind: str) -> Li
     return [os.path.join(beside, name), os.path.join(cache_folder(), kind, name)]
 
 
-def _open_matching(path: str, settings: Dict, current: List[Dict]) -> Optional[ArrayFile]:
+def _open_matching(path: str, settings: dict, current: list[dict]) -> ArrayFile | None:
     if not os.path.exists(path):
         return None
     try:

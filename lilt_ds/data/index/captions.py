@@ -15,16 +15,16 @@ import hashlib
 import inspect
 import os
 from array import array
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .array_file import ArrayFile
 from ..bad_samples import BadSample
 from ..errors import DataError, format_list
-from .image_root import ImageRoot, ImageRootSpec
 from ..preprocessing.images import find_missing_files
+from .array_file import ArrayFile
 from .cache import cached_index
+from .image_root import ImageRoot, ImageRootSpec
 from .jsonfile import iter_json_list, json_type_name
 from .packed import PackedPaths, PackedPathsBuilder, PackedStrings, PackedStringsBuilder, smallest_offset_dtype
 
@@ -38,21 +38,20 @@ class CaptionTable:
     """The validated entries of one or more caption files: resolved image paths and captions,
     packed so that DataLoader workers share them, and the source file of every entry."""
 
-    def __init__(self, sources: List[str], counts: List[int], paths: List[str],
-                 captions: List[List[str]]):
+    def __init__(self, sources: list[str], counts: list[int], paths: list[str], captions: list[list[str]]):
         builder = _TableBuilder()
         for path, texts in zip(paths, captions):
             builder.add(path, texts)
         self._attach(list(sources), builder.arrays(counts))
 
     @classmethod
-    def from_index(cls, sources: List[str], index: Union[ArrayFile, Dict[str, np.ndarray]]) -> "CaptionTable":
+    def from_index(cls, sources: list[str], index: ArrayFile | dict[str, np.ndarray]) -> "CaptionTable":
         """A table over arrays built by `load_caption_files` (a mapped file or in memory)."""
         table = cls.__new__(cls)
         table._attach(list(sources), index)
         return table
 
-    def _attach(self, sources: List[str], index) -> None:
+    def _attach(self, sources: list[str], index) -> None:
         self.sources = sources
         self._index = index
         arrays = index.arrays if isinstance(index, ArrayFile) else index
@@ -83,11 +82,11 @@ class CaptionTable:
             return index
         return int(self._caption_ends[index - 1]) if index > 0 else 0
 
-    def captions(self, index: int) -> List[str]:
+    def captions(self, index: int) -> list[str]:
         """Every caption of entry `index`."""
         return [self.caption(index, choice) for choice in range(self.num_captions(index))]
 
-    def locate(self, index: int) -> Tuple[str, int]:
+    def locate(self, index: int) -> tuple[str, int]:
         """(source file, entry index inside that file) of a dataset index."""
         source = int(np.searchsorted(self._source_ends, index, side="right"))
         first = int(self._source_ends[source - 1]) if source > 0 else 0
@@ -98,7 +97,7 @@ class CaptionTable:
         file, entry = self.locate(index)
         return BadSample(index, file, entry, self.image_path(index), reason)
 
-    def missing_images(self) -> List[BadSample]:
+    def missing_images(self) -> list[BadSample]:
         """The entries whose image file does not exist (one existence check per entry, a chunk of
         paths at a time)."""
         missing = []
@@ -108,7 +107,7 @@ class CaptionTable:
         return [self.bad_sample(i, "file not found") for i in missing]
 
     @property
-    def mapped_file(self) -> Optional[str]:
+    def mapped_file(self) -> str | None:
         """The cache file the table is mapped from; None for a table held in memory."""
         return self._index.path if isinstance(self._index, ArrayFile) else None
 
@@ -127,26 +126,32 @@ class _TableBuilder:
         self._captions = PackedStringsBuilder()
         self._caption_ends = array("q")
 
-    def add(self, path: str, captions: List[str]) -> None:
+    def add(self, path: str, captions: list[str]) -> None:
         self._paths.append(path)
         for text in captions:
             self._captions.append(text)
         self._caption_ends.append(len(self._captions))
 
-    def arrays(self, counts: List[int]) -> Dict[str, np.ndarray]:
+    def arrays(self, counts: list[int]) -> dict[str, np.ndarray]:
         ends = np.array(self._caption_ends, dtype=np.int64)
         if np.array_equal(ends, np.arange(1, len(ends) + 1)):
             ends = ends[:0]  # one caption per entry: offsets would only repeat the entry index
-        return {"source_ends": np.cumsum(counts, dtype=np.int64),
-                "entry_caption_ends": ends.astype(smallest_offset_dtype(len(self._captions))),
-                **self._paths.arrays("path"), **self._captions.arrays("caption")}
+        return {
+            "source_ends": np.cumsum(counts, dtype=np.int64),
+            "entry_caption_ends": ends.astype(smallest_offset_dtype(len(self._captions))),
+            **self._paths.arrays("path"),
+            **self._captions.arrays("caption"),
+        }
 
 
-def load_caption_files(files: Sequence[str], image_root: ImageRootSpec = None,
-                       clean: Optional[Callable[[str], str]] = None,
-                       setting: str = "data.train_files",
-                       root_setting: str = "data.image_root",
-                       cache: Optional[str] = "auto") -> CaptionTable:
+def load_caption_files(
+    files: Sequence[str],
+    image_root: ImageRootSpec = None,
+    clean: Callable[[str], str] | None = None,
+    setting: str = "data.train_files",
+    root_setting: str = "data.image_root",
+    cache: str | None = "auto",
+) -> CaptionTable:
     """Read and validate every file; `clean` (e.g. `pre_caption`) is applied to the stored
     captions. Raises DataError listing every invalid entry (file, entry index, fix).
 
@@ -171,12 +176,13 @@ def load_caption_files(files: Sequence[str], image_root: ImageRootSpec = None,
     return CaptionTable.from_index(sources, cached_index(sources, settings, build, cache, "caption-index"))
 
 
-def _read_entries(sources: List[str], root: ImageRoot, clean: Optional[Callable[[str], str]],
-                  setting: str) -> Dict[str, np.ndarray]:
+def _read_entries(
+    sources: list[str], root: ImageRoot, clean: Callable[[str], str] | None, setting: str
+) -> dict[str, np.ndarray]:
     """Stream and validate every entry into packed arrays; every invalid entry is counted and
     the first ones are quoted in the error."""
     builder, counts = _TableBuilder(), []
-    problems: List[str] = []
+    problems: list[str] = []
     invalid = 0
     for source in sources:
         count = 0
@@ -189,16 +195,16 @@ def _read_entries(sources: List[str], root: ImageRoot, clean: Optional[Callable[
                 del problems[_PROBLEMS_KEPT:]
             builder.add(path or "", texts)
         if count == 0:
-            raise DataError(f"{source}: holds an empty list; remove the file from {setting} "
-                            "or fill it.")
+            raise DataError(f"{source}: holds an empty list; remove the file from {setting} or fill it.")
         counts.append(count)
     if invalid:
-        raise DataError(f"{invalid} invalid entries in {setting}:\n"
-                        f"{format_list(problems, _PROBLEMS_KEPT, total=invalid)}")
+        raise DataError(
+            f"{invalid} invalid entries in {setting}:\n{format_list(problems, _PROBLEMS_KEPT, total=invalid)}"
+        )
     return builder.arrays(counts)
 
 
-def _callable_identity(function: Optional[Callable]) -> Optional[str]:
+def _callable_identity(function: Callable | None) -> str | None:
     """A name for a caption cleaning function that is the same in every run while the function
     and its module's code are (a cached table holds cleaned captions); None when there is none."""
     if function is None:
@@ -219,27 +225,31 @@ def _callable_identity(function: Optional[Callable]) -> Optional[str]:
     return f"{function.__module__}.{name}@{code}"
 
 
-def _entry_image(entry: dict, root: ImageRoot) -> Tuple[Optional[str], List[str]]:
+def _entry_image(entry: dict, root: ImageRoot) -> tuple[str | None, list[str]]:
     if "image" not in entry:
-        return None, [f"missing key 'image' (the entry has keys: {_keys(entry)}); every entry "
-                      'needs "image" (a path) and "caption".']
+        return None, [
+            f"missing key 'image' (the entry has keys: {_keys(entry)}); every entry "
+            'needs "image" (a path) and "caption".'
+        ]
     image = entry["image"]
     if not isinstance(image, str) or not image:
-        return None, [f"'image' must be a non-empty path string, found {json_type_name(image)} "
-                      f"{image!r}; fix the entry."]
+        return None, [
+            f"'image' must be a non-empty path string, found {json_type_name(image)} {image!r}; fix the entry."
+        ]
     resolved = root.resolve(image)
     if resolved is None:
-        return None, [f"relative image path {image!r} and no image root to resolve it; "
-                      f"{root.missing_root_fix()}."]
+        return None, [f"relative image path {image!r} and no image root to resolve it; {root.missing_root_fix()}."]
     return resolved, []
 
 
-def entry_captions(entry: dict, clean: Optional[Callable[[str], str]]) -> Tuple[List[str], List[str]]:
+def entry_captions(entry: dict, clean: Callable[[str], str] | None) -> tuple[list[str], list[str]]:
     """The (cleaned) captions of an entry and what is wrong with them; the tar shard reader checks
     its `.txt` / `.json` captions with it too."""
     if "caption" not in entry:
-        return [], [f"missing key 'caption' (the entry has keys: {_keys(entry)}); every entry "
-                    'needs "image" and "caption" (a string or a list of strings).']
+        return [], [
+            f"missing key 'caption' (the entry has keys: {_keys(entry)}); every entry "
+            'needs "image" and "caption" (a string or a list of strings).'
+        ]
     caption = entry["caption"]
     if isinstance(caption, str):
         caption = [caption]
@@ -249,8 +259,7 @@ def entry_captions(entry: dict, clean: Optional[Callable[[str], str]]) -> Tuple[
             return [], ["'caption' is an empty list; give at least one caption or drop the entry."]
         names = [f"caption {k}" for k in range(len(caption))]
     else:
-        return [], [f"'caption' must be a string or a list of strings, found "
-                    f"{json_type_name(caption)}; fix the entry."]
+        return [], [f"'caption' must be a string or a list of strings, found {json_type_name(caption)}; fix the entry."]
     texts, errors = [], []
     for name, text in zip(names, caption):
         if not isinstance(text, str):
@@ -262,8 +271,9 @@ def entry_captions(entry: dict, clean: Optional[Callable[[str], str]]) -> Tuple[
             if cleaned:
                 texts.append(cleaned)
             else:
-                errors.append(f"{name} {text!r} is empty after cleaning (it holds only "
-                              "punctuation); write a caption or drop it.")
+                errors.append(
+                    f"{name} {text!r} is empty after cleaning (it holds only punctuation); write a caption or drop it."
+                )
     return texts, errors
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class FeatureFile:
     def complete(self) -> bool:
         return bool((self.status != EMPTY).all())
 
-    def write(self, view: int, entries: np.ndarray, rows: Optional[np.ndarray], bad: np.ndarray) -> None:
+    def write(self, view: int, entries: np.ndarray, rows: np.ndarray | None, bad: np.ndarray) -> None:
         """Store ``rows`` for ``entries[~bad]`` of ``view`` and mark ``entries[bad]`` bad; the
         status bytes go last."""
         good = entries[~bad]
@@ -60,7 +60,7 @@ class FeatureFile:
         self.status[view, good] = DONE
 
 
-def read_meta(folder: str) -> Optional[Dict[str, Any]]:
+def read_meta(folder: str) -> dict[str, Any] | None:
     """The folder's meta, or None when it has none or its files are not of the size it says (a
     folder someone emptied by hand): then it has to be started again."""
     try:
@@ -74,11 +74,11 @@ def read_meta(folder: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _sizes(meta: Dict[str, Any]) -> Dict[str, int]:
+def _sizes(meta: dict[str, Any]) -> dict[str, int]:
     return {_FEATURES: meta["views"] * meta["entries"] * meta["width"] * 4, _STATUS: meta["views"] * meta["entries"]}
 
 
-def start_feature_file(folder: str, meta: Dict[str, Any]) -> None:
+def start_feature_file(folder: str, meta: dict[str, Any]) -> None:
     """(Re)start ``folder`` as an empty feature file described by ``meta`` (``views``, ``entries``,
     ``width`` and whatever identifies what the rows are computed from)."""
     os.makedirs(folder, exist_ok=True)

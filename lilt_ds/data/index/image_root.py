@@ -10,11 +10,10 @@
 """
 
 import os
-from typing import Optional, Union
 
 from ..errors import DataError
 
-ImageRootSpec = Union[None, str, dict]
+ImageRootSpec = str | dict | None
 
 
 class ImageRoot:
@@ -22,9 +21,9 @@ class ImageRoot:
 
     def __init__(self, spec: ImageRootSpec = None, setting: str = "data.image_root"):
         self.setting = setting
-        self.root: Optional[str] = None
-        self.prefix_from: Optional[str] = None
-        self.prefix_to: Optional[str] = None
+        self.root: str | None = None
+        self.prefix_from: str | None = None
+        self.prefix_to: str | None = None
         if spec is None:
             return
         if isinstance(spec, (str, os.PathLike)):
@@ -42,25 +41,24 @@ class ImageRoot:
             self.prefix_to = spec["to"].rstrip("/")
             return
         raise DataError(
-            f"{setting} = {spec!r}: expected null, a folder string, or "
-            '{"from": "/old/prefix", "to": "/new/prefix"}.'
+            f'{setting} = {spec!r}: expected null, a folder string, or {{"from": "/old/prefix", "to": "/new/prefix"}}.'
         )
 
-    def resolve(self, path: str) -> Optional[str]:
+    def resolve(self, path: str) -> str | None:
         """The path to open, or None when a relative path has no root to resolve it against."""
         if self.root is not None:
             return os.path.join(self.root, path)
         if not os.path.isabs(path):
             return None
-        if self.prefix_from is not None and (path == self.prefix_from
-                                             or path.startswith(self.prefix_from + "/")):
-            return self.prefix_to + path[len(self.prefix_from):]
+        if self.prefix_from is not None and (path == self.prefix_from or path.startswith(self.prefix_from + "/")):
+            return self.prefix_to + path[len(self.prefix_from) :]
         return path
 
     def missing_root_fix(self) -> str:
         """What to tell a user whose entry has a relative path we cannot resolve."""
         if self.prefix_from is not None:
-            return (f"a prefix rewrite in {self.setting} only applies to absolute paths; "
-                    f'set {self.setting} to the folder the relative paths start from')
+            return (
+                f"a prefix rewrite in {self.setting} only applies to absolute paths; "
+                f"set {self.setting} to the folder the relative paths start from"
+            )
         return f"set {self.setting} to the folder the relative paths start from"
-

@@ -10,13 +10,13 @@ import codecs
 import json
 import os
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import DataError
 
-_CHUNK_BYTES = 4 << 20      # read size
-_LOOKAHEAD = 1 << 20        # text kept ahead of the parse position before an entry is parsed
-_LONGEST_ENTRY = 64 << 20   # an entry that does not parse with this much text is malformed
+_CHUNK_BYTES = 4 << 20  # read size
+_LOOKAHEAD = 1 << 20  # text kept ahead of the parse position before an entry is parsed
+_LONGEST_ENTRY = 64 << 20  # an entry that does not parse with this much text is malformed
 _SPACE = re.compile(r"[ \t\n\r]*")
 _DELIMITER = re.compile(r"[ \t\n\r]*([,\]])[ \t\n\r]*")
 _BOM = "\ufeff"
@@ -46,7 +46,8 @@ def iter_json_list(path: str, setting: str) -> Iterator[dict]:
                 if not isinstance(entry, dict):
                     raise DataError(
                         f"{path}: entry {number} is a JSON {json_type_name(entry)}, expected an object "
-                        '{"image": ..., "caption": ...}. Fix that entry.')
+                        '{"image": ..., "caption": ...}. Fix that entry.'
+                    )
                 yield entry
                 number += 1
                 if text.delimiter() == "]":
@@ -57,8 +58,15 @@ def iter_json_list(path: str, setting: str) -> Iterator[dict]:
 
 def json_type_name(value) -> str:
     """The JSON name of a parsed value's type, for messages."""
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 class _TextWindow:
@@ -73,14 +81,14 @@ class _TextWindow:
         self.pos = 0
         self.eof = False
         self.bytes_read = 0
-        self.line = 1          # of buf[0]
-        self.column = 1        # of buf[0]
+        self.line = 1  # of buf[0]
+        self.column = 1  # of buf[0]
 
     def fill(self) -> bool:
         """Drop the consumed text and append the next chunk; False at the end of the file."""
         if self.eof:
             return False
-        consumed = self.buf[:self.pos]
+        consumed = self.buf[: self.pos]
         newlines = consumed.count("\n")
         if newlines:
             self.line += newlines
@@ -92,11 +100,13 @@ class _TextWindow:
         try:
             added = self.decoder.decode(chunk, final=not chunk)
         except UnicodeDecodeError as err:
-            raise DataError(f"{self.path}: not UTF-8 text ({err.reason} at byte "
-                            f"{self.bytes_read - pending + err.start}); save the file as UTF-8 JSON.") from None
+            raise DataError(
+                f"{self.path}: not UTF-8 text ({err.reason} at byte "
+                f"{self.bytes_read - pending + err.start}); save the file as UTF-8 JSON."
+            ) from None
         self.bytes_read += len(chunk)
         self.eof = not chunk
-        self.buf = self.buf[self.pos:] + added
+        self.buf = self.buf[self.pos :] + added
         self.pos = 0
         return not self.eof
 
@@ -105,7 +115,7 @@ class _TextWindow:
         while True:
             self.pos = _SPACE.match(self.buf, self.pos).end()
             if self.pos < len(self.buf) or not self.fill():
-                return self.buf[self.pos:self.pos + 1]
+                return self.buf[self.pos : self.pos + 1]
 
     def delimiter(self) -> str:
         """Move past the "," or "]" after an entry and the whitespace around it; return it."""
@@ -140,8 +150,10 @@ class _TextWindow:
         newlines = before.count("\n")
         line = self.line + newlines
         column = pos - before.rfind("\n") if newlines else self.column + pos
-        raise DataError(f"{self.path}: not valid JSON: {message} at line {line}, column {column}. "
-                        "Fix the file there (an interrupted download often truncates it).")
+        raise DataError(
+            f"{self.path}: not valid JSON: {message} at line {line}, column {column}. "
+            "Fix the file there (an interrupted download often truncates it)."
+        )
 
 
 def _raise_top_level_error(path: str, text: _TextWindow) -> None:
@@ -154,4 +166,5 @@ def _raise_top_level_error(path: str, text: _TextWindow) -> None:
         text.fail(err.msg, err.pos)
     raise DataError(
         f"{path}: the top level is a JSON {json_type_name(value)}, expected a list of entries "
-        '[{"image": ..., "caption": ...}, ...]. Wrap the entries in a list.')
+        '[{"image": ..., "caption": ...}, ...]. Wrap the entries in a list.'
+    )

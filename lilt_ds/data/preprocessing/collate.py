@@ -1,14 +1,12 @@
 """Batching image-caption samples: images stacked, captions tokenized and padded to the longest."""
 
-from typing import Dict, List
-
 import numpy as np
 import torch
 
 from .text import check_tokenizer, tokenize_captions
 
 
-def stack_images(images: List[torch.Tensor]) -> torch.Tensor:
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack through numpy: single-threaded, see transforms.ToNormalizedTensor."""
     return torch.from_numpy(np.stack([image.numpy() for image in images]))
 
@@ -27,10 +25,13 @@ class ImageTextCollator:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, samples: List[Dict]) -> Dict:
+    def __call__(self, samples: list[dict]) -> dict:
         # a cached image tower's features come in place of the images (CaptionDataset.use_features)
-        batch = ({"images": stack_images([s["image"] for s in samples])} if "image" in samples[0]
-                 else {"image_features": stack_images([s["image_features"] for s in samples])})
+        batch = (
+            {"images": stack_images([s["image"] for s in samples])}
+            if "image" in samples[0]
+            else {"image_features": stack_images([s["image_features"] for s in samples])}
+        )
         batch.update(tokenize_captions(self.tokenizer, [s["caption"] for s in samples], self.max_length))
         batch["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         batch["bad_samples"] = [bad for s in samples for bad in s["bad_samples"]]

@@ -2,8 +2,8 @@
 whole dataset."""
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import numpy as np
 from PIL import Image

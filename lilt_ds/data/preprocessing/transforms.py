@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from typing import Any, Dict, List, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,23 +21,56 @@ _RANDAUGMENT_SECTION = re.compile(r"(m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d*)?|t[a-z0
 
 # The original LilT RandomAugment op set (timm names). It leaves hues alone: colour words in
 # captions stay true, which timm's default set (Invert, Solarize, Color, ...) would break.
-LILT_RANDAUGMENT_OPS = ["AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
-                        "TranslateXRel", "TranslateYRel", "Rotate"]
+LILT_RANDAUGMENT_OPS = [
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+    "Rotate",
+]
 
 
 # What each `data.augment.preset` means; a key set in `data.augment` replaces the preset's value.
 # lilt: the original LilT recipe. openclip: OpenCLIP's default train transform (a mild crop, nothing
 # else). none: the evaluation transform (a square resize), so training sees what evaluation sees.
-AUGMENT_PRESETS: Dict[str, Dict[str, Any]] = {
-    "lilt": {"scale": [0.2, 1.0], "ratio": [3 / 4, 4 / 3], "interpolation": "bicubic", "hflip": True,
-             "randaugment": "rand-m7-n2", "color_jitter": 0.0, "grayscale": 0.0},
-    "openclip": {"scale": [0.9, 1.0], "ratio": [3 / 4, 4 / 3], "interpolation": "bicubic", "hflip": False,
-                 "randaugment": False, "color_jitter": 0.0, "grayscale": 0.0},
-    "none": {"scale": None, "ratio": None, "interpolation": "bicubic", "hflip": False,
-             "randaugment": False, "color_jitter": 0.0, "grayscale": 0.0},
+AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
+    "lilt": {
+        "scale": [0.2, 1.0],
+        "ratio": [3 / 4, 4 / 3],
+        "interpolation": "bicubic",
+        "hflip": True,
+        "randaugment": "rand-m7-n2",
+        "color_jitter": 0.0,
+        "grayscale": 0.0,
+    },
+    "openclip": {
+        "scale": [0.9, 1.0],
+        "ratio": [3 / 4, 4 / 3],
+        "interpolation": "bicubic",
+        "hflip": False,
+        "randaugment": False,
+        "color_jitter": 0.0,
+        "grayscale": 0.0,
+    },
+    "none": {
+        "scale": None,
+        "ratio": None,
+        "interpolation": "bicubic",
+        "hflip": False,
+        "randaugment": False,
+        "color_jitter": 0.0,
+        "grayscale": 0.0,
+    },
 }
-INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-                  "nearest": T.InterpolationMode.NEAREST}
+INTERPOLATIONS = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
 
 
 def resolve_augment(augment: AugmentSettings | Mapping[str, Any] | None = None, **changes) -> AugmentSettings:
@@ -52,31 +86,44 @@ def resolve_augment(augment: AugmentSettings | Mapping[str, Any] | None = None, 
         if out[key] is None:
             continue
         if preset == "none":
-            raise DataError(f"data.augment.{key} = {out[key]!r}: preset none does not crop (it resizes "
-                            "as evaluation does); pick preset lilt or openclip to crop.")
+            raise DataError(
+                f"data.augment.{key} = {out[key]!r}: preset none does not crop (it resizes "
+                "as evaluation does); pick preset lilt or openclip to crop."
+            )
         out[key] = _range(out[key], key)
     if out["scale"] is not None and out["scale"][1] > 1:
-        raise DataError(f"data.augment.scale = {list(out['scale'])}: the crop's share of the image "
-                        "area is at most 1 (OpenCLIP's default: [0.9, 1.0]).")
+        raise DataError(
+            f"data.augment.scale = {list(out['scale'])}: the crop's share of the image "
+            "area is at most 1 (OpenCLIP's default: [0.9, 1.0])."
+        )
     if out["interpolation"] not in INTERPOLATIONS:
-        raise DataError(f"data.augment.interpolation = {out['interpolation']!r}: expected one of "
-                        f"{', '.join(INTERPOLATIONS)}.")
+        raise DataError(
+            f"data.augment.interpolation = {out['interpolation']!r}: expected one of {', '.join(INTERPOLATIONS)}."
+        )
     if not isinstance(out["hflip"], bool):
         raise DataError(f"data.augment.hflip = {out['hflip']!r}: expected true or false.")
     if out["randaugment"] is not False and not isinstance(out["randaugment"], str):
-        raise DataError(f"data.augment.randaugment = {out['randaugment']!r}: expected a timm RandAugment "
-                        'string such as "rand-m7-n2", or false (off).')
+        raise DataError(
+            f"data.augment.randaugment = {out['randaugment']!r}: expected a timm RandAugment "
+            'string such as "rand-m7-n2", or false (off).'
+        )
     out["color_jitter"] = _jitter(out["color_jitter"])
     gray = out["grayscale"]
     if isinstance(gray, bool) or not isinstance(gray, (int, float)) or not 0 <= gray <= 1:
-        raise DataError(f"data.augment.grayscale = {gray!r}: expected the probability (0 to 1) of "
-                        "turning an image grey (0: off).")
+        raise DataError(
+            f"data.augment.grayscale = {gray!r}: expected the probability (0 to 1) of turning an image grey (0: off)."
+        )
     out["grayscale"] = float(gray)
     return AugmentSettings(**out)
 
 
-def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                          augment: AugmentSettings | Mapping[str, Any] | None = None, **changes):
+def build_train_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: AugmentSettings | Mapping[str, Any] | None = None,
+    **changes,
+):
     """The training transform of `augment` (`data.augment`; None: the lilt preset), with
     `changes` (its keys, e.g. hflip=False) on top: RandomResizedCrop(scale, ratio) or, with preset
     none, a square resize -> [horizontal flip] -> [colour jitter] -> [grayscale] -> [RandAugment]
@@ -90,8 +137,14 @@ def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[
     if aug.scale is None and aug.ratio is None:
         steps = [T.Resize((image_size, image_size), interpolation=interpolation)]
     else:
-        steps = [T.RandomResizedCrop(image_size, scale=aug.scale or (0.08, 1.0),
-                                     ratio=aug.ratio or (3 / 4, 4 / 3), interpolation=interpolation)]
+        steps = [
+            T.RandomResizedCrop(
+                image_size,
+                scale=aug.scale or (0.08, 1.0),
+                ratio=aug.ratio or (3 / 4, 4 / 3),
+                interpolation=interpolation,
+            )
+        ]
     if aug.hflip:
         steps.append(T.RandomHorizontalFlip())
     if any(aug.color_jitter):
@@ -108,45 +161,56 @@ def build_train_transform(image_size: int, mean: Sequence[float], std: Sequence[
 def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
     """Resize to image_size x image_size (bicubic) -> ToTensor + Normalize(mean, std)."""
     _check_size(image_size)
-    return T.Compose([T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC),
-                      ToNormalizedTensor(mean, std)])
+    return T.Compose(
+        [T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), ToNormalizedTensor(mean, std)]
+    )
 
 
-def _range(value, key: str) -> List[float]:
-    ok = (isinstance(value, (list, tuple)) and len(value) == 2
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
-          and value[0] <= value[1])
+def _range(value, key: str) -> list[float]:
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+        and value[0] <= value[1]
+    )
     if not ok:
-        raise DataError(f"data.augment.{key} = {value!r}: expected [low, high] with 0 < low <= high "
-                        f"(OpenCLIP's default {key}: {[round(v, 3) for v in AUGMENT_PRESETS['openclip'][key]]}).")
+        raise DataError(
+            f"data.augment.{key} = {value!r}: expected [low, high] with 0 < low <= high "
+            f"(OpenCLIP's default {key}: {[round(v, 3) for v in AUGMENT_PRESETS['openclip'][key]]})."
+        )
     return [float(value[0]), float(value[1])]
 
 
-def _jitter(value) -> List[float]:
+def _jitter(value) -> list[float]:
     """A strength s (brightness, contrast and saturation by s, hue kept) or [b, c, s, h]; 0 is off."""
     fix = "expected a strength >= 0 (brightness, contrast, saturation; 0: off) or [b, c, s, h] with hue <= 0.5"
     numbers = [value] * 3 + [0.0] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if (not isinstance(numbers, (list, tuple)) or len(numbers) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in numbers)
-            or numbers[3] > 0.5):
+    if (
+        not isinstance(numbers, (list, tuple))
+        or len(numbers) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in numbers)
+        or numbers[3] > 0.5
+    ):
         raise DataError(f"data.augment.color_jitter = {value!r}: {fix}.")
     return [float(v) for v in numbers]
 
 
 def _randaugment(config: str, mean: Sequence[float]):
-    fix = ('use a timm RandAugment string such as "rand-m7-n2" (m: magnitude 0-10, n: ops per '
-           "image), or false to turn it off")
+    fix = (
+        'use a timm RandAugment string such as "rand-m7-n2" (m: magnitude 0-10, n: ops per '
+        "image), or false to turn it off"
+    )
     parts = config.split("-") if isinstance(config, str) else []
     if not parts or parts[0] != "rand" or not all(_RANDAUGMENT_SECTION.fullmatch(p) for p in parts[1:]):
         raise DataError(f"data.augment.randaugment = {config!r} is not a RandAugment string; {fix}.")
     picks_op_set = any(part.startswith("t") for part in parts[1:])
     hparams = {"translate_pct": 0.45, "img_mean": tuple(int(round(255 * m)) for m in mean)}
     try:
-        return rand_augment_transform(config, hparams,
-                                      transforms=None if picks_op_set else LILT_RANDAUGMENT_OPS)
+        return rand_augment_transform(config, hparams, transforms=None if picks_op_set else LILT_RANDAUGMENT_OPS)
     except (AssertionError, ValueError, KeyError) as err:
-        raise DataError(f"data.augment.randaugment = {config!r} does not parse ({err or 'bad section'}); "
-                        f"{fix}.") from None
+        raise DataError(
+            f"data.augment.randaugment = {config!r} does not parse ({err or 'bad section'}); {fix}."
+        ) from None
 
 
 class ToNormalizedTensor:
@@ -156,10 +220,12 @@ class ToNormalizedTensor:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise DataError(f"image mean {list(mean)} / std {list(std)}: expected three values each "
-                            "(RGB) and a positive std; take them from the vision tower's config.")
-        self.scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))
-        self.shift = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32))
+            raise DataError(
+                f"image mean {list(mean)} / std {list(std)}: expected three values each "
+                "(RGB) and a positive std; take them from the vision tower's config."
+            )
+        self.scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
+        self.shift = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
 
     def __call__(self, image) -> torch.Tensor:
         if image.mode != "RGB":

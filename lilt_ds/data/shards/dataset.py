@@ -17,19 +17,17 @@ import io
 import itertools
 import json
 import random
-from typing import Callable, Dict, Iterator, List, Optional
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
-from ..index.captions import entry_captions
 from ..errors import DataError, format_list
-from ..preprocessing.images import open_rgb
+from ..index.captions import entry_captions
+from ..preprocessing.images import SHARD_IMAGE_KEYS, open_rgb
 from ..sample_rng import augmented, caption_choice
-from ..preprocessing.images import SHARD_IMAGE_KEYS
-from .files import (CAPTION_EXTENSIONS, RECREATE_FIX, ShardFiles, sample_index,
-                          tar_error, webdataset)
+from .files import CAPTION_EXTENSIONS, RECREATE_FIX, ShardFiles, sample_index, tar_error, webdataset
 from .progress import ShardProgress
 
 
@@ -37,10 +35,20 @@ class ShardDataset(IterableDataset):
     """Batches of `batch_size` training samples from `shards`; `progress` is its sampler and
     `bad_samples` (a BadSampleLog) is filled by TrainLoader in the main process."""
 
-    def __init__(self, shards: ShardFiles, transform, collate: Callable[[List[Dict]], Dict],
-                 batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 on_bad_sample: str = "error", max_bad_fraction: float = 0.01,
-                 clean: Optional[Callable[[str], str]] = None, shuffle_buffer: int = 1000):
+    def __init__(
+        self,
+        shards: ShardFiles,
+        transform,
+        collate: Callable[[list[dict]], dict],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        on_bad_sample: str = "error",
+        max_bad_fraction: float = 0.01,
+        clean: Callable[[str], str] | None = None,
+        shuffle_buffer: int = 1000,
+    ):
         check_bad_sample_policy(on_bad_sample, max_bad_fraction)
         webdataset()
         self.shards = shards
@@ -60,7 +68,7 @@ class ShardDataset(IterableDataset):
         """Batches this rank yields in the current pass over the epoch."""
         return self.progress.batches_left()
 
-    def __iter__(self) -> Iterator[Dict]:
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, remaining = self.progress.epoch_plan()
@@ -76,13 +84,12 @@ class ShardDataset(IterableDataset):
         passes = self._passes(mine, ledger)
         if self.shuffle_buffer > 1:
             seed = int(np.random.SeedSequence([self.seed, epoch, slot]).generate_state(1)[0])
-            shuffle = webdataset().shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                           rng=random.Random(seed))
+            shuffle = webdataset().shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed))
             passes = (shuffle(one_pass) for one_pass in passes)
         samples = itertools.chain.from_iterable(passes)
         yield from itertools.islice(self._batches(samples, ledger, epoch, mine), batches)
 
-    def _batches(self, samples: Iterator[Dict], ledger: "_Ledger", epoch: int, shards: List[int]):
+    def _batches(self, samples: Iterator[dict], ledger: "_Ledger", epoch: int, shards: list[int]):
         """Collated batches of the good samples; each carries the bad samples met and the shards
         completed since the previous one."""
         batch, bad_in_a_row = [], 0
@@ -94,8 +101,10 @@ class ShardDataset(IterableDataset):
                 ledger.bad.append(sample)
                 bad_in_a_row += 1
                 if bad_in_a_row > patience:
-                    raise DataError(f"every sample of the shards\n{format_list([self.shards.paths[k] for k in shards])}\n"
-                                    f"is bad, e.g. {sample.describe()}. Re-create them or fix data.train_shards.")
+                    raise DataError(
+                        f"every sample of the shards\n{format_list([self.shards.paths[k] for k in shards])}\n"
+                        f"is bad, e.g. {sample.describe()}. Re-create them or fix data.train_shards."
+                    )
                 continue
             bad_in_a_row = 0
             batch.append(sample)
@@ -105,7 +114,7 @@ class ShardDataset(IterableDataset):
                 yield out
                 batch = []
 
-    def _passes(self, shards: List[int], ledger: "_Ledger") -> Iterator[Iterator[Dict]]:
+    def _passes(self, shards: list[int], ledger: "_Ledger") -> Iterator[Iterator[dict]]:
         """Passes over `shards`, each the samples in order as webdataset groups them, for as long
         as the consumer needs batches (a pass is shuffled on its own: no sample enters the
         buffer twice while its first read is still in it)."""
@@ -113,10 +122,11 @@ class ShardDataset(IterableDataset):
             reads_before = ledger.reads
             yield (raw for shard in shards for raw in self._read_shard(shard, ledger))
             if all(ledger.read_count(r) == 0 for r in range(reads_before, ledger.reads)):
-                raise DataError(f"no sample could be read from the shards "
-                                f"{format_list([self.shards.paths[k] for k in shards])}")
+                raise DataError(
+                    f"no sample could be read from the shards {format_list([self.shards.paths[k] for k in shards])}"
+                )
 
-    def _read_shard(self, shard: int, ledger: "_Ledger") -> Iterator[Dict]:
+    def _read_shard(self, shard: int, ledger: "_Ledger") -> Iterator[dict]:
         """The samples of one shard. Each is held back until the next one is read, so that the
         ledger knows the shard's count before its last sample leaves (and the batch holding that
         sample completes the shard)."""
@@ -138,20 +148,30 @@ class ShardDataset(IterableDataset):
             lost = max(expected - count, 1)
             if self.on_bad_sample == "error":
                 raise DataError(f"{path}: {damage} after {count} samples; {RECREATE_FIX}, {SKIP_FIX}.")
-            ledger.bad.append(BadSample(-1, path, count, "(the rest of the shard)",
-                                        f"{damage}: {lost} samples lost after the first {count}", lost=lost))
+            ledger.bad.append(
+                BadSample(
+                    -1,
+                    path,
+                    count,
+                    "(the rest of the shard)",
+                    f"{damage}: {lost} samples lost after the first {count}",
+                    lost=lost,
+                )
+            )
         ledger.finish(read_id, count)
         if held is not None:
             yield held
 
-    def _sample(self, raw: Dict, epoch: int):
+    def _sample(self, raw: dict, epoch: int):
         """The training sample of a raw tar sample, or the BadSample saying why there is none."""
         key, index = raw["__key__"], sample_index(raw["__key__"])
         image_type = next((ext for ext in SHARD_IMAGE_KEYS if ext in raw), None)
         texts, problem = _captions(raw, self.clean)
         if image_type is None:
-            problem = (f"sample {key} has no image (.{', .'.join(SHARD_IMAGE_KEYS)}); it holds "
-                       f"{', '.join('.' + k for k in raw if not k.startswith('__'))}")
+            problem = (
+                f"sample {key} has no image (.{', .'.join(SHARD_IMAGE_KEYS)}); it holds "
+                f"{', '.join('.' + k for k in raw if not k.startswith('__'))}"
+            )
         image = None
         if problem is None:
             try:
@@ -163,25 +183,30 @@ class ShardDataset(IterableDataset):
             if self.on_bad_sample == "error":
                 raise DataError(f"{bad.describe()}. Fix the shard: {RECREATE_FIX}, {SKIP_FIX}.")
             return bad
-        return {"image": augmented(self.transform, image, self.seed, epoch, index, index),
-                "caption": texts[caption_choice(self.seed, epoch, index, len(texts))],
-                "index": index, "bad_samples": []}
+        return {
+            "image": augmented(self.transform, image, self.seed, epoch, index, index),
+            "caption": texts[caption_choice(self.seed, epoch, index, len(texts))],
+            "index": index,
+            "bad_samples": [],
+        }
 
 
-def _captions(raw: Dict, clean):
+def _captions(raw: dict, clean):
     """(cleaned captions, None) from the sample's .txt, else its .json "caption"; ([], problem)
     when it has none or they are invalid (the checks of the JSON format)."""
     caption_type = next((ext for ext in CAPTION_EXTENSIONS if ext in raw), None)
     if caption_type is None:
-        return [], (f"no caption: the sample has no .txt, nor a .json with a \"caption\" "
-                    f"(it holds {', '.join('.' + k for k in raw if not k.startswith('__'))})")
+        return [], (
+            f'no caption: the sample has no .txt, nor a .json with a "caption" '
+            f"(it holds {', '.join('.' + k for k in raw if not k.startswith('__'))})"
+        )
     try:
         text = raw[caption_type].decode("utf-8")
         entry = {"caption": text} if caption_type == "txt" else json.loads(text)
     except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
         return [], f"its .{caption_type} does not parse: {err}"
     if not isinstance(entry, dict):
-        return [], f"its .json holds a JSON {type(entry).__name__}, expected an object with a \"caption\""
+        return [], f'its .json holds a JSON {type(entry).__name__}, expected an object with a "caption"'
     texts, errors = entry_captions(entry, clean)
     return texts, (f".{caption_type}: {'; '.join(errors)}" if errors else None)
 
@@ -193,11 +218,11 @@ class _Ledger:
 
     def __init__(self):
         self.reads = 0
-        self._shard: Dict[int, int] = {}
-        self._total: Dict[int, int] = {}
-        self._left: Dict[int, int] = {}
-        self._done: List[int] = []
-        self.bad: List[BadSample] = []
+        self._shard: dict[int, int] = {}
+        self._total: dict[int, int] = {}
+        self._left: dict[int, int] = {}
+        self._done: list[int] = []
+        self.bad: list[BadSample] = []
 
     def start(self, shard: int) -> int:
         read_id, self.reads = self.reads, self.reads + 1

@@ -12,8 +12,8 @@ import json
 import os
 import tarfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from ..bad_samples import SKIP_FIX
 from ..errors import DataError, format_list
@@ -29,8 +29,9 @@ def webdataset():
     try:
         import webdataset as wds
     except ImportError:
-        raise DataError("tar shards need the webdataset library: pip install 'lilt_ds[shards]' "
-                        "(or pip install webdataset).") from None
+        raise DataError(
+            "tar shards need the webdataset library: pip install 'lilt_ds[shards]' (or pip install webdataset)."
+        ) from None
     return wds
 
 
@@ -38,8 +39,8 @@ def webdataset():
 class ShardFiles:
     """The shards of a training set, in the order given, and the samples each holds."""
 
-    paths: Tuple[str, ...]
-    counts: Tuple[int, ...]
+    paths: tuple[str, ...]
+    counts: tuple[int, ...]
 
     @property
     def total(self) -> int:
@@ -51,8 +52,9 @@ class ShardFiles:
         return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
 
 
-def find_shards(spec: Union[str, Sequence[str]], on_bad_sample: str = "error",
-                setting: str = "data.train_shards") -> ShardFiles:
+def find_shards(
+    spec: str | Sequence[str], on_bad_sample: str = "error", setting: str = "data.train_shards"
+) -> ShardFiles:
     """Expand `spec` (a brace pattern such as "/data/shard-{000000..000099}.tar", or a list of
     them) and count the samples of every shard."""
     webdataset()
@@ -64,18 +66,22 @@ def find_shards(spec: Union[str, Sequence[str]], on_bad_sample: str = "error",
         raise DataError(f"{setting} is empty; give a brace pattern or a list of .tar files.")
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
-        raise DataError(f"{len(missing)} of the {len(paths)} shards in {setting} do not exist:\n"
-                        f"{format_list(missing)}\nFix the pattern or the paths (shards must be local files).")
+        raise DataError(
+            f"{len(missing)} of the {len(paths)} shards in {setting} do not exist:\n"
+            f"{format_list(missing)}\nFix the pattern or the paths (shards must be local files)."
+        )
     duplicated = sorted(path for path, times in Counter(paths).items() if times > 1)
     if duplicated:
-        raise DataError(f"{setting} lists these shards more than once:\n{format_list(duplicated)}\n"
-                        "List each shard once.")
+        raise DataError(
+            f"{setting} lists these shards more than once:\n{format_list(duplicated)}\nList each shard once."
+        )
     sizes = _listed_sizes(paths)
     counts = [sizes[path] if path in sizes else _scanned_count(path, on_bad_sample) for path in paths]
     empty = [path for path, count in zip(paths, counts) if count == 0]
     if empty:
-        raise DataError(f"{len(empty)} shards in {setting} hold no samples:\n{format_list(empty)}\n"
-                        f"For each, {RECREATE_FIX}.")
+        raise DataError(
+            f"{len(empty)} shards in {setting} hold no samples:\n{format_list(empty)}\nFor each, {RECREATE_FIX}."
+        )
     return ShardFiles(tuple(paths), tuple(counts))
 
 
@@ -88,9 +94,9 @@ def sample_index(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=7).digest(), "big")
 
 
-def _listed_sizes(paths: List[str]) -> Dict[str, int]:
+def _listed_sizes(paths: list[str]) -> dict[str, int]:
     """Sample counts from the sizes.json of each folder that holds shards."""
-    sizes: Dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for folder in sorted({os.path.dirname(path) for path in paths}):
         listing = os.path.join(folder, SIZES_FILE)
         if not os.path.isfile(listing):
@@ -100,9 +106,11 @@ def _listed_sizes(paths: List[str]) -> Dict[str, int]:
                 counts = json.load(handle)
             sizes.update({os.path.join(folder, name): int(count) for name, count in counts.items()})
         except (ValueError, TypeError, AttributeError) as err:
-            raise DataError(f"{listing}: not a {SIZES_FILE} of shard sample counts "
-                            f'{{"shard.tar": count, ...}} ({err}); fix or delete it (shards it does '
-                            "not list are counted by reading them).") from None
+            raise DataError(
+                f"{listing}: not a {SIZES_FILE} of shard sample counts "
+                f'{{"shard.tar": count, ...}} ({err}); fix or delete it (shards it does '
+                "not list are counted by reading them)."
+            ) from None
     return sizes
 
 
@@ -112,12 +120,13 @@ def _scanned_count(path: str, on_bad_sample: str) -> int:
     it is read."""
     count, damage = scan_tar(path)
     if damage is not None and on_bad_sample == "error":
-        raise DataError(f"{path}: truncated or corrupt tar after {count} samples ({damage}); "
-                        f"{RECREATE_FIX}, {SKIP_FIX}.")
+        raise DataError(
+            f"{path}: truncated or corrupt tar after {count} samples ({damage}); {RECREATE_FIX}, {SKIP_FIX}."
+        )
     return count
 
 
-def scan_tar(path: str) -> Tuple[int, Optional[str]]:
+def scan_tar(path: str) -> tuple[int, str | None]:
     """(number of samples, what is wrong with the file or None), reading member headers only."""
     split_name = webdataset().tariterators.base_plus_ext
     count, key = 0, None

@@ -14,7 +14,6 @@ for the next epoch's order.
 """
 
 import multiprocessing
-from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -42,7 +41,7 @@ class ShardProgress:
         self._counts = np.asarray(shards.counts, dtype=np.int64)
         self._epoch = multiprocessing.RawValue("q", 0)
         self._skipped = multiprocessing.RawArray("B", len(shards.counts))  # shared with workers
-        self._consumed = np.zeros(len(shards.counts), dtype=bool)           # main process only
+        self._consumed = np.zeros(len(shards.counts), dtype=bool)  # main process only
 
     @property
     def epoch(self) -> int:
@@ -66,7 +65,7 @@ class ShardProgress:
             skipped[:] = 0
         self._consumed[:] = skipped.astype(bool)
 
-    def record_batch(self, batch: Dict) -> None:
+    def record_batch(self, batch: dict) -> None:
         """Record the shards a delivered batch completed (and remove them from the batch)."""
         self._consumed[batch.pop("shards_done")] = True
 
@@ -75,7 +74,7 @@ class ShardProgress:
         self._consumed[:] = True
         np.frombuffer(self._skipped, dtype=np.uint8)[:] = 1
 
-    def epoch_plan(self) -> Tuple[int, np.ndarray]:
+    def epoch_plan(self) -> tuple[int, np.ndarray]:
         """(epoch, the shard numbers this pass reads, in the epoch's order)."""
         epoch = self.epoch
         order = np.random.default_rng([self.seed % 2**64, epoch % 2**64]).permutation(len(self._counts))
@@ -89,7 +88,7 @@ class ShardProgress:
         _, shards = self.epoch_plan()
         return int(self._counts[shards].sum()) // (self.world_size * self.batch_size)
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         """`{"epoch", "consumed_shards"}` over all ranks, plus what `load_state_dict` checks. A
         collective when torch.distributed is initialised: call it on every rank (checkpoint
         saving does)."""
@@ -99,26 +98,34 @@ class ShardProgress:
         epoch, numbers = self.epoch, np.flatnonzero(consumed).tolist()
         if consumed.all():
             epoch, numbers = epoch + 1, []
-        return {"epoch": epoch, "consumed_shards": numbers, "num_shards": len(consumed),
-                "shards_digest": self.shards.digest(), "world_size": self.world_size}
+        return {
+            "epoch": epoch,
+            "consumed_shards": numbers,
+            "num_shards": len(consumed),
+            "shards_digest": self.shards.digest(),
+            "world_size": self.world_size,
+        }
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         if "consumed_shards" not in state:
-            raise DataError(f"the data position {sorted(state)} was saved for data.train_files (a "
-                            "JSON index), this run reads data.train_shards; use the same data, or "
-                            "resume without the data state.")
+            raise DataError(
+                f"the data position {sorted(state)} was saved for data.train_files (a "
+                "JSON index), this run reads data.train_shards; use the same data, or "
+                "resume without the data state."
+            )
         if state.get("shards_digest") != self.shards.digest():
             raise DataError(
                 f"the data position was saved with other shards ({state.get('num_shards')} shards, "
                 f"digest {state.get('shards_digest')}); this run has {len(self._counts)} (digest "
-                f"{self.shards.digest()}). Use the same data.train_shards, or resume without the data state.")
+                f"{self.shards.digest()}). Use the same data.train_shards, or resume without the data state."
+            )
         numbers = state["consumed_shards"]
         epoch = state.get("epoch")
         if not (isinstance(epoch, int) and epoch >= 0 and all(0 <= k < len(self._counts) for k in numbers)):
             raise DataError(f"shard position {state!r} is out of range for these shards.")
         self._start(epoch, numbers)
 
-    def _start(self, epoch: int, consumed: List[int]) -> None:
+    def _start(self, epoch: int, consumed: list[int]) -> None:
         self._epoch.value = epoch
         skipped = np.frombuffer(self._skipped, dtype=np.uint8)
         skipped[:] = 0

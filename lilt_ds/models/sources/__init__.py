@@ -33,11 +33,11 @@ INIT_SOURCES = {
 class PairParts:
     """What a pair source hands to :class:`~lilt_ds.models.DualEncoder`."""
 
-    vision: nn.Module            # a tower: kind, trunk, layout, width, model_name, mean, std, image_size
-    text: nn.Module              # a tower: kind, trunk, layout, width, model_name, tokenizer()
-    vision_proj: nn.Module       # features -> embedding (nn.Identity where the pair has none)
+    vision: nn.Module  # a tower: kind, trunk, layout, width, model_name, mean, std, image_size
+    text: nn.Module  # a tower: kind, trunk, layout, width, model_name, tokenizer()
+    vision_proj: nn.Module  # features -> embedding (nn.Identity where the pair has none)
     text_proj: nn.Module
-    logit_scale: float           # the log-scale s (forward returns exp(s))
+    logit_scale: float  # the log-scale s (forward returns exp(s))
     logit_bias: float | None = None
     extra: dict = field(default_factory=dict)  # what the source's exporter needs to write the model back
 
@@ -50,7 +50,8 @@ def parse_init_from(value) -> tuple[str, str] | None:
     if not sep or prefix not in INIT_SOURCES or not spec:
         raise ConfigError(
             f"model.init_from={value!r}: expected {' | '.join(p + ':...' for p in INIT_SOURCES)} "
-            "(open_clip:ViT-B-32, hf:openai/clip-vit-base-patch32, lilt:checkpoint_14.pth)")
+            "(open_clip:ViT-B-32, hf:openai/clip-vit-base-patch32, lilt:checkpoint_14.pth)"
+        )
     return prefix, spec
 
 
@@ -74,8 +75,10 @@ def check_init_from(model_cfg) -> None:
     source = init_source(model_cfg)
     if source is None:
         if model_cfg.init_weights is not None:
-            raise ConfigError(f"model.init_weights={model_cfg.init_weights!r} is set without model.init_from: "
-                              "set model.init_from=open_clip:ARCH, or use model.vision.pretrained for a timm tower")
+            raise ConfigError(
+                f"model.init_weights={model_cfg.init_weights!r} is set without model.init_from: "
+                "set model.init_from=open_clip:ARCH, or use model.vision.pretrained for a timm tower"
+            )
         return
     module, spec = source
     module.check(spec, model_cfg)

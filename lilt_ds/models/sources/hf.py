@@ -48,16 +48,20 @@ def _config(spec: str):
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.init_from=hf:{spec}: no Hugging Face model config there ({e})") from None
     if config.model_type not in MODEL_TYPES:
-        raise ConfigError(f"model.init_from=hf:{spec} is a {config.model_type!r} model: lilt_ds takes "
-                          f"{' and '.join(MODEL_TYPES)} pairs (CLIPModel, SiglipModel) from Hugging Face")
+        raise ConfigError(
+            f"model.init_from=hf:{spec} is a {config.model_type!r} model: lilt_ds takes "
+            f"{' and '.join(MODEL_TYPES)} pairs (CLIPModel, SiglipModel) from Hugging Face"
+        )
     return config
 
 
 def check(spec: str, model_cfg) -> None:
     _config(spec)
     if model_cfg.init_weights is not None:
-        raise ConfigError(f"model.init_weights={model_cfg.init_weights!r} with model.init_from=hf:{spec}: "
-                          "the folder or hub repository brings its own weights; set model.init_weights=null")
+        raise ConfigError(
+            f"model.init_weights={model_cfg.init_weights!r} with model.init_from=hf:{spec}: "
+            "the folder or hub repository brings its own weights; set model.init_weights=null"
+        )
 
 
 def native(spec: str, model_cfg) -> dict:
@@ -67,8 +71,11 @@ def native(spec: str, model_cfg) -> dict:
 
 def _image_settings(spec: str, config) -> dict:
     """mean, std, interpolation from the folder's preprocessor_config.json (the model's defaults else)."""
-    settings = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
-                "interpolation": "bicubic"}
+    settings = {
+        "mean": (0.48145466, 0.4578275, 0.40821073),
+        "std": (0.26862954, 0.26130258, 0.27577711),
+        "interpolation": "bicubic",
+    }
     if config.model_type == "siglip":
         settings.update(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     path = os.path.join(model_source(spec), "preprocessor_config.json")
@@ -107,13 +114,37 @@ def build_pair(spec: str, model_cfg, load_weights: bool = True) -> PairParts:
         vision_proj, text_proj = model.visual_projection, model.text_projection
         vision_width, text_width = vision_proj.in_features, text_proj.in_features
     name = f"hf:{spec}"
-    vision = PairTower("vision", model.vision_model, _vision_features, HF_ENCODER_LAYOUT, vision_width, name,
-                       _checkpointing, image_size=int(config.vision_config.image_size), **_image_settings(spec, config))
-    text = PairTower("text", model.text_model, _text_features, HF_ENCODER_LAYOUT, text_width, name, _checkpointing,
-                     context_length=config.text_config.max_position_embeddings if siglip else None)
+    vision = PairTower(
+        "vision",
+        model.vision_model,
+        _vision_features,
+        HF_ENCODER_LAYOUT,
+        vision_width,
+        name,
+        _checkpointing,
+        image_size=int(config.vision_config.image_size),
+        **_image_settings(spec, config),
+    )
+    text = PairTower(
+        "text",
+        model.text_model,
+        _text_features,
+        HF_ENCODER_LAYOUT,
+        text_width,
+        name,
+        _checkpointing,
+        context_length=config.text_config.max_position_embeddings if siglip else None,
+    )
     bias = getattr(model, "logit_bias", None)
-    return PairParts(vision, text, vision_proj, text_proj, scalar_value(model.logit_scale), scalar_value(bias),
-                     {"config": config.to_dict(), "siglip": siglip})
+    return PairParts(
+        vision,
+        text,
+        vision_proj,
+        text_proj,
+        scalar_value(model.logit_scale),
+        scalar_value(bias),
+        {"config": config.to_dict(), "siglip": siglip},
+    )
 
 
 class PairTokenizer:
@@ -129,8 +160,10 @@ class PairTokenizer:
         out = self.tokenizer(list(texts), padding=padding, truncation=True, max_length=length, return_tensors="pt")
         if self.pad_to_full and out["input_ids"].shape[1] < self.context_length:
             missing = self.context_length - out["input_ids"].shape[1]
-            out = {"input_ids": F.pad(out["input_ids"], (0, missing), value=self.tokenizer.pad_token_id),
-                   "attention_mask": F.pad(out["attention_mask"], (0, missing), value=0)}
+            out = {
+                "input_ids": F.pad(out["input_ids"], (0, missing), value=self.tokenizer.pad_token_id),
+                "attention_mask": F.pad(out["attention_mask"], (0, missing), value=0),
+            }
         return out
 
 
@@ -148,9 +181,9 @@ def state_for_hf(model, extra: dict) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("vision.trunk."):
-            out["vision_model." + name[len("vision.trunk."):]] = tensor
+            out["vision_model." + name[len("vision.trunk.") :]] = tensor
         elif name.startswith("text.trunk."):
-            out["text_model." + name[len("text.trunk."):]] = tensor
+            out["text_model." + name[len("text.trunk.") :]] = tensor
     if extra["siglip"]:
         out.update({"text_model.head." + k: v for k, v in model.text_proj.state_dict().items()})
     else:

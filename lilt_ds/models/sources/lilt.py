@@ -27,7 +27,9 @@ from ...errors import ConfigError
 KIND = "weights"
 
 _VISION_ADAPTER = re.compile(r"blocks\.(\d+)\.adapter([12])\.(down|up)_sampler\.(weight|bias)")
-_TEXT_ADAPTER = re.compile(r"(encoder\.layer\.\d+\.(?:attention\.output|output))\.adapter\.(down|up)_sampler\.(weight|bias)")
+_TEXT_ADAPTER = re.compile(
+    r"(encoder\.layer\.\d+\.(?:attention\.output|output))\.adapter\.(down|up)_sampler\.(weight|bias)"
+)
 _BUFFERS = ("text_encoder.embeddings.position_ids",)  # the positions 0..N-1, rebuilt by transformers
 _ZEROED = ("text.trunk.embeddings.token_type_embeddings.weight",)
 """Ours, not the original's: its BERT adds no token-type embedding, so ours is zero (the same output)."""
@@ -46,8 +48,21 @@ class _StandIn:
         self.state = state
 
 
-_SAFE_BUILTINS = {"dict", "list", "set", "frozenset", "tuple", "int", "float", "str", "bool", "bytes",
-                  "bytearray", "complex", "slice"}
+_SAFE_BUILTINS = {
+    "dict",
+    "list",
+    "set",
+    "frozenset",
+    "tuple",
+    "int",
+    "float",
+    "str",
+    "bool",
+    "bytes",
+    "bytearray",
+    "complex",
+    "slice",
+}
 
 
 class _Unpickler(pickle.Unpickler):
@@ -57,15 +72,24 @@ class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)
         if (module == "builtins" and name in _SAFE_BUILTINS) or (module, name) in {
-                ("collections", "OrderedDict"), ("collections", "defaultdict"), ("_codecs", "encode"),
-                ("copyreg", "_reconstructor"), ("torch", "Size"), ("torch.nn.parameter", "Parameter")}:
+            ("collections", "OrderedDict"),
+            ("collections", "defaultdict"),
+            ("_codecs", "encode"),
+            ("copyreg", "_reconstructor"),
+            ("torch", "Size"),
+            ("torch.nn.parameter", "Parameter"),
+        }:
             return super().find_class(module, name)
         if module == "torch._utils" and name.startswith("_rebuild_"):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.device)):
             return super().find_class(module, name)
-        if module.startswith(("numpy.core.multiarray", "numpy._core.multiarray", "numpy")) \
-                and name in ("_reconstruct", "scalar", "dtype", "ndarray"):
+        if module.startswith(("numpy.core.multiarray", "numpy._core.multiarray", "numpy")) and name in (
+            "_reconstruct",
+            "scalar",
+            "dtype",
+            "ndarray",
+        ):
             return super().find_class(module, name)
         return type(name, (_StandIn,), {"__module__": "lilt_ds.stand_in." + module})
 
@@ -95,8 +119,9 @@ def _plain(value):
 def _path(spec: str) -> str:
     path = os.path.expanduser(spec)
     if not os.path.isfile(path):
-        raise ConfigError(f"model.init_from=lilt:{spec}: file {path} does not exist (an original LilT run's "
-                          "checkpoint_XX.pth)")
+        raise ConfigError(
+            f"model.init_from=lilt:{spec}: file {path} does not exist (an original LilT run's checkpoint_XX.pth)"
+        )
     return path
 
 
@@ -121,9 +146,11 @@ def _read(spec: str, path: str, mtime_ns: int, size: int) -> dict:
         raise ConfigError(f"model.init_from=lilt:{spec}: {path} is not a readable torch checkpoint ({e})") from None
     state = saved.get("model") if isinstance(saved, dict) else None
     if not isinstance(state, dict) or not any(k.startswith(("visual_encoder.", "text_encoder.")) for k in state):
-        raise ConfigError(f"model.init_from=lilt:{spec}: {path} is not an original LilT checkpoint (no \"model\" "
-                          "with visual_encoder.* and text_encoder.* tensors); a lilt_ds run resumes with --resume, "
-                          "and its exports load with launch/evaluate.py --checkpoint")
+        raise ConfigError(
+            f'model.init_from=lilt:{spec}: {path} is not an original LilT checkpoint (no "model" '
+            "with visual_encoder.* and text_encoder.* tensors); a lilt_ds run resumes with --resume, "
+            "and its exports load with launch/evaluate.py --checkpoint"
+        )
     config = _plain(saved.get("config"))
     return {"model": state, "config": config if isinstance(config, dict) else None, "epoch": saved.get("epoch")}
 
@@ -140,8 +167,10 @@ def native_size(state: dict) -> int | None:
 
 def check(spec: str, model_cfg) -> None:
     if model_cfg.init_weights is not None:
-        raise ConfigError(f"model.init_weights={model_cfg.init_weights!r} with model.init_from=lilt:{spec}: the "
-                          "checkpoint brings every weight; set model.init_weights=null")
+        raise ConfigError(
+            f"model.init_weights={model_cfg.init_weights!r} with model.init_from=lilt:{spec}: the "
+            "checkpoint brings every weight; set model.init_weights=null"
+        )
     read_checkpoint(spec)
 
 
@@ -153,13 +182,13 @@ def our_name(key: str) -> str | None:
     if key == "temp":
         return "logit_scale"
     if key.startswith("visual_encoder."):
-        rest = key[len("visual_encoder."):]
+        rest = key[len("visual_encoder.") :]
         m = _VISION_ADAPTER.fullmatch(rest)
         if m:  # before norm1 / norm2 of block i (model.vision.adapter_position=branch_input)
             rest = f"blocks.{m[1]}.norm{m[2]}.adapter.{m[3]}.{m[4]}"
         return "vision.trunk." + rest
     if key.startswith("text_encoder."):
-        rest = key[len("text_encoder."):]
+        rest = key[len("text_encoder.") :]
         m = _TEXT_ADAPTER.fullmatch(rest)
         if m:  # after the dense layer, before its residual LayerNorm: adapter_position=output
             rest = f"{m[1]}.dense.adapter.{m[2]}.{m[3]}"
@@ -181,14 +210,20 @@ def _list(names, n: int = 4) -> str:
 def _hints(state: dict, config: dict | None, unexpected, missing, shapes) -> list[str]:
     hints = []
     if any(_VISION_ADAPTER.search(k) for k in unexpected):
-        hints.append("the checkpoint has the original's ViT adapters: add adapters to model.vision.unlock with "
-                     "model.vision.adapter_position=branch_input (conventional_adapter.insert=True does both)")
+        hints.append(
+            "the checkpoint has the original's ViT adapters: add adapters to model.vision.unlock with "
+            "model.vision.adapter_position=branch_input (conventional_adapter.insert=True does both)"
+        )
     if any(_TEXT_ADAPTER.search(k) for k in unexpected):
-        hints.append("the checkpoint has the original's BERT adapters: add adapters to model.text.unlock "
-                     "(conventional_adapter.insert=True)")
+        hints.append(
+            "the checkpoint has the original's BERT adapters: add adapters to model.text.unlock "
+            "(conventional_adapter.insert=True)"
+        )
     if any(".adapter." in k for k, _, _ in shapes):
-        hints.append("adapter widths differ: set model.<tower>.adapter_reduction "
-                     "(conventional_adapter.reduction_factor) to the original's")
+        hints.append(
+            "adapter widths differ: set model.<tower>.adapter_reduction "
+            "(conventional_adapter.reduction_factor) to the original's"
+        )
     size = native_size(state)
     if any(k == "visual_encoder.pos_embed" and a[1] != b[1] for k, a, b in shapes) and size:
         hints.append(f"the checkpoint was trained at {size} px: set model.image_size={size}")
@@ -196,11 +231,15 @@ def _hints(state: dict, config: dict | None, unexpected, missing, shapes) -> lis
     if embed is not None:
         hints.append(f"its embedding has {embed} dimensions: set model.embed_dim={embed}")
     if config and (missing or unexpected or shapes):
-        named = [f"{k}={config[k]}" for k in ("vision_encoder", "text_encoder", "image_res", "embed_dim") if k in config]
+        named = [
+            f"{k}={config[k]}" for k in ("vision_encoder", "text_encoder", "image_res", "embed_dim") if k in config
+        ]
         adapter = config.get("conventional_adapter") or {}
         if adapter.get("insert"):
-            named.append(f"conventional_adapter.insert={adapter['insert']} "
-                         f"conventional_adapter.reduction_factor={adapter.get('reduction_factor')}")
+            named.append(
+                f"conventional_adapter.insert={adapter['insert']} "
+                f"conventional_adapter.reduction_factor={adapter.get('reduction_factor')}"
+            )
         if named:
             hints.append("the checkpoint's own config says " + " ".join(named))
     return hints
@@ -235,16 +274,24 @@ def match_state(spec: str, model) -> dict[str, torch.Tensor]:
     if unexpected or missing or shapes:
         problems = []
         if unexpected:
-            problems.append(f"{len(unexpected)} of its tensors have no place in the model the config builds "
-                            f"({_list(unexpected)})")
+            problems.append(
+                f"{len(unexpected)} of its tensors have no place in the model the config builds ({_list(unexpected)})"
+            )
         if missing:
             problems.append(f"{len(missing)} of the model's tensors are not in it ({_list(missing)})")
         if shapes:
-            problems.append("shapes differ: " + "; ".join(f"{k} {a} vs {b}" for k, a, b in shapes[:4])
-                            + (f" and {len(shapes) - 4} more" if len(shapes) > 4 else ""))
+            problems.append(
+                "shapes differ: "
+                + "; ".join(f"{k} {a} vs {b}" for k, a, b in shapes[:4])
+                + (f" and {len(shapes) - 4} more" if len(shapes) > 4 else "")
+            )
         hints = _hints(state, checkpoint["config"], unexpected, missing, shapes)
-        raise ConfigError(f"model.init_from=lilt:{spec} does not fit the model.* config: " + "; ".join(problems)
-                          + "." + "".join(f" Hint: {h}." for h in hints))
+        raise ConfigError(
+            f"model.init_from=lilt:{spec} does not fit the model.* config: "
+            + "; ".join(problems)
+            + "."
+            + "".join(f" Hint: {h}." for h in hints)
+        )
     return mapped
 
 

@@ -49,7 +49,7 @@ def _open_clip():
 
 
 def local_dir(spec: str) -> str | None:
-    return os.path.expanduser(spec[len(LOCAL_DIR):]) if spec.startswith(LOCAL_DIR) else None
+    return os.path.expanduser(spec[len(LOCAL_DIR) :]) if spec.startswith(LOCAL_DIR) else None
 
 
 def model_config(spec: str, download: bool = False) -> dict | None:
@@ -62,14 +62,16 @@ def model_config(spec: str, download: bool = False) -> dict | None:
             with open(path) as f:
                 return json.load(f)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"model.init_from=open_clip:{spec}: {path} cannot be read ({e}); an OpenCLIP model "
-                              f"folder holds {CONFIG_FILE} and open_clip_model.safetensors") from None
+            raise ConfigError(
+                f"model.init_from=open_clip:{spec}: {path} cannot be read ({e}); an OpenCLIP model "
+                f"folder holds {CONFIG_FILE} and open_clip_model.safetensors"
+            ) from None
     if spec.startswith(HF_HUB):
         if not download:
             return None
         from huggingface_hub import hf_hub_download
 
-        with open(hf_hub_download(spec[len(HF_HUB):], CONFIG_FILE)) as f:
+        with open(hf_hub_download(spec[len(HF_HUB) :], CONFIG_FILE)) as f:
             return json.load(f)
     cfg = _open_clip().get_model_config(spec)
     return None if cfg is None else {"model_cfg": cfg}
@@ -83,20 +85,29 @@ def check(spec: str, model_cfg) -> None:
             raise ConfigError(f"model.init_from=open_clip:{spec}: folder {local_dir(spec)} does not exist")
         model_config(spec)
         if weights is not None:
-            raise ConfigError(f"model.init_weights={weights!r} with model.init_from=open_clip:{spec}: the folder or "
-                              "hub repository brings its own weights; set model.init_weights=null")
+            raise ConfigError(
+                f"model.init_weights={weights!r} with model.init_from=open_clip:{spec}: the folder or "
+                "hub repository brings its own weights; set model.init_weights=null"
+            )
         return
     if model_config(spec) is None:
         import difflib
 
         close = difflib.get_close_matches(spec, oc.list_models(), n=3)
-        raise ConfigError(f"model.init_from=open_clip:{spec}: OpenCLIP has no architecture {spec!r}"
-                          + (f" (closest: {', '.join(close)})" if close else "")
-                          + "; use open_clip.list_models(), hf-hub:ORG/NAME or local-dir:DIR")
-    if weights is not None and not os.path.isfile(os.path.expanduser(weights)) \
-            and weights not in oc.list_pretrained_tags_by_model(spec):
-        raise ConfigError(f"model.init_weights={weights!r} is neither a file nor a pretrained tag of {spec}: "
-                          f"choose from {', '.join(oc.list_pretrained_tags_by_model(spec)) or 'none'} or a weights file")
+        raise ConfigError(
+            f"model.init_from=open_clip:{spec}: OpenCLIP has no architecture {spec!r}"
+            + (f" (closest: {', '.join(close)})" if close else "")
+            + "; use open_clip.list_models(), hf-hub:ORG/NAME or local-dir:DIR"
+        )
+    if (
+        weights is not None
+        and not os.path.isfile(os.path.expanduser(weights))
+        and weights not in oc.list_pretrained_tags_by_model(spec)
+    ):
+        raise ConfigError(
+            f"model.init_weights={weights!r} is neither a file nor a pretrained tag of {spec}: "
+            f"choose from {', '.join(oc.list_pretrained_tags_by_model(spec)) or 'none'} or a weights file"
+        )
 
 
 def native(spec: str, model_cfg) -> dict:
@@ -175,23 +186,43 @@ def build_pair(spec: str, model_cfg, load_weights: bool = True) -> PairParts:
     pre = getattr(visual, "preprocess_cfg", {}) or {}
     size = pre.get("size") or visual.image_size
     size = size[0] if isinstance(size, (list, tuple)) else size
-    vision = PairTower("vision", visual, _vision_features, vision_layout, width, f"open_clip:{spec}", _checkpointing,
-                       mean=tuple(pre.get("mean", oc.OPENAI_DATASET_MEAN)), std=tuple(pre.get("std", oc.OPENAI_DATASET_STD)),
-                       interpolation=pre.get("interpolation", "bicubic"), image_size=int(size))
+    vision = PairTower(
+        "vision",
+        visual,
+        _vision_features,
+        vision_layout,
+        width,
+        f"open_clip:{spec}",
+        _checkpointing,
+        mean=tuple(pre.get("mean", oc.OPENAI_DATASET_MEAN)),
+        std=tuple(pre.get("std", oc.OPENAI_DATASET_STD)),
+        interpolation=pre.get("interpolation", "bicubic"),
+        image_size=int(size),
+    )
 
     if hasattr(model, "text"):  # CustomTextCLIP
         text_trunk = model.text
         if not isinstance(text_trunk, oc.transformer.TextTransformer):
-            raise ConfigError(f"model.init_from=open_clip:{spec}: its text tower is a {type(text_trunk).__name__} "
-                              "(a Hugging Face encoder inside OpenCLIP), which lilt_ds does not take from OpenCLIP: "
-                              "use model.init_from=hf:... or model.text.name=<the HF model> instead")
+            raise ConfigError(
+                f"model.init_from=open_clip:{spec}: its text tower is a {type(text_trunk).__name__} "
+                "(a Hugging Face encoder inside OpenCLIP), which lilt_ds does not take from OpenCLIP: "
+                "use model.init_from=hf:... or model.text.name=<the HF model> instead"
+            )
         extra["custom_text"], projection = True, text_trunk.text_projection
     else:
         text_trunk, extra["custom_text"], projection = _ClipTextParts(model), False, model.text_projection
     text_proj, extra["text_matrix"] = _projection(projection)
     text_trunk.text_projection = None
-    text = PairTower("text", text_trunk, _text_features, OPEN_CLIP_LAYOUT, text_trunk.transformer.width,
-                     f"open_clip:{spec}", _checkpointing, context_length=text_trunk.positional_embedding.shape[0])
+    text = PairTower(
+        "text",
+        text_trunk,
+        _text_features,
+        OPEN_CLIP_LAYOUT,
+        text_trunk.transformer.width,
+        f"open_clip:{spec}",
+        _checkpointing,
+        context_length=text_trunk.positional_embedding.shape[0],
+    )
     bias = getattr(model, "logit_bias", None)
     return PairParts(vision, text, vision_proj, text_proj, scalar_value(model.logit_scale), scalar_value(bias), extra)
 
@@ -235,11 +266,13 @@ def state_for_open_clip(model, extra: dict) -> dict[str, torch.Tensor]:
     text_prefix = "text." if extra["custom_text"] else ""
     for name, tensor in model.state_dict().items():
         if name.startswith("vision.trunk."):
-            out["visual." + name[len("vision.trunk."):]] = tensor
+            out["visual." + name[len("vision.trunk.") :]] = tensor
         elif name.startswith("text.trunk."):
-            out[text_prefix + name[len("text.trunk."):]] = tensor
-    for kind, key, matrix in (("vision", "visual.proj", extra["vision_matrix"]),
-                              ("text", text_prefix + "text_projection", extra["text_matrix"])):
+            out[text_prefix + name[len("text.trunk.") :]] = tensor
+    for kind, key, matrix in (
+        ("vision", "visual.proj", extra["vision_matrix"]),
+        ("text", text_prefix + "text_projection", extra["text_matrix"]),
+    ):
         proj = getattr(model, f"{kind}_proj")
         if matrix:
             out[key] = proj.weight.detach().t().contiguous()

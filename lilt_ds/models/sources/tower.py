@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,8 +15,17 @@ from ..efficient import TowerLayout
 class PairTower(nn.Module):
     """``forward(*inputs)`` = ``features(trunk, *inputs)``: pooled features before the projection."""
 
-    def __init__(self, kind: str, trunk: nn.Module, features: Callable, layout: TowerLayout | None, width: int,
-                 model_name: str, checkpointing: Callable | None = None, **preprocess):
+    def __init__(
+        self,
+        kind: str,
+        trunk: nn.Module,
+        features: Callable,
+        layout: TowerLayout | None,
+        width: int,
+        model_name: str,
+        checkpointing: Callable | None = None,
+        **preprocess,
+    ):
         super().__init__()
         self.kind, self.trunk, self.layout, self.width, self.model_name = kind, trunk, layout, width, model_name
         self._features, self._checkpointing = features, checkpointing

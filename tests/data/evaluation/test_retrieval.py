@@ -9,9 +9,11 @@ from ..files import MEAN, STD, write_image, write_json
 
 
 def write_retrieval_set(tmp_path):
-    entries = [{"image": "a.jpg", "caption": ["A red cat.", "The cat, red!"]},
-               {"image": "sub/b.jpg", "caption": "one blue dog"},
-               {"image": "c.jpg", "caption": ["x", "y", "z"]}]
+    entries = [
+        {"image": "a.jpg", "caption": ["A red cat.", "The cat, red!"]},
+        {"image": "sub/b.jpg", "caption": "one blue dog"},
+        {"image": "c.jpg", "caption": ["x", "y", "z"]},
+    ]
     for entry in entries:
         write_image(tmp_path / "imgs" / entry["image"], size=50)
     return write_json(tmp_path / "test.json", entries)
@@ -37,14 +39,19 @@ def test_eval_transform_is_deterministic(tmp_path, tokenizer):
 
 
 def test_relative_paths_need_the_eval_image_root(tmp_path, tokenizer):
-    with pytest.raises(DataError, match=r"test\.json, entry 0: relative image path 'a\.jpg' .*set data\.eval_image_root"):
+    with pytest.raises(
+        DataError, match=r"test\.json, entry 0: relative image path 'a\.jpg' .*set data\.eval_image_root"
+    ):
         build_retrieval_data(write_retrieval_set(tmp_path), None, tokenizer, 32, MEAN, STD)
 
 
 def test_missing_eval_images_are_an_error(tmp_path, tokenizer):
     path = write_retrieval_set(tmp_path)
     (tmp_path / "imgs" / "sub" / "b.jpg").unlink()
-    with pytest.raises(DataError, match=r"1 of 3 evaluation images are missing:\n  .*test\.json, entry 1: image .*sub/b\.jpg: file not found"):
+    with pytest.raises(
+        DataError,
+        match=r"1 of 3 evaluation images are missing:\n  .*test\.json, entry 1: image .*sub/b\.jpg: file not found",
+    ):
         build_retrieval_data(path, str(tmp_path / "imgs"), tokenizer, 32, MEAN, STD)
 
 

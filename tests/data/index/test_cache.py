@@ -40,10 +40,13 @@ def test_built_once_beside_the_json_then_mapped(caption_file, tmp_path, caplog):
     assert second.captions(4) == ["caption 4 a", "caption 4 b"] and second.locate(3) == (path, 3)
 
 
-@pytest.mark.parametrize("edit, reason", [
-    ("longer", r"changed size from \d+ to \d+ bytes"),
-    ("same_size", r"has other content"),
-])
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        ("longer", r"changed size from \d+ to \d+ bytes"),
+        ("same_size", r"has other content"),
+    ],
+)
 def test_an_index_of_other_source_files_is_detected_and_rebuilt(tmp_path, caplog, edit, reason):
     image = write_image(tmp_path / "a.jpg")
     path = write_json(tmp_path / "train.json", [{"image": image, "caption": "old words"}])
@@ -112,8 +115,7 @@ def test_a_mapped_table_pickles_as_its_file_name(caption_file):
 
 def test_the_table_holds_no_python_object_per_entry(tmp_path):
     image = write_image(tmp_path / "a.jpg")
-    entries = [{"image": f"{tmp_path}/img/{k % 7}/{k}.jpg", "caption": [f"c {k}", f"d {k}"]}
-               for k in range(20_000)]
+    entries = [{"image": f"{tmp_path}/img/{k % 7}/{k}.jpg", "caption": [f"c {k}", f"d {k}"]} for k in range(20_000)]
     entries[0]["image"] = image
     path = write_json(tmp_path / "t.json", entries)
     load_caption_files([path])  # build the cache
@@ -122,7 +124,9 @@ def test_the_table_holds_no_python_object_per_entry(tmp_path):
     table = load_caption_files([path])
     gc.collect()
     assert len(gc.get_objects()) - objects < 100
-    assert table.image_path(19_999) == f"{tmp_path}/img/{19_999 % 7}/19999.jpg" and table.caption(19_999, 1) == "d 19999"
+    assert (
+        table.image_path(19_999) == f"{tmp_path}/img/{19_999 % 7}/19999.jpg" and table.caption(19_999, 1) == "d 19999"
+    )
 
 
 def test_many_invalid_entries_are_all_counted(tmp_path):
@@ -149,10 +153,14 @@ def test_the_loader_follows_data_index_cache(caption_file, tmp_path, tokenizer, 
     from ..files import MEAN, STD
 
     folder = tmp_path / "index"
-    cfg = {"train_files": [caption_file(8)], "num_workers": 0,
-           "index_cache": str(folder) if setting == "folder" else None}
-    dataset = build_train_loader(cfg, tokenizer, 32, MEAN, STD, rank=0, world_size=1, micro_batch_size=4,
-                                 seed=0).dataset
+    cfg = {
+        "train_files": [caption_file(8)],
+        "num_workers": 0,
+        "index_cache": str(folder) if setting == "folder" else None,
+    }
+    dataset = build_train_loader(
+        cfg, tokenizer, 32, MEAN, STD, rank=0, world_size=1, micro_batch_size=4, seed=0
+    ).dataset
     if setting is None:
         assert dataset.table.mapped_file is None and cache_files(tmp_path) == []
     else:

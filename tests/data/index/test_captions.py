@@ -59,18 +59,23 @@ def test_no_files_is_rejected():
         load_caption_files([])
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"caption": "x"}, r"entry 1: missing key 'image' \(the entry has keys: caption\)"),
-    ({"image": "/a.jpg"}, r"entry 1: missing key 'caption' \(the entry has keys: image\)"),
-    ({"image": "/a.jpg", "caption": "   "}, r"entry 1: caption is empty"),
-    ({"image": "/a.jpg", "caption": []}, r"entry 1: 'caption' is an empty list"),
-    ({"image": "/a.jpg", "caption": ["ok", ""]}, r"entry 1: caption 1 is empty"),
-    ({"image": "/a.jpg", "caption": ["ok", 3]}, r"entry 1: caption 1 is a number, expected a string"),
-    ({"image": "/a.jpg", "caption": {"en": "x"}}, r"entry 1: 'caption' must be a string or a list"),
-    ({"image": "", "caption": "x"}, r"entry 1: 'image' must be a non-empty path string"),
-    ({"image": "rel/a.jpg", "caption": "x"},
-     r"entry 1: relative image path 'rel/a\.jpg' and no image root .* set data\.image_root"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"caption": "x"}, r"entry 1: missing key 'image' \(the entry has keys: caption\)"),
+        ({"image": "/a.jpg"}, r"entry 1: missing key 'caption' \(the entry has keys: image\)"),
+        ({"image": "/a.jpg", "caption": "   "}, r"entry 1: caption is empty"),
+        ({"image": "/a.jpg", "caption": []}, r"entry 1: 'caption' is an empty list"),
+        ({"image": "/a.jpg", "caption": ["ok", ""]}, r"entry 1: caption 1 is empty"),
+        ({"image": "/a.jpg", "caption": ["ok", 3]}, r"entry 1: caption 1 is a number, expected a string"),
+        ({"image": "/a.jpg", "caption": {"en": "x"}}, r"entry 1: 'caption' must be a string or a list"),
+        ({"image": "", "caption": "x"}, r"entry 1: 'image' must be a non-empty path string"),
+        (
+            {"image": "rel/a.jpg", "caption": "x"},
+            r"entry 1: relative image path 'rel/a\.jpg' and no image root .* set data\.image_root",
+        ),
+    ],
+)
 def test_invalid_entry_names_file_entry_and_fix(tmp_path, entry, message):
     path = write_json(tmp_path / "train.json", [{"image": "/ok.jpg", "caption": "fine"}, entry])
     with pytest.raises(DataError, match=r"1 invalid entries in data\.train_files:\n  .*train\.json, " + message):
@@ -102,8 +107,13 @@ def test_relative_paths_resolve_against_a_root(tmp_path):
 
 
 def test_missing_images_are_reported_with_their_entry(tmp_path):
-    path = write_json(tmp_path / "train.json", [{"image": write_image(tmp_path / "a.jpg"), "caption": "x"},
-                                                {"image": str(tmp_path / "gone.jpg"), "caption": "y"}])
+    path = write_json(
+        tmp_path / "train.json",
+        [
+            {"image": write_image(tmp_path / "a.jpg"), "caption": "x"},
+            {"image": str(tmp_path / "gone.jpg"), "caption": "y"},
+        ],
+    )
     [missing] = load_caption_files([path]).missing_images()
     assert (missing.index, missing.file, missing.entry) == (1, path, 1)
     assert missing.describe() == f"{path}, entry 1: image {tmp_path / 'gone.jpg'}: file not found"

@@ -43,5 +43,7 @@ def test_prefix_rewrite_on_a_downloaded_file(tmp_path):
 
 def test_relative_path_with_prefix_rewrite_explains_the_fix(tmp_path):
     path = write_json(tmp_path / "train.json", [{"image": "a.jpg", "caption": "x"}])
-    with pytest.raises(DataError, match=r"entry 0: .*a prefix rewrite in data\.image_root only applies to absolute paths"):
+    with pytest.raises(
+        DataError, match=r"entry 0: .*a prefix rewrite in data\.image_root only applies to absolute paths"
+    ):
         load_caption_files([path], image_root={"from": "/a", "to": "/b"})

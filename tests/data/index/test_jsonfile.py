@@ -17,21 +17,36 @@ def tiny_window(monkeypatch):
     monkeypatch.setattr(jsonfile, "_LOOKAHEAD", 2)
 
 
-@pytest.mark.parametrize("text", [
-    "[]", " [ ]\n", '[{"a": 1}]', '[ {"a": 1} ,\n {"b": [1, 2, {"c": "d"}]} ]\n\n',
-    '[{"caption": "café ☕ \\u00e9 \\"quoted\\" ]},"}]',
-    '[\n {"image": "/a.jpg", "caption": "x"},\n {"image": \n',   # truncated download
-    '[{"a": 1},]', '[{"a": 1}] trailing', '[{"a": 1} {"b": 2}]', '[{"a": 1}', "[", "",
-    '[{"a": "line\nbreak"}]', '[{"a": 1},\n\n   {"b":',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        " [ ]\n",
+        '[{"a": 1}]',
+        '[ {"a": 1} ,\n {"b": [1, 2, {"c": "d"}]} ]\n\n',
+        '[{"caption": "café ☕ \\u00e9 \\"quoted\\" ]},"}]',
+        '[\n {"image": "/a.jpg", "caption": "x"},\n {"image": \n',  # truncated download
+        '[{"a": 1},]',
+        '[{"a": 1}] trailing',
+        '[{"a": 1} {"b": 2}]',
+        '[{"a": 1}',
+        "[",
+        "",
+        '[{"a": "line\nbreak"}]',
+        '[{"a": 1},\n\n   {"b":',
+    ],
+)
 def test_entries_and_errors_match_the_json_module(tmp_path, tiny_window, text):
     path = tmp_path / "f.json"
     path.write_text(text, encoding="utf-8")
     try:
         expected = json.loads(text)
     except json.JSONDecodeError as err:
-        with pytest.raises(DataError, match=rf"f\.json: not valid JSON: {err.msg}.* at line {err.lineno}, "
-                                            rf"column {err.colno}\. Fix the file there"):
+        with pytest.raises(
+            DataError,
+            match=rf"f\.json: not valid JSON: {err.msg}.* at line {err.lineno}, "
+            rf"column {err.colno}\. Fix the file there",
+        ):
             list(iter_json_list(str(path), "data.train_files"))
         return
     assert list(iter_json_list(str(path), "data.train_files")) == expected
@@ -47,12 +62,15 @@ def test_a_long_file_streams_in_order(tmp_path, monkeypatch):
 
 
 def test_not_utf8_names_the_byte(tmp_path, tiny_window):
-    data = '[{"caption": "ok"}, {"caption": "caf'.encode() + b"\xe9" + b'"}]'
+    data = b'[{"caption": "ok"}, {"caption": "caf' + b"\xe9" + b'"}]'
     path = tmp_path / "latin1.json"
     path.write_bytes(data)
     position = data.index(b"\xe9")
-    with pytest.raises(DataError, match=rf"latin1\.json: not UTF-8 text \(invalid continuation byte at "
-                                        rf"byte {position}\); save the file as UTF-8 JSON"):
+    with pytest.raises(
+        DataError,
+        match=rf"latin1\.json: not UTF-8 text \(invalid continuation byte at "
+        rf"byte {position}\); save the file as UTF-8 JSON",
+    ):
         list(iter_json_list(str(path), "s"))
 
 

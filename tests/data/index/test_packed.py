@@ -32,5 +32,5 @@ def test_paths_store_each_folder_once():
     arrays = builder.arrays("path")
     stored = PackedPaths(arrays, "path")
     assert [stored[i] for i in range(len(paths))] == paths and stored.slice(0, len(paths)) == paths
-    assert len(PackedStrings.from_arrays(arrays, "path_folder")) == 6     # 3 + "", "/", "/dir/"
+    assert len(PackedStrings.from_arrays(arrays, "path_folder")) == 6  # 3 + "", "/", "/dir/"
     assert arrays["path_folder_of"].dtype == np.uint32 and arrays["path_name_ends"].dtype == np.uint32

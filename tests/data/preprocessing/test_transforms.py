@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from lilt_ds.errors import LiltError
 from lilt_ds.data import DataError, build_eval_transform, build_train_transform
 from lilt_ds.data.preprocessing.transforms import ToNormalizedTensor
+from lilt_ds.errors import LiltError
 
 from ..files import MEAN, STD
 
@@ -51,12 +51,15 @@ def test_eval_transform_resizes_to_a_square():
     assert torch.allclose(out, torch.full_like(out, (128 / 255 - 0.5) / 0.25), atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"randaugment": "auto-m7"}, r"data\.augment\.randaugment = 'auto-m7' is not a RandAugment string"),
-    ({"std": (0.5, 0.0, 0.5)}, r"expected three values each \(RGB\) and a positive std"),
-    ({"mean": (0.5,)}, r"expected three values each"),
-    ({"image_size": 0}, r"image size 0: expected a positive number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"randaugment": "auto-m7"}, r"data\.augment\.randaugment = 'auto-m7' is not a RandAugment string"),
+        ({"std": (0.5, 0.0, 0.5)}, r"expected three values each \(RGB\) and a positive std"),
+        ({"mean": (0.5,)}, r"expected three values each"),
+        ({"image_size": 0}, r"image size 0: expected a positive number"),
+    ],
+)
 def test_bad_arguments_are_rejected(kwargs, message):
     args = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3, **kwargs}
     with pytest.raises(DataError, match=message):
@@ -69,8 +72,12 @@ def steps(augment=None, **changes):
 
 def test_each_preset_builds_its_recipe():
     lilt = steps()
-    assert [type(t).__name__ for t in lilt] == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment",
-                                                "ToNormalizedTensor"]
+    assert [type(t).__name__ for t in lilt] == [
+        "RandomResizedCrop",
+        "RandomHorizontalFlip",
+        "RandAugment",
+        "ToNormalizedTensor",
+    ]
     assert lilt[0].scale == [0.2, 1.0] and lilt[0].interpolation == T.InterpolationMode.BICUBIC
     openclip = steps({"preset": "openclip"})
     assert [type(t).__name__ for t in openclip] == ["RandomResizedCrop", "ToNormalizedTensor"]
@@ -85,14 +92,26 @@ def test_preset_none_trains_on_what_evaluation_sees():
 
 
 def test_every_augmentation_parameter_reaches_the_transform():
-    crop, flip, jitter, grey, augment, _ = steps({"preset": "openclip", "scale": [0.5, 0.8], "ratio": [0.9, 1.1],
-                                                  "interpolation": "bilinear", "hflip": True,
-                                                  "randaugment": "rand-m3-n1", "color_jitter": [0.4, 0.3, 0.2, 0.1],
-                                                  "grayscale": 0.2})
+    crop, flip, jitter, grey, augment, _ = steps(
+        {
+            "preset": "openclip",
+            "scale": [0.5, 0.8],
+            "ratio": [0.9, 1.1],
+            "interpolation": "bilinear",
+            "hflip": True,
+            "randaugment": "rand-m3-n1",
+            "color_jitter": [0.4, 0.3, 0.2, 0.1],
+            "grayscale": 0.2,
+        }
+    )
     assert crop.scale == [0.5, 0.8] and crop.ratio == [0.9, 1.1]
     assert crop.interpolation == T.InterpolationMode.BILINEAR and isinstance(flip, T.RandomHorizontalFlip)
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == ((0.6, 1.4), (0.7, 1.3),
-                                                                                   (0.8, 1.2), (-0.1, 0.1))
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (
+        (0.6, 1.4),
+        (0.7, 1.3),
+        (0.8, 1.2),
+        (-0.1, 0.1),
+    )
     assert grey.p == 0.2 and (augment.num_layers, augment.ops[0].magnitude) == (1, 3)
     assert steps(color_jitter=0.4)[2].hue is None  # one strength: brightness, contrast, saturation
 
@@ -106,17 +125,23 @@ def test_a_colour_changed_image_differs_and_a_grey_one_has_equal_channels():
     assert not torch.allclose(jittered, build_eval_transform(32, (0.5,) * 3, (0.5,) * 3)(image), atol=0.05)
 
 
-@pytest.mark.parametrize("augment, message", [
-    ({"preset": "flip"}, r"data\.augment\.preset = 'flip': expected one of lilt, openclip, none"),
-    ({"scale": [0.9, 0.2]}, r"data\.augment\.scale = \[0\.9, 0\.2\]: expected \[low, high\] with 0 < low <= high"),
-    ({"scale": [0.5, 1.5]}, r"data\.augment\.scale = \[0\.5, 1\.5\]: the crop's share of the image area is at most 1"),
-    ({"preset": "none", "scale": [0.5, 1.0]}, r"data\.augment\.scale = \[0\.5, 1\.0\]: preset none does not crop"),
-    ({"interpolation": "lanczos"}, r"data\.augment\.interpolation = 'lanczos': expected one of bicubic"),
-    ({"color_jitter": [0.1, 0.1, 0.1, 0.9]}, r"data\.augment\.color_jitter = .*hue <= 0\.5"),
-    ({"grayscale": 1.5}, r"data\.augment\.grayscale = 1\.5: expected a number >= 0 and <= 1"),
-    ({"randaugment": True}, r"data\.augment\.randaugment = True: expected a timm RandAugment string"),
-    ({"crop": 1}, r"unknown config key 'data\.augment\.crop'"),
-])
+@pytest.mark.parametrize(
+    "augment, message",
+    [
+        ({"preset": "flip"}, r"data\.augment\.preset = 'flip': expected one of lilt, openclip, none"),
+        ({"scale": [0.9, 0.2]}, r"data\.augment\.scale = \[0\.9, 0\.2\]: expected \[low, high\] with 0 < low <= high"),
+        (
+            {"scale": [0.5, 1.5]},
+            r"data\.augment\.scale = \[0\.5, 1\.5\]: the crop's share of the image area is at most 1",
+        ),
+        ({"preset": "none", "scale": [0.5, 1.0]}, r"data\.augment\.scale = \[0\.5, 1\.0\]: preset none does not crop"),
+        ({"interpolation": "lanczos"}, r"data\.augment\.interpolation = 'lanczos': expected one of bicubic"),
+        ({"color_jitter": [0.1, 0.1, 0.1, 0.9]}, r"data\.augment\.color_jitter = .*hue <= 0\.5"),
+        ({"grayscale": 1.5}, r"data\.augment\.grayscale = 1\.5: expected a number >= 0 and <= 1"),
+        ({"randaugment": True}, r"data\.augment\.randaugment = True: expected a timm RandAugment string"),
+        ({"crop": 1}, r"unknown config key 'data\.augment\.crop'"),
+    ],
+)
 def test_bad_augmentation_is_refused_naming_the_key(augment, message):
     with pytest.raises(LiltError, match=message):
         steps(augment)

@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from lilt_ds.errors import LiltError
-from lilt_ds.data import (DataError, ResumableDistributedSampler, build_train_loader, find_shards,
-                          write_shards)
 from lilt_ds.cli.make_shards import main as make_shards
+from lilt_ds.data import DataError, ResumableDistributedSampler, build_train_loader, find_shards, write_shards
 from lilt_ds.data.shards.files import scan_tar
+from lilt_ds.errors import LiltError
 
 from ..files import MEAN, STD, write_image, write_json
 
@@ -24,8 +23,17 @@ pytest.importorskip("webdataset", reason="needs the shards extra: pip install -e
 
 def build(data_cfg, tokenizer, rank=0, world_size=1, batch=4, seed=0):
     cfg = {"num_workers": 0, "augment": {"randaugment": False}, **data_cfg}
-    loader = build_train_loader(cfg, tokenizer, image_size=32, mean=MEAN, std=STD, rank=rank,
-                                world_size=world_size, micro_batch_size=batch, seed=seed)
+    loader = build_train_loader(
+        cfg,
+        tokenizer,
+        image_size=32,
+        mean=MEAN,
+        std=STD,
+        rank=rank,
+        world_size=world_size,
+        micro_batch_size=batch,
+        seed=seed,
+    )
     return loader, loader.dataset, loader.sampler
 
 
@@ -35,8 +43,9 @@ def samples_of(loader):
     for batch in loader:
         batches += 1
         assert set(batch) == {"images", "input_ids", "attention_mask", "index"}
-        for index, image, ids, mask in zip(batch["index"].tolist(), batch["images"], batch["input_ids"],
-                                           batch["attention_mask"]):
+        for index, image, ids, mask in zip(
+            batch["index"].tolist(), batch["images"], batch["input_ids"], batch["attention_mask"]
+        ):
             assert index not in found, f"sample {index} twice in one epoch"
             found[index] = (image, ids[mask.bool()].tolist())
     return found, batches
@@ -56,8 +65,9 @@ def shards(tmp_path):
             image.parent.mkdir(exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image, quality=95)
             captions = [f"Caption {i} {chr(97 + k)}!" for k in range(captions_per_entry)]
-            entries.append({"image": str(image), "image_id": i,
-                            "caption": captions[0] if captions_per_entry == 1 else captions})
+            entries.append(
+                {"image": str(image), "image_id": i, "caption": captions[0] if captions_per_entry == 1 else captions}
+            )
         path = write_json(tmp_path / "train.json", entries)
         return path, write_shards([path], str(tmp_path / "shards"), shard_size)["train_shards"]
 
@@ -69,7 +79,10 @@ def test_converter_writes_shards_sizes_and_the_pattern(shards, tmp_path, capsys)
     folder = tmp_path / "shards"
     assert pattern == str(folder / "shard-{000000..000002}.tar")
     assert json.loads((folder / "sizes.json").read_text()) == {
-        "shard-000000.tar": 4, "shard-000001.tar": 4, "shard-000002.tar": 2}
+        "shard-000000.tar": 4,
+        "shard-000001.tar": 4,
+        "shard-000002.tar": 2,
+    }
     with tarfile.open(folder / "shard-000002.tar") as tar:
         names = tar.getnames()
         assert names == ["000000008.jpg", "000000008.json", "000000009.jpg", "000000009.json"]
@@ -197,9 +210,12 @@ def bad_shard(tmp_path):
 
 def test_a_sample_without_caption_stops_with_shard_entry_and_fix(bad_shard, tokenizer, tmp_path):
     loader, _, _ = build({"train_shards": bad_shard, "shuffle_buffer": 0}, tokenizer, batch=2)
-    with pytest.raises(DataError, match=rf"{tmp_path}/a\.tar, entry 2: image 000000002\.jpg: no caption: the "
-                                        r"sample has no \.txt, nor a \.json .*python launch/make_shards\.py.*"
-                                        r"on_bad_sample=skip"):
+    with pytest.raises(
+        DataError,
+        match=rf"{tmp_path}/a\.tar, entry 2: image 000000002\.jpg: no caption: the "
+        r"sample has no \.txt, nor a \.json .*python launch/make_shards\.py.*"
+        r"on_bad_sample=skip",
+    ):
         list(loader)
 
 
@@ -224,18 +240,24 @@ def test_a_truncated_shard_without_sizes_stops_at_startup(shards, tokenizer, tmp
     shard = tmp_path / "shards" / "shard-000001.tar"
     truncate(shard, 2500)
     assert scan_tar(str(shard))[1] == "ReadError: unexpected end of data"
-    with pytest.raises(DataError, match=rf"{shard}: truncated or corrupt tar after \d samples \(ReadError: "
-                                        r"unexpected end of data\); re-create it .*or set data\.on_bad_sample=skip"):
+    with pytest.raises(
+        DataError,
+        match=rf"{shard}: truncated or corrupt tar after \d samples \(ReadError: "
+        r"unexpected end of data\); re-create it .*or set data\.on_bad_sample=skip",
+    ):
         build({"train_shards": pattern}, tokenizer)
 
 
 def test_a_truncated_shard_is_found_when_read_and_its_loss_counted(shards, tokenizer, tmp_path):
     _, pattern = shards(n=16, shard_size=4)
     shard = tmp_path / "shards" / "shard-000002.tar"
-    truncate(shard, 2500)                                   # sizes.json still lists 4 samples
+    truncate(shard, 2500)  # sizes.json still lists 4 samples
     loader, _, _ = build({"train_shards": pattern}, tokenizer, batch=2)
-    with pytest.raises(DataError, match=rf"{shard}: truncated or corrupt tar \(ReadError: unexpected end of "
-                                        r"data\) after \d samples; re-create it"):
+    with pytest.raises(
+        DataError,
+        match=rf"{shard}: truncated or corrupt tar \(ReadError: unexpected end of "
+        r"data\) after \d samples; re-create it",
+    ):
         list(loader)
     cfg = {"train_shards": pattern, "on_bad_sample": "skip", "max_bad_fraction": 0.5}
     loader, dataset, _ = build(cfg, tokenizer, batch=2)
@@ -256,15 +278,23 @@ def test_a_shard_shorter_than_listed_is_counted(shards, tokenizer, tmp_path):
     assert "holds 4 samples, sizes.json lists 6" in dataset.bad_samples.examples[0].reason
 
 
-@pytest.mark.parametrize("cfg, message", [
-    ({"train_shards": "{dir}/nope-{{0..1}}.tar"}, r"2 of the 2 shards in data\.train_shards do not exist"),
-    ({"train_shards": "{dir}/shards/shard-{{000000..000001}}.tar", "num_workers": 2},
-     r"has 2 shards, fewer than ranks x DataLoader workers = 2 x 2"),
-    ({"train_shards": 5}, r"data\.train_shards = 5: expected a brace pattern"),
-    ({"train_shards": "{dir}/x.tar", "train_files": ["a.json"]}, r"data\.train_files and data\.train_shards are both set"),
-    ({"shuffle_buffer": -1}, r"data\.shuffle_buffer = -1: expected an integer >= 0"),
-    ({"index_cache": 3}, r"data\.index_cache = 3: expected auto, a folder, or null"),
-])
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"train_shards": "{dir}/nope-{{0..1}}.tar"}, r"2 of the 2 shards in data\.train_shards do not exist"),
+        (
+            {"train_shards": "{dir}/shards/shard-{{000000..000001}}.tar", "num_workers": 2},
+            r"has 2 shards, fewer than ranks x DataLoader workers = 2 x 2",
+        ),
+        ({"train_shards": 5}, r"data\.train_shards = 5: expected a brace pattern"),
+        (
+            {"train_shards": "{dir}/x.tar", "train_files": ["a.json"]},
+            r"data\.train_files and data\.train_shards are both set",
+        ),
+        ({"shuffle_buffer": -1}, r"data\.shuffle_buffer = -1: expected an integer >= 0"),
+        ({"index_cache": 3}, r"data\.index_cache = 3: expected auto, a folder, or null"),
+    ],
+)
 def test_bad_shard_settings_are_rejected(shards, tokenizer, tmp_path, cfg, message):
     shards(n=8, shard_size=4)
     cfg = {k: v.format(dir=tmp_path) if isinstance(v, str) else v for k, v in cfg.items()}
