@@ -10,6 +10,7 @@ without it every rank would use ``cuda:0`` and ranks >= 1 fail at their first co
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import random
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .world import launched_world
 
 log = logging.getLogger("lilt_ds")
 
@@ -145,21 +147,27 @@ class World(NamedTuple):
     device: torch.device
 
 
-def init_distributed() -> World:
+def init_distributed(timeout_s: float | None = None) -> World:
     """Bind this process's device, then join the launcher's process group (a plain run: a world of one).
 
     The one place every entry point (training, evaluation, memory measurement, benchmarks) joins
-    the group, so the device is bound before any collective. Calling it again is harmless.
+    the group, so the device is bound before any collective. Calling it again is harmless. The world
+    is the launcher's: the deepspeed launcher's or torchrun's variables, or those of srun and the MPI
+    launchers translated (:mod:`lilt_ds.world`). ``timeout_s``: how long a collective may wait for
+    the other ranks before it fails (``train.collective_timeout_s``; None: torch's default).
     """
     import deepspeed
 
-    if "RANK" not in os.environ:  # not started by the deepspeed launcher (or torchrun)
-        # port 0: the rendezvous store listens where the OS says; no other rank needs to find it, and no
-        # other process can take the port between a probe and the bind
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+    if not torch.distributed.is_initialized():
+        world = launched_world()
+        if world.launcher != "deepspeed/torchrun":
+            os.environ.update(world.environment())
     device = bind_device()
     announce_deepspeed_builds()  # the CPU accelerator JIT-builds its shared-memory collectives here
-    deepspeed.init_distributed()
+    if timeout_s is None:
+        deepspeed.init_distributed()
+    else:
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
 
 
