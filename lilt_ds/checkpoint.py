@@ -7,6 +7,7 @@ Layout of ``<output_dir>/checkpoints``::
         lilt_ds_meta.json   mode, model config, world size, frozen-weight fingerprint
         rng_rank{R}.pt      every RNG of rank R (Python, NumPy, torch, its own GPU's)
     step400.partial/        a save in progress (or killed): never picked by ``latest``
+    step100.removing/       an old checkpoint being removed (``checkpoint.keep_last``): never picked
 
 A save writes ``<tag>.partial`` on every rank, waits for all of them, then rank 0 renames the folder
 and rewrites ``latest`` (both atomic on one filesystem). Loading rebuilds the frozen part from the
@@ -33,8 +34,9 @@ log = logging.getLogger("lilt_ds")
 
 LATEST = "latest"
 PARTIAL = ".partial"
+REMOVING = ".removing"
 META = "lilt_ds_meta.json"
-FAULT_ENV = "LILT_DS_FAULT_INJECT"  # "kill_in_save:<step>": SIGKILL this process mid-save (tests)
+FAULT_ENV = "LILT_DS_FAULT_INJECT"  # "kill_in_save:<step>" / "kill_in_removal:<step>": SIGKILL mid-way (tests)
 
 
 # ---------------------------------------------------------------------------------- what a run is
@@ -95,18 +97,56 @@ def _write_atomic(path: str, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _maybe_inject_fault(step: int) -> None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec == f"kill_in_save:{step}":
+def _maybe_inject_fault(where: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV, "") == f"{where}:{step}":
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def step_of(tag: str) -> int | None:
+    """``step200`` -> 200; None for anything else (a partial save, a folder being removed)."""
+    number = tag[len("step") :] if tag.startswith("step") else ""
+    return int(number) if number.isdigit() else None
+
+
+def complete_checkpoints(root: str) -> list[str]:
+    """Tags of the complete checkpoints in ``root`` (the folder holds its metadata), newest first."""
+    if not os.path.isdir(root):
+        return []
+    tags = [
+        name
+        for name in os.listdir(root)
+        if step_of(name) is not None and os.path.isfile(os.path.join(root, name, META))
+    ]
+    return sorted(tags, key=step_of, reverse=True)
+
+
+def remove_old_checkpoints(root: str, keep: int, step: int) -> list[str]:
+    """Remove all but the newest ``keep`` complete checkpoints; returns the tags removed.
+
+    Each folder is first renamed to ``<tag>.removing`` (atomic), then deleted: a kill in between leaves
+    a folder no resume picks, removed by the next save; ``latest`` and the newest ``keep`` are never
+    touched.
+    """
+    for name in os.listdir(root):  # what an earlier removal left
+        if name.endswith(REMOVING):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    removed = []
+    for tag in complete_checkpoints(root)[keep:]:
+        doomed = os.path.join(root, tag + REMOVING)
+        os.replace(os.path.join(root, tag), doomed)
+        _maybe_inject_fault("kill_in_removal", step)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(tag)
+    return removed
+
+
 def save_checkpoint(
-    engine, root: str, step: int, client_state: dict, meta: dict, rank: int, keep_only_latest: bool = False
+    engine, root: str, step: int, client_state: dict, meta: dict, rank: int, keep_last: int | None = None
 ) -> str:
-    """Save on every rank; returns the final folder. Frozen weights and their (absent) states stay out."""
+    """Save on every rank; returns the final folder. Frozen weights and their (absent) states stay out.
+    ``keep_last``: once the save is complete, remove all but the newest K complete checkpoints."""
     tag = f"step{step}"
     partial = tag + PARTIAL
     if rank == 0:
@@ -120,7 +160,7 @@ def save_checkpoint(
     if rank == 0:
         with open(os.path.join(root, partial, META), "w") as f:
             json.dump(meta, f, indent=2)
-    _maybe_inject_fault(step)
+    _maybe_inject_fault("kill_in_save", step)
     barrier()  # every rank's files are complete
     if rank == 0:
         final = os.path.join(root, tag)
@@ -128,10 +168,10 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(os.path.join(root, partial), final)
         _write_atomic(os.path.join(root, LATEST), tag)
-        if keep_only_latest:
-            for name in os.listdir(root):
-                if name != tag and name.startswith("step") and os.path.isdir(os.path.join(root, name)):
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        if keep_last is not None:
+            removed = remove_old_checkpoints(root, keep_last, step)
+            if removed:
+                log.info("checkpoint.keep_last=%d: removed %s", keep_last, ", ".join(removed))
     barrier()
     return os.path.join(root, tag)
 
@@ -156,6 +196,59 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
         f"{path} holds no lilt_ds checkpoint (no {META}, and no 'latest' in it or in "
         f"{os.path.join(path, 'checkpoints')})"
     )
+
+
+def unreadable_file(folder: str) -> str | None:
+    """The first file of a checkpoint folder that cannot be read whole (None: all can): the metadata
+    must parse, and every torch file must be a complete archive (a file cut short by a full disk or a
+    kill lacks the archive's directory at its end). Reads directories and metadata, not the tensors."""
+    import zipfile
+
+    try:
+        with open(os.path.join(folder, META)) as f:
+            json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return os.path.join(folder, META)
+    for parent, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(parent, name)
+            if name.endswith(".pt"):
+                try:
+                    with zipfile.ZipFile(path):
+                        pass
+                except (OSError, zipfile.BadZipFile):
+                    return path
+    return None
+
+
+def resume_candidates(resume: str | None, root: str) -> list[tuple[str, str]]:
+    """What ``--resume`` names, as (checkpoints folder, tag) to try in order; ``root`` is the run's
+    checkpoints folder.
+
+    ``auto``: the complete checkpoints of ``root``, newest first, those with an unreadable file left
+    out with a warning naming it; none (a first start): an empty list. ``latest``: ``root``'s newest.
+    A path: that checkpoint, refused with an error naming the file that cannot be read.
+    """
+    if not resume:
+        return []
+    if resume == "auto":
+        found = []
+        for tag in complete_checkpoints(root):
+            bad = unreadable_file(os.path.join(root, tag))
+            if bad is None:
+                found.append((root, tag))
+            else:
+                log.warning("--resume auto: skipping checkpoint %s: %s cannot be read (cut short?)", tag, bad)
+        return found
+    folder, tag = resolve_checkpoint(root if resume == "latest" else resume)
+    bad = unreadable_file(os.path.join(folder, tag))
+    if bad is not None:
+        raise ConfigError(
+            f"checkpoint {os.path.join(folder, tag)} cannot be loaded: {bad} is unreadable (cut short or "
+            "corrupt); resume from an earlier checkpoint of the run, or use --resume auto to take the newest "
+            "one that loads"
+        )
+    return [(folder, tag)]
 
 
 def read_meta(root: str, tag: str) -> dict:

@@ -51,6 +51,18 @@ def check_schedule(cfg: ExperimentConfig) -> None:
         )
 
 
+def resolve_kept_checkpoints(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``checkpoint.save_last_only`` (the original's flag) is ``checkpoint.keep_last: 1``."""
+    if not cfg.checkpoint.save_last_only:
+        return cfg
+    if cfg.checkpoint.keep_last not in (None, 1):
+        raise ConfigError(
+            "checkpoint.save_last_only=true keeps one checkpoint, but "
+            f"checkpoint.keep_last={cfg.checkpoint.keep_last}: set one of them"
+        )
+    return replace_keys(cfg, {"checkpoint.keep_last": 1})
+
+
 def check_pair(cfg: ExperimentConfig, facts) -> None:
     """A pretrained pair (``model.init_from``) against the loss and the memory settings."""
     if facts.kind != "pair":
@@ -104,6 +116,7 @@ def check_cache(cfg: ExperimentConfig) -> None:
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` checked in full, with what loading resolves (the image size, the data section) filled in."""
     check_schedule(cfg)
+    cfg = resolve_kept_checkpoints(cfg)
     facts = check_model_config(cfg)
     cfg = replace_keys(cfg, {"model.image_size": facts.image_size})
     check_pair(cfg, facts)

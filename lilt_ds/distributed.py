@@ -108,3 +108,12 @@ def all_gather_rows(tensor: torch.Tensor, sizes: list[int], with_grad: bool = Tr
         dist.all_gather(shards, padded.detach().contiguous())
         shards[rank] = padded
     return torch.cat([shard[:size] for shard, size in zip(shards, sizes)])
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another rank died or stopped answering:
+    torch's DistBackendError (NCCL), or the RuntimeError gloo raises (a peer's closed connection, a
+    timed-out send or receive), which names gloo's sources."""
+    if isinstance(error, dist.DistBackendError):
+        return True
+    return isinstance(error, RuntimeError) and "/gloo/" in str(error)

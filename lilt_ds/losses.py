@@ -208,6 +208,11 @@ class _DataParallelLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
         self._nonfinite: torch.Tensor | None = None  # static_batches: inputs seen non-finite since the last report
         self._input_names: list[str] = []
+        self.step_signal: torch.Tensor | None = None
+        """A one-element tensor each rank sets (the trainer's stop request): summed over the ranks in
+        the all-reduce of the loss value, into :attr:`summed_step_signal` (no collective of its own in
+        local mode; global mode, which reduces nothing else, makes one of a single number)."""
+        self.summed_step_signal: torch.Tensor | None = None
 
     def nonfinite_report(self) -> str:
         """Which inputs of the calls since the last report held NaN/inf, on which rank (static_batches).
@@ -249,10 +254,16 @@ class _DataParallelLoss(nn.Module):
         scale = logit_scale.reshape(())
         bias = None if logit_bias is None else logit_bias.reshape(())
         summed = self.summed_loss(batch, scale, bias)
+        signal = self.step_signal
         if not self.local_loss:  # every rank computed the full global loss
+            self.summed_step_signal = None if signal is None else all_reduce_sum(signal)
             return summed / batch.n_global
         surrogate = summed * (batch.world_size / batch.n_global)
-        global_value = all_reduce_sum(summed) / batch.n_global
+        if signal is None:
+            global_value = all_reduce_sum(summed) / batch.n_global
+        else:  # the signal rides along in the loss's own all-reduce
+            reduced = all_reduce_sum(torch.cat([summed.detach().reshape(1), signal.to(summed.dtype).reshape(1)]))
+            global_value, self.summed_step_signal = reduced[0] / batch.n_global, reduced[1]
         return value_with_gradient_of(global_value, surrogate)
 
 

@@ -122,6 +122,23 @@ class IsFalse(Rule):
         return value is False
 
 
+class SignalName(Rule):
+    """A signal a process can catch, by name (SIGTERM, TERM, SIGUSR1, USR1): normalised to SIGTERM."""
+
+    text = "a signal name (SIGTERM, SIGUSR1, ...; not SIGKILL or SIGSTOP, which no process can catch)"
+
+    def accepts(self, value) -> bool:
+        import signal
+
+        if not isinstance(value, str):
+            return False
+        name = "SIG" + value.upper().removeprefix("SIG")
+        return name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP")
+
+    def normalise(self, value):
+        return "SIG" + value.upper().removeprefix("SIG")
+
+
 class AnyMapping(Rule):
     text = "a mapping"
 
@@ -503,12 +520,26 @@ class TrainSettings:
         "torch.compile both towers (timm's --torchcompile): true (inductor) | a backend name | false; ZeRO 0-2",
         expect="true, false or a torch.compile backend name",
     )
+    stop_signals: list[str] = setting(
+        ["SIGTERM", "SIGUSR1"],
+        "signals that stop every rank at the next step boundary with a checkpoint, exit status 75 (a scheduler's "
+        "preemption notice: SLURM's --signal, a requeue)",
+        rule=ListOf(SignalName()),
+    )
+    collective_timeout_s: float = setting(
+        1800.0,
+        "seconds a collective waits for the other ranks before the run ends with an error (a dead or hung rank)",
+        positive=True,
+    )
 
 
 @dataclass(frozen=True)
 class CheckpointSettings:
-    every_steps: int | None = setting(None, "a checkpoint every this many steps (and at each epoch's end)", minimum=1)
-    save_last_only: bool = setting(False, "keep only the newest checkpoint")
+    every_steps: int | None = setting(None, "a checkpoint every this many steps (and at the end of the run)", minimum=1)
+    save_last_only: bool = setting(False, "keep only the newest checkpoint (keep_last: 1; the original LilT's flag)")
+    keep_last: int | None = setting(
+        None, "once a save completes, remove all but the newest K complete checkpoints; null keeps all", minimum=1
+    )
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,18 @@ from .data import (
     global_bad_sample_counts,
     resolve_data_config,
 )
+from .distributed import all_gather_objects, is_collective_failure
 from .errors import ConfigError, LiltError
 from .evaluate import evaluate_classification, evaluate_retrieval, format_retrieval_table
 from .export import save_exported, trainable_state_from_engine
 from .losses import as_fp32, build_loss, exact_accumulation_step
 from .models import build_model, build_tokenizer, encode_batch, trainable_summary
 from .models.summary import format_summary
+from .preemption import PREEMPTED_EXIT_STATUS, StopRequest
 from .presets import save_config
 from .run_logging import MetricLogger, setup_logging
 from .schema import ExperimentConfig
+from .world import launched_world
 
 log = logging.getLogger("lilt_ds")
 
@@ -72,13 +75,6 @@ def checkpoint_folder(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> tuple[str, str] | None:
-    """``--resume latest`` (this output folder's newest checkpoint) or a path -> (folder, tag)."""
-    if not resume:
-        return None
-    return ckpt.resolve_checkpoint(checkpoint_folder(output_dir) if resume == "latest" else resume)
-
-
 def due(every_epochs: int, epoch: int, last: bool) -> bool:
     """An evaluation every ``every_epochs`` epochs (and after the last; 0: never) runs now."""
     return bool(every_epochs) and (epoch % every_epochs == 0 or last)
@@ -106,7 +102,9 @@ class Trainer:
     ):
         self.cfg = cfg
         runtime.set_deterministic(cfg.train.deterministic)  # before anything reaches the device
-        self.rank, self.world_size, self.device = runtime.init_distributed()  # binds the device first
+        # binds the device first; a collective that waits longer than the timeout ends the run
+        self.launcher = "an existing process group" if torch.distributed.is_initialized() else launched_world().launcher
+        self.rank, self.world_size, self.device = runtime.init_distributed(cfg.train.collective_timeout_s)
         self.output_dir = prepare_output_dir(cfg, self.rank)
         setup_logging(self.output_dir, self.rank, quiet)
         if self.device.type == "cpu" and retain_freed_memory():  # DeepSpeed's per-step temporaries page-fault otherwise
@@ -115,7 +113,8 @@ class Trainer:
                 ALLOCATOR_ENV,
             )
         ds_raw = ds_engine.load_ds_config(ds_config_path)
-        self.resume = resolve_resume(resume, self.output_dir)
+        self.resume_from = ckpt.resume_candidates(resume, checkpoint_folder(self.output_dir))
+        self.resume_auto = resume == "auto"
 
         self.tokenizer = build_tokenizer(cfg.model)
         self.model = model if model is not None else build_model(cfg)
@@ -187,8 +186,27 @@ class Trainer:
         self.restored_rng = None
         self.last_saved_step = None
         self.metrics = MetricLogger(cfg, self.output_dir, self.rank, self.world_size)
-        if self.resume:
-            self.load_checkpoint(*self.resume)
+        self.stop = StopRequest(cfg.train.stop_signals, self.device)
+        self.stop_agreed = False
+        self.resume()
+
+    def resume(self) -> None:
+        """Load the first of the resume candidates that every rank loads (``--resume auto``: else the next
+        older one, with a warning; a path: an error naming what failed); none (a first start): nothing."""
+        if not self.resume_from and self.resume_auto:
+            log.info("--resume auto: no checkpoint in %s yet, starting fresh", checkpoint_folder(self.output_dir))
+        for position, (folder, tag) in enumerate(self.resume_from):
+            try:
+                self.load_checkpoint(folder, tag)
+                error = None
+            except ConfigError as e:
+                error = str(e)
+            failed = [e for e in all_gather_objects(error) if e is not None]
+            if not failed:
+                return
+            if not self.resume_auto or position == len(self.resume_from) - 1:
+                raise ConfigError(failed[0])
+            log.warning("--resume auto: %s; trying the checkpoint before it", failed[0])
 
     @property
     def epoch(self) -> int:
@@ -210,6 +228,7 @@ class Trainer:
         clear error instead (exact accumulation reads it before any backward and can skip).
         """
         engine = self.engine
+        self.loss_fn.step_signal = self.stop.flag  # 1 once this rank got a stop signal
         if self.cfg.train.exact_accumulation:
 
             def backward(loss):
@@ -219,7 +238,7 @@ class Trainer:
             read = []
 
             def check(loss):  # the first loss already is the whole step's, before any backward
-                read.append(float(loss.detach()))  # the step's one host sync
+                read.append(self.read_step(loss))  # the step's one host sync
                 if not math.isfinite(read[0]):
                     raise _SkippedStep(read[0])
 
@@ -240,7 +259,7 @@ class Trainer:
             share = loss.detach() / len(micro_batches)
             total = share if total is None else total + share
             if i == len(micro_batches) - 1:
-                value = float(total)  # the step's one host sync (total is detached)
+                value = self.read_step(total)  # the step's one host sync (total is detached)
                 if not math.isfinite(value):
                     if i == 0:
                         return value
@@ -252,6 +271,13 @@ class Trainer:
                     )
             engine.backward(loss)
             engine.step()
+        return value
+
+    def read_step(self, loss: torch.Tensor) -> float:
+        """The step's loss, and whether any rank was asked to stop (summed in the loss's all-reduce),
+        in one host sync."""
+        value, stops = torch.stack([loss.detach().reshape(()), self.loss_fn.summed_step_signal.reshape(())]).tolist()
+        self.stop_agreed = stops > 0
         return value
 
     def optimizer_step(self, micro_batches: list[dict]) -> float:
@@ -280,12 +306,30 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
+        """The whole run; a stop signal ends it early with a checkpoint (``results["stopped_by"]``)."""
+        self.stop.install()
+        try:
+            return self._run()
+        except RuntimeError as e:
+            if not is_collective_failure(e):
+                raise
+            raise CollectiveFailed(
+                f"rank {self.rank}: a collective failed ({str(e).splitlines()[0][:300]}): another rank died or "
+                f"stopped answering for train.collective_timeout_s={self.cfg.train.collective_timeout_s:g} s, so "
+                "this run ended instead of waiting for the job's time limit. Resume it with --resume auto"
+            ) from e
+        finally:
+            self.stop.uninstall()
+
+    def _run(self) -> dict:
         cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
         log.info(
-            "training %d steps (%d per epoch), %d rank(s), micro batch %d x accumulation %d, ds_config stage %s %s",
+            "training %d steps (%d per epoch), %d rank(s) started by %s, micro batch %d x accumulation %d, "
+            "ds_config stage %s %s",
             self.total_steps,
             self.steps_per_epoch,
             self.world_size,
+            self.launcher,
             cfg.train.micro_batch_size,
             accum,
             self.ds_config.get("zero_optimization", {}).get("stage", 0),
@@ -307,12 +351,16 @@ class Trainer:
                     continue
                 loss = self.optimizer_step(pending)
                 pending = []
+                if self.stop_agreed:
+                    break
                 if not math.isfinite(loss):
                     continue
                 if cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:
                     break
+            if self.stop_agreed:
+                return self.stop_here()
             bad = global_bad_sample_counts(self.loader.dataset.bad_samples)
             if bad["replaced"] or bad["bad_entries"]:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
@@ -337,6 +385,21 @@ class Trainer:
             )
         self.metrics.close()
         return results
+
+    def stop_here(self) -> dict:
+        """Every rank agreed to stop (a signal on one of them): checkpoint this step boundary and end."""
+        if self.last_saved_step != self.step:
+            self.save_checkpoint()
+        who = self.stop.received or "a signal on another rank"
+        log.warning(
+            "stopped by %s at step %d: checkpoint saved; the run ends with exit status %d (resume it with "
+            "--resume auto)",
+            who,
+            self.step,
+            PREEMPTED_EXIT_STATUS,
+        )
+        self.metrics.close()
+        return {"stopped_by": who, "step": self.step}
 
     def skip_nonfinite(self, loss: float) -> None:
         self.nonfinite_in_row += 1
@@ -432,7 +495,7 @@ class Trainer:
             state,
             meta,
             self.rank,
-            keep_only_latest=self.cfg.checkpoint.save_last_only,
+            keep_last=self.cfg.checkpoint.keep_last,
         )
         self.last_saved_step = self.step
         log.info("checkpoint saved: %s", path)
@@ -448,6 +511,10 @@ class Trainer:
         if self.scheduler is not None:  # the schedule continues even when its state was not loaded
             self.scheduler.step(self.step)
         log.info("resumed from %s at step %d (epoch %d)", os.path.join(folder, tag), self.step, self.epoch)
+
+
+class CollectiveFailed(LiltError, RuntimeError):
+    """A collective failed or timed out: a rank died or hung (``train.collective_timeout_s``)."""
 
 
 class _SkippedStep(Exception):

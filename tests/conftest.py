@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs and the real pretrained towers that ship in the demo extra."""
 
+import json
 import os
 
 # Triton's interpreter for the whole session: no GPU here, and lilt_ds's Triton kernel runs on CPU
@@ -68,3 +69,22 @@ def tiny_training_overrides(tmp_dir, extra=()):
             *extra,
         ],
     )
+
+
+@pytest.fixture(scope="session")
+def fp32_ds_configs(tmp_path_factory):
+    """zero2/zero3 in fp32, where a resumed run must repeat the uninterrupted one bit for bit."""
+    folder = tmp_path_factory.mktemp("ds")
+    paths = {}
+    for stage in (2, 3):
+        ds = json.load(
+            open(
+                os.path.join(
+                    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", f"zero{stage}.json"
+                )
+            )
+        )
+        ds["bf16"] = {"enabled": False}
+        paths[stage] = str(folder / f"zero{stage}_fp32.json")
+        json.dump(ds, open(paths[stage], "w"))
+    return paths

@@ -19,19 +19,6 @@ from tests.distributed import free_port
 from tests.test_train import DEEPSPEED, ROOT, run
 
 
-@pytest.fixture(scope="module")
-def fp32_ds_configs(tmp_path_factory):
-    """zero2/zero3 in fp32, where a resumed run must repeat the uninterrupted one bit for bit."""
-    folder = tmp_path_factory.mktemp("ds")
-    paths = {}
-    for stage in (2, 3):
-        ds = json.load(open(os.path.join(ROOT, "ds_configs", f"zero{stage}.json")))
-        ds["bf16"] = {"enabled": False}
-        paths[stage] = str(folder / f"zero{stage}_fp32.json")
-        json.dump(ds, open(paths[stage], "w"))
-    return paths
-
-
 def args(output_dir, ds_config, extra=()):
     return [
         "launch/pretrain.py",
@@ -53,9 +40,17 @@ def step_losses(output_dir):
     return losses
 
 
-def launch_two_ranks(output_dir, ds_config, extra=(), **popen):
+def launch_two_ranks(output_dir, ds_config, extra=(), extra_args=(), **popen):
     return subprocess.Popen(
-        [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), *args(output_dir, ds_config, extra)],
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            *args(output_dir, ds_config, extra),
+            *extra_args,
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -255,7 +250,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     model_file = out / "checkpoints" / "step1" / "mp_rank_00_model_states.pt"
     model_file.write_bytes(model_file.read_bytes()[:1000])
     corrupt = single(tmp_path / "d", ds, resume=str(out))
-    assert corrupt.returncode != 0 and "is corrupt or incomplete" in corrupt.stderr
+    assert corrupt.returncode == 1 and f"{model_file} is unreadable (cut short or corrupt)" in corrupt.stderr
     for result in (missing, other_mode, other_towers, corrupt):
         assert "Traceback" not in result.stderr
 
@@ -328,3 +323,37 @@ def test_patch_dropout_resumes_with_the_same_patches(tmp_path, fp32_ds_configs):
             losses[name] = {step: values[0] for step, values in step_losses(tmp_path / name).items()}
     assert sorted(losses["resumed"]) == [3, 4]
     assert [losses["resumed"][s] for s in (3, 4)] == pytest.approx([losses["run"][s] for s in (3, 4)], rel=1e-6, abs=0)
+
+
+@pytest.mark.slow
+def test_keep_last_removes_older_checkpoints_and_a_kill_during_removal_leaves_a_resumable_folder(tmp_path):
+    out, ds = tmp_path / "run", os.path.join(ROOT, "ds_configs", "zero2.json")
+    schedule = ["train.max_steps=6", "checkpoint.every_steps=1", "checkpoint.keep_last=2"]
+    killed = single(out, ds, schedule, env={FAULT_ENV: "kill_in_removal:4"})
+    assert killed.returncode == -signal.SIGKILL  # at step 4, while step2 was being removed
+    checkpoints = out / "checkpoints"
+    held = lambda: sorted(n for n in os.listdir(checkpoints) if n.startswith("step"))  # DeepSpeed adds a script
+    assert held() == ["step2.removing", "step3", "step4"]
+    assert (checkpoints / "latest").read_text() == "step4"
+    resumed = single(out, ds, schedule, resume="auto")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "at step 4" in resumed.stdout
+    assert held() == ["step5", "step6"]
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_names_its_file_and_auto_resume_falls_back(tmp_path):
+    out, ds = tmp_path / "run", os.path.join(ROOT, "ds_configs", "zero2.json")
+    schedule = ["train.max_steps=4", "checkpoint.every_steps=2"]
+    assert single(out, ds, schedule).returncode == 0
+    model_file = out / "checkpoints" / "step4" / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])  # a disk that filled up
+
+    explicit = single(out, ds, schedule, resume=str(out / "checkpoints" / "step4"))
+    assert explicit.returncode == 1 and "Traceback" not in explicit.stderr
+    assert f"{model_file} is unreadable" in explicit.stderr.splitlines()[-1]
+
+    auto = single(out, ds, schedule, resume="auto")
+    assert auto.returncode == 0, auto.stdout[-3000:] + auto.stderr[-3000:]
+    assert f"skipping checkpoint step4: {model_file} cannot be read" in auto.stdout + auto.stderr
+    assert "resumed from" in auto.stdout and "at step 2" in auto.stdout

@@ -82,6 +82,7 @@ def test_a_saved_resolved_config_reloads_identically(tmp_path):
 # -------------------------------------------------------------------------------- one validation pass
 WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they never take
     "output_dir": 5,
+    "checkpoint.keep_last": "x",
     "model.init_logit_scale": "big",
     "model.init_logit_bias": "big",
     "model.text.tokenizer": 5,

@@ -19,7 +19,7 @@ import lilt_ds
 PACKAGE_DIR = os.path.dirname(lilt_ds.__file__)
 LAYERS = [
     ("errors", "fileio", "schema", "presets", "ds_configs"),
-    ("runtime", "distributed", "allocator", "hostfile", "ds_compat"),
+    ("runtime", "world", "preemption", "distributed", "allocator", "hostfile", "ds_compat"),
     ("models",),
     ("losses", "ops"),
     ("data",),

@@ -389,3 +389,77 @@ def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_pa
         ):
             accumulating.optimizer_step([nan_batch, accumulating.batches[0]])
         accumulating.engine.destroy()
+
+
+def _rank_that_fails(rank, port, out_dir, how, timeout):
+    """One of two gloo ranks of a real training run; at step 2, rank 1 dies (SIGKILL) or hangs. Rank 0
+    writes what ended its run and how long after its step 2."""
+    import signal as signals
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    from lilt_ds.config import load_config
+    from lilt_ds.train import Trainer
+
+    cfg = load_config(
+        "demo",
+        tiny_training_overrides(
+            out_dir,
+            [
+                "train.max_steps=40",
+                "train.epochs=20",
+                "eval.every_epochs=0",
+                f"train.collective_timeout_s={timeout}",
+                f"output_dir={out_dir}/run",
+            ],
+        ),
+    )
+    trainer = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"), quiet=True)
+    original, reached = trainer.optimizer_step, []
+
+    def step(batches):
+        if trainer.step == 2:
+            reached.append(time.perf_counter())
+            if rank == 1:
+                if how == "killed":
+                    os.kill(os.getpid(), signals.SIGKILL)
+                time.sleep(60 * timeout)  # hung: a stuck file system, a dead node that answers nothing
+        return original(batches)
+
+    trainer.optimizer_step = step
+    try:
+        trainer.run()
+        outcome = {"error": None}
+    except Exception as e:  # noqa: BLE001 - what ended the run is the result
+        outcome = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - reached[0]}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    os._exit(0)  # no teardown of a group whose other rank is gone
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_dead_or_hung_rank_ends_the_others_within_the_collective_timeout(tmp_path, how):
+    import torch.multiprocessing as mp
+
+    timeout = 15
+    context = mp.start_processes(
+        _rank_that_fails, args=(free_port(), str(tmp_path), how, timeout), nprocs=2, join=False, start_method="spawn"
+    )
+    rank0, rank1 = context.processes
+    rank0.join(timeout=300)
+    alive = rank0.is_alive()
+    for process in (rank0, rank1):
+        if process.is_alive():
+            process.kill()
+    assert not alive, "rank 0 still waits for the other rank"
+    outcome = json.loads((tmp_path / "rank0.json").read_text())
+    assert outcome["error"] is not None and outcome["error"].startswith("CollectiveFailed: rank 0: a collective failed")
+    assert f"train.collective_timeout_s={timeout} s" in outcome["error"] and "--resume auto" in outcome["error"]
+    assert outcome["seconds"] < timeout + 30, outcome  # within the timeout (plus the start of a step)
