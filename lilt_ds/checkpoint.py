@@ -25,6 +25,7 @@ import shutil
 import torch
 
 from .distributed import barrier
+from .ds_compat import replay_cpu_adam_steps
 from .errors import ConfigError
 from .fileio import atomic_path
 from .runtime import rng_state
@@ -295,6 +296,8 @@ def load_checkpoint(engine, root: str, tag: str, identity: dict, world_size: int
         ) from None
     if path is None:
         raise ConfigError(f"{where} could not be loaded by DeepSpeed")
+    if same_world:  # CPU Adam's running beta powers as an uninterrupted run has them: an exact resume
+        replay_cpu_adam_steps(engine.optimizer)
     rng_file = os.path.join(root, tag, f"rng_rank{rank}.pt")
     if same_world and os.path.isfile(rng_file):
         client_state["rng"] = torch.load(rng_file, weights_only=False)

@@ -2,11 +2,12 @@
 
 DeepSpeed has no public API for a few things lilt_ds needs: the fp32 master fragment of one
 parameter under ZeRO-0/1/2 (to clamp the temperature there), turning off ZeRO-0's self-all-reduce on
-one rank, torch's own ``F.linear`` after a ZeRO-3 engine replaced it, and the ZeRO-3 attributes of a
-parameter. Each function here knows the layouts of the tested versions (``TESTED``, pinned in
-setup.py) and raises :class:`UnknownLayout` on anything else, so a renamed attribute stops a run
-with a message instead of silently changing what it does. ``PRIVATE`` lists every attribute used;
-a test checks them against the installed DeepSpeed.
+one rank, torch's own ``F.linear`` after a ZeRO-3 engine replaced it, the ZeRO-3 attributes of a
+parameter, and the step count of CPU Adam's C++ optimizer (for an exact resume). Each function here
+knows the layouts of the tested versions (``TESTED``, pinned in setup.py) and raises
+:class:`UnknownLayout` on anything else, so a renamed attribute stops a run with a message instead
+of silently changing what it does. ``PRIVATE`` lists every attribute used; a test checks them
+against the installed DeepSpeed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ PRIVATE = {
     "deepspeed.runtime.fp16.fused_optimizer:FP16_Optimizer": ("fp16_groups", "fp32_groups_flat"),
     "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer": ("_hp_mapping",),
     "ZeRO-3 parameter": ("ds_id", "ds_numel", "ds_tensor", "ds_persist"),
+    "an engine's optimizer wrapper (ZeRO, FP16/BF16)": ("optimizer",),
+    "deepspeed.ops.adam.cpu_adam:DeepSpeedCPUAdam": ("ds_opt_adam", "opt_id"),
+    "deepspeed.ops.adam.fused_adam:FusedAdam": ("multi_tensor_adam", "_dummy_overflow_buf", "adam_w_mode"),
 }
 """Owner -> the private attributes lilt_ds reads or writes on it (on an engine, an optimizer of that
 class, a parameter it manages, or the class itself)."""
@@ -125,3 +129,75 @@ def local_fp32_master(engine, param: torch.Tensor) -> torch.Tensor | None:
 def engine_keeps_no_master(engine) -> bool:
     """fp32 without ZeRO: DeepSpeed steps the module's own parameters (public engine calls only)."""
     return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+# ---------------------------------------------------------------------------------- CPU Adam after a load
+ADAM_CHUNK = 2048 * 32
+"""The chunk size DeepSpeed's FusedAdam passes its multi-tensor op (unused by the CPU op)."""
+
+
+def _stepping_optimizer(optimizer):
+    """The optimizer that steps, inside an engine's ZeRO / BF16 / FP16 wrappers (each holds it as .optimizer)."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def _cpu_adam_update(optimizer):
+    """A call ``update(step, param_group, tensors)`` that advances the C++ Adam of DeepSpeed's CPU
+    ops by one step on ``tensors``, for the optimizer that steps inside ``optimizer``; None where
+    none does (CUDA's FusedAdam recomputes beta^t from the step; a torch optimizer)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    adam = _stepping_optimizer(optimizer)
+    if isinstance(adam, DeepSpeedCPUAdam):  # ZeRO-Offload, on GPUs too: one C++ Adam per instance
+        needed = ("ds_opt_adam", "opt_id")
+    elif isinstance(adam, FusedAdam) and all(p.device.type == "cpu" for g in adam.param_groups for p in g["params"]):
+        needed = ("multi_tensor_adam", "_dummy_overflow_buf", "adam_w_mode")  # one C++ Adam per process
+    else:
+        return None
+    for attribute in needed:
+        if not hasattr(adam, attribute):
+            raise UnknownLayout(f"{type(adam).__name__} without {attribute}")
+
+    def update(step: int, group: dict, tensors: list[torch.Tensor]) -> None:
+        beta1, beta2 = group["betas"]
+        hyper = (group["lr"], beta1, beta2, group["eps"])
+        if isinstance(adam, DeepSpeedCPUAdam):
+            rest = (group["weight_decay"], group["bias_correction"], *tensors)
+            adam.ds_opt_adam.adam_update(adam.opt_id, step, *hyper, *rest)
+        else:
+            lists = [[t] for t in tensors]
+            mode, correction = adam.adam_w_mode, int(bool(group["bias_correction"]))
+            adam.multi_tensor_adam(ADAM_CHUNK, adam._dummy_overflow_buf, lists, *hyper, step, mode, correction,
+                                   group["weight_decay"])  # fmt: skip
+
+    return update, adam
+
+
+def replay_cpu_adam_steps(optimizer) -> int:
+    """After a checkpoint load, bring the running beta powers of DeepSpeed's C++ CPU Adam to where an
+    uninterrupted run has them; returns the step replayed to (0: nothing to do).
+
+    That Adam (``cpu_adam.h``, behind both DeepSpeedCPUAdam and the CPU accelerator's FusedAdam)
+    multiplies beta^t by beta once per step in float32; a new process whose first step is t sets it
+    to ``pow(beta, t)`` instead, which rounds differently after most checkpoints, so the bias
+    corrections, and every update after a resume, differ in the last bits. Replaying steps 1..t on
+    one-element dummy tensors makes the uninterrupted run's products; the real parameters and
+    moments are untouched.
+    """
+    found = _cpu_adam_update(optimizer)
+    if found is None:
+        return 0
+    update, adam = found
+    steps = [int(state["step"]) for state in adam.state.values() if "step" in state]
+    steps += [int(group["step"]) for group in adam.param_groups if "step" in group]
+    last = max(steps, default=0)
+    dummy = [torch.zeros(1, dtype=torch.float32) for _ in range(4)]
+    for step in range(1, last + 1):
+        for group in adam.param_groups:  # as the optimizer's step calls it: group by group
+            update(step, group, dummy)
+    return last
