@@ -158,7 +158,9 @@ def launched_world(env: Mapping[str, str] | None = None) -> LaunchedWorld:
             env,
             "OpenMPI's mpirun",
             tuple(f"OMPI_COMM_WORLD_{name}" for name in ("RANK", "SIZE", "LOCAL_RANK", "LOCAL_SIZE")),
-            "pass it on, e.g. `mpirun -x MASTER_ADDR=<first node> -x MASTER_PORT=29500 ...`",
+            "pass it on, e.g. `mpirun -x MASTER_ADDR=<first node> -x MASTER_PORT=29500 ...` (under `deepspeed "
+            "--launcher openmpi`, which does not pass on its --master_addr: a line MASTER_ADDR=<first node> in "
+            "./.deepspeed_env)",
         )
     if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH's and Intel MPI's hydra
         return _mpi(

@@ -128,7 +128,11 @@ def test_the_batch_script_stops_on_usr1_requeues_itself_and_resumes(slurm_cluste
     assert first and f"exit code {PREEMPTED_EXIT_STATUS}" in text, text[-4000:]
     stopped_at = int(first.group(1))
     assert 2 <= stopped_at < 30 and (out / "checkpoints" / f"step{stopped_at}").is_dir(), text[-4000:]
-    assert f"resumed from {out / 'checkpoints' / f'step{stopped_at}'}" in text, (states, text[-4000:], slurm_cluster.logs())
+    assert f"resumed from {out / 'checkpoints' / f'step{stopped_at}'}" in text, (
+        states,
+        text[-4000:],
+        slurm_cluster.logs(),
+    )
     assert sorted(step_losses(out)) == list(range(1, 31))
     assert "trainable weights identical on all 2 rank(s)" in text and "Traceback" not in text, text[-4000:]
     assert slurm_job(slurm_cluster, job_id).get("JobState") in (None, "COMPLETED"), text[-4000:]
