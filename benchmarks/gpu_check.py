@@ -29,8 +29,8 @@ not stop the others):
 It ends with one table (also ``DIR/summary.md`` and ``summary.json``) and exits 1 if a check failed.
 ``--reduced`` changes the sizes only (tiny towers, a few steps, small batches): every check runs the
 same commands with the same flags. Without a GPU it runs on the CPU as far as a CPU can go: the
-Triton kernel in Triton's interpreter, fp32 configs where DeepSpeed's CPU Adam needs them, and each
-GPU-only row skipped with its reason. The test suite runs it so, so that no part of the script can rot.
+Triton kernel in Triton's interpreter, and each GPU-only row skipped with its reason. The test
+suite runs it so, so that no part of the script can rot.
 """
 
 from __future__ import annotations
@@ -446,22 +446,6 @@ def _steps(folder: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _ds_config(ctx: Context, stage: str) -> str:
-    """The shipped config; on the CPU in fp32: after a load, DeepSpeed's CPU Adam computes its bias
-    correction as pow(beta, step) instead of the running product, a rounding-level change that bf16
-    weights would amplify (CUDA's FusedAdam computes it from the step every time)."""
-    path = os.path.join(ROOT, "ds_configs", f"{stage}.json")
-    if ctx.device == "cuda":
-        return path
-    with open(path) as f:
-        ds = json.load(f)
-    ds["bf16"] = {"enabled": False}
-    path = os.path.join(ctx.workdir, f"{stage}_fp32.json")
-    with open(path, "w") as f:
-        json.dump(ds, f)
-    return path
-
-
 def _train(ctx: Context, name: str, stage: str, out: str, steps: int, resume: str | None = None):
     overrides = [
         *ctx.scale.train_overrides,
@@ -475,7 +459,7 @@ def _train(ctx: Context, name: str, stage: str, out: str, steps: int, resume: st
         *ctx.launcher(),
         "launch/pretrain.py",
         "--deepspeed_config",
-        _ds_config(ctx, stage),
+        os.path.join(ROOT, "ds_configs", f"{stage}.json"),
         "--output_dir",
         out,
         "--overrides",
@@ -524,13 +508,11 @@ def check_resume(ctx: Context, args) -> Result:
     if not compared:
         raise CheckFailed("the resumed run logged no step after the checkpoint")
     worst = max(abs(after[s] - before[s]) / abs(before[s]) for s in compared)
-    bound = 0.0 if ctx.device == "cuda" else 1e-6  # DeepSpeed CPU Adam's bias-correction rounding (see _ds_config)
     same = "bit for bit as" if worst == 0 else f"within {worst:.1e} (relative) of"
     return Result(
         "resume",
-        "pass" if worst <= bound else "fail",
-        f"from step {steps // 2}: the losses of steps {compared[0]}-{compared[-1]} {same} the uninterrupted "
-        "run's" + ("" if worst <= bound else f" (bound {bound:g})"),
+        "pass" if worst == 0 else "fail",
+        f"from step {steps // 2}: the losses of steps {compared[0]}-{compared[-1]} {same} the uninterrupted run's",
         figures={"max_relative_difference": worst},
     )
 
