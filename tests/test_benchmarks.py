@@ -66,6 +66,7 @@ SMOKE = {
     "loss_kernels.py": ["--sizes", "256", "--activation-size", "tiny", "--activation-image-size", "32"],
     "loss_memory.py": ["--sizes", "256", "--world", "2", "--dim", "16", "--chunk-size", "64"],
     "memory.py": ["--sizes", "tiny", "--micro-batch", "4", "--probe-batch", "1", "--output_dir", "{tmp}/memory"],
+    "resume_exactness.py": ["--steps", "4", "--every", "2", "--resume_from", "2", "--overrides", *TINY],
     "throughput.py": [
         "--sizes",
         "tiny",
@@ -105,6 +106,7 @@ ENDS = {
     "loss_kernels.py": "| lilt ln+adapters | yes |",
     "loss_memory.py": "| 256 | siglip_chunked |",
     "memory.py": "Benchmark time:",
+    "resume_exactness.py": "| 2 | 0 | 0 | no |",  # bit for bit from a step where CPU Adam alone is not
     "throughput.py": "Total time",
 }
 
