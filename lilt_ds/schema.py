@@ -415,10 +415,24 @@ class DataSettings:
     )
     train_shards: str | list[str] | None = setting(
         None,
-        'tar shards (WebDataset layout) instead: "/d/shard-{000000..000099}.tar" or a list',
-        expect='a brace pattern such as "/data/shard-{000000..000099}.tar", a list of .tar files, or null',
+        'tar shards (WebDataset layout) instead: "/d/{00000..00099}.tar", '
+        '"pipe:aws s3 cp s3://b/{00000..00099}.tar -", "https://host/{00000..00099}.tar", '
+        '"s3://b/{00000..00099}.tar" (any fsspec URL), or a list',
+        expect='a brace pattern such as "/data/{00000..00099}.tar" (a path, pipe:COMMAND or URL), a list, or null',
         convert=_as_list_or_none,
         rule=Nullable(ListOf(Str(), min_items=1)),
+    )
+    samples_per_epoch: int | None = setting(
+        None,
+        "shards: the samples in all the shards, for shards without a sizes.json or img2dataset _stats.json "
+        "(pipe: and remote shards often); null: those files count them",
+        minimum=1,
+    )
+    shard_retries: int = setting(
+        3, "shards: a remote or pipe: shard whose read fails is opened again this many times, with backoff", minimum=0
+    )
+    shard_timeout_s: float = setting(
+        60.0, "shards: seconds a remote or pipe: read may wait for data before it fails (and is retried)", positive=True
     )
     shuffle_buffer: int = setting(
         1000, "shards: samples each DataLoader worker mixes across its shards (0: off)", minimum=0

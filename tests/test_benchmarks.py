@@ -66,6 +66,8 @@ SMOKE = {
     "loss_kernels.py": ["--sizes", "256", "--activation-size", "tiny", "--activation-image-size", "32"],
     "loss_memory.py": ["--sizes", "256", "--world", "2", "--dim", "16", "--chunk-size", "64"],
     "memory.py": ["--sizes", "tiny", "--micro-batch", "4", "--probe-batch", "1", "--output_dir", "{tmp}/memory"],
+    "shard_sources.py": ["--size", "32", "--n", "48", "--demo-size", "32", "--shard-size", "8", "--batch", "8"]
+    + ["--batches", "2", "--workers", "1"],
     "resume_exactness.py": ["--steps", "4", "--every", "2", "--resume_from", "2", "--overrides", *TINY],
     "throughput.py": [
         "--sizes",
@@ -106,6 +108,7 @@ ENDS = {
     "loss_kernels.py": "| lilt ln+adapters | yes |",
     "loss_memory.py": "| 256 | siglip_chunked |",
     "memory.py": "Benchmark time:",
+    "shard_sources.py": "| HTTP (loopback, fsspec) | 1 |",
     "resume_exactness.py": "| 2 | 0 | 0 | no |",  # bit for bit from a step where CPU Adam alone is not
     "throughput.py": "Total time",
 }

@@ -83,6 +83,7 @@ def test_a_saved_resolved_config_reloads_identically(tmp_path):
 WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they never take
     "output_dir": 5,
     "checkpoint.keep_last": "x",
+    "data.samples_per_epoch": "many",
     "model.init_logit_scale": "big",
     "model.init_logit_bias": "big",
     "model.text.tokenizer": 5,

@@ -28,6 +28,11 @@ def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, mu
         raise DataError(
             "data.train_files and data.train_shards are both set; train on one of them (set the other to [] / null)."
         )
+    if data.samples_per_epoch is not None and data.train_shards is None:
+        raise DataError(
+            f"data.samples_per_epoch = {data.samples_per_epoch} counts the samples of data.train_shards, which is "
+            "not set: set it to null (a caption JSON counts its own entries)."
+        )
     ImageRoot(data.image_root, "data.image_root")
     ImageRoot(data.eval_image_root, "data.eval_image_root")
     data = dataclasses.replace(data, augment=resolve_augment(data.augment))
@@ -37,7 +42,12 @@ def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, mu
 
 
 def _check_paths(data: DataSettings) -> None:
-    """The annotation files and image folders named exist (shards are found, and checked, by pattern)."""
+    """The annotation files and image folders named exist; the shards exist, or their URL schemes have
+    a backend, and have sample counts (their counts files are read; no tar is opened)."""
+    if data.train_shards is not None:
+        from .shards.files import find_shards
+
+        find_shards(data.train_shards, data.samples_per_epoch, timeout_s=data.shard_timeout_s)
     for i, path in enumerate(data.train_files):
         if not os.path.isfile(path):
             raise DataError(

@@ -136,7 +136,7 @@ def _json_loader(cfg, transform, collate, batch_size, rank, world_size, seed, lo
 
 
 def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, loader_args):
-    shards = find_shards(cfg.train_shards, cfg.on_bad_sample)
+    shards = find_shards(cfg.train_shards, cfg.samples_per_epoch, timeout_s=cfg.shard_timeout_s)
     workers = max(loader_args["num_workers"], 1)
     if len(shards.paths) < world_size * workers:
         raise DataError(
@@ -156,6 +156,8 @@ def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, l
         max_bad_fraction=cfg.max_bad_fraction,
         clean=_caption_cleaning(cfg),
         shuffle_buffer=cfg.shuffle_buffer,
+        retries=cfg.shard_retries,
+        timeout_s=cfg.shard_timeout_s,
     )
     loader = DataLoader(dataset, batch_size=None, **loader_args)  # the dataset batches
     return loader, dataset, dataset.progress, shards.total

@@ -29,6 +29,7 @@ from ..preprocessing.images import SHARD_IMAGE_KEYS, open_rgb
 from ..sample_rng import augmented, caption_choice
 from .files import CAPTION_EXTENSIONS, RECREATE_FIX, ShardFiles, sample_index, tar_error, webdataset
 from .progress import ShardProgress
+from .sources import ShardUnreadable, error_text, shard_samples
 
 
 class ShardDataset(IterableDataset):
@@ -48,6 +49,8 @@ class ShardDataset(IterableDataset):
         max_bad_fraction: float = 0.01,
         clean: Callable[[str], str] | None = None,
         shuffle_buffer: int = 1000,
+        retries: int = 3,
+        timeout_s: float = 60.0,
     ):
         check_bad_sample_policy(on_bad_sample, max_bad_fraction)
         webdataset()
@@ -61,6 +64,7 @@ class ShardDataset(IterableDataset):
         self.on_bad_sample = on_bad_sample
         self.clean = clean
         self.shuffle_buffer = shuffle_buffer
+        self.retries, self.timeout_s = retries, timeout_s
         self.progress = ShardProgress(shards, rank, world_size, batch_size, seed)
         self.bad_samples = BadSampleLog(shards.total, max_bad_fraction)
 
@@ -132,22 +136,25 @@ class ShardDataset(IterableDataset):
         sample completes the shard)."""
         path, expected = self.shards.paths[shard], self.shards.counts[shard]
         read_id = ledger.start(shard)
-        count, held, damage = 0, None, None
+        count, held, damage, fix = 0, None, None, RECREATE_FIX
         try:
-            for raw in webdataset().tarfile_samples([{"url": path}]):
+            for raw in shard_samples(path, self.retries, self.timeout_s):
                 raw["__read__"], raw["__entry__"], raw["__shard__"] = read_id, count, shard
                 count += 1
                 if held is not None:
                     yield held
                 held = raw
+        except ShardUnreadable as err:
+            damage = f"unreadable after {err.attempts} attempts, the last {error_text(err.error)}"
+            fix = "check the address and the network (data.shard_retries and data.shard_timeout_s set the patience)"
         except Exception as err:  # any failure to read a user's tar is bad data
             damage = f"truncated or corrupt tar ({tar_error(err)})"
-        if damage is None and count < expected:
-            damage = f"holds {count} samples, sizes.json lists {expected}"
+        if damage is None and count < expected and not self.shards.estimated:
+            damage = f"holds {count} samples, its counts file lists {expected}"
         if damage is not None:
             lost = max(expected - count, 1)
             if self.on_bad_sample == "error":
-                raise DataError(f"{path}: {damage} after {count} samples; {RECREATE_FIX}, {SKIP_FIX}.")
+                raise DataError(f"{path}: {damage} after {count} samples; {fix}, {SKIP_FIX}.")
             ledger.bad.append(
                 BadSample(
                     -1,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lilt_ds.cli.make_shards import main as make_shards
 from lilt_ds.data import DataError, ResumableDistributedSampler, build_train_loader, find_shards, write_shards
-from lilt_ds.data.shards.files import scan_tar
+from lilt_ds.data.shards.files import count_shards, scan_tar
 from lilt_ds.errors import LiltError
 
 from ..files import MEAN, STD, write_image, write_json
@@ -181,13 +181,17 @@ def test_positions_of_the_other_format_are_refused(shards, tokenizer):
 
 
 def write_tar(path, samples):
-    """A shard of `samples` [(key, {extension: bytes})]."""
+    """A shard of `samples` [(key, {extension: bytes})], listed in its folder's sizes.json."""
     with tarfile.open(path, "w") as tar:
         for key, files in samples:
             for extension, data in files.items():
                 info = tarfile.TarInfo(f"{key}.{extension}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    sizes = os.path.join(os.path.dirname(path), "sizes.json")
+    listed = json.loads(open(sizes).read()) if os.path.exists(sizes) else {}
+    with open(sizes, "w") as handle:
+        json.dump({**listed, os.path.basename(path): len(samples)}, handle)
     return str(path)
 
 
@@ -234,18 +238,28 @@ def truncate(path, keep):
         handle.truncate(keep)
 
 
-def test_a_truncated_shard_without_sizes_stops_at_startup(shards, tokenizer, tmp_path):
+def test_shards_without_counts_stop_at_startup_and_count_finds_a_truncated_one(shards, tokenizer, tmp_path):
+    """Start-up opens no tar: uncounted shards need data.samples_per_epoch or a sizes.json, which
+    lilt-make-shards --count writes from the tar headers (and finds a truncated shard doing so)."""
     _, pattern = shards(n=8, shard_size=4)
     os.unlink(tmp_path / "shards" / "sizes.json")
+    with pytest.raises(DataError, match=r"(?s)2 of the 2 shards in data\.train_shards have no sample count.*"
+                       r"Set data\.samples_per_epoch .*lilt-make-shards --count PATTERN"):  # fmt: skip
+        build({"train_shards": pattern}, tokenizer)
+    assert count_shards(pattern) == {str(tmp_path / "shards" / f"shard-00000{k}.tar"): 4 for k in (0, 1)}
+    make_shards(["--count", pattern])
+    assert json.loads((tmp_path / "shards" / "sizes.json").read_text()) == {
+        "shard-000000.tar": 4,
+        "shard-000001.tar": 4,
+    }
+    assert build({"train_shards": pattern}, tokenizer)[1].shards.counts == (4, 4)
     shard = tmp_path / "shards" / "shard-000001.tar"
     truncate(shard, 2500)
     assert scan_tar(str(shard))[1] == "ReadError: unexpected end of data"
     with pytest.raises(
-        DataError,
-        match=rf"{shard}: truncated or corrupt tar after \d samples \(ReadError: "
-        r"unexpected end of data\); re-create it .*or set data\.on_bad_sample=skip",
+        DataError, match=rf"{shard}: truncated or corrupt tar after \d samples \(ReadError: unexpected end of data\)"
     ):
-        build({"train_shards": pattern}, tokenizer)
+        count_shards(pattern)
 
 
 def test_a_truncated_shard_is_found_when_read_and_its_loss_counted(shards, tokenizer, tmp_path):
@@ -275,7 +289,7 @@ def test_a_shard_shorter_than_listed_is_counted(shards, tokenizer, tmp_path):
     loader, dataset, _ = build(cfg, tokenizer, batch=2)
     list(loader)
     assert dataset.bad_samples.lost == {str(tmp_path / "shards" / "shard-000001.tar"): 2}
-    assert "holds 4 samples, sizes.json lists 6" in dataset.bad_samples.examples[0].reason
+    assert "holds 4 samples, its counts file lists 6" in dataset.bad_samples.examples[0].reason
 
 
 @pytest.mark.parametrize(
