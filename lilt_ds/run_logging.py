@@ -106,7 +106,9 @@ class MetricLogger:
             "memory_gib": memory_in_use(engine.device),
         }
         self.window_samples, self.window_time = 0, 0.0
-        log.info("step %d " + " ".join(f"{k}=%.4g" for k in metrics), step, *metrics.values())
+        seen = step * engine.train_batch_size()  # samples seen by all ranks: a stream's clock
+        log.info("step %d samples_seen %d " + " ".join(f"{k}=%.4g" for k in metrics), step, seen, *metrics.values())
+        metrics["samples_seen"] = seen
         with open(self.steps_path, "a") as f:  # full precision, for comparing runs step by step
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:

@@ -418,14 +418,20 @@ class DataSettings:
         'tar shards (WebDataset layout) instead: "/d/{00000..00099}.tar", '
         '"pipe:aws s3 cp s3://b/{00000..00099}.tar -", "https://host/{00000..00099}.tar", '
         '"s3://b/{00000..00099}.tar" (any fsspec URL), or a list',
-        expect='a brace pattern such as "/data/{00000..00099}.tar" (a path, pipe:COMMAND or URL), a list, or null',
+        expect='a brace pattern such as "/data/{00000..00099}.tar" (a path, pipe:COMMAND or URL), a list, a list '
+        "of {urls: PATTERN, weight: W} sources, or null",
         convert=_as_list_or_none,
-        rule=Nullable(ListOf(Str(), min_items=1)),
+        rule=Nullable(ListOf(Either(Str(), AnyMapping()), min_items=1)),
+    )
+    resampled: bool = setting(
+        False,
+        "shards: draw them with replacement, an endless stream cut into epochs of samples_per_epoch (OpenCLIP's "
+        "--dataset-resampled); needed for a weighted mixture: train_shards: [{urls: PATTERN, weight: 3}, ...]",
     )
     samples_per_epoch: int | None = setting(
         None,
         "shards: the samples in all the shards, for shards without a sizes.json or img2dataset _stats.json "
-        "(pipe: and remote shards often); null: those files count them",
+        "(pipe: and remote shards often); with resampled: the samples of an epoch; null: the counted total",
         minimum=1,
     )
     shard_retries: int = setting(
@@ -571,6 +577,11 @@ class ClassificationSettings:
 class EvalSettings:
     every_epochs: int = setting(
         1, "retrieval on the eval split every this many epochs (and after the last); 0 = never", minimum=0
+    )
+    every_steps: int | None = setting(
+        None,
+        "also every this many optimizer steps (a stream of resampled shards has no natural epoch); null: by epoch",
+        minimum=1,
     )
     batch_size: int = setting(128, "images per forward pass", minimum=1)
     classification: ClassificationSettings = section(

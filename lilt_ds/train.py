@@ -359,6 +359,8 @@ class Trainer:
                     self.save_checkpoint()
                 if self.step >= self.total_steps:
                     break
+                if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
+                    results = {**results, **self.evaluate()}
             if self.stop_agreed:
                 return self.stop_here()
             bad = global_bad_sample_counts(self.loader.dataset.bad_samples)
@@ -366,9 +368,10 @@ class Trainer:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
             self.epoch += 1
             last = self.step >= self.total_steps
+            by_steps = last and cfg.eval.every_steps is not None  # a run evaluated by steps ends with one too
             metrics = self.evaluate(
-                retrieval=due(cfg.eval.every_epochs, self.epoch, last),
-                zeroshot=due(cfg.eval.classification.every_epochs, self.epoch, last),
+                retrieval=due(cfg.eval.every_epochs, self.epoch, last) or by_steps,
+                zeroshot=due(cfg.eval.classification.every_epochs, self.epoch, last) or by_steps,
             )
             results = {**results, **metrics}
         if self.last_saved_step != self.step:

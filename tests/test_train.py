@@ -58,7 +58,7 @@ def test_deepspeed_launcher_two_processes_writes_the_run_folder(tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert records and {"step", "epoch", "txt_r1", "img_r10", "r_mean"} <= set(records[-1])
     assert records[-1]["step"] == 3
-    assert "step 1 loss=" in (out / "train.log").read_text()
+    assert "step 1 samples_seen 8 loss=" in (out / "train.log").read_text()  # 4 per rank x 2 ranks
     assert "| image->text |" in result.stdout
 
 
@@ -89,7 +89,7 @@ def test_lit_on_the_feature_cache_through_the_launcher_two_ranks_with_workers(tm
     built = re.search(r"feature cache (\S+): (\d+) of its 48 rows built here", first)
     assert built and 0 < int(built.group(2)) < 48, first[-2000:]  # rank 0's share; rank 1 built the rest
     assert np.all(np.fromfile(os.path.join(built.group(1), "status.u8"), np.uint8) == 1)
-    assert "step 3 loss=" in first
+    assert re.search(r"step 3 samples_seen \d+ loss=", first)
     second = launch("second")
     assert f"feature cache {built.group(1)}: complete, 1 views x 48 images" in second
 
@@ -463,3 +463,35 @@ def test_a_dead_or_hung_rank_ends_the_others_within_the_collective_timeout(tmp_p
     assert outcome["error"] is not None and outcome["error"].startswith("CollectiveFailed: rank 0: a collective failed")
     assert f"train.collective_timeout_s={timeout} s" in outcome["error"] and "--resume auto" in outcome["error"]
     assert outcome["seconds"] < timeout + 30, outcome  # within the timeout (plus the start of a step)
+
+
+@pytest.mark.slow
+def test_a_resampled_stream_trains_evaluating_by_steps_and_logs_the_samples_seen(tmp_path):
+    """data.resampled on real shards: an epoch is data.samples_per_epoch samples, evaluations come every
+    eval.every_steps steps (and at the end), and steps.jsonl counts the samples seen."""
+    from lilt_ds.config import load_config
+    from lilt_ds.runtime import process_group_scope
+    from lilt_ds.train import Trainer
+    from tests.data.files import write_image, write_json
+    from tests.data.shards.test_stream import make_source
+
+    pattern = make_source(tmp_path / "shards", 0, 4, 6)
+    held_out = [
+        {"image": write_image(tmp_path / f"eval{k}.jpg", (60 * k, 90, 30)), "caption": [f"eval {k}"]} for k in range(4)
+    ]
+    extra = [f"data.train_shards={pattern}", "data.resampled=true", "data.samples_per_epoch=16", "eval.every_steps=2"]
+    extra += [
+        "eval.every_epochs=0",
+        "train.max_steps=5",
+        f"data.eval_file={write_json(tmp_path / 'eval.json', held_out)}",
+    ]
+    cfg = load_config("demo", tiny_training_overrides(tmp_path, [*extra, f"output_dir={tmp_path / 'run'}"]))
+    with process_group_scope(), _lilt_ds_logging_restored():
+        trainer = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"), quiet=True)
+        assert trainer.steps_per_epoch == 4  # 16 samples / batch 4
+        trainer.run()
+        trainer.engine.destroy()
+    records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5] and all("txt_r1" in r for r in records)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["samples_seen"]) for s in steps] == [(k, 4 * k) for k in range(1, 6)]

@@ -28,6 +28,11 @@ def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, mu
         raise DataError(
             "data.train_files and data.train_shards are both set; train on one of them (set the other to [] / null)."
         )
+    if data.resampled and data.train_shards is None:
+        raise DataError(
+            "data.resampled=true draws tar shards with replacement, and data.train_shards is not set: set the shards, "
+            "or data.resampled=false."
+        )
     if data.samples_per_epoch is not None and data.train_shards is None:
         raise DataError(
             f"data.samples_per_epoch = {data.samples_per_epoch} counts the samples of data.train_shards, which is "
@@ -47,7 +52,7 @@ def _check_paths(data: DataSettings) -> None:
     if data.train_shards is not None:
         from .shards.files import find_shards
 
-        find_shards(data.train_shards, data.samples_per_epoch, timeout_s=data.shard_timeout_s)
+        find_shards(data.train_shards, data.samples_per_epoch, timeout_s=data.shard_timeout_s, resampled=data.resampled)
     for i, path in enumerate(data.train_files):
         if not os.path.isfile(path):
             raise DataError(

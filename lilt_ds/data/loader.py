@@ -28,8 +28,9 @@ from .sampler import ResumableDistributedSampler
 from .shards.dataset import ShardDataset
 from .shards.files import find_shards
 from .shards.progress import ShardProgress
+from .shards.stream import ResampledShardDataset, StreamProgress
 
-Sampler = ResumableDistributedSampler | ShardProgress
+Sampler = ResumableDistributedSampler | ShardProgress | StreamProgress
 
 
 class TrainLoader:
@@ -136,8 +137,30 @@ def _json_loader(cfg, transform, collate, batch_size, rank, world_size, seed, lo
 
 
 def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, loader_args):
-    shards = find_shards(cfg.train_shards, cfg.samples_per_epoch, timeout_s=cfg.shard_timeout_s)
+    shards = find_shards(
+        cfg.train_shards, cfg.samples_per_epoch, timeout_s=cfg.shard_timeout_s, resampled=cfg.resampled
+    )
     workers = max(loader_args["num_workers"], 1)
+    if cfg.resampled:
+        dataset = ResampledShardDataset(
+            shards,
+            cfg.samples_per_epoch or shards.total,
+            workers,
+            transform,
+            collate,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            on_bad_sample=cfg.on_bad_sample,
+            max_bad_fraction=cfg.max_bad_fraction,
+            clean=_caption_cleaning(cfg),
+            shuffle_buffer=cfg.shuffle_buffer,
+            retries=cfg.shard_retries,
+            timeout_s=cfg.shard_timeout_s,
+        )
+        loader = DataLoader(dataset, batch_size=None, **loader_args)
+        return loader, dataset, dataset.progress, dataset.progress.samples_per_epoch
     if len(shards.paths) < world_size * workers:
         raise DataError(
             f"data.train_shards has {len(shards.paths)} shards, fewer than ranks x "

@@ -134,9 +134,9 @@ class ShardDataset(IterableDataset):
         """The samples of one shard. Each is held back until the next one is read, so that the
         ledger knows the shard's count before its last sample leaves (and the batch holding that
         sample completes the shard)."""
-        path, expected = self.shards.paths[shard], self.shards.counts[shard]
+        path = self.shards.paths[shard]
         read_id = ledger.start(shard)
-        count, held, damage, fix = 0, None, None, RECREATE_FIX
+        count, held, error = 0, None, None
         try:
             for raw in shard_samples(path, self.retries, self.timeout_s):
                 raw["__read__"], raw["__entry__"], raw["__shard__"] = read_id, count, shard
@@ -144,27 +144,11 @@ class ShardDataset(IterableDataset):
                 if held is not None:
                     yield held
                 held = raw
-        except ShardUnreadable as err:
-            damage = f"unreadable after {err.attempts} attempts, the last {error_text(err.error)}"
-            fix = "check the address and the network (data.shard_retries and data.shard_timeout_s set the patience)"
-        except Exception as err:  # any failure to read a user's tar is bad data
-            damage = f"truncated or corrupt tar ({tar_error(err)})"
-        if damage is None and count < expected and not self.shards.estimated:
-            damage = f"holds {count} samples, its counts file lists {expected}"
+        except Exception as err:  # noqa: BLE001 - any failure to read a user's tar is bad data
+            error = err
+        damage = shard_damage(self, shard, count, error)
         if damage is not None:
-            lost = max(expected - count, 1)
-            if self.on_bad_sample == "error":
-                raise DataError(f"{path}: {damage} after {count} samples; {fix}, {SKIP_FIX}.")
-            ledger.bad.append(
-                BadSample(
-                    -1,
-                    path,
-                    count,
-                    "(the rest of the shard)",
-                    f"{damage}: {lost} samples lost after the first {count}",
-                    lost=lost,
-                )
-            )
+            ledger.bad.append(damage)
         ledger.finish(read_id, count)
         if held is not None:
             yield held
@@ -196,6 +180,28 @@ class ShardDataset(IterableDataset):
             "index": index,
             "bad_samples": [],
         }
+
+
+def shard_damage(dataset: ShardDataset, shard: int, count: int, error: BaseException | None) -> BadSample | None:
+    """What a read of ``shard`` that delivered ``count`` samples and ended with ``error`` (None: at its
+    end) lost: None, a BadSample for the rest of the shard (on_bad_sample=skip), or a DataError."""
+    path, expected = dataset.shards.paths[shard], dataset.shards.counts[shard]
+    damage, fix = None, RECREATE_FIX
+    if isinstance(error, ShardUnreadable):
+        damage = f"unreadable after {error.attempts} attempts, the last {error_text(error.error)}"
+        fix = "check the address and the network (data.shard_retries and data.shard_timeout_s set the patience)"
+    elif error is not None:
+        damage = f"truncated or corrupt tar ({tar_error(error)})"
+    elif count < expected and not dataset.shards.estimated:
+        damage = f"holds {count} samples, its counts file lists {expected}"
+    if damage is None:
+        return None
+    if dataset.on_bad_sample == "error":
+        raise DataError(f"{path}: {damage} after {count} samples; {fix}, {SKIP_FIX}.")
+    lost = max(expected - count, 1)
+    return BadSample(
+        -1, path, count, "(the rest of the shard)", f"{damage}: {lost} samples lost after the first {count}", lost=lost
+    )
 
 
 def _captions(raw: dict, clean):

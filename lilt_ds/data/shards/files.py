@@ -13,7 +13,7 @@ import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -43,20 +43,62 @@ def webdataset():
 @dataclass(frozen=True)
 class ShardFiles:
     """The shards of a training set, in the order given, and the samples each holds (``estimated``:
-    the counts are data.samples_per_epoch shared out, not read from counts files)."""
+    some counts are data.samples_per_epoch shared out or a source's mean, not read from counts files).
+    A weighted mixture also says each shard's source (``sources``) and the sources' ``weights``."""
 
     paths: tuple[str, ...]
     counts: tuple[int, ...]
     estimated: bool = False
+    sources: tuple[int, ...] = ()
+    weights: tuple[float, ...] = (1.0,)
 
     @property
     def total(self) -> int:
         return sum(self.counts)
 
+    def source_of(self, shard: int) -> int:
+        return self.sources[shard] if self.sources else 0
+
     def digest(self) -> str:
-        """Identifies the list (names and counts), to refuse resuming on another one."""
-        names = [[os.path.basename(p), c] for p, c in zip(self.paths, self.counts)]
-        return hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+        """Identifies the list (names, counts, sources and weights), to refuse resuming on another one."""
+        names = [[os.path.basename(p), c, self.source_of(k)] for k, (p, c) in enumerate(zip(self.paths, self.counts))]
+        return hashlib.sha256(json.dumps([names, list(self.weights)]).encode()).hexdigest()[:16]
+
+
+def mixture_sources(spec) -> list[tuple[list[str], float]]:
+    """[(patterns, weight)] of data.train_shards: one source of weight 1 for a pattern or a list of
+    them, one per entry for a list of {urls, weight} mappings (checked: URLs given, weights > 0)."""
+    if isinstance(spec, str):
+        return [([spec], 1.0)]
+    entries = list(spec)
+    kinds = {isinstance(entry, Mapping) for entry in entries}
+    if kinds == {False}:
+        return [(entries, 1.0)]
+    if kinds != {True}:
+        raise DataError(
+            "data.train_shards mixes patterns and {urls, weight} entries: write every entry of a mixture as "
+            "{urls: PATTERN_OR_LIST, weight: W}."
+        )
+    sources = []
+    for i, entry in enumerate(entries):
+        unknown = sorted(set(entry) - {"urls", "weight"})
+        if unknown:
+            raise DataError(f"data.train_shards[{i}] has unknown key(s) {unknown}: a source is {{urls, weight}}.")
+        urls = entry.get("urls")
+        urls = [urls] if isinstance(urls, str) else urls
+        if not urls or not isinstance(urls, (list, tuple)) or not all(isinstance(u, str) and u for u in urls):
+            raise DataError(
+                f"data.train_shards[{i}].urls = {entry.get('urls')!r}: a mixture entry needs its shards, a pattern "
+                "such as /data/cc12m/{00000..01242}.tar or a list of them."
+            )
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise DataError(
+                f"data.train_shards[{i}].weight = {weight!r}: expected a positive number (the source's share of the "
+                "samples drawn, relative to the others')."
+            )
+        sources.append((list(urls), float(weight)))
+    return sources
 
 
 def expand_shards(spec: str | Sequence[str], setting: str = "data.train_shards") -> list[str]:
@@ -91,32 +133,52 @@ def expand_shards(spec: str | Sequence[str], setting: str = "data.train_shards")
 
 
 def find_shards(
-    spec: str | Sequence[str],
+    spec,
     samples_per_epoch: int | None = None,
     setting: str = "data.train_shards",
     timeout_s: float = 60.0,
+    resampled: bool = False,
 ) -> ShardFiles:
-    """The shards of `spec` (see expand_shards) and their sample counts, from the counts files
-    beside them; without counts for every shard, data.samples_per_epoch shared out evenly."""
-    paths = expand_shards(spec, setting)
+    """The shards of `spec` (patterns, or a mixture of {urls, weight} sources) and their sample
+    counts, from the counts files beside them. Read in order (not `resampled`): without counts for
+    every shard, data.samples_per_epoch shared out evenly. Resampled: the counts only weigh the draws
+    (a shard without one counts as its source's mean), and an epoch is data.samples_per_epoch samples
+    (default: the counted total)."""
+    sources = mixture_sources(spec)
+    if len(sources) > 1 and not resampled:
+        raise DataError(
+            f"{setting} is a weighted mixture of {len(sources)} sources, which draws shards with replacement: set "
+            "data.resampled=true (and data.samples_per_epoch, the samples of an epoch)."
+        )
+    paths, source_of = [], []
+    for i, (patterns, _) in enumerate(sources):
+        found = expand_shards(patterns, f"{setting}[{i}].urls" if len(sources) > 1 else setting)
+        paths += found
+        source_of += [i] * len(found)
+    twice = sorted(path for path, times in Counter(paths).items() if times > 1)
+    if twice:
+        raise DataError(f"these shards are in more than one source of {setting}:\n{format_list(twice)}")
     counts = _counts(paths, timeout_s)
     uncounted = [path for path in paths if path not in counts]
     if uncounted and samples_per_epoch is None:
         pipes = "pipe: commands have none; " if any(shard_kind(p) == PIPE for p in uncounted) else ""
+        purpose = "the samples of an epoch" if resampled else "the samples in all the shards"
         raise DataError(
             f"{len(uncounted)} of the {len(paths)} shards in {setting} have no sample count:\n"
             f"{format_list(uncounted)}\nNo {SIZES_FILE} beside them lists them and no img2dataset "
             f"<shard>{STATS_SUFFIX} is there ({pipes}the tars are not opened to count them). "
-            "Set data.samples_per_epoch to the samples in all the "
-            f"shards, or write a {SIZES_FILE} (local shards: lilt-make-shards --count PATTERN)."
+            f"Set data.samples_per_epoch to {purpose}, or write a {SIZES_FILE} "
+            "(local shards: lilt-make-shards --count PATTERN)."
         )
+    if resampled:
+        return _resampled_files(paths, source_of, counts, [w for _, w in sources], setting)
     if samples_per_epoch is not None and not uncounted:
         total = sum(counts.values())
         if samples_per_epoch != total:
             raise DataError(
                 f"data.samples_per_epoch = {samples_per_epoch}, but the counts files beside the shards of {setting} "
                 f"say they hold {total} samples: set data.samples_per_epoch to null (it is for shards without "
-                "counts files)."
+                "counts files), or data.resampled=true for epochs of that many samples drawn with replacement."
             )
     if uncounted:
         share, extra = divmod(samples_per_epoch, len(paths))
@@ -127,12 +189,34 @@ def find_shards(
                 "give the samples in all the shards."
             )
         return ShardFiles(tuple(paths), estimated, estimated=True)
-    empty = [path for path in paths if counts[path] == 0]
+    _check_not_empty(paths, counts, setting)
+    return ShardFiles(tuple(paths), tuple(counts[path] for path in paths))
+
+
+def _check_not_empty(paths: list[str], counts: dict[str, int], setting: str) -> None:
+    empty = [path for path in paths if counts.get(path) == 0]
     if empty:
         raise DataError(
             f"{len(empty)} shards in {setting} hold no samples:\n{format_list(empty)}\nFor each, {RECREATE_FIX}."
         )
-    return ShardFiles(tuple(paths), tuple(counts[path] for path in paths))
+
+
+def _resampled_files(paths, source_of, counts, weights, setting) -> ShardFiles:
+    """Counts for drawing with replacement: a shard without one counts as its source's counted mean
+    (1 where the source has no count at all: its shards are drawn alike)."""
+    _check_not_empty(paths, counts, setting)
+    filled = []
+    for source in range(len(weights)):
+        known = [counts[p] for p, s in zip(paths, source_of) if s == source and p in counts]
+        mean = max(1, round(sum(known) / len(known))) if known else 1
+        filled += [counts.get(p, mean) for p, s in zip(paths, source_of) if s == source]
+    return ShardFiles(
+        tuple(paths),
+        tuple(filled),
+        estimated=len(counts) < len(paths),
+        sources=tuple(source_of) if len(weights) > 1 else (),
+        weights=tuple(weights),
+    )
 
 
 def sample_index(key: str) -> int:
