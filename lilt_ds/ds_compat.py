@@ -172,8 +172,9 @@ def _cpu_adam_update(optimizer):
         else:
             lists = [[t] for t in tensors]
             mode, correction = adam.adam_w_mode, int(bool(group["bias_correction"]))
-            adam.multi_tensor_adam(ADAM_CHUNK, adam._dummy_overflow_buf, lists, *hyper, step, mode, correction,
-                                   group["weight_decay"])  # fmt: skip
+            adam.multi_tensor_adam(
+                ADAM_CHUNK, adam._dummy_overflow_buf, lists, *hyper, step, mode, correction, group["weight_decay"]
+            )
 
     return update, adam
 

@@ -21,6 +21,7 @@ from .sampler import ResumableDistributedSampler
 from .shards.dataset import ShardDataset
 from .shards.files import ShardFiles, find_shards
 from .shards.progress import ShardProgress
+from .shards.stream import ResampledShardDataset, StreamProgress
 from .shards.writer import write_shards
 
 __all__ = [
@@ -38,6 +39,8 @@ __all__ = [
     "ShardDataset",
     "ShardFiles",
     "ShardProgress",
+    "ResampledShardDataset",
+    "StreamProgress",
     "TrainLoader",
     "build_eval_data",
     "cache_locked_features",

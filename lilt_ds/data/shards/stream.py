@@ -53,8 +53,16 @@ class StreamProgress:
     (TrainLoader calls ``record_batch`` for every delivered batch). The epoch, the batches delivered
     in it and the lanes' positions live in shared memory, read by workers when a pass starts."""
 
-    def __init__(self, shards: ShardFiles, samples_per_epoch: int, rank: int, world_size: int, batch_size: int,
-                 lanes: int, seed: int):  # fmt: skip
+    def __init__(
+        self,
+        shards: ShardFiles,
+        samples_per_epoch: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        lanes: int,
+        seed: int,
+    ):
         check_rank(rank, world_size)
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.batch_size, self.lanes, self.seed = batch_size, lanes, seed
@@ -152,8 +160,11 @@ class StreamProgress:
         log.warning(
             "the resampled stream was saved with %s rank(s) x %s lane(s), this run has %d x %d: every lane goes on "
             "from fresh draws (the run continues, but not with the samples an uninterrupted run would have seen)",
-            state.get("world_size"), state.get("lanes"), self.world_size, self.lanes,
-        )  # fmt: skip
+            state.get("world_size"),
+            state.get("lanes"),
+            self.world_size,
+            self.lanes,
+        )
         self.positions()[:] = (newest + 1, 0)
         self._fix_plan()
 
