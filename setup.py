@@ -66,6 +66,7 @@ setup(
         # shards anywhere: webdataset's grouping and pipe: opener, fsspec's http(s) (aiohttp); s3fs for s3://
         "shards": SHARDS,
         "s3": SHARDS + ["s3fs"],
+        "tables": ["pyarrow"],  # CSV/TSV, Parquet and datasets folders as data.train_files
         "plot": ["matplotlib"],
         "bench": DEMO + ["open_clip_torch"],  # benchmarks/throughput.py: OpenCLIP's step beside ours
         # omegaconf: the original LilT checkpoint fixture saves its OmegaConf config; ruff: .ci/run's linter,
@@ -74,7 +75,7 @@ setup(
         # sources' tests write real img2dataset shards and read them from a loopback HTTP server and S3
         "test": DEMO
         + SHARDS
-        + ["img2dataset", "s3fs", "moto[server]"]
+        + ["img2dataset", "s3fs", "moto[server]", "pyarrow", "datasets"]
         + ["pytest", "pytest-timeout", "matplotlib", "open_clip_torch", "omegaconf", "ruff==0.17.6"],
     },
 )

@@ -1,9 +1,10 @@
 """The caption index at the original scale: build and load time of a multi-million-entry JSON in
-the original LilT format, and resident memory (PSS) of the training process and each DataLoader
-worker at the start and end of a pass over many samples.
+the original LilT format (or the same entries as a Parquet or CSV table: --format), and resident
+memory (PSS) of the training process and each DataLoader worker at the start and end of a pass over
+many samples.
 
     python benchmarks/data_scale.py [--n 5000000 --samples 200000 --workers 2 --batch 256
-                                     --image-size 32 --dir /tmp/lilt_ds_data_scale]
+                                     --image-size 32 --dir /tmp/lilt_ds_data_scale --format json]
 
 Generates (once, reused) a JSON of `--n` entries `{"image", "image_id", "caption"}` whose images
 cycle through 1000 real 32 px JPEGs and whose captions are 6-18 words (about CC3M's length). Then,
@@ -60,6 +61,36 @@ def generate(folder: str, n: int) -> str:
             image = os.path.join(images, f"{i % IMAGES:08d}_0.jpg")
             out.write(f'{"," if i else ""}\n{{"image": "{image}", "image_id": {i}, "caption": "{caption}"}}')
         out.write("\n]\n")
+    os.replace(scratch, target)
+    return target
+
+
+def as_table(json_path: str, kind: str) -> str:
+    """The JSON's entries as a table of OpenCLIP's columns (filepath, title), written once, streaming."""
+    if kind == "json":
+        return json_path
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from lilt_ds.data.index.jsonfile import iter_json_list
+
+    target = os.path.splitext(json_path)[0] + f".{kind}"
+    if os.path.exists(target):
+        return target
+    schema = pa.schema([("filepath", pa.string()), ("title", pa.string())])
+    scratch = target + ".tmp"
+    writer = pq.ParquetWriter(scratch, schema) if kind == "parquet" else pacsv.CSVWriter(scratch, schema)
+    rows = {"filepath": [], "title": []}
+    for entry in iter_json_list(json_path, "--json"):
+        rows["filepath"].append(entry["image"])
+        rows["title"].append(entry["caption"])
+        if len(rows["title"]) == 100_000:
+            writer.write_table(pa.table(rows, schema=schema))
+            rows = {"filepath": [], "title": []}
+    if rows["title"]:
+        writer.write_table(pa.table(rows, schema=schema))
+    writer.close()
     os.replace(scratch, target)
     return target
 
@@ -202,6 +233,9 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--dir", default="/tmp/lilt_ds_data_scale", help="where the synthetic data goes")
+    parser.add_argument(
+        "--format", choices=["json", "parquet", "csv"], default="json", help="the caption file's format"
+    )
     parser.add_argument("--phase", choices=["build", "pass"], help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,7 +247,7 @@ def main():
         return
 
     start = time.perf_counter()
-    path = generate(args.dir, args.n)
+    path = as_table(generate(args.dir, args.n), args.format)
     generate_s = time.perf_counter() - start
     for name in os.listdir(args.dir):  # a fresh build every time
         if ".lilt-caption-index" in name:
@@ -222,7 +256,7 @@ def main():
     scale = run_phase("pass", path, args)
     mib = lambda kib: f"{kib / 1024:.0f}"
     print(
-        f"{build['entries']:,} entries, JSON {os.path.getsize(path) / 2**20:.0f} MiB "
+        f"{build['entries']:,} entries, {args.format} {os.path.getsize(path) / 2**20:.0f} MiB "
         f"(generated in {generate_s:.0f} s), {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), load average {os.getloadavg()[0]:.1f}; "
         f"pass: {scale['samples']:,} samples, batch {args.batch}, {args.workers} workers, "

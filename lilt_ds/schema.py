@@ -405,11 +405,23 @@ class DemoSettings:
 
 
 @dataclass(frozen=True)
+class TableSettings:
+    """Columns of CSV/TSV, Parquet and datasets tables in data.train_files (OpenCLIP's --csv-* flags)."""
+
+    image_key: str = setting("filepath", "the column of image paths (OpenCLIP's --csv-img-key)")
+    caption_key: str = setting("title", "the column of captions, a string or a list of them (--csv-caption-key)")
+    separator: str | None = setting(
+        None, "CSV/TSV field separator (--csv-separator); null: tab for .tsv, comma for .csv", expect="a string or null"
+    )
+
+
+@dataclass(frozen=True)
 class DataSettings:
     train_files: list[str] = setting(
         [],
-        "JSON files in the original format; empty (and no shards) -> the built-in demo data",
-        expect="a list of JSON file paths (empty for the built-in demo)",
+        "JSON files in the original format, or tables: .csv/.tsv, .parquet, datasets folders (save_to_disk); "
+        "empty (and no shards) -> the built-in demo data",
+        expect="a list of JSON, CSV/TSV or Parquet files or datasets folders (empty for the built-in demo)",
         convert=_as_list,
         rule=ListOf(Str()),
     )
@@ -440,6 +452,7 @@ class DataSettings:
     shard_timeout_s: float = setting(
         60.0, "shards: seconds a remote or pipe: read may wait for data before it fails (and is retried)", positive=True
     )
+    table: TableSettings = section(TableSettings, "the columns of CSV/TSV, Parquet and datasets tables in train_files")
     shuffle_buffer: int = setting(
         1000, "shards: samples each DataLoader worker mixes across its shards (0: off)", minimum=0
     )

@@ -29,7 +29,8 @@ TINY = [
 # script -> its flags at a smoke size; the other flags are those the README shows
 SMOKE = {
     "checkpoint_size.py": ["--overrides", *TINY],
-    "data_scale.py": ["--n", "2000", "--samples", "64", "--workers", "1", "--batch", "16", "--dir", "{tmp}/scale"],
+    "data_scale.py": ["--n", "2000", "--samples", "64", "--workers", "1", "--batch", "16", "--dir", "{tmp}/scale"]
+    + ["--format", "parquet"],
     "data_throughput.py": [
         "--size",
         "32",

@@ -84,6 +84,8 @@ WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they
     "output_dir": 5,
     "checkpoint.keep_last": "x",
     "data.samples_per_epoch": "many",
+    "data.table.separator": 5,
+    "eval.every_steps": "often",
     "model.init_logit_scale": "big",
     "model.init_logit_bias": "big",
     "model.text.tokenizer": 5,

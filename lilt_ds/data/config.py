@@ -12,6 +12,7 @@ from typing import Any
 from ..schema import DataSettings, as_section
 from .errors import DataError
 from .index.image_root import ImageRoot
+from .index.tables import check_table, table_kind
 from .preprocessing.transforms import resolve_augment
 
 AUTO = "auto"
@@ -54,10 +55,14 @@ def _check_paths(data: DataSettings) -> None:
 
         find_shards(data.train_shards, data.samples_per_epoch, timeout_s=data.shard_timeout_s, resampled=data.resampled)
     for i, path in enumerate(data.train_files):
-        if not os.path.isfile(path):
+        if not (os.path.isfile(path) or table_kind(path) == "datasets"):
             raise DataError(
                 f"data.train_files[{i}] = {path!r} does not exist: check the path "
                 "(relative paths start from the folder the command runs in)"
+            )
+        if table_kind(path):
+            check_table(
+                path, data.table.image_key, data.table.caption_key, data.table.separator, f"data.train_files[{i}]"
             )
     if data.eval_file is not None and not os.path.isfile(data.eval_file):
         raise DataError(f"data.eval_file = {data.eval_file!r} does not exist: check the path")

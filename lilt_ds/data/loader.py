@@ -124,7 +124,7 @@ def _json_loader(cfg, transform, collate, batch_size, rank, world_size, seed, lo
     files, image_root = cfg.train_files, cfg.image_root
     if not files:
         files, image_root = [_demo(cfg)["train"]], None
-    table = load_caption_files(files, image_root, _caption_cleaning(cfg), cache=cfg.index_cache)
+    table = load_caption_files(files, image_root, _caption_cleaning(cfg), cache=cfg.index_cache, table=cfg.table)
     table.make_resident()
     dataset = CaptionDataset(
         table, transform, seed=seed, on_bad_sample=cfg.on_bad_sample, max_bad_fraction=cfg.max_bad_fraction

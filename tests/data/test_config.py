@@ -32,7 +32,7 @@ def test_files_and_shards_together_are_refused():
         ({"max_length": 0}, r"data\.max_length = 0: expected an integer >= 1"),
         ({"eval_image_root": {"from": "/a"}}, r"data\.eval_image_root = "),
         ({"eval_file": 3}, r"data\.eval_file = 3: expected a path or null"),
-        ({"train_files": [None]}, r"data\.train_files = \[None\]: expected a list of JSON file paths"),
+        ({"train_files": [None]}, r"data\.train_files = \[None\]: expected a list of JSON, CSV/TSV or Parquet files"),
         ({"demo": {"size": 4}}, r"data\.demo\.size = 4: expected an integer >= 16"),
         ({"augment": {"randaugment": 7}}, r"data\.augment\.randaugment = 7: expected a timm RandAugment string"),
         ({"max_bad_fraction": True}, r"data\.max_bad_fraction = True"),

@@ -26,9 +26,26 @@ Index = ArrayFile | dict[str, np.ndarray]
 
 
 def source_fingerprint(paths: list[str]) -> list[dict]:
-    """What identifies the content of each file without reading all of it."""
+    """What identifies the content of each file without reading all of it (a folder, such as a
+    datasets folder: its files')."""
     prints = []
     for path in paths:
+        if os.path.isdir(path):
+            inner = source_fingerprint(
+                sorted(
+                    os.path.join(path, name) for name in os.listdir(path) if os.path.isfile(os.path.join(path, name))
+                )
+            )
+            digest = hashlib.sha256(json.dumps([[p["size"], p["sha256_ends"]] for p in inner]).encode())
+            prints.append(
+                {
+                    "path": os.path.abspath(path),
+                    "size": sum(p["size"] for p in inner),
+                    "mtime_ns": max((p["mtime_ns"] for p in inner), default=0),
+                    "sha256_ends": digest.hexdigest(),
+                }
+            )
+            continue
         stat = os.stat(path)
         digest = hashlib.sha256()
         with open(path, "rb") as handle:

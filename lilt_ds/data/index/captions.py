@@ -27,6 +27,7 @@ from .cache import cached_index
 from .image_root import ImageRoot, ImageRootSpec
 from .jsonfile import iter_json_list, json_type_name
 from .packed import PackedPaths, PackedPathsBuilder, PackedStrings, PackedStringsBuilder, smallest_offset_dtype
+from .tables import iter_table_entries, table_kind
 
 # Bump when the arrays of a caption index change meaning: older caches are then rebuilt.
 INDEX_FORMAT = 1
@@ -151,6 +152,7 @@ def load_caption_files(
     setting: str = "data.train_files",
     root_setting: str = "data.image_root",
     cache: str | None = "auto",
+    table=None,
 ) -> CaptionTable:
     """Read and validate every file; `clean` (e.g. `pre_caption`) is applied to the stored
     captions. Raises DataError listing every invalid entry (file, entry index, fix).
@@ -165,28 +167,36 @@ def load_caption_files(
     root = ImageRoot(image_root, root_setting)
     sources = [str(f) for f in files]
     for source in sources:
-        if not os.path.isfile(source):
+        if not (os.path.isfile(source) or table_kind(source) == "datasets"):
             raise DataError(f"{source}: file not found (given in {setting}). Fix the path in {setting}.")
-    build = functools.partial(_read_entries, sources, root, clean, setting)
+    columns = (
+        (table.image_key, table.caption_key, table.separator) if table is not None else ("filepath", "title", None)
+    )
+    build = functools.partial(_read_entries, sources, root, clean, setting, columns)
     clean_identity = _callable_identity(clean)
     if clean_identity is None:
         cache = None
     root_spec = os.fspath(image_root) if isinstance(image_root, os.PathLike) else image_root
     settings = {"format": INDEX_FORMAT, "image_root": root_spec, "clean": clean_identity}
+    if any(table_kind(source) for source in sources):
+        settings["table"] = list(columns)
     return CaptionTable.from_index(sources, cached_index(sources, settings, build, cache, "caption-index"))
 
 
 def _read_entries(
-    sources: list[str], root: ImageRoot, clean: Callable[[str], str] | None, setting: str
+    sources: list[str], root: ImageRoot, clean: Callable[[str], str] | None, setting: str, columns: tuple
 ) -> dict[str, np.ndarray]:
-    """Stream and validate every entry into packed arrays; every invalid entry is counted and
-    the first ones are quoted in the error."""
+    """Stream and validate every entry (of a JSON file, or a row of a table) into packed arrays;
+    every invalid entry is counted and the first ones are quoted in the error."""
     builder, counts = _TableBuilder(), []
     problems: list[str] = []
     invalid = 0
     for source in sources:
         count = 0
-        for count, entry in enumerate(iter_json_list(source, setting), start=1):
+        entries = (
+            iter_table_entries(source, *columns, setting) if table_kind(source) else iter_json_list(source, setting)
+        )
+        for count, entry in enumerate(entries, start=1):
             path, errors = _entry_image(entry, root)
             texts, caption_errors = entry_captions(entry, clean)
             if errors or caption_errors:
