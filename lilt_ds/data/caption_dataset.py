@@ -14,6 +14,7 @@ from .bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_pol
 from .errors import DataError, format_list
 from .index.captions import CaptionTable
 from .index.feature_file import BAD
+from .index.image_store import is_stored, stored_image
 from .preprocessing.images import open_rgb
 from .sample_rng import REPLACE_STREAM, augmented, caption_choice, sample_rng
 
@@ -122,7 +123,8 @@ class UnreadableEntry(Exception):
 def open_entry(table: CaptionTable, index: int):
     """The decoded RGB image of entry `index`; UnreadableEntry when the file does not decode."""
     try:
-        return open_rgb(table.image_path(index))
+        path = table.image_path(index)
+        return open_rgb(stored_image(path) if is_stored(path) else path)
     except Exception as err:  # any decoding failure of a user's file is bad data
         raise UnreadableEntry(table.bad_sample(index, f"cannot decode: {type(err).__name__}: {err}")) from err
 

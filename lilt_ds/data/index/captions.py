@@ -13,6 +13,7 @@ holds no per-entry Python object, and DataLoader workers never copy it.
 import functools
 import hashlib
 import inspect
+import json
 import os
 from array import array
 from collections.abc import Callable, Sequence
@@ -23,8 +24,9 @@ from ..bad_samples import BadSample
 from ..errors import DataError, format_list
 from ..preprocessing.images import find_missing_files
 from .array_file import ArrayFile
-from .cache import cached_index
+from .cache import cached_index, source_fingerprint
 from .image_root import ImageRoot, ImageRootSpec
+from .image_store import StoreWriter, store_file
 from .jsonfile import iter_json_list, json_type_name
 from .packed import PackedPaths, PackedPathsBuilder, PackedStrings, PackedStringsBuilder, smallest_offset_dtype
 from .tables import iter_table_entries, table_kind
@@ -172,7 +174,9 @@ def load_caption_files(
     columns = (
         (table.image_key, table.caption_key, table.separator) if table is not None else ("filepath", "title", None)
     )
-    build = functools.partial(_read_entries, sources, root, clean, setting, columns)
+    identity = json.dumps([[os.path.abspath(s) for s in sources], source_fingerprint(sources), columns])
+    store = store_file(hashlib.sha256(identity.encode()).hexdigest()[:24])
+    build = functools.partial(_read_entries, sources, root, clean, setting, columns, store)
     clean_identity = _callable_identity(clean)
     if clean_identity is None:
         cache = None
@@ -184,20 +188,32 @@ def load_caption_files(
 
 
 def _read_entries(
-    sources: list[str], root: ImageRoot, clean: Callable[[str], str] | None, setting: str, columns: tuple
+    sources: list[str],
+    root: ImageRoot,
+    clean: Callable[[str], str] | None,
+    setting: str,
+    columns: tuple,
+    store: str,
 ) -> dict[str, np.ndarray]:
     """Stream and validate every entry (of a JSON file, or a row of a table) into packed arrays;
-    every invalid entry is counted and the first ones are quoted in the error."""
+    every invalid entry is counted and the first ones are quoted in the error. Images stored as
+    bytes in a table go into the image store file ``store``."""
     builder, counts = _TableBuilder(), []
     problems: list[str] = []
     invalid = 0
+    stored = StoreWriter(store)
     for source in sources:
         count = 0
         entries = (
             iter_table_entries(source, *columns, setting) if table_kind(source) else iter_json_list(source, setting)
         )
         for count, entry in enumerate(entries, start=1):
-            path, errors = _entry_image(entry, root)
+            if table_kind(source) and isinstance(entry.get("image"), bytes):
+                path, errors = (
+                    (stored.add(entry["image"]), []) if entry["image"] else (None, ["the stored image is empty"])
+                )
+            else:
+                path, errors = _entry_image(entry, root)
             texts, caption_errors = entry_captions(entry, clean)
             if errors or caption_errors:
                 invalid += len(errors) + len(caption_errors)
@@ -211,6 +227,7 @@ def _read_entries(
         raise DataError(
             f"{invalid} invalid entries in {setting}:\n{format_list(problems, _PROBLEMS_KEPT, total=invalid)}"
         )
+    stored.close()
     return builder.arrays(counts)
 
 

@@ -109,16 +109,14 @@ def iter_table_entries(
     path: str, image_key: str, caption_key: str, separator: str | None, setting: str
 ) -> Iterator[dict]:
     """The rows of a table as entries of the JSON format, `{"image": ..., "caption": ...}` (a
-    caption column of lists gives several captions), checked by the JSON format's checks."""
+    caption column of lists gives several captions; an image is a path or its stored bytes),
+    checked by the JSON format's checks."""
     check_table(path, image_key, caption_key, separator, setting)
     kind = table_kind(path)
     for batch in _batches(path, kind, [image_key, caption_key], separator):
         images = batch.column(batch.schema.get_field_index(image_key)).to_pylist()
         captions = batch.column(batch.schema.get_field_index(caption_key)).to_pylist()
         for image, caption in zip(images, captions):
-            if isinstance(image, (bytes, dict)):
-                raise DataError(
-                    f"{path}: the column {image_key!r} holds stored image bytes; lilt_ds reads image paths from "
-                    "tables so far: write the images to files (or to tar shards) and give their paths"
-                )
+            if isinstance(image, dict):  # a datasets Image feature: {"bytes": ..., "path": ...}
+                image = image.get("bytes") or image.get("path")
             yield {"image": image, "caption": caption}

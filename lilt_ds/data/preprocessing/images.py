@@ -8,6 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from ..index.image_store import exists, is_stored
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 """The image files lilt_ds reads (common kinds PIL decodes); tar shards hold the first four."""
 SHARD_IMAGE_KEYS = tuple(ext[1:] for ext in IMAGE_EXTENSIONS[:4])
@@ -32,7 +34,7 @@ def find_missing_files(paths: Sequence[str]) -> np.ndarray:
     chunks = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
     def missing_in(chunk):
-        return [not os.path.isfile(paths[i]) for i in range(*chunk)]
+        return [not (exists(paths[i]) if is_stored(paths[i]) else os.path.isfile(paths[i])) for i in range(*chunk)]
 
     with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
         return np.array([m for part in pool.map(missing_in, chunks) for m in part], dtype=bool)

@@ -114,9 +114,25 @@ def test_bad_rows_get_the_json_formats_messages_and_policy(rows, tmp_path, token
     assert dataset.bad_samples.count == 1
 
 
-def test_stored_image_bytes_are_refused_with_the_fix(tmp_path, tokenizer):
+def test_images_stored_as_bytes_serve_the_same_samples_as_their_files(rows, tmp_path, tokenizer):
+    """A Parquet binary column and a datasets Image feature (what img2dataset's parquet output and
+    HF image datasets hold) give the pixels of the same files, read from one memory-mapped store."""
     import pyarrow.parquet as pq
+    from datasets import Dataset, Features, Image, Value
 
-    pq.write_table(pa.table({"filepath": [b"\xff\xd8 jpeg bytes"], "title": ["a photo"]}), tmp_path / "bytes.parquet")
-    with pytest.raises(DataError, match=r"holds stored image bytes; .*give their paths"):
-        build({"train_files": [str(tmp_path / "bytes.parquet")]}, tokenizer)
+    paths = write_tables(tmp_path, rows)
+    blobs = [open(r["filepath"], "rb").read() for r in rows]
+    titles = [r["title"] if isinstance(r["title"], list) else [r["title"]] for r in rows]
+    pq.write_table(pa.table({"filepath": blobs, "title": titles}), tmp_path / "bytes.parquet")
+    features = Features({"filepath": Image(), "title": [Value("string")]})
+    Dataset.from_dict(
+        {"filepath": [{"bytes": b, "path": None} for b in blobs], "title": titles}, features=features
+    ).save_to_disk(str(tmp_path / "bytes_dataset"))
+    options = {"augment": {"randaugment": False}, "num_workers": 2}
+    reference = served(build({"train_files": [paths["json"]], **options}, tokenizer, seed=3)[0])
+    for table in (tmp_path / "bytes.parquet", tmp_path / "bytes_dataset"):
+        loader, dataset, _ = build({"train_files": [str(table)], **options}, tokenizer, seed=3)
+        assert dataset.table.image_path(0).startswith("stored:"), table
+        got = served(loader)
+        assert sorted(got) == list(range(12)), table
+        assert all(torch.equal(got[i][0], reference[i][0]) and got[i][1] == reference[i][1] for i in got), table
