@@ -270,6 +270,7 @@ def test_exact_accumulation_of_cached_features_equals_one_batch():
         torch.testing.assert_close(param.grad, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
     """fp32, one view (the eval resize) against a run whose augmentation is that resize: the same
     losses step for step, and the cached run's epochs neither decode an image nor run the tower."""

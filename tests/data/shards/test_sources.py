@@ -104,6 +104,7 @@ def samples(loader) -> dict[int, list[int]]:
     return found
 
 
+@pytest.mark.slow  # img2dataset and loopback servers
 def test_img2dataset_shards_are_counted_from_their_stats_and_read_alike_from_disk_pipe_and_http(
     img2dataset_shards, tokenizer
 ):
@@ -127,6 +128,7 @@ def test_img2dataset_shards_are_counted_from_their_stats_and_read_alike_from_dis
         assert sorted(g for g in server.gets if g.endswith(".tar")) == ["00000.tar", "00001.tar", "00002.tar"]
 
 
+@pytest.mark.slow  # img2dataset and loopback servers
 def test_shards_on_a_loopback_s3(img2dataset_shards, tokenizer, monkeypatch):
     pytest.importorskip("s3fs", reason="s3:// shards need s3fs (pip install -e .[test] installs it)")
     boto3 = pytest.importorskip("boto3", reason="the loopback S3 needs moto[server] (in the test extra)")
@@ -158,6 +160,7 @@ def test_shards_on_a_loopback_s3(img2dataset_shards, tokenizer, monkeypatch):
         server.stop()
 
 
+@pytest.mark.slow  # img2dataset and loopback servers
 def test_a_dropped_connection_is_retried_and_no_sample_repeats(img2dataset_shards, tokenizer):
     with serve(img2dataset_shards, cut={"00001.tar"}) as (base, server):
         cfg = {"train_shards": f"{base}/{{00000..00002}}.tar", "shuffle_buffer": 0, "shard_retries": 2}
@@ -166,6 +169,7 @@ def test_a_dropped_connection_is_retried_and_no_sample_repeats(img2dataset_shard
     assert len(served) == 10 and len(set(served)) == 10
 
 
+@pytest.mark.slow  # img2dataset and loopback servers
 def test_a_shard_that_stays_broken_ends_the_run_naming_it_or_is_counted_under_skip(img2dataset_shards, tokenizer):
     with serve(img2dataset_shards, broken={"00001.tar"}) as (base, server):
         cfg = {"train_shards": f"{base}/{{00000..00002}}.tar", "shuffle_buffer": 0, "shard_retries": 1}
@@ -221,6 +225,7 @@ def test_bad_shard_addresses_and_counts_stop_at_config_load(data, message):
         load_config("lilt", overrides)
 
 
+@pytest.mark.slow  # img2dataset and loopback servers
 def test_counts_files_that_disagree_with_samples_per_epoch_stop_at_config_load(img2dataset_shards):
     with pytest.raises(LiltError, match=r"data\.samples_per_epoch = 99, but the counts files .* hold 10 samples"):
         load_config(
