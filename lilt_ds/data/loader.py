@@ -141,25 +141,18 @@ def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, l
         cfg.train_shards, cfg.samples_per_epoch, timeout_s=cfg.shard_timeout_s, resampled=cfg.resampled
     )
     workers = max(loader_args["num_workers"], 1)
+    args = (transform, collate, batch_size, rank, world_size, seed)
+    options = {
+        "on_bad_sample": cfg.on_bad_sample,
+        "max_bad_fraction": cfg.max_bad_fraction,
+        "clean": _caption_cleaning(cfg),
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "retries": cfg.shard_retries,
+        "timeout_s": cfg.shard_timeout_s,
+    }
     if cfg.resampled:
-        dataset = ResampledShardDataset(
-            shards,
-            cfg.samples_per_epoch or shards.total,
-            workers,
-            transform,
-            collate,
-            batch_size,
-            rank,
-            world_size,
-            seed,
-            on_bad_sample=cfg.on_bad_sample,
-            max_bad_fraction=cfg.max_bad_fraction,
-            clean=_caption_cleaning(cfg),
-            shuffle_buffer=cfg.shuffle_buffer,
-            retries=cfg.shard_retries,
-            timeout_s=cfg.shard_timeout_s,
-        )
-        loader = DataLoader(dataset, batch_size=None, **loader_args)
+        dataset = ResampledShardDataset(shards, cfg.samples_per_epoch or shards.total, workers, *args, **options)
+        loader = DataLoader(dataset, batch_size=None, **loader_args)  # the dataset batches
         return loader, dataset, dataset.progress, dataset.progress.samples_per_epoch
     if len(shards.paths) < world_size * workers:
         raise DataError(
@@ -167,21 +160,7 @@ def _shard_loader(cfg, transform, collate, batch_size, rank, world_size, seed, l
             f"DataLoader workers = {world_size} x {workers}: some would read the same "
             "shards. Write more, smaller shards (--shard-size) or lower data.num_workers."
         )
-    dataset = ShardDataset(
-        shards,
-        transform,
-        collate,
-        batch_size,
-        rank,
-        world_size,
-        seed,
-        on_bad_sample=cfg.on_bad_sample,
-        max_bad_fraction=cfg.max_bad_fraction,
-        clean=_caption_cleaning(cfg),
-        shuffle_buffer=cfg.shuffle_buffer,
-        retries=cfg.shard_retries,
-        timeout_s=cfg.shard_timeout_s,
-    )
+    dataset = ShardDataset(shards, *args, **options)
     loader = DataLoader(dataset, batch_size=None, **loader_args)  # the dataset batches
     return loader, dataset, dataset.progress, shards.total
 

@@ -96,26 +96,39 @@ class ShardDataset(IterableDataset):
     def _batches(self, samples: Iterator[dict], ledger: "_Ledger", epoch: int, shards: list[int]):
         """Collated batches of the good samples; each carries the bad samples met and the shards
         completed since the previous one."""
-        batch, bad_in_a_row = [], 0
+
+        def read(raws):
+            for raw in raws:
+                ledger.consumed(raw["__read__"])
+                yield raw
+
+        def too_many(sample: BadSample, _in_a_row: int) -> str:
+            return (
+                f"every sample of the shards\n{format_list([self.shards.paths[k] for k in shards])}\n"
+                f"is bad, e.g. {sample.describe()}. Re-create them or fix data.train_shards."
+            )
+
         patience = sum(self.shards.counts[k] for k in shards) + self.shuffle_buffer
-        for raw in samples:
+        for out, _ in self._good_batches(read(samples), epoch, lambda bad: ledger.bad.append(bad), patience, too_many):
+            out["bad_samples"], out["shards_done"] = ledger.take()
+            yield out
+
+    def _good_batches(self, raws: Iterator[dict], epoch: int, on_bad, patience: int, too_many):
+        """(collated batch, the raw sample that completed it) of the good samples of `raws`; a bad
+        sample goes to `on_bad`, and more than `patience` in a row stop with `too_many(sample, count)`."""
+        batch, bad_in_a_row = [], 0
+        for raw in raws:
             sample = self._sample(raw, epoch)
-            ledger.consumed(raw["__read__"])
             if isinstance(sample, BadSample):
-                ledger.bad.append(sample)
+                on_bad(sample)
                 bad_in_a_row += 1
                 if bad_in_a_row > patience:
-                    raise DataError(
-                        f"every sample of the shards\n{format_list([self.shards.paths[k] for k in shards])}\n"
-                        f"is bad, e.g. {sample.describe()}. Re-create them or fix data.train_shards."
-                    )
+                    raise DataError(too_many(sample, bad_in_a_row))
                 continue
             bad_in_a_row = 0
             batch.append(sample)
             if len(batch) == self.batch_size:
-                out = self.collate(batch)
-                out["bad_samples"], out["shards_done"] = ledger.take()
-                yield out
+                yield self.collate(batch), raw
                 batch = []
 
     def _passes(self, shards: list[int], ledger: "_Ledger") -> Iterator[Iterator[dict]]:

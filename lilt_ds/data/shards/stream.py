@@ -200,8 +200,9 @@ class ResampledShardDataset(ShardDataset):
         rng = np.random.default_rng([self.seed, self.rank, lane, block])
         return rng.choice(len(self.probabilities), size=BLOCK_DRAWS, p=self.probabilities)
 
-    def _lane_samples(self, lane: int, block: int, consumed: int, bad: list) -> Iterator[tuple[int, int, dict]]:
-        """(block, samples of it consumed, raw sample) from ``block`` on, skipping ``consumed``."""
+    def _lane_samples(self, lane: int, block: int, consumed: int, bad: list) -> Iterator[dict]:
+        """The raw samples of ``lane`` from ``block`` on, skipping ``consumed``; each says its
+        position as ``__position__`` (block, samples of it consumed)."""
         while True:
             raw = itertools.chain.from_iterable(self._stream_shard(int(k), bad) for k in self.block_draws(lane, block))
             if self.shuffle_buffer > 1:
@@ -211,30 +212,22 @@ class ResampledShardDataset(ShardDataset):
                 raw = webdataset().shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
             for position, sample in enumerate(raw, 1):
                 if position > consumed:
-                    yield block, position, sample
+                    sample["__position__"] = (block, position)
+                    yield sample
             block, consumed = block + 1, 0
 
     def _lane_batches(self, lane: int, block: int, consumed: int, epoch: int) -> Iterator[dict]:
-        batch, bad, bad_in_a_row = [], [], 0
-        patience = BLOCK_DRAWS * max(self.shards.counts) + self.shuffle_buffer
-        for block, position, raw in self._lane_samples(lane, block, consumed, bad):
-            sample = self._sample(raw, epoch)
-            if isinstance(sample, BadSample):
-                bad.append(sample)
-                bad_in_a_row += 1
-                if bad_in_a_row > 10 * patience:
-                    raise DataError(
-                        f"no good sample in {bad_in_a_row} draws from data.train_shards, e.g. {sample.describe()}"
-                    )
-                continue
-            bad_in_a_row = 0
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                out = self.collate(batch)
-                out["bad_samples"], out["stream_position"] = list(bad), (lane, block, position)
-                bad.clear()
-                yield out
-                batch = []
+        bad: list[BadSample] = []
+
+        def too_many(sample: BadSample, in_a_row: int) -> str:
+            return f"no good sample in {in_a_row} draws from data.train_shards, e.g. {sample.describe()}"
+
+        patience = 10 * (BLOCK_DRAWS * max(self.shards.counts) + self.shuffle_buffer)
+        raws = self._lane_samples(lane, block, consumed, bad)
+        for out, last in self._good_batches(raws, epoch, bad.append, patience, too_many):
+            out["bad_samples"], out["stream_position"] = list(bad), (lane, *last["__position__"])
+            bad.clear()
+            yield out
 
     def _stream_shard(self, shard: int, bad: list) -> Iterator[dict]:
         """The raw samples of one drawn shard; a damaged or unreachable one follows data.on_bad_sample."""
