@@ -75,7 +75,7 @@ setup(
         # sources' tests write real img2dataset shards and read them from a loopback HTTP server and S3
         "test": DEMO
         + SHARDS
-        + ["img2dataset", "s3fs", "moto[server]", "pyarrow", "datasets"]
+        + ["img2dataset", "s3fs", "moto[server]", "pyarrow", "datasets", "scikit-image"]
         + ["pytest", "pytest-timeout", "matplotlib", "open_clip_torch", "omegaconf", "ruff==0.17.6"],
     },
 )

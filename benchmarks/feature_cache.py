@@ -32,12 +32,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def epoch_seconds(trainer, epoch: int) -> float:
     """One whole epoch of the trainer's loop (loader included), in seconds."""
-    from lilt_ds.train import to_device
 
     trainer.epoch = epoch
     start = time.perf_counter()
     for batch in trainer.loader:
-        trainer.optimizer_step([to_device(batch, trainer.device, trainer.dtype)])
+        trainer.optimizer_step([trainer.to_device(batch)])
     return time.perf_counter() - start
 
 

@@ -24,7 +24,9 @@ not stop the others):
 - efficiency: ``benchmarks/efficiency.py`` at base/base, 256 px, batch 64: patch dropout 0.5 and
   ``train.compile=true`` against eager steps (whether compiling should be the GPU's default);
 - feature cache: ``benchmarks/feature_cache.py`` at base/base, 256 px, batch 128, 4096 images: LiT
-  epochs with and without ``data.cache_locked_features`` (built on the device), loader included.
+  epochs with and without ``data.cache_locked_features`` (built on the device), loader included;
+- loader: ``benchmarks/data_throughput.py`` on real photos (256 px and originals, 4 workers): the
+  training loader against OpenCLIP's per worker, and ``data.decode=device`` (nvJPEG) against the CPU path.
 
 It ends with one table (also ``DIR/summary.md`` and ``summary.json``) and exits 1 if a check failed.
 ``--reduced`` changes the sizes only (tiny towers, a few steps, small batches): every check runs the
@@ -79,6 +81,7 @@ class Scale:
     throughput: tuple  # benchmarks/throughput.py's size flags
     efficiency: tuple
     feature_cache: tuple
+    loader: tuple  # benchmarks/data_throughput.py's flags
 
 
 FULL = Scale(
@@ -117,6 +120,7 @@ FULL = Scale(
         "--workers",
         "8",
     ),
+    loader=("--settings", "256", "original", "--workers", "4", "--batch", "64", "--batches", "20"),
 )
 TINY = (
     "mode=lilt",
@@ -174,6 +178,8 @@ REDUCED = Scale(
         "--workers",
         "1",
     ),
+    loader=("--settings", "256", "--workers", "1", "--batch", "4", "--batches", "2", "--skip", "1", "--repeats", "1")
+    + ("--psnr-seeds", "1", "--size", "64"),
 )
 
 
@@ -402,7 +408,7 @@ def check_host_syncs(ctx: Context, args) -> Result:
     import lilt_ds
     from lilt_ds.config import load_config
     from lilt_ds.runtime import process_group_scope
-    from lilt_ds.train import Trainer, to_device
+    from lilt_ds.train import Trainer
 
     cfg = load_config(
         "demo",
@@ -417,7 +423,7 @@ def check_host_syncs(ctx: Context, args) -> Result:
     package = os.path.dirname(lilt_ds.__file__)
     with process_group_scope():
         trainer = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
-        batches = [to_device(b, trainer.device, trainer.dtype) for b in itertools.islice(iter(trainer.loader), 4)]
+        batches = [trainer.to_device(b) for b in itertools.islice(iter(trainer.loader), 4)]
         trainer.optimizer_step(batches[:1])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -622,6 +628,31 @@ def check_feature_cache(ctx: Context, args) -> Result:
     return Result("feature cache", "pass", "; ".join(found), figures={"table": lines})
 
 
+def check_loader(ctx: Context, args) -> Result:
+    """The training loader beside OpenCLIP's on real photos (``benchmarks/data_throughput.py``), and on
+    a GPU ``data.decode=device`` (nvJPEG, batched) against the CPU path."""
+    out = os.path.join(ctx.workdir, "loader.md")
+    device = ["--decode", "device"] if ctx.device == "cuda" else []
+    result = ctx.run("loader", [sys.executable, "benchmarks/data_throughput.py", *ctx.scale.loader, *device], 900)
+    lines = result.stdout.splitlines()
+    with open(out, "w") as f:
+        f.write(result.stdout)
+    header = max(i for i, line in enumerate(lines) if line.startswith("| photos | workers |"))
+    columns = [c.strip() for c in lines[header].strip("|").split("|")]
+    found = []
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+        text = f"{cells['photos'].split(' ')[0]} x{cells['workers']}: {cells['lilt_ds / OpenCLIP']} OpenCLIP"
+        if device:
+            text += f", device decode {cells['lilt_ds data.decode=device images/s per worker']}/s per worker"
+        found.append(text)
+    if not device:
+        found.append("data.decode=device: GPU only")
+    return Result("loader", "pass", "; ".join(found), figures={"table": lines[header:]})
+
+
 CHECKS = [
     ("environment", check_environment),
     ("kernels", check_kernels),
@@ -635,6 +666,7 @@ CHECKS = [
     ("throughput", check_throughput),
     ("efficiency", check_efficiency),
     ("feature cache", check_feature_cache),
+    ("loader", check_loader),
 ]
 
 

@@ -157,6 +157,13 @@ def apply_options(vision_trunk: nn.Module, text_trunk: nn.Module, options: StepO
         text_trunk.compile()
 
 
+def device_images(batch: dict, device: torch.device, mean, std) -> torch.Tensor:
+    """The loader's images on the device in fp32: uint8 pixels normalised there, as our trainer does."""
+    from lilt_ds.data import normalize_pixels
+
+    return normalize_pixels(batch["images"].to(device, non_blocking=True), mean, std, torch.float32)
+
+
 def host_batch(batch: dict, options: StepOptions) -> dict:
     if options.channels_last:
         batch = dict(batch, images=batch["images"].contiguous(memory_format=torch.channels_last))
@@ -250,7 +257,7 @@ class OursStep(StepRunner):
         output_dir: str | None = None,
         prepare_model: Callable[[nn.Module], None] | None = None,
     ):
-        from lilt_ds.train import Trainer, to_device
+        from lilt_ds.train import Trainer
 
         self.options = options
         self._tmp = None
@@ -272,11 +279,10 @@ class OursStep(StepRunner):
         self.model = self.trainer.engine.module
         self.device, self.dtype = torch.device(self.trainer.device), self.trainer.dtype
         self.mean, self.std = self.model.vision.mean, self.model.vision.std
-        self._to_device = to_device
 
     def step(self, batch: dict):
         with torch_linear(self._engine_linear):
-            return self.trainer.optimizer_step([self._to_device(batch, self.device, self.dtype)])
+            return self.trainer.optimizer_step([self.trainer.to_device(batch)])
 
     def loader(self):
         return self.trainer.loader
@@ -321,7 +327,7 @@ class PlainStep(StepRunner):
         self.loss_fn = build_loss(cfg.loss)
 
     def step(self, batch: dict):
-        images = batch["images"].to(self.device, non_blocking=True)
+        images = device_images(batch, self.device, self.mean, self.std)
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
         autocast = (
@@ -483,7 +489,7 @@ class OpenClipStep(StepRunner):
         lr = self.cfg.train.lr * warmup_cosine(self.steps, self.warmup, self.total, self.ratio)
         for group in self.optimizer.param_groups:  # open_clip_train's cosine_lr sets it per step
             group["lr"] = lr
-        images = batch["images"].to(device=self.device, non_blocking=True)
+        images = device_images(batch, self.device, self.mean, self.std)
         texts = batch["input_ids"].to(device=self.device, non_blocking=True)
         self.optimizer.zero_grad()
         autocast = (

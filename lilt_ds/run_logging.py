@@ -1,4 +1,5 @@
-"""What a run reports: the log file, the progress bar, periodic metrics, wandb and results.jsonl.
+"""What a run reports: the log file, the progress bar, periodic metrics (the loader's share of the step
+time among them), wandb and results.jsonl.
 
 wandb is optional in every sense: missing, offline or failing, it never stops a run. Without
 credentials it logs offline (``wandb sync`` uploads later).
@@ -75,16 +76,29 @@ class MetricLogger:
         self.results_path = os.path.join(output_dir, "results.jsonl")
         self.steps_path = os.path.join(output_dir, "steps.jsonl")
         self.wandb = start_wandb(cfg, output_dir) if rank == 0 else None
-        self.window_samples, self.window_time, self.bar = 0, 0.0, None
+        self.window_samples, self.window_time, self.window_wait, self.bar = 0, 0.0, 0.0, None
+        self.data_wait_warned = False
 
     def progress(self, loader, epoch: int, step: int, total_steps: int):
-        """Iterate the loader, with a progress bar on rank 0."""
+        """Iterate the loader, with a progress bar on rank 0; the time spent waiting for each batch is
+        counted (``data_wait`` in the metrics)."""
         if self.rank != 0:
             return loader
         from tqdm import tqdm
 
         self.bar = tqdm(loader, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False, file=sys.stderr)
-        return self.bar
+        return self._timed(self.bar)
+
+    def _timed(self, batches):
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.window_wait += time.perf_counter() - start
+            yield batch
 
     def step(self, step: int, loss: float, engine, seconds: float, samples_per_rank: int) -> None:
         self.window_samples += samples_per_rank
@@ -97,15 +111,19 @@ class MetricLogger:
             return
         per_device = self.window_samples / max(self.window_time, 1e-9)
         scale = engine.module.logit_scale.detach().float()
+        data_wait = self.window_wait / max(self.window_wait + self.window_time, 1e-9)
         metrics = {
             "loss": loss,
             "lr": engine.get_lr()[0],
             "logit_scale": scale.exp().item() if scale.numel() else float("nan"),
             "samples_per_s": per_device * self.world_size,
             "samples_per_s_per_device": per_device,
+            "data_wait": data_wait,
             "memory_gib": memory_in_use(engine.device),
         }
-        self.window_samples, self.window_time = 0, 0.0
+        self.window_samples, self.window_time, self.window_wait = 0, 0.0, 0.0
+        if step > 1:  # the first window includes the workers' start
+            self.warn_data_wait(data_wait)
         seen = step * engine.train_batch_size()  # samples seen by all ranks: a stream's clock
         log.info("step %d samples_seen %d " + " ".join(f"{k}=%.4g" for k in metrics), step, seen, *metrics.values())
         metrics["samples_seen"] = seen
@@ -113,6 +131,22 @@ class MetricLogger:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def warn_data_wait(self, data_wait: float) -> None:
+        """Once per run: the loader cannot keep up, and what helps."""
+        limit = self.cfg.logging.data_wait_warning
+        if self.data_wait_warned or not limit or data_wait <= limit:
+            return
+        self.data_wait_warned = True
+        data = self.cfg.data
+        log.warning(
+            "the steps waited for data %.0f%% of the time (over logging.data_wait_warning=%g): the loader cannot "
+            "keep up. Raise data.num_workers (now %s), decode JPEGs on the GPU (data.decode=device), or, with a "
+            "locked image tower, train on cached features (data.cache_locked_features=true)",
+            100 * data_wait,
+            limit,
+            data.num_workers,
+        )
 
     def evaluation(self, step: int, epoch: int, metrics: dict) -> None:
         if self.rank != 0:

@@ -501,6 +501,11 @@ class DataSettings:
         "auto", "auto = pinned host memory on a GPU (asynchronous copies), off on the CPU", expect="auto, true or false"
     )
     persistent_workers: bool = setting(True, "DataLoader workers live across epochs")
+    decode: Literal["cpu", "device"] = setting(
+        "cpu",
+        "where training JPEGs decode: cpu (the workers, at a reduced scale when the crop allows) | device "
+        "(nvJPEG on the GPU, batched, with the crop and flip there; other formats stay on the CPU)",
+    )
     demo: DemoSettings = section(DemoSettings, "the built-in demo data")
 
 
@@ -607,6 +612,12 @@ class LoggingSettings:
     disable_wandb: bool = setting(True, "no Weights & Biases run")
     wandb_project: str = setting("lilt_ds", "its project")
     wandb_run_name: str | None = setting(None, "its run name; null: wandb's")
+    data_wait_warning: float = setting(
+        0.2,
+        "warn once when the steps wait for the loader more than this share of their time (0: never)",
+        minimum=0.0,
+        maximum=1.0,
+    )
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ from .data import (
     build_train_loader,
     build_zeroshot_data,
     cache_locked_features,
+    decode_on_device,
     eval_loader_settings,
     global_bad_sample_counts,
+    normalize_pixels,
     resolve_data_config,
 )
 from .distributed import all_gather_objects, is_collective_failure
@@ -80,11 +82,18 @@ def due(every_epochs: int, epoch: int, last: bool) -> bool:
     return bool(every_epochs) and (epoch % every_epochs == 0 or last)
 
 
-def to_device(batch: dict, device, dtype) -> dict:
-    """The model's inputs of a batch on the device, images (or cached image features) in ``dtype``."""
-    image_key = "image_features" if "image_features" in batch else "images"
+def to_device(batch: dict, device, dtype, mean, std) -> dict:
+    """The model's inputs of a batch on the device, images (or cached image features) in ``dtype``: uint8
+    pixels are normalised with the image tower's ``mean``/``std`` there (a quarter of the bytes to copy)."""
+    if "image_features" in batch:
+        images = {"image_features": batch["image_features"].to(device, dtype, non_blocking=True)}
+    else:
+        pixels = batch["images"].to(device, non_blocking=True)
+        if "encoded_images" in batch:  # data.decode=device
+            pixels = decode_on_device(pixels, batch["encoded_images"], batch["index"])
+        images = {"images": normalize_pixels(pixels, mean, std, dtype)}
     return {
-        image_key: batch[image_key].to(device, dtype, non_blocking=True),
+        **images,
         "input_ids": batch["input_ids"].to(device, non_blocking=True),
         "attention_mask": batch["attention_mask"].to(device, non_blocking=True),
     }
@@ -105,6 +114,11 @@ class Trainer:
         # binds the device first; a collective that waits longer than the timeout ends the run
         self.launcher = "an existing process group" if torch.distributed.is_initialized() else launched_world().launcher
         self.rank, self.world_size, self.device = runtime.init_distributed(cfg.train.collective_timeout_s)
+        if cfg.data.decode == "device" and self.device.type != "cuda":
+            raise ConfigError(
+                f"data.decode = device decodes JPEGs with nvJPEG on a CUDA GPU, and this run's device is "
+                f"{self.device.type}: set data.decode=cpu (the default)"
+            )
         self.output_dir = prepare_output_dir(cfg, self.rank)
         setup_logging(self.output_dir, self.rank, quiet)
         if self.device.type == "cpu" and retain_freed_memory():  # DeepSpeed's per-step temporaries page-fault otherwise
@@ -119,6 +133,7 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.model)
         self.model = model if model is not None else build_model(cfg)
         mean, std, size = self.model.vision.mean, self.model.vision.std, self.model.vision.image_size
+        self.pixel_stats = (mean, std)
         data = resolve_data_config(cfg.data)
         self.loader = build_train_loader(
             data,
@@ -189,6 +204,10 @@ class Trainer:
         self.stop = StopRequest(cfg.train.stop_signals, self.device)
         self.stop_agreed = False
         self.resume()
+
+    def to_device(self, batch: dict) -> dict:
+        """A loader batch as the model's inputs on this rank's device (``to_device``)."""
+        return to_device(batch, self.device, self.dtype, *self.pixel_stats)
 
     def resume(self) -> None:
         """Load the first of the resume candidates that every rank loads (``--resume auto``: else the next
@@ -346,7 +365,7 @@ class Trainer:
                 runtime.set_rng_state(self.restored_rng)
                 self.restored_rng = None
             for batch in batches:
-                pending.append(to_device(batch, self.device, self.dtype))
+                pending.append(self.to_device(batch))
                 if len(pending) < accum:
                     continue
                 loss = self.optimizer_step(pending)

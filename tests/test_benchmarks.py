@@ -31,21 +31,8 @@ SMOKE = {
     "checkpoint_size.py": ["--overrides", *TINY],
     "data_scale.py": ["--n", "2000", "--samples", "64", "--workers", "1", "--batch", "16", "--dir", "{tmp}/scale"]
     + ["--format", "parquet"],
-    "data_throughput.py": [
-        "--size",
-        "32",
-        "--n",
-        "32",
-        "--demo-size",
-        "32",
-        "--batch",
-        "8",
-        "--batches",
-        "2",
-        "--workers",
-        "0",
-        "1",
-    ],
+    "data_throughput.py": ["--settings", "256", "--workers", "1", "--batch", "4", "--batches", "2", "--skip", "1"]
+    + ["--repeats", "1", "--psnr-seeds", "1", "--size", "64"],
     "learning.py": [
         "--epochs",
         "1",
@@ -104,7 +91,7 @@ LIBRARIES = {"learning_data.py", "step_runners.py"}  # imported by scripts, no c
 ENDS = {
     "checkpoint_size.py": "| lilt (the preset's unlock sets) |",
     "data_scale.py": "Index resident for the rank",
-    "data_throughput.py": "| 1 |",
+    "data_throughput.py": "dB) |",
     "learning.py": "| LiT |",
     "loss_kernels.py": "| lilt ln+adapters | yes |",
     "loss_memory.py": "| 256 | siglip_chunked |",

@@ -195,9 +195,8 @@ def _train_every_ds_config(rank, world_size, tmp_dir, configs):
         losses = []
         for _ in range(2):
             batch = next(iter(trainer.loader))
-            from lilt_ds.train import to_device
 
-            losses.append(trainer.train_step([to_device(batch, trainer.device, trainer.dtype)]))
+            losses.append(trainer.train_step([trainer.to_device(batch)]))
             ds_engine.clamp_logit_scale(trainer.engine)
         model = trainer.engine.module
         frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
@@ -254,7 +253,7 @@ def test_every_ds_config_trains_two_steps_on_two_ranks_with_frozen_parameters_fr
 def _one_step_weights(rank, world_size, tmp_dir, ds_path, runs):
     """Trainable weights after one optimizer step, for each (micro batch, accumulation, exact) run."""
     from lilt_ds.export import trainable_state_from_engine
-    from lilt_ds.train import Trainer, to_device
+    from lilt_ds.train import Trainer
 
     out = {}
     for micro, accum, exact in runs:
@@ -277,7 +276,7 @@ def _one_step_weights(rank, world_size, tmp_dir, ds_path, runs):
         )
         trainer = Trainer(cfg, ds_path)
         batches = iter(trainer.loader)
-        trainer.train_step([to_device(next(batches), trainer.device, trainer.dtype) for _ in range(accum)])
+        trainer.train_step([trainer.to_device(next(batches)) for _ in range(accum)])
         out[f"{micro}x{accum}{'exact' if exact else ''}"] = {
             k: v.flatten().tolist() for k, v in trainable_state_from_engine(trainer.engine).items()
         }
@@ -311,7 +310,7 @@ def test_compiled_towers_train_like_eager_ones_under_zero2_and_zero3_is_refused(
     as they were); aot_eager is torch.compile's graph capture and AOT autograd without code generation."""
     from lilt_ds.export import trainable_state_from_engine
     from lilt_ds.runtime import process_group_scope
-    from lilt_ds.train import Trainer, to_device
+    from lilt_ds.train import Trainer
     from tests.test_train import _lilt_ds_logging_restored
 
     ds = load_ds_config(os.path.join(ROOT, "ds_configs", "zero2.json"))
@@ -325,7 +324,7 @@ def test_compiled_towers_train_like_eager_ones_under_zero2_and_zero3_is_refused(
                 tiny_training_overrides(tmp_path, [f"train.compile={backend}", f"output_dir={tmp_path / backend}"]),
             )
             trainer = Trainer(cfg, str(tmp_path / "fp32.json"), quiet=True)
-            batch = to_device(next(iter(trainer.loader)), trainer.device, trainer.dtype)
+            batch = trainer.to_device(next(iter(trainer.loader)))
             trainer.train_step([batch])
             trainer.train_step([batch])
             model = trainer.engine.module

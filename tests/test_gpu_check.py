@@ -39,6 +39,7 @@ def test_reduced_gpu_check_passes_what_a_cpu_can_run(tmp_path):
         "throughput": "pass",
         "efficiency": "pass",
         "feature cache": "pass",
+        "loader": "pass",
     }
     found = {r["check"]: r["summary"] for r in summary["results"]}
     assert found["host syncs"].startswith("GPU only:")
@@ -50,6 +51,7 @@ def test_reduced_gpu_check_passes_what_a_cpu_can_run(tmp_path):
     assert "compiled:" in found["efficiency"] and "patch_dropout:" in found["efficiency"]
     assert "vision tower activations" in found["efficiency"]
     assert "with the feature cache:" in found["feature cache"] and "build per million images" in found["feature cache"]
+    assert "x OpenCLIP" in found["loader"] and found["loader"].endswith("data.decode=device: GPU only")
     workdir = tmp_path / next(p for p in os.listdir(tmp_path) if p.startswith("work-"))
     for stage in ("zero2", "zero3"):  # through the deepspeed launcher, as on a GPU
         assert "-m deepspeed.launcher.launch" in (workdir / f"train-{stage}.log").read_text()

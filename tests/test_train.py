@@ -340,7 +340,7 @@ def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_pa
     from lilt_ds.config import load_config
     from lilt_ds.runtime import process_group_scope
     from lilt_ds.schema import replace_keys
-    from lilt_ds.train import NonFiniteLossError, Trainer, to_device
+    from lilt_ds.train import NonFiniteLossError, Trainer
 
     def trainer(name, accum):
         cfg = load_config(
@@ -357,7 +357,7 @@ def test_one_host_sync_per_optimizer_step_and_non_finite_steps_are_caught(tmp_pa
             ),
         )
         t = Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
-        t.batches = [to_device(b, t.device, t.dtype) for b in itertools.islice(iter(t.loader), 4)]
+        t.batches = [t.to_device(b) for b in itertools.islice(iter(t.loader), 4)]
         t.optimizer_step(t.batches[:accum])  # step 1 logs its metrics (host reads of its own)
         return t
 

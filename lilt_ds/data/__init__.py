@@ -15,8 +15,15 @@ from .index.captions import CaptionTable, load_caption_files
 from .index.image_root import ImageRoot
 from .loader import TrainLoader, build_eval_data, build_train_loader
 from .preprocessing.collate import ImageTextCollator
+from .preprocessing.device_decode import decode_on_device
 from .preprocessing.text import pre_caption, tokenize_captions
-from .preprocessing.transforms import LILT_RANDAUGMENT_OPS, build_eval_transform, build_train_transform
+from .preprocessing.transforms import (
+    LILT_RANDAUGMENT_OPS,
+    TrainTransform,
+    build_eval_transform,
+    build_train_transform,
+    normalize_pixels,
+)
 from .sampler import ResumableDistributedSampler
 from .shards.dataset import ShardDataset
 from .shards.files import ShardFiles, find_shards
@@ -52,6 +59,9 @@ __all__ = [
     "build_retrieval_data",
     "build_train_loader",
     "build_train_transform",
+    "normalize_pixels",
+    "decode_on_device",
+    "TrainTransform",
     "collate_images",
     "ensure_demo_data",
     "eval_loader_settings",

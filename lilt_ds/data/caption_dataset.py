@@ -15,7 +15,7 @@ from .errors import DataError, format_list
 from .index.captions import CaptionTable
 from .index.feature_file import BAD
 from .index.image_store import is_stored, stored_image
-from .preprocessing.images import open_rgb
+from .preprocessing.images import UndecodableImage, open_image
 from .sample_rng import REPLACE_STREAM, augmented, caption_choice, sample_rng
 
 MAX_REPLACEMENT_DRAWS = 50
@@ -100,8 +100,7 @@ class CaptionDataset(Dataset):
                     )
                 )
             return "image_features", torch.from_numpy(np.array(self.features.features[view, served]))
-        image = open_entry(self.table, served)
-        return "image", augmented(self.transform, image, self.seed, epoch, index, served)
+        return "image", transformed_entry(self.table, served, self.transform, self.seed, epoch, index)
 
     def caption(self, epoch: int, index: int) -> str:
         """The caption of `index` for `epoch`: drawn from (seed, epoch, index) when the entry has
@@ -120,13 +119,15 @@ class UnreadableEntry(Exception):
         self.bad = bad
 
 
-def open_entry(table: CaptionTable, index: int):
-    """The decoded RGB image of entry `index`; UnreadableEntry when the file does not decode."""
+def transformed_entry(table: CaptionTable, index: int, transform, seed: int, epoch: int, sample: int):
+    """Entry `index`'s image through `transform` with the random draws of `sample` in `epoch`;
+    UnreadableEntry when the file does not open or decode."""
+    path = table.image_path(index)
     try:
-        path = table.image_path(index)
-        return open_rgb(stored_image(path) if is_stored(path) else path)
-    except Exception as err:  # any decoding failure of a user's file is bad data
-        raise UnreadableEntry(table.bad_sample(index, f"cannot decode: {type(err).__name__}: {err}")) from err
+        with open_image(stored_image(path) if is_stored(path) else path) as image:
+            return augmented(transform, image, seed, epoch, sample, index)
+    except UndecodableImage as err:
+        raise UnreadableEntry(table.bad_sample(index, f"cannot decode: {err}")) from err
 
 
 def unreadable_message(bad: BadSample) -> str:

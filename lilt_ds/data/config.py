@@ -42,9 +42,29 @@ def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, mu
     ImageRoot(data.image_root, "data.image_root")
     ImageRoot(data.eval_image_root, "data.eval_image_root")
     data = dataclasses.replace(data, augment=resolve_augment(data.augment))
+    _check_device_decode(data)
     if must_exist:
         _check_paths(data)
     return data
+
+
+def _check_device_decode(data: DataSettings) -> None:
+    """data.decode=device crops and flips on the GPU; the other augmentations run on PIL images."""
+    if data.decode != "device":
+        return
+    aug = data.augment
+    cpu_only = {
+        "randaugment": aug.randaugment,
+        "color_jitter": aug.color_jitter if any(aug.color_jitter) else False,
+        "grayscale": aug.grayscale or False,
+    }
+    on = {key: value for key, value in cpu_only.items() if value}
+    if on:
+        settings = ", ".join(f"data.augment.{key} = {value!r}" for key, value in on.items())
+        raise DataError(
+            f"data.decode = device decodes, crops and flips on the GPU only, and {settings} needs the CPU: set "
+            "data.decode=cpu, or turn those off (data.augment.preset=openclip crops only)."
+        )
 
 
 def _check_paths(data: DataSettings) -> None:

@@ -33,13 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from ..distributed import all_gather_objects, barrier, world_info
 from ..errors import ConfigError
 from ..runtime import local_rank
-from .caption_dataset import UnreadableEntry, open_entry, unreadable_message
+from .caption_dataset import UnreadableEntry, transformed_entry, unreadable_message
 from .config import local_ranks
 from .errors import DataError
 from .index.cache import cache_paths, fingerprint_difference, source_fingerprint
 from .index.feature_file import EMPTY, FeatureFile, locked, read_meta, start_feature_file
 from .preprocessing.transforms import build_eval_transform
-from .sample_rng import augmented
 
 logger = logging.getLogger("lilt_ds.data")
 
@@ -60,10 +59,14 @@ class _Views(Dataset):
         if self.missing[entry]:
             return view, entry, None, self.table.bad_sample(entry, "file not found")
         try:
-            image = open_entry(self.table, entry)
+            return (
+                view,
+                entry,
+                transformed_entry(self.table, entry, self.transforms[view], self.seed, view, entry),
+                None,
+            )
         except UnreadableEntry as err:
             return view, entry, None, err.bad
-        return view, entry, augmented(self.transforms[view], image, self.seed, view, entry, entry), None
 
 
 def _collate(samples):
@@ -97,8 +100,9 @@ def cache_location(sources: list[str], image_root, views: int, index_cache: str)
 
 
 def view_transforms(dataset, views: int, image_size: int, mean, std) -> list:
-    """The transform of each cached view: the evaluation resize for one view, else the training one."""
-    return [build_eval_transform(image_size, mean, std)] if views == 1 else [dataset.transform] * views
+    """The transform of each cached view: the evaluation resize for one view, else the training one
+    (normalised in the worker: the tower runs on the features' build batches directly)."""
+    return [build_eval_transform(image_size, mean, std)] if views == 1 else [dataset.transform.with_normalize()] * views
 
 
 def cache_locked_features(

@@ -92,7 +92,7 @@ def build_train_loader(
     workers, pin_memory = loader_settings(cfg, device_type)
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise DataError(f"micro batch size {micro_batch_size!r}: expected a positive integer.")
-    transform = build_train_transform(image_size, mean, std, cfg.augment)
+    transform = build_train_transform(image_size, mean, std, cfg.augment, decode=cfg.decode)
     collate = ImageTextCollator(tokenizer, cfg.max_length)
     if workers > 0:
         # Fast tokenizers used before the fork warn and disable themselves in workers anyway.

@@ -10,6 +10,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
+
+from .preprocessing.images import load_rgb
 
 # Stream tags keep the draws for different purposes independent of each other.
 CAPTION_STREAM = 1
@@ -28,7 +31,11 @@ def caption_choice(seed: int, epoch: int, index: int, count: int) -> int:
 
 
 def augmented(transform, image, seed: int, epoch: int, index: int, served: int):
-    """`transform(image)` with the random draws of sample `index` (served by entry `served`)."""
+    """`transform(image)` with the random draws of sample `index` (served by entry `served`). An opened
+    image is decoded first unless the transform decodes it itself (TrainTransform, at a reduced scale);
+    UndecodableImage when it does not decode."""
+    if not getattr(transform, "decodes", False):
+        image = load_rgb(image)
     with seeded_global_rngs(sample_rng(seed, epoch, index, AUGMENT_STREAM, served)):
         return transform(image)
 
@@ -36,18 +43,27 @@ def augmented(transform, image, seed: int, epoch: int, index: int, served: int):
 @contextmanager
 def seeded_global_rngs(rng: np.random.Generator):
     """Seed `random`, `numpy.random` and torch's CPU generator from `rng` for the duration of the
-    block (torchvision and timm transforms draw from these), then restore them, so a caller in
-    the main process (num_workers=0) keeps its own random streams."""
-    py_state, np_state = random.getstate(), np.random.get_state()
+    block (torchvision and timm transforms draw from these). In the training process (num_workers=0)
+    they are restored after it, so the caller keeps its own random streams; a DataLoader worker's
+    belong to no one else, and saving numpy's state costs more than a sample's crop."""
     seeds = rng.integers(0, 2**32, size=3)
+    if get_worker_info() is not None:
+        _seed(seeds)
+        yield
+        return
+    py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        random.seed(int(seeds[0]))
-        np.random.seed(int(seeds[1]))
-        # The CPU generator only: torch.manual_seed also queues a CUDA seeding, with a formatted
-        # stack trace, on every call (a millisecond per sample where CUDA is not initialised).
-        torch.default_generator.manual_seed(int(seeds[2]))
+        _seed(seeds)
         try:
             yield
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def _seed(seeds: np.ndarray) -> None:
+    random.seed(int(seeds[0]))
+    np.random.seed(int(seeds[1]))
+    # The CPU generator only: torch.manual_seed also queues a CUDA seeding, with a formatted
+    # stack trace, on every call (a millisecond per sample where CUDA is not initialised).
+    torch.default_generator.manual_seed(int(seeds[2]))

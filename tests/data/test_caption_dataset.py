@@ -32,7 +32,7 @@ def test_loader_yields_image_tensors_and_token_ids(caption_file, tokenizer):
         collate_fn=ImageTextCollator(tokenizer, max_length=25),
     )
     batch = next(iter(loader))
-    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].shape == (4, 3, 32, 32) and batch["images"].dtype == torch.uint8
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
     assert batch["input_ids"].shape == batch["attention_mask"].shape and batch["input_ids"].shape[0] == 4
     texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)

@@ -82,7 +82,7 @@ def test_cached_rows_equal_the_towers_output_for_the_same_view_bit_for_bit(capti
         return (
             eval_transform(image)
             if views == 1
-            else augmented(dataset.transform, image, dataset.seed, view, entry, entry)
+            else augmented(dataset.transform.with_normalize(), image, dataset.seed, view, entry, entry)
         )
 
     # the tower on the build's blocks of 4 (a GEMM rounds by the batch's shape, so another batch
@@ -96,7 +96,7 @@ def test_cached_rows_equal_the_towers_output_for_the_same_view_bit_for_bit(capti
         )
         for view in range(views)
     }
-    monkeypatch.setattr("lilt_ds.data.caption_dataset.open_rgb", decoding_forbidden)
+    monkeypatch.setattr("lilt_ds.data.caption_dataset.open_image", decoding_forbidden)
     for epoch in range(3):
         view = epoch % views
         for entry in range(10):
@@ -139,7 +139,7 @@ def test_a_changed_tower_or_transform_rebuilds_the_cache_and_an_unchanged_one_is
         assert build(dataset, data, model)["built"] == 12
     assert "built by another image tower" in caplog.text
     image = open_rgb(dataset.table.image_path(1))
-    expected = tower_output(model, augmented(dataset.transform, image, dataset.seed, 1, 1, 1)[None])[0]
+    expected = tower_output(model, augmented(dataset.transform.with_normalize(), image, dataset.seed, 1, 1, 1)[None])[0]
     torch.testing.assert_close(dataset[(1, 1)]["image_features"], expected, rtol=1e-5, atol=1e-5)
 
     caplog.clear()
@@ -277,7 +277,7 @@ def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
     import json
 
     from lilt_ds.runtime import process_group_scope
-    from lilt_ds.train import Trainer, to_device
+    from lilt_ds.train import Trainer
     from tests.test_train import _lilt_ds_logging_restored
 
     ds = json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json")))
@@ -313,7 +313,7 @@ def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
             for epoch in range(2):
                 trainer.epoch = epoch
                 for batch in trainer.loader:
-                    out.append(trainer.optimizer_step([to_device(batch, trainer.device, trainer.dtype)]))
+                    out.append(trainer.optimizer_step([trainer.to_device(batch)]))
         trainer.engine.destroy()
         return out, calls
 

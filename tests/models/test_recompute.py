@@ -107,7 +107,7 @@ def test_config_switch_patches_the_built_model():
 def _two_steps(rank, world_size, tmp_dir, ds_path):
     """Losses of 2 steps and the trainable weights after them, with and without recompute."""
     from lilt_ds.export import trainable_state_from_engine
-    from lilt_ds.train import Trainer, to_device
+    from lilt_ds.train import Trainer
     from tests.conftest import tiny_training_overrides
 
     out = {}
@@ -125,7 +125,7 @@ def _two_steps(rank, world_size, tmp_dir, ds_path):
         )
         trainer = Trainer(cfg, ds_path)
         batches = iter(trainer.loader)
-        losses = [trainer.train_step([to_device(next(batches), trainer.device, trainer.dtype)]) for _ in range(2)]
+        losses = [trainer.train_step([trainer.to_device(next(batches))]) for _ in range(2)]
         weights = trainable_state_from_engine(trainer.engine)
         out[str(recompute)] = {"losses": losses, "weights": {k: v.flatten().tolist() for k, v in weights.items()}}
         trainer.engine.destroy()

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F2
 
 from ...schema import AugmentSettings, as_section
 from ..errors import DataError
+from .device_decode import EncodedCrop
+from .images import decode_jpeg_rgb, largest_reduction, load_rgb
 
 _RANDAUGMENT_SECTION = re.compile(r"(m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d*)?|t[a-z0-9]+")
 
@@ -66,6 +71,7 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
         "grayscale": 0.0,
     },
 }
+_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 INTERPOLATIONS = {
     "bicubic": T.InterpolationMode.BICUBIC,
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -122,40 +128,161 @@ def build_train_transform(
     mean: Sequence[float],
     std: Sequence[float],
     augment: AugmentSettings | Mapping[str, Any] | None = None,
+    normalize: bool = False,
+    decode: str = "cpu",
     **changes,
-):
-    """The training transform of `augment` (`data.augment`; None: the lilt preset), with
-    `changes` (its keys, e.g. hflip=False) on top: RandomResizedCrop(scale, ratio) or, with preset
-    none, a square resize -> [horizontal flip] -> [colour jitter] -> [grayscale] -> [RandAugment]
-    -> ToTensor + Normalize(mean, std).
-
-    `randaugment` is a timm config string ("rand-m7-n2": magnitude 7, two ops) or false. Unless the
-    string picks a timm op set itself (a "-t..." section), the ops are `LILT_RANDAUGMENT_OPS`."""
+) -> TrainTransform:
+    """The training transform of `augment` (`data.augment`; None: the lilt preset), with `changes`
+    (its keys, e.g. hflip=False) on top; see TrainTransform. ``normalize``: float output normalised
+    with (mean, std) in the worker, else uint8 pixels (normalised on the device: `normalize_pixels`).
+    ``decode``: `data.decode`; device: JPEGs come out as EncodedCrops (device_decode.py)."""
     _check_size(image_size)
-    aug = resolve_augment(augment, **changes)
-    interpolation = INTERPOLATIONS[aug.interpolation]
-    if aug.scale is None and aug.ratio is None:
-        steps = [T.Resize((image_size, image_size), interpolation=interpolation)]
+    return TrainTransform(image_size, mean, std, resolve_augment(augment, **changes), normalize, decode == "device")
+
+
+def random_resized_box(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng=np.random
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, height, width), torchvision's algorithm: up to ten draws of an
+    area share in ``scale`` and a log-uniform aspect ratio in ``ratio`` until one fits, at a uniform
+    position; else the largest central crop whose ratio is in range. The numbers come from numpy's
+    generator (seeded per sample like the others): torchvision draws each from a tensor op, which costs
+    a tenth of a millisecond per image, as much as the resize."""
+    area, log_ratio = width * height, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.randint(0, height - h + 1)), int(rng.randint(0, width - w + 1)), h, w
+    shape = width / height
+    if shape < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif shape > max(ratio):
+        w, h = round(height * max(ratio)), height
     else:
-        steps = [
-            T.RandomResizedCrop(
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class TrainTransform:
+    """An opened, not yet decoded image -> its training crop: uint8 [3, S, S] (or float, normalised).
+
+    The steps and their distributions are torchvision's: RandomResizedCrop(scale, ratio) or, with
+    preset none, a square resize -> [horizontal flip] -> [colour jitter] -> [grayscale] ->
+    [RandAugment]. `randaugment` is a timm config string ("rand-m7-n2": magnitude 7, two ops) or
+    false; unless the string picks a timm op set itself (a "-t..." section), the ops are
+    `LILT_RANDAUGMENT_OPS`.
+
+    What makes it fast: the crop is drawn from the image's header size before any pixel is decoded
+    (from numpy's generator), so a JPEG whose crop is at least twice the output on both sides at 1/2,
+    1/4 or 1/8 scale decodes at that scale (DCT scaling), and others decode straight into a tensor and
+    are resized as uint8 by torch's vectorised antialiased kernel. Both kernels are PIL's antialiased
+    filters, so the pixels differ from a full decode and PIL resize by rounding only. Pixels stay uint8:
+    a quarter of float32's bytes through the collate and the copy to the device, normalised there."""
+
+    decodes = True  # takes an opened image and decodes it itself (lilt_ds.data.sample_rng.augmented)
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        aug: AugmentSettings,
+        normalize: bool = False,
+        on_device: bool = False,
+    ):
+        self.size, self.aug = image_size, aug
+        self.interpolation = INTERPOLATIONS[aug.interpolation]
+        # the crop step's parameters (it is not called: __call__ draws with its get_params and decodes for it)
+        self.crop = (
+            T.Resize((image_size, image_size), interpolation=self.interpolation)
+            if aug.scale is None and aug.ratio is None
+            else T.RandomResizedCrop(
                 image_size,
                 scale=aug.scale or (0.08, 1.0),
                 ratio=aug.ratio or (3 / 4, 4 / 3),
-                interpolation=interpolation,
+                interpolation=self.interpolation,
             )
-        ]
-    if aug.hflip:
-        steps.append(T.RandomHorizontalFlip())
-    if any(aug.color_jitter):
-        brightness, contrast, saturation, hue = aug.color_jitter
-        steps.append(T.ColorJitter(brightness, contrast, saturation, hue))
-    if aug.grayscale > 0:
-        steps.append(T.RandomGrayscale(aug.grayscale))
-    if aug.randaugment:
-        steps.append(_randaugment(aug.randaugment, mean))
-    steps.append(ToNormalizedTensor(mean, std))
-    return T.Compose(steps)
+        )
+        after = []
+        if aug.hflip:
+            after.append(T.RandomHorizontalFlip())
+        if any(aug.color_jitter):
+            brightness, contrast, saturation, hue = aug.color_jitter
+            after.append(T.ColorJitter(brightness, contrast, saturation, hue))
+        if aug.grayscale > 0:
+            after.append(T.RandomGrayscale(aug.grayscale))
+        self.on_pil = bool(aug.randaugment)  # timm's RandAugment takes PIL images; torchvision's steps take both
+        if aug.randaugment:
+            after.append(_randaugment(aug.randaugment, mean))
+        self.after = T.Compose(after) if after else None
+        self.normalized = ToNormalizedTensor(mean, std)
+        self.normalize = normalize
+        self.on_device = on_device  # data.decode=device: JPEGs leave as EncodedCrops (crop and flip drawn)
+
+    @property
+    def transforms(self) -> list:
+        """The steps in order, as torchvision objects (their parameters), ending in the normalisation."""
+        return [self.crop, *(self.after.transforms if self.after else []), self.normalized]
+
+    def box(self, image: Image.Image) -> tuple[int, int, int, int]:
+        """The crop (top, left, height, width) of an opened image (its header size): a random draw
+        (random_resized_box), or the whole image (preset none)."""
+        if isinstance(self.crop, T.Resize):
+            return 0, 0, image.height, image.width
+        return random_resized_box(image.width, image.height, self.crop.scale, self.crop.ratio)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor | EncodedCrop:
+        box = self.box(image)
+        if self.on_device and image.format == "JPEG" and not self.normalize:
+            flip = self.aug.hflip and bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip's draw
+            image.fp.seek(0)
+            data = torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8)
+            return EncodedCrop(data, box, flip, self.size, self.aug.interpolation)
+        pixels = self.augment(self.resized_crop(image, *box))
+        return self.normalized.tensor(pixels) if self.normalize else pixels.contiguous()
+
+    def resized_crop(self, image: Image.Image, top: int, left: int, height: int, width: int) -> torch.Tensor:
+        """The box of an opened image decoded and resized to uint8 [3, S, S], at the least decoding work.
+
+        A JPEG whose crop is at least 2S on both sides at 1/r scale decodes at 1/r and PIL resizes the
+        box's exact (fractional) bounds there: rounded to whole reduced pixels it would be up to a
+        quarter of an output pixel off, which costs detailed photos 10-20 dB of PSNR. Other JPEGs
+        decode straight into a tensor (torchvision) and other formats through PIL, and torch's
+        vectorised antialiased kernel resizes the box."""
+        full_width, full_height = image.size
+        reduction = largest_reduction(width, height, self.size)
+        if reduction == 1 and image.format == "JPEG" and image.fp is not None:
+            pixels = decode_jpeg_rgb(image)
+        else:
+            image = load_rgb(image, reduction)
+            if image.size != (full_width, full_height):
+                sx, sy = image.width / full_width, image.height / full_height
+                box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+                resized = image.resize((self.size, self.size), _PIL_FILTERS[self.aug.interpolation], box=box)
+                return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return F2.resized_crop(pixels, top, left, height, width, [self.size] * 2, self.interpolation, antialias=True)
+
+    def augment(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The steps after the crop (flip, jitter, grayscale, RandAugment) on uint8 [3, S, S]."""
+        if self.after is None:
+            return pixels
+        if not self.on_pil:
+            return self.after(pixels)
+        out = self.after(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
+        return torch.from_numpy(np.asarray(out.convert("RGB")).copy()).permute(2, 0, 1)
+
+    def with_normalize(self) -> TrainTransform:
+        """This transform with float output, normalised in the worker (the feature cache's views)."""
+        out = copy.copy(self)
+        out.normalize = True
+        return out
+
+    def __repr__(self) -> str:
+        where = "in the worker" if self.normalize else "on the device"
+        return f"TrainTransform(size={self.size}, augment={dataclasses.asdict(self.aug)}, {self.normalized!r} {where})"
 
 
 def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
@@ -233,8 +360,25 @@ class ToNormalizedTensor:
         pixels = np.asarray(image, dtype=np.float32) * self.scale - self.shift
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
+    def tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, H, W] -> normalised float32 [3, H, W], the same arithmetic as for an image."""
+        return torch.from_numpy(
+            pixels.numpy().astype(np.float32) * self.scale[:, None, None] - self.shift[:, None, None]
+        )
+
     def __repr__(self) -> str:
         return f"ToNormalizedTensor(mean={list(self.shift / self.scale / 255)}, std={list(1 / self.scale / 255)})"
+
+
+def normalize_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype) -> torch.Tensor:
+    """A uint8 batch [B, 3, H, W] (already on its device) -> normalised ``dtype``, computed in float32
+    as ToNormalizedTensor does (the same values); a float batch passes through in ``dtype``."""
+    if images.dtype != torch.uint8:
+        return images.to(dtype)
+    std_ = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
+    scale = 1.0 / (255.0 * std_)
+    shift = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None] / std_
+    return (images.float() * scale - shift).to(dtype)
 
 
 def _check_size(image_size: int) -> None:

@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..bad_samples import SKIP_FIX, BadSample, BadSampleLog, check_bad_sample_policy
 from ..errors import DataError, format_list
 from ..index.captions import entry_captions
-from ..preprocessing.images import SHARD_IMAGE_KEYS, open_rgb
+from ..preprocessing.images import SHARD_IMAGE_KEYS, UndecodableImage, open_image
 from ..sample_rng import augmented, caption_choice
 from .files import CAPTION_EXTENSIONS, RECREATE_FIX, ShardFiles, sample_index, tar_error, webdataset
 from .progress import ShardProgress
@@ -176,19 +176,20 @@ class ShardDataset(IterableDataset):
                 f"sample {key} has no image (.{', .'.join(SHARD_IMAGE_KEYS)}); it holds "
                 f"{', '.join('.' + k for k in raw if not k.startswith('__'))}"
             )
-        image = None
+        pixels = None
         if problem is None:
             try:
-                image = open_rgb(io.BytesIO(raw[image_type]))
-            except Exception as err:  # any decoding failure of a user's file is bad data
-                problem = f"cannot decode: {type(err).__name__}: {err}"
+                with open_image(io.BytesIO(raw[image_type])) as image:
+                    pixels = augmented(self.transform, image, self.seed, epoch, index, index)
+            except UndecodableImage as err:
+                problem = f"cannot decode: {err}"
         if problem is not None:
             bad = BadSample(index, raw["__url__"], raw["__entry__"], f"{key}.{image_type or '?'}", problem)
             if self.on_bad_sample == "error":
                 raise DataError(f"{bad.describe()}. Fix the shard: {RECREATE_FIX}, {SKIP_FIX}.")
             return bad
         return {
-            "image": augmented(self.transform, image, self.seed, epoch, index, index),
+            "image": pixels,
             "caption": texts[caption_choice(self.seed, epoch, index, len(texts))],
             "index": index,
             "bad_samples": [],

@@ -1,0 +1,57 @@
+"""What a run reports (lilt_ds/run_logging.py): the loader's share of the step time in every log line and
+steps.jsonl record, and the one warning when it is too large; a real run on one gloo rank."""
+
+import json
+import os
+
+from lilt_ds.config import load_config
+from tests.conftest import tiny_training_overrides
+from tests.distributed import run_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trainer(out, *extra):
+    from lilt_ds.train import Trainer
+
+    cfg = load_config("lilt", tiny_training_overrides(out, [f"output_dir={out}", "train.max_steps=4", *extra]))
+    return Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
+
+
+def _run(rank, world_size, out, limit):
+    run = trainer(out, f"logging.data_wait_warning={limit}")
+    run.run()
+    run.engine.destroy()
+    return {}
+
+
+def _refused(rank, world_size, out):
+    from lilt_ds.errors import ConfigError
+
+    try:
+        trainer(out, "data.decode=device", "data.augment.preset=openclip")
+    except ConfigError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+def test_every_step_record_carries_the_data_wait_and_a_large_one_is_reported_once(tmp_path):
+    """The loader runs in the training process here (num_workers=0), so the steps do wait for it: a
+    warning limit below that wait warns once (not at step 1, whose wait includes the start), with the
+    remedies."""
+    out = tmp_path / "run"
+    run_ranks(_run, 1, tmp_path, str(out), 1e-6)
+    records = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(0 < r["data_wait"] < 1 for r in records)
+    log = (out / "train.log").read_text()
+    assert all(f"step {s} samples_seen" in log and "data_wait=" in log for s in (1, 2, 3, 4))
+    warnings = [line for line in log.splitlines() if "the steps waited for data" in line]
+    assert len(warnings) == 1 and "data.num_workers (now 0)" in warnings[0] and "data.decode=device" in warnings[0]
+    assert "data.cache_locked_features=true" in warnings[0]
+
+
+def test_decoding_on_the_device_is_refused_without_cuda_before_the_model_is_built(tmp_path):
+    result = run_ranks(_refused, 1, tmp_path, str(tmp_path / "run"))[0]
+    assert result["error"].startswith("data.decode = device decodes JPEGs with nvJPEG on a CUDA GPU")
+    assert "this run's device is cpu: set data.decode=cpu" in result["error"]
