@@ -44,7 +44,9 @@ setup(
     entry_points={
         "console_scripts": [f"lilt-{name.replace('_', '-')} = lilt_ds.cli.{name}:entry" for name in COMMANDS]
     },
-    package_data={"lilt_ds": ["configs/*.yaml", "configs/*.txt", "ds_configs/*.json", "data/*.json", "data/*.txt"]},
+    package_data={
+        "lilt_ds": ["configs/*.yaml", "configs/*.txt", "ds_configs/*.json", "data/*.json", "data/*.txt", "data/*.tsv"]
+    },
     install_requires=[
         "torch>=2.4",
         "torchvision",
@@ -72,10 +74,12 @@ setup(
         # omegaconf: the original LilT checkpoint fixture saves its OmegaConf config; ruff: .ci/run's linter,
         # pinned so that a new release's rules do not fail a clean checkout
         # img2dataset (it pins webdataset<0.3, which lilt_ds reads alike), s3fs and moto's server: the shard
-        # sources' tests write real img2dataset shards and read them from a loopback HTTP server and S3
+        # sources' tests write real img2dataset shards and read them from a loopback HTTP server and S3;
+        # scikit-image's sample photos: real images for the transform tests; clip-benchmark: the reference
+        # the zero-shot numbers are checked against
         "test": DEMO
         + SHARDS
-        + ["img2dataset", "s3fs", "moto[server]", "pyarrow", "datasets", "scikit-image"]
+        + ["img2dataset", "s3fs", "moto[server]", "pyarrow", "datasets", "scikit-image", "clip-benchmark"]
         + ["pytest", "pytest-timeout", "matplotlib", "open_clip_torch", "omegaconf", "ruff==0.17.6"],
     },
 )

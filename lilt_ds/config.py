@@ -25,6 +25,8 @@ from .original_flags import apply_flags, split_flags
 from .presets import parse_override, read_config
 from .schema import ExperimentConfig, parse, replace_keys
 
+OPEN_CLIP_CONTEXT_LENGTH = 77  # an hf-hub: OpenCLIP pair's, unknown before its download (the tokenizer caps it)
+
 
 def check_compile(value) -> str | None:
     """``train.compile`` -> the torch.compile backend (None: eager)."""
@@ -80,6 +82,17 @@ def check_pair(cfg: ExperimentConfig, facts) -> None:
         )
 
 
+def resolve_text(data, facts):
+    """A pretrained pair's captions: raw text at its context length (its tokenizer expects that), where
+    the config leaves ``data.clean_captions``, ``data.max_length`` and ``data.eval_max_length`` null; other
+    models keep the original's cleaning and lengths (resolve_data_config fills them in)."""
+    if facts.kind != "pair":
+        return data
+    length = facts.context_length or OPEN_CLIP_CONTEXT_LENGTH
+    chosen = {"clean_captions": False, "max_length": length, "eval_max_length": length}
+    return dataclasses.replace(data, **{k: v for k, v in chosen.items() if getattr(data, k) is None})
+
+
 def check_cache(cfg: ExperimentConfig) -> None:
     """The locked-tower feature cache is asked for where it can work (the image tower trains nothing,
     its output does not depend on the run's RNG, a caption file to key it by, a place to write it)."""
@@ -122,7 +135,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_pair(cfg, facts)
     check_compile(cfg.train.compile)
     loss_arguments(cfg.loss)
-    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data, must_exist=True))
+    cfg = dataclasses.replace(cfg, data=resolve_data_config(resolve_text(cfg.data, facts), must_exist=True))
     check_cache(cfg)
     check_zeroshot(cfg.eval.classification)
     return cfg

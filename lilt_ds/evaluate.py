@@ -10,11 +10,14 @@ gathered: the numbers are the same with any number of ranks.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Sequence
 
 import torch
 
+from .data.evaluation.datasets import CLASSIFICATION, DATASETS, RETRIEVAL
 from .distributed import world_info
 from .errors import ConfigError
 from .schema import DataSettings
@@ -155,7 +158,7 @@ def classifier_weights(model, classnames, templates, tokenizer, max_length: int,
 
 
 def classification_metrics(image_emb: torch.Tensor, class_emb: torch.Tensor, labels, classnames) -> dict:
-    """Top-1 / top-5 accuracy (percent) and per-class top-1 accuracy."""
+    """Top-1 / top-5 accuracy, mean per-class recall (percent) and per-class top-1 accuracy."""
     labels = torch.as_tensor(list(labels))
     scores = image_emb.float() @ class_emb.float().T
     k = min(5, scores.shape[1])
@@ -170,6 +173,8 @@ def classification_metrics(image_emb: torch.Tensor, class_emb: torch.Tensor, lab
     return {
         "top1": 100.0 * hit1.float().mean().item(),
         "top5": 100.0 * hit5.float().mean().item(),
+        # the mean over the classes present of their top-1 recall (CLIP_benchmark's, sklearn's balanced accuracy)
+        "mean_per_class_recall": sum(per_class.values()) / len(per_class),
         "per_class_top1": per_class,
         "num_images": len(labels),
         "num_classes": len(classnames),
@@ -212,11 +217,70 @@ def format_retrieval_table(metrics: dict, ks: Sequence[int] = RECALL_KS) -> str:
 def format_classification_table(metrics: dict) -> str:
     return "\n".join(
         [
-            "| images | classes | top-1 | top-5 |",
-            "|---:|---:|---:|---:|",
-            f"| {metrics['num_images']} | {metrics['num_classes']} | {metrics['top1']:.2f} | {metrics['top5']:.2f} |",
+            "| images | classes | top-1 | top-5 | mean per-class recall |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {metrics['num_images']} | {metrics['num_classes']} | {metrics['top1']:.2f} | {metrics['top5']:.2f} "
+            f"| {metrics['mean_per_class_recall']:.2f} |",
         ]
     )
+
+
+def format_datasets_table(results: list[dict]) -> str:
+    """One row per dataset: classification accuracies, or retrieval recall both ways."""
+    lines = [
+        "| dataset | images | top-1 | top-5 | mean per-class recall | image->text R@1 | R@5 | text->image R@1 | R@5 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        m = r["metrics"]
+        if r["task"] == CLASSIFICATION:
+            cells = [m["top1"], m["top5"], m["mean_per_class_recall"], None, None, None, None]
+            images = m["num_images"]
+        else:
+            cells = [None, None, None, m["txt_r1"], m["txt_r5"], m["img_r1"], m["img_r5"]]
+            images = m["num_images"]
+        text = " | ".join("" if c is None else f"{c:.2f}" for c in cells)
+        lines.append(f"| {r['dataset']} | {images} | {text} |")
+    return "\n".join(lines)
+
+
+def clip_benchmark_record(dataset: str, task: str, metrics: dict, model: str, pretrained: str) -> dict:
+    """A result as CLIP_benchmark writes it (``clip_benchmark eval --output``): its task and metric names,
+    recalls and accuracies as fractions."""
+    if task == CLASSIFICATION:
+        values = {
+            "acc1": metrics["top1"] / 100,
+            "acc5": metrics["top5"] / 100,
+            "mean_per_class_recall": metrics["mean_per_class_recall"] / 100,
+        }
+    else:
+        values = {}
+        for k in RECALL_KS:
+            values[f"image_retrieval_recall@{k}"] = metrics[f"img_r{k}"] / 100
+            values[f"text_retrieval_recall@{k}"] = metrics[f"txt_r{k}"] / 100
+    return {
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained,
+        "task": task,
+        "metrics": values,
+        "language": "en",
+    }
+
+
+def write_clip_benchmark(folder: str, record: dict, name: str | None = None) -> str:
+    """``folder/clip_benchmark/<name>.json`` (the dataset's name by default); its path."""
+    out = os.path.join(folder, "clip_benchmark")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{name or record['dataset']}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return path
+
+
+def model_name(cfg) -> str:
+    """What names a model in a results file: its pair, else its two towers."""
+    return cfg.model.init_from or f"{cfg.model.vision.name}+{cfg.model.text.name}"
 
 
 # ------------------------------------------------------------------------ a whole evaluation
@@ -233,23 +297,61 @@ def run_evaluation(
     workers="auto",
     output: str | None = None,
 ) -> dict:
-    """What ``launch/evaluate.py`` runs: a checkpoint, an export or (no ``checkpoint``) the untrained
-    base towers of ``config``, on retrieval or classification data; every rank encodes a shard, rank
-    0 prints the table and writes the metrics to ``output`` (JSON). ``config`` given with
-    ``checkpoint`` must match it. Returns the metrics."""
-    import json
-    import time
+    """One dataset (``launch/evaluate.py --task T --data D``): its metrics, also written to ``output``
+    (JSON; default outputs/eval-<task>-<time>.json)."""
+    if task not in ("retrieval", "classification"):
+        raise ConfigError(f"task {task!r}: choose retrieval or classification")
+    result = evaluate_datasets(
+        [f"{task}={data}"], checkpoint, config, overrides, image_root, classnames_file, templates, batch_size, workers
+    )[0]
+    if world_info()[0] == 0:
+        out = output or os.path.join("outputs", f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"task": task, "checkpoint": checkpoint, "data": data, **result["metrics"]}, f, indent=2)
+        print(f"wrote {out}", flush=True)
+    return result["metrics"]
 
+
+def evaluate_datasets(
+    specs: Sequence[str],
+    checkpoint: str | None = None,
+    config: str | None = None,
+    overrides=(),
+    image_root: str | None = None,
+    classnames_file: str | None = None,
+    templates: str = "auto",
+    batch_size: int = 128,
+    workers="auto",
+    output_dir: str | None = None,
+) -> list[dict]:
+    """What ``launch/evaluate.py`` runs: a checkpoint, an export or (no ``checkpoint``) the untrained base
+    towers (or pretrained pair) of ``config``, on each ``NAME=PATH`` of ``specs`` (see
+    lilt_ds.data.evaluation.datasets); every rank encodes a shard. Every dataset is checked before the
+    model is built. Rank 0 prints one table and, with ``output_dir``, writes ``results.jsonl`` (a line per
+    dataset) and CLIP_benchmark's files (``clip_benchmark/<dataset>.json``). Returns
+    ``[{"dataset", "task", "metrics"}, ...]``; ``config`` given with ``checkpoint`` must match it."""
     from .checkpoint import check_identity, run_identity
     from .config import load_config
-    from .data import build_retrieval_data, build_zeroshot_data, eval_loader_settings
+    from .data import build_retrieval_data, build_zeroshot_data, eval_loader_settings, eval_preprocess_of
+    from .data.evaluation.classification import check_classification_source, read_classnames
+    from .data.evaluation.datasets import parse_dataset_spec
     from .export import load_trained
     from .models import build_model, build_tokenizer
     from .runtime import init_distributed, process_group_scope
 
-    if task not in ("retrieval", "classification"):
-        raise ConfigError(f"task {task!r}: choose retrieval or classification")
     expected = load_config(config, overrides) if config else None
+    sets = [parse_dataset_spec(spec) for spec in specs]
+    labels = [label for label, _, _ in sets]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"--datasets names {labels}: each once (NAME:LABEL=PATH tells two sets of a kind apart)")
+    names = read_classnames(classnames_file)
+    for label, kind, path in sets:
+        if not os.path.exists(path):
+            raise ConfigError(f"--datasets {label}={path}: {path} does not exist")
+        if kind.task == CLASSIFICATION:
+            check_classification_source(path, names or _default_classnames(kind), f"--datasets {label}")
+    results = []
     with process_group_scope():
         rank, _, device = init_distributed()  # the device (cuda:LOCAL_RANK) is bound before any collective
         if checkpoint:
@@ -265,32 +367,68 @@ def run_evaluation(
         if workers != "auto":
             loader_workers = workers
         size, mean, std = model.vision.image_size, model.vision.mean, model.vision.std
-        if task == "retrieval":
-            retrieval = build_retrieval_data(
-                data, image_root, tokenizer, size, mean, std, max_length=cfg.data.eval_max_length
-            )
-            metrics = evaluate_retrieval(
-                model, retrieval, batch_size, device, num_workers=loader_workers, pin_memory=pin
-            )
-            table = format_retrieval_table(metrics)
-        else:
-            dataset, prompts = build_zeroshot_data(data, size, mean, std, image_root, classnames_file, templates)
-            metrics = evaluate_classification(
-                model,
-                dataset,
-                tokenizer,
-                prompts,
-                batch_size,
-                device,
-                max_length=cfg.data.eval_max_length,
-                num_workers=loader_workers,
-                pin_memory=pin,
-            )
-            table = format_classification_table(metrics)
+        preprocess = eval_preprocess_of(model.vision, cfg.eval.preprocess)
+        for label, kind, path in sets:
+            if kind.task == RETRIEVAL:
+                root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+                data = build_retrieval_data(
+                    path,
+                    root,
+                    tokenizer,
+                    size,
+                    mean,
+                    std,
+                    max_length=cfg.data.eval_max_length,
+                    clean_captions=cfg.data.clean_captions,
+                    max_words=cfg.data.max_words,
+                    preprocess=preprocess,
+                )
+                metrics = evaluate_retrieval(
+                    model, data, batch_size, device, num_workers=loader_workers, pin_memory=pin
+                )
+                metrics["num_images"] = len(data.images)
+            else:
+                dataset, prompts = build_zeroshot_data(
+                    path,
+                    size,
+                    mean,
+                    std,
+                    image_root,
+                    classnames_file or _default_classnames(kind),
+                    kind.templates if templates == "auto" else templates,
+                    preprocess,
+                    f"--datasets {label}",
+                )
+                metrics = evaluate_classification(
+                    model,
+                    dataset,
+                    tokenizer,
+                    prompts,
+                    batch_size,
+                    device,
+                    max_length=cfg.data.eval_max_length,
+                    num_workers=loader_workers,
+                    pin_memory=pin,
+                )
+            results.append({"dataset": label, "task": kind.task, "path": path, "metrics": metrics})
     if rank == 0:
-        out = output or os.path.join("outputs", f"eval-{task}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"task": task, "checkpoint": checkpoint, "data": data, **metrics}, f, indent=2)
-        print(f"{task} on {data} ({checkpoint or 'untrained base towers'}):\n{table}\nwrote {out}", flush=True)
-    return metrics
+        print(f"zero-shot evaluation of {checkpoint or model_name(cfg)}:\n{format_datasets_table(results)}", flush=True)
+        if output_dir is not None:
+            _write_results(output_dir, results, sets, cfg, checkpoint)
+    return results
+
+
+def _default_classnames(kind) -> str | None:
+    return "imagenet" if kind.layout == "imagenet" else None
+
+
+def _write_results(output_dir: str, results: list[dict], sets, cfg, checkpoint) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.jsonl"), "a") as f:
+        for r in results:
+            f.write(json.dumps({"time": time.time(), "checkpoint": checkpoint, **r}) + "\n")
+    for r, (label, kind, _) in zip(results, sets):
+        name = kind.benchmark_name if label in DATASETS else label  # a set without a label: the field's name
+        record = clip_benchmark_record(name, r["task"], r["metrics"], model_name(cfg), checkpoint or "")
+        write_clip_benchmark(output_dir, record, label)
+    print(f"wrote {output_dir}/results.jsonl and {output_dir}/clip_benchmark/", flush=True)

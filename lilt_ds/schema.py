@@ -486,10 +486,18 @@ class DataSettings:
         "error", "an unreadable entry stops the run, or is replaced and counted"
     )
     max_bad_fraction: float = setting(0.01, "skip: the share of bad entries a run tolerates", minimum=0.0, maximum=1.0)
-    clean_captions: bool = setting(True, "the original's caption cleaning: lower case, punctuation stripped")
+    clean_captions: bool | None = setting(
+        None,
+        "the original's caption cleaning (lower case, punctuation stripped); null: on, but off for a pretrained "
+        "pair (model.init_from), whose tokenizer expects raw text",
+    )
     max_words: int = setting(30, "captions are cut to this many words", minimum=1)
-    max_length: int = setting(25, "tokens of a training caption", minimum=1)
-    eval_max_length: int = setting(30, "tokens of an evaluation caption", minimum=1)
+    max_length: int | None = setting(
+        None, "tokens of a training caption; null: 25 (the original's), a pair's context length", minimum=1
+    )
+    eval_max_length: int | None = setting(
+        None, "tokens of an evaluation caption; null: 30 (the original's), a pair's context length", minimum=1
+    )
     augment: AugmentSettings = section(AugmentSettings, "the training images' augmentation; null = the preset's value")
     num_workers: Literal["auto"] | int = setting(
         "auto",
@@ -584,10 +592,18 @@ class CheckpointSettings:
 class ClassificationSettings:
     """Zero-shot classification during training (OpenCLIP --zeroshot-frequency)."""
 
-    data: str | None = setting(None, "an ImageFolder-style folder or a JSON list of {image, label}; null = off")
+    data: str | None = setting(
+        None, "a folder with one sub-folder per class, CIFAR's pickles, or a JSON list of {image, label}; null = off"
+    )
     image_root: str | None = setting(None, "JSON with relative image paths: their folder")
-    classnames: str | None = setting(None, "JSON with integer labels: a file of class names, one per line")
-    templates: str = setting("a photo of a {}.", "one template, a file of them, or imagenet (CLIP's 80)")
+    classnames: str | None = setting(
+        None,
+        "a file of class names, one per line (JSON with integer labels; replaces folder names), or imagenet: "
+        "ImageNet's 1,000 synset folders named as OpenAI's CLIP named them",
+    )
+    templates: str = setting(
+        "a photo of a {}.", "one template, a file of them, imagenet (CLIP's 80) or cifar (CLIP's 18)"
+    )
     every_epochs: int = setting(1, "and after the last epoch; 0 = never", minimum=0)
 
 
@@ -602,6 +618,12 @@ class EvalSettings:
         minimum=1,
     )
     batch_size: int = setting(128, "images per forward pass", minimum=1)
+    preprocess: Literal["auto", "source", "square"] = setting(
+        "auto",
+        "evaluation images: source (as the model's source evaluates: OpenCLIP's preprocess, the HF image "
+        "processor, timm's data config) | square (the original LilT resize) | auto: source for a pretrained "
+        "pair, square for timm towers",
+    )
     classification: ClassificationSettings = section(
         ClassificationSettings, "zero-shot classification during training (OpenCLIP --zeroshot-frequency)"
     )

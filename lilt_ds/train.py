@@ -24,13 +24,22 @@ from .data import (
     cache_locked_features,
     decode_on_device,
     eval_loader_settings,
+    eval_preprocess_of,
     global_bad_sample_counts,
     normalize_pixels,
     resolve_data_config,
 )
+from .data.evaluation.datasets import CLASSIFICATION, RETRIEVAL, dataset_name
 from .distributed import all_gather_objects, is_collective_failure
 from .errors import ConfigError, LiltError
-from .evaluate import evaluate_classification, evaluate_retrieval, format_retrieval_table
+from .evaluate import (
+    clip_benchmark_record,
+    evaluate_classification,
+    evaluate_retrieval,
+    format_retrieval_table,
+    model_name,
+    write_clip_benchmark,
+)
 from .export import save_exported, trainable_state_from_engine
 from .losses import as_fp32, build_loss, exact_accumulation_step
 from .models import build_model, build_tokenizer, encode_batch, trainable_summary
@@ -147,13 +156,22 @@ class Trainer:
             cfg.seed,
             self.device.type,
         )
-        self.eval_data = build_eval_data(data, self.tokenizer, size, mean, std)
+        preprocess = eval_preprocess_of(self.model.vision, cfg.eval.preprocess)
+        self.eval_data = build_eval_data(data, self.tokenizer, size, mean, std, preprocess)
         zeroshot = cfg.eval.classification
         self.zeroshot = (
             None
             if zeroshot.data is None
             else build_zeroshot_data(
-                zeroshot.data, size, mean, std, zeroshot.image_root, zeroshot.classnames, zeroshot.templates
+                zeroshot.data,
+                size,
+                mean,
+                std,
+                zeroshot.image_root,
+                zeroshot.classnames,
+                zeroshot.templates,
+                preprocess,
+                "eval.classification.data",
             )
         )
         self.eval_workers, self.eval_pin_memory = eval_loader_settings(data, self.device.type)
@@ -444,20 +462,21 @@ class Trainer:
 
     def evaluate(self, retrieval: bool = True, zeroshot: bool = True) -> dict:
         """Retrieval on the held-out split and zero-shot classification (``eval.classification``), each
-        where asked and configured; every rank encodes a shard. Rank 0 logs what was measured."""
-        metrics = {}
+        where asked and configured; every rank encodes a shard. Rank 0 logs what was measured, in
+        results.jsonl and in CLIP_benchmark's files beside it (``clip_benchmark/<dataset>.json``)."""
+        metrics, records = {}, []
         if retrieval and self.eval_data is not None:
-            metrics.update(
-                evaluate_retrieval(
-                    self.engine.module,
-                    self.eval_data,
-                    self.cfg.eval.batch_size,
-                    self.device,
-                    self.dtype,
-                    self.eval_workers,
-                    self.eval_pin_memory,
-                )
+            found = evaluate_retrieval(
+                self.engine.module,
+                self.eval_data,
+                self.cfg.eval.batch_size,
+                self.device,
+                self.dtype,
+                self.eval_workers,
+                self.eval_pin_memory,
             )
+            metrics.update(found)
+            records.append((dataset_name(self.cfg.data.eval_file or "demo_eval"), RETRIEVAL, found))
         if zeroshot and self.zeroshot is not None:
             images, templates = self.zeroshot
             scores = evaluate_classification(
@@ -472,9 +491,20 @@ class Trainer:
                 self.eval_workers,
                 self.eval_pin_memory,
             )
-            metrics.update({"zeroshot_top1": scores["top1"], "zeroshot_top5": scores["top5"]})
+            metrics.update(
+                {
+                    "zeroshot_top1": scores["top1"],
+                    "zeroshot_top5": scores["top5"],
+                    "zeroshot_mean_per_class_recall": scores["mean_per_class_recall"],
+                }
+            )
+            records.append((dataset_name(self.cfg.eval.classification.data), CLASSIFICATION, scores))
         if metrics:
             self.metrics.evaluation(self.step, self.epoch, metrics)
+        if self.rank == 0:
+            for dataset, task, found in records:
+                record = clip_benchmark_record(dataset, task, found, model_name(self.cfg), self.output_dir)
+                write_clip_benchmark(self.output_dir, {**record, "step": self.step, "epoch": self.epoch})
         return metrics
 
     def export(self) -> None:

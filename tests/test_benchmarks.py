@@ -87,6 +87,8 @@ SMOKE = {
 # run by tests/test_gpu_check.py, through gpu_check.py's own command lines
 BY_GPU_CHECK = {"gpu_check.py", "efficiency.py", "feature_cache.py"}
 LIBRARIES = {"learning_data.py", "step_runners.py"}  # imported by scripts, no command of their own
+# run through its command line by tests/models/test_pairs.py, on a model a 2-rank run exported
+BY_TESTS = {"zeroshot_agreement.py"}
 # what each smoke run prints when it got to its end
 ENDS = {
     "checkpoint_size.py": "| lilt (the preset's unlock sets) |",
@@ -121,7 +123,7 @@ def test_no_script_shadows_an_installed_or_standard_module():
 
 def test_every_benchmark_script_has_a_smoke_run():
     scripts = {name for name in os.listdir(os.path.join(ROOT, "benchmarks")) if name.endswith(".py")}
-    assert scripts == set(SMOKE) | BY_GPU_CHECK | LIBRARIES
+    assert scripts == set(SMOKE) | BY_GPU_CHECK | LIBRARIES | BY_TESTS
     assert set(ENDS) == set(SMOKE)
 
 

@@ -11,6 +11,7 @@ from lilt_ds.config import ConfigError
 from lilt_ds.data import DataError, load_templates
 from lilt_ds.evaluate import classification_metrics, retrieval_metrics
 from tests.conftest import tiny_overrides
+from tests.data.evaluation.test_datasets import write_cifar
 from tests.distributed import run_ranks
 from tests.test_train import run
 
@@ -53,10 +54,11 @@ def test_a_collapsed_model_scores_zero_not_perfect():
 
 def test_classification_metrics_by_hand():
     class_emb = torch.eye(3)
-    image_emb = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0, 1], [0, 1.0, 0.2]])
-    m = classification_metrics(image_emb, class_emb, [0, 1, 2, 2], ["a", "b", "c"])
-    assert m["top1"] == 50.0 and m["top5"] == 100.0
-    assert m["per_class_top1"] == {"a": 100.0, "b": 0.0, "c": 50.0}
+    image_emb = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 0, 1], [0, 1.0, 0.2], [0.1, 0, 1]])
+    m = classification_metrics(image_emb, class_emb, [0, 1, 2, 2, 2], ["a", "b", "c"])
+    assert m["top1"] == pytest.approx(60.0) and m["top5"] == 100.0
+    assert m["per_class_top1"] == pytest.approx({"a": 100.0, "b": 0.0, "c": 200 / 3})
+    assert m["mean_per_class_recall"] == pytest.approx((100 + 0 + 200 / 3) / 3)  # each class weighs the same
 
 
 def test_templates():
@@ -174,7 +176,7 @@ def test_command_line_on_a_checkpoint(eval_sets, tmp_path):
         ]
     )
     assert retrieval.returncode == 0, retrieval.stderr[-3000:]
-    assert "| image->text |" in retrieval.stdout and "txt_r1" in json.loads((tmp_path / "r.json").read_text())
+    assert "| retrieval | 7 |" in retrieval.stdout and "txt_r1" in json.loads((tmp_path / "r.json").read_text())
     classification = run(
         [
             sys.executable,
@@ -231,3 +233,46 @@ def test_command_line_on_a_checkpoint(eval_sets, tmp_path):
         ]
     )
     assert missing.returncode != 0 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    several = tmp_path / "several"
+    cifar, _, _ = write_cifar(tmp_path / "cifar-10-batches-py", n=10)
+    everything = run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            "--checkpoint",
+            str(out),
+            "--datasets",
+            f"classification={eval_sets / 'folder'}",
+            f"cifar10={cifar}",
+            f"retrieval={eval_sets / 'demo' / 'eval.json'}",
+            f"retrieval:again={eval_sets / 'demo' / 'eval.json'}",
+            "--templates",
+            "imagenet",
+            "--output_dir",
+            str(several),
+        ]
+    )
+    assert everything.returncode == 0, everything.stderr[-3000:]
+    table = everything.stdout[everything.stdout.index("| dataset |") :]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:6]] == [
+        "classification",
+        "cifar10",
+        "retrieval",
+        "again",
+    ]
+    records = [json.loads(line) for line in (several / "results.jsonl").read_text().splitlines()]
+    assert [r["dataset"] for r in records] == ["classification", "cifar10", "retrieval", "again"]
+    assert records[2]["metrics"] == records[3]["metrics"]  # the same set twice, the same numbers
+    assert records[0]["metrics"]["top1"] == after["top1"]  # what --task classification measured
+    cifar_record = json.loads((several / "clip_benchmark" / "cifar10.json").read_text())
+    assert cifar_record["dataset"] == "cifar10" and cifar_record["task"] == "zeroshot_classification"
+    assert cifar_record["metrics"]["acc1"] == pytest.approx(records[1]["metrics"]["top1"] / 100)
+    retrieval_record = json.loads((several / "clip_benchmark" / "retrieval.json").read_text())
+    assert retrieval_record["metrics"]["text_retrieval_recall@5"] == pytest.approx(
+        records[2]["metrics"]["txt_r5"] / 100
+    )
+    unknown = run([sys.executable, "launch/evaluate.py", "--datasets", f"imagenet21k={cifar}", "--config", "lilt"])
+    assert unknown.returncode == 1 and "expected NAME=PATH with NAME one of imagenet" in unknown.stderr
+    assert "Traceback" not in unknown.stderr
+    during_training = json.loads((out / "clip_benchmark" / "folder.json").read_text())
+    assert during_training["metrics"]["acc1"] == pytest.approx(during["zeroshot_top1"] / 100)

@@ -1,7 +1,9 @@
-"""Zero-shot retrieval or classification of a checkpoint, an export or the untrained base towers.
+"""Zero-shot retrieval and classification of a checkpoint, an export, or the untrained base towers
+(or pretrained pair) of a config, on one or several datasets; one table, CLIP_benchmark's files.
 
-lilt-evaluate --checkpoint outputs/run --task retrieval --data eval.json --image_root DIR
-lilt-evaluate --checkpoint run.safetensors --task classification --data imagenet/val --templates imagenet
+lilt-evaluate --checkpoint outputs/run --datasets imagenet=/d/imagenet/val cifar10=/d/cifar-10-batches-py \
+    coco=/d/coco_test.json --output_dir outputs/run/eval
+lilt-evaluate --checkpoint outputs/run --task retrieval --data eval.json --image_root DIR   (one dataset)
 deepspeed --num_gpus 2 --module lilt_ds.cli.evaluate ...      (each rank encodes a shard; same numbers)
 """
 
@@ -25,13 +27,30 @@ def main(argv=None):
     )
     parser.add_argument("--config", default=None, help="preset or YAML (baseline; with --checkpoint it must match)")
     parser.add_argument("--overrides", nargs="*", default=[])
-    parser.add_argument("--task", choices=("retrieval", "classification"), required=True)
-    parser.add_argument("--data", required=True, help="retrieval JSON; classification folder or JSON")
-    parser.add_argument("--image_root", default=None)
-    parser.add_argument("--classnames", default=None, help="file with one class name per line (JSON with int labels)")
     parser.add_argument(
-        "--templates", default="a photo of a {}.", help="a template, a file of templates, or 'imagenet' (80 prompts)"
+        "--datasets",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="datasets to evaluate: imagenet (synset folders), cifar10/cifar100 (the python pickles' folder), "
+        "coco/flickr30k (Karpathy-split JSON), classification (class folders or JSON), retrieval (JSON); "
+        "NAME:LABEL=PATH for a second set of a kind",
     )
+    parser.add_argument("--task", choices=("retrieval", "classification"), help="one dataset: its task (with --data)")
+    parser.add_argument("--data", help="one dataset: retrieval JSON; classification folder, CIFAR pickles or JSON")
+    parser.add_argument("--image_root", default=None, help="relative image paths (default: the JSON's folder)")
+    parser.add_argument(
+        "--classnames",
+        default=None,
+        help="file with one class name per line (JSON with int labels; replaces folder names), or imagenet",
+    )
+    parser.add_argument(
+        "--templates",
+        default=None,
+        help="a template, a file of templates, imagenet (80) or cifar (18); default: each dataset's "
+        "(imagenet's, cifar's; 'a photo of a {}.' else)",
+    )
+    parser.add_argument("--output_dir", default=None, help="--datasets: results.jsonl and clip_benchmark/*.json here")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument(
         "--workers",
@@ -40,24 +59,41 @@ def main(argv=None):
         help="DataLoader workers per rank for the images (auto: none on the CPU; on a GPU as data.num_workers=auto)",
     )
     parser.add_argument(
-        "--output", default=None, help="JSON file for the metrics (default outputs/eval-<task>-<time>.json)"
+        "--output", default=None, help="one dataset: JSON file of its metrics (default outputs/eval-<task>-<time>.json)"
     )
     args = parser.parse_args(argv)
+    if (args.datasets is None) == (args.task is None or args.data is None):
+        parser.error("give --datasets NAME=PATH ..., or one dataset as --task T --data PATH")
 
-    from lilt_ds.evaluate import run_evaluation
+    from lilt_ds.evaluate import evaluate_datasets, run_evaluation
 
-    run_evaluation(
-        args.task,
-        args.data,
+    if args.datasets is None:
+        templates = args.templates or "a photo of a {}."
+        run_evaluation(
+            args.task,
+            args.data,
+            args.checkpoint,
+            args.config,
+            args.overrides,
+            args.image_root,
+            args.classnames,
+            templates,
+            args.batch_size,
+            args.workers,
+            args.output,
+        )
+        return
+    evaluate_datasets(
+        args.datasets,
         args.checkpoint,
         args.config,
         args.overrides,
         args.image_root,
         args.classnames,
-        args.templates,
+        args.templates or "auto",
         args.batch_size,
         args.workers,
-        args.output,
+        args.output_dir,
     )
 
 

@@ -16,6 +16,7 @@ from .index.image_root import ImageRoot
 from .loader import TrainLoader, build_eval_data, build_train_loader
 from .preprocessing.collate import ImageTextCollator
 from .preprocessing.device_decode import decode_on_device
+from .preprocessing.source_transforms import eval_preprocess_of
 from .preprocessing.text import pre_caption, tokenize_captions
 from .preprocessing.transforms import (
     LILT_RANDAUGMENT_OPS,
@@ -61,6 +62,7 @@ __all__ = [
     "build_train_transform",
     "normalize_pixels",
     "decode_on_device",
+    "eval_preprocess_of",
     "TrainTransform",
     "collate_images",
     "ensure_demo_data",

@@ -20,6 +20,11 @@ CPU_WORKERS = 2  # data.num_workers=auto on the CPU (the default before "auto" e
 MAX_GPU_WORKERS = 8  # data.num_workers=auto on a GPU: at most this many per rank
 
 
+ORIGINAL_TEXT = {"clean_captions": True, "max_length": 25, "eval_max_length": 30}
+"""The original LilT's caption handling: what null text keys resolve to unless the model is a pretrained
+pair (lilt_ds.config.resolve_text sets a pair's first)."""
+
+
 def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, must_exist: bool = False) -> DataSettings:
     """`data` (typed, or a mapping of its keys as a YAML file gives it) checked, with its augmentation
     resolved from the preset. With `must_exist`, the annotation files and image folders named must
@@ -42,6 +47,7 @@ def resolve_data_config(data: DataSettings | Mapping[str, Any] | None = None, mu
     ImageRoot(data.image_root, "data.image_root")
     ImageRoot(data.eval_image_root, "data.eval_image_root")
     data = dataclasses.replace(data, augment=resolve_augment(data.augment))
+    data = dataclasses.replace(data, **{k: v for k, v in ORIGINAL_TEXT.items() if getattr(data, k) is None})
     _check_device_decode(data)
     if must_exist:
         _check_paths(data)

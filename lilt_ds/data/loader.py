@@ -178,10 +178,15 @@ def start_worker(_worker_id: int) -> None:
 
 
 def build_eval_data(
-    data_cfg: DataSettings | Mapping, tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]
+    data_cfg: DataSettings | Mapping,
+    tokenizer,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    preprocess: dict | None = None,
 ) -> RetrievalData | None:
     """The retrieval evaluation data: `eval_file`, else the demo's eval split when training on the
-    demo, else None (no evaluation data configured)."""
+    demo, else None (no evaluation data configured). ``preprocess``: see build_eval_transform."""
     cfg = resolve_data_config(data_cfg)
     if cfg.eval_file is not None:
         path, image_root = cfg.eval_file, cfg.eval_image_root
@@ -201,6 +206,7 @@ def build_eval_data(
         clean_captions=cfg.clean_captions,
         max_words=cfg.max_words,
         index_cache=cfg.index_cache,
+        preprocess=preprocess,
     )
 
 

@@ -30,6 +30,7 @@ class ModelFacts:
     image_size: int
     kind: str | None = None  # "pair" | "weights" | None
     sigmoid: bool | None = None  # a pair trained with the sigmoid (SigLIP) loss
+    context_length: int | None = None  # a pair's text positions (None: unknown before a download)
 
 
 def check_model_config(cfg) -> ModelFacts:
@@ -109,4 +110,4 @@ def _check_pair(cfg, source) -> ModelFacts:
         )
     if model.vision.patch_dropout:
         _built_on_meta(cfg, image_size)  # the tower must have patch tokens
-    return ModelFacts(image_size, "pair", native["sigmoid"])
+    return ModelFacts(image_size, "pair", native["sigmoid"], native.get("context_length"))

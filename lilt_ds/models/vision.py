@@ -132,6 +132,16 @@ def set_patch_dropout(tower: nn.Module, prob: float) -> None:
     setattr(module, attribute, PatchDropout(prob, num_prefix_tokens=prefix))
 
 
+def timm_eval_config(trunk: nn.Module, image_size: int) -> dict:
+    """timm's resolved evaluation data config of a trunk (crop_pct, interpolation, crop mode), at the size
+    the tower was built for."""
+    from timm.data import resolve_model_data_config
+
+    config = resolve_model_data_config(trunk)
+    config["input_size"] = (3, image_size, image_size)
+    return config
+
+
 class VisionTower(nn.Module):
     """A timm trunk without classifier; ``forward(images)`` returns its pooled features [B, width]."""
 
@@ -154,6 +164,7 @@ class VisionTower(nn.Module):
         self.image_size, self.interpolation = image_size, "bicubic"
         self.mean = tuple(trunk.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
         self.std = tuple(trunk.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+        self.eval_preprocess = {"source": "timm", "config": timm_eval_config(trunk, image_size)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.trunk.set_grad_checkpointing(enable)  # timm checkpoints non-reentrantly

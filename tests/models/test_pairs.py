@@ -1,6 +1,7 @@
 """model.init_from: a pretrained OpenCLIP or Hugging Face pair, every mode and unlock on it, and its
 export back to OpenCLIP / transformers folders (tiny pairs written by the libraries, no hub)."""
 
+import json
 import os
 import re
 import subprocess
@@ -450,3 +451,30 @@ def test_launch_evaluate_scores_a_pair_run_as_training_did(trained_pairs, tmp_pa
     during = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
     keys = [k for k in metrics if k.startswith(("txt_r", "img_r"))]
     assert keys and all(metrics[k] == pytest.approx(during[k]) for k in keys), (metrics, during)
+
+
+@pytest.mark.slow
+def test_zero_shot_numbers_agree_with_clip_benchmark_on_an_exported_model(trained_pairs, tmp_path):
+    """The LoRA run exported to OpenCLIP's format, evaluated by CLIP_benchmark's own command line and by
+    lilt_ds on the same real photos (classification) and the same captioned set (retrieval), with the same
+    class names and template: within 0.1 points (benchmarks/zeroshot_agreement.py, through its command)."""
+    from lilt_ds.export_formats import export_pretrained_format
+
+    exported = export_pretrained_format(str(trained_pairs / "lora_open_clip"), str(tmp_path / "oc"), "open_clip")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/zeroshot_agreement.py", "--model", exported, "--out", str(tmp_path / "agree")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| photos (")]
+    assert {r[1].strip() for r in rows} >= {"acc1", "mean_per_class_recall", "image_retrieval_recall@1"}
+    assert all(abs(float(r[4])) <= 0.1 for r in rows) and len(rows) == 8, result.stdout[-3000:]
+    written = json.loads((tmp_path / "agree" / "lilt_ds" / "clip_benchmark" / "photos.json").read_text())
+    assert written["task"] == "zeroshot_classification" and set(written["metrics"]) == {
+        "acc1",
+        "acc5",
+        "mean_per_class_recall",
+    }

@@ -1,9 +1,11 @@
-"""Zero-shot classification data: an ImageFolder-style directory or a JSON list of {image, label}.
+"""Zero-shot classification data: an ImageFolder-style directory, CIFAR's python pickles, or a JSON list
+of {image, label}.
 
-Directory: one sub-folder per class (sorted names are the classes, underscores read as spaces),
-images inside. JSON: ``[{"image": "path.jpg", "label": "dog" | 3}, ...]`` with relative paths
-resolved against ``image_root``; integer labels need the class names (``classnames``), string
-labels name the classes themselves (sorted).
+Directory: one sub-folder per class (sorted names are the classes, underscores read as spaces, or
+``classnames="imagenet"``: ImageNet's synset folders named as OpenAI's CLIP named them), images inside.
+CIFAR-10/100: the folder of the published pickles, named by their meta file. JSON: ``[{"image":
+"path.jpg", "label": "dog" | 3}, ...]`` with relative paths resolved against ``image_root``; integer
+labels need the class names (``classnames``), string labels name the classes themselves (sorted).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from torch.utils.data import Dataset
 from ...errors import ConfigError
 from ..errors import DataError
 from ..preprocessing.images import IMAGE_EXTENSIONS, open_rgb
+from .datasets import CifarImages, imagenet_names_for, is_cifar_folder
+
+IMAGENET = "imagenet"  # classnames: ImageNet's synset folders, named as OpenAI's CLIP named them
+NAMED_TEMPLATES = ("imagenet", "cifar")  # lilt_ds/configs/<name>_templates.txt: CLIP's prompt sets
 
 
 class ClassificationImages(Dataset):
@@ -39,17 +45,19 @@ class ClassificationImages(Dataset):
         return {"image": self.transform(image), "index": index}
 
 
-def _from_folder(root: str):
-    if not os.path.isdir(root):
-        raise DataError(
-            f"classification data {root} does not exist: give a folder with one sub-folder "
-            "per class, or a JSON list of {image, label}"
-        )
+def _from_folder(root: str, classnames, setting: str):
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
         raise DataError(
-            f"classification folder {root} has no class folder: put the images of class C in {os.path.join(root, 'C')}/"
+            f"{setting} = {root!r} has no class folder and no CIFAR pickles: put the images of class C in "
+            f"{os.path.join(root, 'C')}/, or give the folder of CIFAR's test pickles (cifar-10-batches-py)"
         )
+    if classnames == IMAGENET:
+        names = imagenet_names_for(root, classes, setting)
+    elif classnames is not None:
+        names = _named(list(classnames), len(classes), root)
+    else:
+        names = [c.replace("_", " ") for c in classes]
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -60,7 +68,13 @@ def _from_folder(root: str):
             )
         paths += [os.path.join(root, name, f) for f in files]
         labels += [label] * len(files)
-    return paths, labels, [c.replace("_", " ") for c in classes]
+    return paths, labels, names
+
+
+def _named(names: list[str], count: int, source: str) -> list[str]:
+    if len(names) != count:
+        raise DataError(f"{source} has {count} classes, and the class names file lists {len(names)}: one per class")
+    return names
 
 
 def _from_json(path: str, image_root: str | None, classnames: Sequence[str] | None):
@@ -96,11 +110,32 @@ def _from_json(path: str, image_root: str | None, classnames: Sequence[str] | No
 
 
 def build_classification_data(
-    source: str, transform, image_root: str | None = None, classnames: Sequence[str] | None = None
-) -> ClassificationImages:
-    paths, labels, names = (
-        _from_json(source, image_root, classnames) if source.endswith(".json") else _from_folder(source)
-    )
+    source: str,
+    transform,
+    image_root: str | None = None,
+    classnames: Sequence[str] | str | None = None,
+    setting: str = "--data",
+):
+    """The images of a classification set in ``transform``: a ClassificationImages, or CifarImages for
+    CIFAR's pickles. ``classnames``: None (the set's own), "imagenet", or a list (one per class)."""
+    if not os.path.exists(source):
+        raise DataError(
+            f"{setting} = {source!r} does not exist: give a folder with one sub-folder per class, CIFAR's "
+            "pickles, or a JSON list of {image, label}"
+        )
+    if os.path.isdir(source) and (cifar := is_cifar_folder(source)) is not None:
+        images = CifarImages(source, cifar, transform)
+        if classnames == IMAGENET:
+            raise DataError(
+                f"{setting} = {source!r} is {cifar}: imagenet class names are for ImageNet's synset folders"
+            )
+        if classnames is not None:
+            images.classnames = _named(list(classnames), len(images.classnames), source)
+        return images
+    if source.endswith(".json"):
+        paths, labels, names = _from_json(source, image_root, None if classnames == IMAGENET else classnames)
+    else:
+        paths, labels, names = _from_folder(source, classnames, setting)
     if not paths:
         raise DataError(f"classification data {source} is empty: it lists no image")
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -110,9 +145,10 @@ def build_classification_data(
 
 
 def load_templates(spec: str) -> list[str]:
-    """``imagenet`` (the 80 CLIP ImageNet prompts), a file with one template per line, or one template."""
-    if spec == "imagenet":
-        text = (resources.files("lilt_ds") / "configs" / "imagenet_templates.txt").read_text()
+    """``imagenet`` (CLIP's 80 ImageNet prompts), ``cifar`` (its 18 CIFAR prompts), a file with one
+    template per line, or one template."""
+    if spec in NAMED_TEMPLATES:
+        text = (resources.files("lilt_ds") / "configs" / f"{spec}_templates.txt").read_text()
     elif os.path.isfile(spec):
         with open(spec) as f:
             text = f.read()
@@ -127,10 +163,10 @@ def load_templates(spec: str) -> list[str]:
     return templates
 
 
-def read_classnames(path: str | None) -> list[str] | None:
-    """The class names of a file with one per line (for JSON data with integer labels), or None."""
-    if path is None:
-        return None
+def read_classnames(path: str | None) -> list[str] | str | None:
+    """The class names of a file with one per line, "imagenet" as it is (ImageNet's synset folders), or None."""
+    if path is None or path == IMAGENET:
+        return path
     try:
         with open(path) as f:
             return [line.strip() for line in f if line.strip()]
@@ -146,27 +182,58 @@ def build_zeroshot_data(
     image_root: str | None = None,
     classnames_file: str | None = None,
     templates: str = "a photo of a {}.",
-) -> tuple[ClassificationImages, list[str]]:
-    """The images of a zero-shot classification set in the evaluation transform, and its prompt
-    templates: what ``launch/evaluate.py --task classification`` and ``eval.classification`` read."""
+    preprocess: dict | None = None,
+    setting: str = "--data",
+) -> tuple[ClassificationImages | CifarImages, list[str]]:
+    """The images of a zero-shot classification set in the evaluation transform (``preprocess``: the
+    model source's, see build_eval_transform), and its prompt templates: what ``launch/evaluate.py`` and
+    ``eval.classification`` read."""
     from ..preprocessing.transforms import build_eval_transform
 
-    transform = build_eval_transform(image_size, mean, std)
-    images = build_classification_data(source, transform, image_root, read_classnames(classnames_file))
+    transform = build_eval_transform(image_size, mean, std, preprocess)
+    images = build_classification_data(source, transform, image_root, read_classnames(classnames_file), setting)
     return images, load_templates(templates)
 
 
 def check_zeroshot(section) -> None:
-    """``eval.classification`` names files that exist and templates with a ``{}``: checked at load time."""
+    """``eval.classification`` names files that exist, a layout it reads and templates with a ``{}``:
+    checked at load time (the class folders too, against ImageNet's synsets with ``classnames: imagenet``)."""
     if section.data is None:
         return
-    for key, exists in (("data", os.path.exists), ("image_root", os.path.isdir), ("classnames", os.path.isfile)):
+    for key, exists in (("data", os.path.exists), ("image_root", os.path.isdir)):
         path = getattr(section, key)
         if path is not None and not exists(path):
             raise DataError(f"eval.classification.{key} = {path!r} does not exist: check the path")
-    if not section.data.endswith(".json") and not os.path.isdir(section.data):
+    if section.classnames not in (None, IMAGENET) and not os.path.isfile(section.classnames):
         raise DataError(
-            f"eval.classification.data = {section.data!r}: expected a folder with one sub-folder "
-            "per class or a JSON list of {image, label}"
+            f"eval.classification.classnames = {section.classnames!r} does not exist: give a file with one class "
+            "name per line, or imagenet (ImageNet's synset folders)"
         )
+    check_classification_source(section.data, read_classnames(section.classnames), "eval.classification.data")
     load_templates(section.templates)
+
+
+def check_classification_source(source: str, classnames, setting: str) -> None:
+    """What can be told of a classification source without reading images: its layout, and the class
+    folders against the names asked for."""
+    if source.endswith(".json"):
+        return
+    if not os.path.isdir(source):
+        raise DataError(
+            f"{setting} = {source!r}: expected a folder with one sub-folder per class, CIFAR's pickles, "
+            "or a JSON list of {image, label}"
+        )
+    if is_cifar_folder(source) is not None:
+        if classnames == IMAGENET:
+            raise DataError(f"{setting} = {source!r} is CIFAR: imagenet class names are for ImageNet's synset folders")
+        return
+    classes = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+    if not classes:
+        raise DataError(
+            f"{setting} = {source!r} is in neither the ImageFolder layout (one sub-folder per class) nor CIFAR's "
+            "(test_batch and batches.meta, or test and meta): check the path"
+        )
+    if classnames == IMAGENET:
+        imagenet_names_for(source, classes, setting)
+    elif classnames is not None:
+        _named(list(classnames), len(classes), source)

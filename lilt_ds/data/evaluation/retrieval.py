@@ -101,9 +101,10 @@ def build_retrieval_data(
     clean_captions: bool = True,
     max_words: int = 30,
     index_cache: str | None = "auto",
+    preprocess: dict | None = None,
 ) -> RetrievalData:
     """Read and validate a retrieval JSON; `image_root` takes the forms of `ImageRoot`,
-    `index_cache` those of `load_caption_files`' `cache`."""
+    `index_cache` those of `load_caption_files`' `cache`, `preprocess` those of build_eval_transform's."""
     check_tokenizer(tokenizer)
     clean = functools.partial(pre_caption, max_words=max_words) if clean_captions else None
     table = load_caption_files(
@@ -122,5 +123,5 @@ def build_retrieval_data(
         for choice in range(table.num_captions(image)):
             texts.append(table.caption(image, choice))
             txt2img.append(image)
-    images = RetrievalImages(table, build_eval_transform(image_size, mean, std))
+    images = RetrievalImages(table, build_eval_transform(image_size, mean, std, preprocess))
     return RetrievalData(images, texts, img2txt, txt2img, tokenizer, max_length)

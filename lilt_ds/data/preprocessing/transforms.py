@@ -21,6 +21,7 @@ from ...schema import AugmentSettings, as_section
 from ..errors import DataError
 from .device_decode import EncodedCrop
 from .images import decode_jpeg_rgb, largest_reduction, load_rgb
+from .source_transforms import source_eval_transform
 
 _RANDAUGMENT_SECTION = re.compile(r"(m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d*)?|t[a-z0-9]+")
 
@@ -285,9 +286,13 @@ class TrainTransform:
         return f"TrainTransform(size={self.size}, augment={dataclasses.asdict(self.aug)}, {self.normalized!r} {where})"
 
 
-def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]):
-    """Resize to image_size x image_size (bicubic) -> ToTensor + Normalize(mean, std)."""
+def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], preprocess: dict | None = None):
+    """The evaluation transform: the original square resize (bicubic) -> ToTensor + Normalize(mean, std),
+    or, with ``preprocess`` (a tower's ``eval_preprocess``, picked by ``eval_preprocess_of``), its
+    source's own (OpenCLIP's, the Hugging Face image processor's, timm's)."""
     _check_size(image_size)
+    if preprocess is not None:
+        return source_eval_transform(preprocess, image_size, mean, std)
     return T.Compose(
         [T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC), ToNormalizedTensor(mean, std)]
     )

@@ -66,7 +66,11 @@ def check(spec: str, model_cfg) -> None:
 
 def native(spec: str, model_cfg) -> dict:
     config = _config(spec)
-    return {"image_size": int(config.vision_config.image_size), "sigmoid": config.model_type == "siglip"}
+    return {
+        "image_size": int(config.vision_config.image_size),
+        "sigmoid": config.model_type == "siglip",
+        "context_length": int(config.text_config.max_position_embeddings),
+    }
 
 
 def _image_settings(spec: str, config) -> dict:
@@ -123,6 +127,7 @@ def build_pair(spec: str, model_cfg, load_weights: bool = True) -> PairParts:
         name,
         _checkpointing,
         image_size=int(config.vision_config.image_size),
+        eval_preprocess={"source": "hf", "folder": model_source(spec), "model_type": config.model_type},
         **_image_settings(spec, config),
     )
     text = PairTower(

@@ -114,11 +114,15 @@ def native(spec: str, model_cfg) -> dict:
     """What the config needs to know before building: the image size and whether the pair is sigmoid."""
     cfg = model_config(spec)
     if cfg is None:  # hf-hub: known only after download
-        return {"image_size": None, "sigmoid": None}
+        return {"image_size": None, "sigmoid": None, "context_length": None}
     vision = cfg["model_cfg"].get("vision_cfg", {})
     size = (cfg.get("preprocess_cfg") or {}).get("size") or vision.get("image_size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
-    return {"image_size": int(size), "sigmoid": cfg["model_cfg"].get("init_logit_bias") is not None}
+    return {
+        "image_size": int(size),
+        "sigmoid": cfg["model_cfg"].get("init_logit_bias") is not None,
+        "context_length": int(cfg["model_cfg"].get("text_cfg", {}).get("context_length", 77)),
+    }
 
 
 class _ClipTextParts(nn.Module):
@@ -198,6 +202,12 @@ def build_pair(spec: str, model_cfg, load_weights: bool = True) -> PairParts:
         std=tuple(pre.get("std", oc.OPENAI_DATASET_STD)),
         interpolation=pre.get("interpolation", "bicubic"),
         image_size=int(size),
+        eval_preprocess={
+            "source": "open_clip",
+            "resize_mode": pre.get("resize_mode", "shortest"),
+            "interpolation": pre.get("interpolation", "bicubic"),
+            "fill_color": pre.get("fill_color", 0),
+        },
     )
 
     if hasattr(model, "text"):  # CustomTextCLIP

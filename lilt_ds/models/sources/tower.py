@@ -1,6 +1,7 @@
 """A tower taken from a pretrained pair: the pair's own module as the trunk, behind the tower interface
 (``kind``, ``trunk``, ``layout``, ``width``, ``model_name``; a vision tower also ``mean``, ``std``,
-``interpolation``, ``image_size``) that the unlocks, the summary and the trainer use."""
+``interpolation``, ``image_size`` and ``eval_preprocess``, how its source evaluates) that the unlocks,
+the summary and the trainer use."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class PairTower(nn.Module):
         super().__init__()
         self.kind, self.trunk, self.layout, self.width, self.model_name = kind, trunk, layout, width, model_name
         self._features, self._checkpointing = features, checkpointing
-        for key, value in preprocess.items():  # vision: mean, std, interpolation, image_size; text: context_length
+        # vision: mean, std, interpolation, image_size, eval_preprocess; text: context_length
+        for key, value in preprocess.items():
             setattr(self, key, value)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

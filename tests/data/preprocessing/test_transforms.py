@@ -116,7 +116,9 @@ def test_a_corrupt_jpeg_raises_undecodable_image_at_every_scale():
 
     data = jpeg(skimage.data.astronaut())[:5000]
     for size in (224, 64):
-        with pytest.raises(UndecodableImage, match="image file is truncated|JPEG decoding: Image is incomplete or truncated"):
+        with pytest.raises(
+            UndecodableImage, match="image file is truncated|JPEG decoding: Image is incomplete or truncated"
+        ):
             build_train_transform(size, MEAN, STD, {"preset": "openclip"})(Image.open(io.BytesIO(data)))
 
 
