@@ -18,9 +18,9 @@ import tempfile
 import threading
 
 import torch
-from data_throughput import images_per_second, load_tokenizer
+from data_throughput import CLIP_MEAN, CLIP_STD, images_per_second, load_tokenizer
 
-from lilt_ds.data import ensure_demo_data, write_shards
+from lilt_ds.data import build_train_loader, ensure_demo_data, write_shards
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -82,7 +82,8 @@ def main():
                         "num_workers": workers,
                         "persistent_workers": False,
                     }
-                    rate = images_per_second(cfg, tokenizer, args.size, args.batch, args.batches)
+                    loader = build_train_loader(cfg, tokenizer, args.size, CLIP_MEAN, CLIP_STD, 0, 1, args.batch, 0)
+                    rate = images_per_second(loader, args.batches, skip=1)
                     print(f"| {name} | {workers} | {rate:.1f} |", flush=True)
 
 

@@ -3,6 +3,7 @@
 Layout of ``<output_dir>/checkpoints``::
 
     latest                  the tag of the newest complete checkpoint (replaced atomically)
+    best, best.json         the tag with the best held-out metric and its value (checkpoint.keep_best)
     step200/                a DeepSpeed checkpoint folder, frozen parameters excluded, plus
         lilt_ds_meta.json   mode, model config, world size, frozen-weight fingerprint
         rng_rank{R}.pt      every RNG of rank R (Python, NumPy, torch, its own GPU's)
@@ -34,6 +35,7 @@ from .schema import to_plain
 log = logging.getLogger("lilt_ds")
 
 LATEST = "latest"
+BEST = "best"  # the tag of the checkpoint with the best held-out metric (checkpoint.keep_best)
 PARTIAL = ".partial"
 REMOVING = ".removing"
 META = "lilt_ds_meta.json"
@@ -123,18 +125,35 @@ def complete_checkpoints(root: str) -> list[str]:
     return sorted(tags, key=step_of, reverse=True)
 
 
+def read_pointer(root: str, name: str) -> str | None:
+    """The tag a pointer file of ``root`` (``latest``, ``best``) names, or None without one."""
+    path = os.path.join(root, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
+def mark_best(root: str, tag: str, record: dict) -> None:
+    """Point ``best`` at ``tag`` (atomic) and describe it in ``best.json`` (metric, value, step); rank 0."""
+    _write_atomic(os.path.join(root, BEST + ".json"), json.dumps({"tag": tag, **record}, indent=2))
+    _write_atomic(os.path.join(root, BEST), tag)
+
+
 def remove_old_checkpoints(root: str, keep: int, step: int) -> list[str]:
     """Remove all but the newest ``keep`` complete checkpoints; returns the tags removed.
 
     Each folder is first renamed to ``<tag>.removing`` (atomic), then deleted: a kill in between leaves
-    a folder no resume picks, removed by the next save; ``latest`` and the newest ``keep`` are never
-    touched.
+    a folder no resume picks, removed by the next save; ``latest``, ``best`` and the newest ``keep`` are
+    never touched.
     """
     for name in os.listdir(root):  # what an earlier removal left
         if name.endswith(REMOVING):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    removed = []
+    removed, best = [], read_pointer(root, BEST)
     for tag in complete_checkpoints(root)[keep:]:
+        if tag == best:
+            continue
         doomed = os.path.join(root, tag + REMOVING)
         os.replace(os.path.join(root, tag), doomed)
         _maybe_inject_fault("kill_in_removal", step)
@@ -179,7 +198,21 @@ def save_checkpoint(
 
 # ---------------------------------------------------------------------------------- find and load
 def resolve_checkpoint(path: str) -> tuple[str, str]:
-    """A run folder, its ``checkpoints`` folder or one tag folder -> (checkpoints folder, tag)."""
+    """A run folder, its ``checkpoints`` folder, one tag folder, or a pointer (``RUN/best``,
+    ``RUN/checkpoints/best``, ``.../latest``) -> (checkpoints folder, tag)."""
+    parent, name = os.path.split(os.path.abspath(path.rstrip("/")))
+    if name in (BEST, LATEST) and not os.path.isdir(path):
+        for root in (parent, os.path.join(parent, "checkpoints")):
+            tag = read_pointer(root, name)
+            if tag is not None:
+                if not os.path.isfile(os.path.join(root, tag, META)):
+                    raise ConfigError(f"checkpoint {root}: '{name}' names {tag}, which is missing or incomplete")
+                return root, tag
+        if name == BEST:
+            raise ConfigError(
+                f"checkpoint {path}: the run kept no best checkpoint (checkpoint.keep_best was not set, or no "
+                "evaluation has run yet); give the run folder for its newest"
+            )
     if not os.path.exists(path):
         raise ConfigError(f"checkpoint {path} does not exist")
     if os.path.isfile(os.path.join(path, META)):

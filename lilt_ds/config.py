@@ -24,6 +24,7 @@ from .models.modes import is_fully_locked
 from .original_flags import apply_flags, split_flags
 from .presets import parse_override, read_config
 from .schema import ExperimentConfig, parse, replace_keys
+from .tracking import check_watched_metrics
 
 OPEN_CLIP_CONTEXT_LENGTH = 77  # an hf-hub: OpenCLIP pair's, unknown before its download (the tokenizer caps it)
 
@@ -138,6 +139,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     cfg = dataclasses.replace(cfg, data=resolve_data_config(resolve_text(cfg.data, facts), must_exist=True))
     check_cache(cfg)
     check_zeroshot(cfg.eval.classification)
+    check_watched_metrics(cfg)
     return cfg
 
 

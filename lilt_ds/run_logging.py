@@ -158,6 +158,13 @@ class MetricLogger:
         if self.wandb is not None:
             self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
 
+    def event(self, step: int, epoch: int, record: dict) -> None:
+        """A line of results.jsonl that is not an evaluation (early stopping)."""
+        if self.rank != 0:
+            return
+        with open(self.results_path, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "time": time.time(), **record}) + "\n")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

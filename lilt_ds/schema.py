@@ -531,6 +531,17 @@ class LrScale:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingSettings:
+    """End the run when a held-out metric has not improved for ``patience`` evaluations."""
+
+    metric: str | None = setting(
+        None, "an evaluation metric of results.jsonl (higher is better): r_mean, txt_r1, zeroshot_top1, ...; null: off"
+    )
+    patience: int = setting(3, "evaluations without improvement before the run ends", minimum=1)
+    min_delta: float = setting(0.0, "an improvement smaller than this (points) does not count", minimum=0.0)
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     epochs: int = setting(15, "passes over the training data", minimum=1)
     max_steps: int | None = setting(None, "stop early after this many optimizer steps", minimum=1)
@@ -577,6 +588,10 @@ class TrainSettings:
         "seconds a collective waits for the other ranks before the run ends with an error (a dead or hung rank)",
         positive=True,
     )
+    early_stopping: EarlyStoppingSettings = section(
+        EarlyStoppingSettings,
+        "end a run whose held-out metric stopped improving (Hugging Face's EarlyStoppingCallback)",
+    )
 
 
 @dataclass(frozen=True)
@@ -585,6 +600,11 @@ class CheckpointSettings:
     save_last_only: bool = setting(False, "keep only the newest checkpoint (keep_last: 1; the original LilT's flag)")
     keep_last: int | None = setting(
         None, "once a save completes, remove all but the newest K complete checkpoints; null keeps all", minimum=1
+    )
+    keep_best: str | None = setting(
+        None,
+        "keep the checkpoint with the best value of this evaluation metric (r_mean, txt_r1, zeroshot_top1, ...) "
+        "beside the newest, as checkpoints/best (keep_last never removes it); null: off",
     )
 
 

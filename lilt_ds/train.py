@@ -48,6 +48,7 @@ from .preemption import PREEMPTED_EXIT_STATUS, StopRequest
 from .presets import save_config
 from .run_logging import MetricLogger, setup_logging
 from .schema import ExperimentConfig
+from .tracking import MetricWatch
 from .world import launched_world
 
 log = logging.getLogger("lilt_ds")
@@ -221,6 +222,10 @@ class Trainer:
         self.metrics = MetricLogger(cfg, self.output_dir, self.rank, self.world_size)
         self.stop = StopRequest(cfg.train.stop_signals, self.device)
         self.stop_agreed = False
+        stopping = cfg.train.early_stopping
+        self.keep_best = MetricWatch(cfg.checkpoint.keep_best) if cfg.checkpoint.keep_best else None
+        self.early_stopping = MetricWatch(stopping.metric, stopping.min_delta) if stopping.metric else None
+        self.early_stopped = False
         self.resume()
 
     def to_device(self, batch: dict) -> dict:
@@ -398,8 +403,12 @@ class Trainer:
                     break
                 if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                     results = {**results, **self.evaluate()}
+                    if self.early_stopped:
+                        break
             if self.stop_agreed:
                 return self.stop_here()
+            if self.early_stopped:
+                break
             bad = global_bad_sample_counts(self.loader.dataset.bad_samples)
             if bad["replaced"] or bad["bad_entries"]:
                 log.warning("epoch %d: %s bad samples replaced (all ranks)", self.epoch, bad)
@@ -411,6 +420,8 @@ class Trainer:
                 zeroshot=due(cfg.eval.classification.every_epochs, self.epoch, last) or by_steps,
             )
             results = {**results, **metrics}
+            if self.early_stopped:
+                break
         if self.last_saved_step != self.step:
             self.save_checkpoint()
         self.export()
@@ -501,11 +512,40 @@ class Trainer:
             records.append((dataset_name(self.cfg.eval.classification.data), CLASSIFICATION, scores))
         if metrics:
             self.metrics.evaluation(self.step, self.epoch, metrics)
+            self.watch(metrics)
         if self.rank == 0:
             for dataset, task, found in records:
                 record = clip_benchmark_record(dataset, task, found, model_name(self.cfg), self.output_dir)
                 write_clip_benchmark(self.output_dir, {**record, "step": self.step, "epoch": self.epoch})
         return metrics
+
+    def watch(self, metrics: dict) -> None:
+        """After an evaluation (every rank measured the same numbers, so every rank decides alike): save
+        and mark a new best checkpoint (checkpoint.keep_best), and end the run once the early-stopping
+        metric has not improved for train.early_stopping.patience evaluations."""
+        if self.keep_best is not None and self.keep_best.update(metrics, self.step):
+            if self.last_saved_step != self.step:
+                self.save_checkpoint()
+            if self.rank == 0:
+                record = {"metric": self.keep_best.metric, "value": self.keep_best.best, "step": self.step}
+                ckpt.mark_best(checkpoint_folder(self.output_dir), f"step{self.step}", record)
+                log.info("best checkpoint: step%d, %s=%.4g", self.step, self.keep_best.metric, self.keep_best.best)
+        watch, patience = self.early_stopping, self.cfg.train.early_stopping.patience
+        if watch is not None and watch.update(metrics, self.step) is False and watch.stale >= patience:
+            self.early_stopped = True
+            log.warning(
+                "early stopping at step %d: %s has not improved for %d evaluations (best %.4g at step %s; "
+                "train.early_stopping.patience=%d)",
+                self.step,
+                watch.metric,
+                watch.stale,
+                watch.best,
+                watch.best_step,
+                patience,
+            )
+            self.metrics.event(
+                self.step, self.epoch, {"early_stopped": True, **watch.state_dict(), "patience": patience}
+            )
 
     def export(self) -> None:
         """The trained weights alone (fp32), rebuildable with lilt_ds.load_exported."""
@@ -532,6 +572,11 @@ class Trainer:
             "sampler": self.loader.sampler.state_dict(),
             "bad_samples": self.loader.dataset.bad_samples.state_dict(),
             "nonfinite_total": self.nonfinite_total,
+            "watches": {
+                name: watch.state_dict()
+                for name, watch in (("keep_best", self.keep_best), ("early_stopping", self.early_stopping))
+                if watch is not None
+            },
         }
         meta = {
             "identity": self.identity,
@@ -560,6 +605,9 @@ class Trainer:
         if "bad_samples" in state:  # checkpoints before it was saved have none
             self.loader.dataset.bad_samples.load_state_dict(state["bad_samples"])
         self.restored_rng = state.get("rng")
+        for name, watch in (("keep_best", self.keep_best), ("early_stopping", self.early_stopping)):
+            if watch is not None and name in state.get("watches", {}):
+                watch.load_state_dict(state["watches"][name])
         if self.scheduler is not None:  # the schedule continues even when its state was not loaded
             self.scheduler.step(self.step)
         log.info("resumed from %s at step %d (epoch %d)", os.path.join(folder, tag), self.step, self.epoch)

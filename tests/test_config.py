@@ -85,6 +85,8 @@ WRONG_FOR_NULL_DEFAULT = {  # keys whose default is null: a value of a type they
     "checkpoint.keep_last": "x",
     "data.samples_per_epoch": "many",
     "data.clean_captions": "yes please",
+    "checkpoint.keep_best": 5,
+    "train.early_stopping.metric": 5,
     "data.max_length": "long",
     "data.eval_max_length": "long",
     "data.table.separator": 5,

@@ -23,7 +23,7 @@ LAYERS = [
     ("models",),
     ("losses", "ops"),
     ("data",),
-    ("config", "original_flags"),
+    ("config", "original_flags", "tracking"),
     ("engine", "optim", "checkpoint", "export", "export_formats", "memory", "run_logging"),
     ("train", "evaluate"),
     ("tools",),

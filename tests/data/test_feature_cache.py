@@ -24,7 +24,7 @@ from lilt_ds.data import (
     resolve_data_config,
 )
 from lilt_ds.data.feature_cache import cache_locked_features
-from lilt_ds.data.preprocessing.images import open_rgb
+from lilt_ds.data.preprocessing.images import open_image, open_rgb
 from lilt_ds.data.sample_rng import augmented
 from lilt_ds.errors import ConfigError, LiltError
 from lilt_ds.models import build_model
@@ -301,7 +301,7 @@ def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
         trainer = Trainer(cfg, str(ds_path))
         calls = {"tower": 0, "decode": 0}
         trainer.model.vision.register_forward_hook(lambda *args: calls.__setitem__("tower", calls["tower"] + 1))
-        real_open = open_rgb
+        real_open = open_image
 
         def counting_open(path):
             calls["decode"] += 1
@@ -309,7 +309,7 @@ def test_lit_on_cached_features_trains_as_lit_on_images(tmp_path, monkeypatch):
 
         out = []
         with monkeypatch.context() as patch:  # this run's decodes only (the next run's cache build decodes too)
-            patch.setattr("lilt_ds.data.caption_dataset.open_rgb", counting_open)
+            patch.setattr("lilt_ds.data.caption_dataset.open_image", counting_open)
             for epoch in range(2):
                 trainer.epoch = epoch
                 for batch in trainer.loader:
