@@ -50,11 +50,12 @@ def load_tokenizer():
 
 
 def source_photos(folders: list[str]) -> list[tuple[str, Image.Image]]:
-    """(name, RGB image) of every photo found: --photos folders, else scikit-image's and Debian's."""
+    """(name, RGB image) of every photo found, named by its file's stem: --photos folders, else Debian's
+    mate-backgrounds nature photos (where installed) and scikit-image's sample photos."""
     found = []
     for folder in folders or [DEBIAN_PHOTOS]:
         for path in sorted(glob.glob(os.path.join(folder, "*.jp*g"))):
-            found.append((os.path.basename(path), Image.open(path).convert("RGB")))
+            found.append((os.path.splitext(os.path.basename(path))[0], Image.open(path).convert("RGB")))
     if not folders:
         import skimage.data
 
@@ -78,7 +79,7 @@ def write_setting(folder: str, photos, setting: str, samples: int) -> tuple[str,
     os.makedirs(folder, exist_ok=True)
     paths, sizes = [], []
     for name, image in photos:
-        path = os.path.join(folder, os.path.splitext(name)[0] + ".jpg")
+        path = os.path.join(folder, name + ".jpg")
         with open(path, "wb") as f:
             f.write(encode(image, setting))
         paths.append(path)

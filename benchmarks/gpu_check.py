@@ -565,6 +565,17 @@ def check_memory(ctx: Context, args) -> Result:
     return Result("memory", "pass" if abs(error) <= 10 else "fail", text, figures={"error_percent": error})
 
 
+def table_rows(lines: list[str], header: int) -> list[dict[str, str]]:
+    """The rows of the Markdown table whose header is ``lines[header]``, each as {column: cell}."""
+    columns = [c.strip() for c in lines[header].strip("|").split("|")]
+    rows = []
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
 def check_throughput(ctx: Context, args) -> Result:
     out = os.path.join(ctx.workdir, "throughput.md")
     cmd = [*ctx.scale.throughput, "--modes", "clip", "lilt", "--impls", "zero2", "plain", "--loader-impls", "zero2"]
@@ -572,16 +583,11 @@ def check_throughput(ctx: Context, args) -> Result:
     with open(out) as f:
         lines = f.read().splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| mode | implementation | step s"))
-    columns = [c.strip() for c in lines[header].strip("|").split("|")]
-    rows = []
-    for line in lines[header + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
-        rows.append(
-            f"{cells['mode']} {cells['implementation']}: {cells['samples/s']} samples/s"
-            + (f", MFU {cells['MFU']}" if cells.get("MFU") else "")
-        )
+    rows = [
+        f"{cells['mode']} {cells['implementation']}: {cells['samples/s']} samples/s"
+        + (f", MFU {cells['MFU']}" if cells.get("MFU") else "")
+        for cells in table_rows(lines, header)
+    ]
     return Result("throughput", "pass", "; ".join(rows), figures={"table": lines[header : header + 2 + len(rows)]})
 
 
@@ -638,12 +644,8 @@ def check_loader(ctx: Context, args) -> Result:
     with open(out, "w") as f:
         f.write(result.stdout)
     header = max(i for i, line in enumerate(lines) if line.startswith("| photos | workers |"))
-    columns = [c.strip() for c in lines[header].strip("|").split("|")]
     found = []
-    for line in lines[header + 2 :]:
-        if not line.startswith("|"):
-            break
-        cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+    for cells in table_rows(lines, header):
         text = f"{cells['photos'].split(' ')[0]} x{cells['workers']}: {cells['lilt_ds / OpenCLIP']} OpenCLIP"
         if device:
             text += f", device decode {cells['lilt_ds data.decode=device images/s per worker']}/s per worker"

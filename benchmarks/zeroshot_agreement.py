@@ -17,7 +17,6 @@ taken with ``.item()``. Prints Markdown tables.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -25,10 +24,9 @@ import subprocess
 import sys
 import tempfile
 
+from data_throughput import source_photos  # a sibling: the script's folder is first on sys.path
 from PIL import Image
 
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina")
-DEBIAN_PHOTOS = "/usr/share/backgrounds/mate/nature"
 TEMPLATE = "a photo of a {}."
 CROPS = 4  # views per photo in the classification set
 # CLIP_benchmark's command line, with NumPy 2's refusal of float(one-element array) in its accuracy() fixed
@@ -46,16 +44,8 @@ sys.exit(main())
 
 
 def photos() -> list[tuple[str, Image.Image]]:
-    """(class name, RGB photo): scikit-image's sample photos and, where installed, Debian's mate-backgrounds."""
-    import skimage.data
-
-    found = [
-        (name.replace("_", " "), Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
-        for name in SKIMAGE_PHOTOS
-    ]
-    for path in sorted(glob.glob(os.path.join(DEBIAN_PHOTOS, "*.jpg"))):
-        found.append((os.path.splitext(os.path.basename(path))[0].lower(), Image.open(path).convert("RGB")))
-    return found
+    """(class name, RGB photo): data_throughput.py's real photos, a class per photo."""
+    return [(name.lower().replace("_", " "), image) for name, image in source_photos([])]
 
 
 def view(image: Image.Image, k: int, side: int = 256) -> Image.Image:

@@ -134,6 +134,14 @@ def read_pointer(root: str, name: str) -> str | None:
         return f.read().strip()
 
 
+def _pointed(root: str, name: str) -> str | None:
+    """The tag a pointer file names, which must be a complete checkpoint; None without the pointer."""
+    tag = read_pointer(root, name)
+    if tag is not None and not os.path.isfile(os.path.join(root, tag, META)):
+        raise ConfigError(f"checkpoint {root}: '{name}' names {tag}, which is missing or incomplete")
+    return tag
+
+
 def mark_best(root: str, tag: str, record: dict) -> None:
     """Point ``best`` at ``tag`` (atomic) and describe it in ``best.json`` (metric, value, step); rank 0."""
     _write_atomic(os.path.join(root, BEST + ".json"), json.dumps({"tag": tag, **record}, indent=2))
@@ -203,10 +211,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
     parent, name = os.path.split(os.path.abspath(path.rstrip("/")))
     if name in (BEST, LATEST) and not os.path.isdir(path):
         for root in (parent, os.path.join(parent, "checkpoints")):
-            tag = read_pointer(root, name)
-            if tag is not None:
-                if not os.path.isfile(os.path.join(root, tag, META)):
-                    raise ConfigError(f"checkpoint {root}: '{name}' names {tag}, which is missing or incomplete")
+            if (tag := _pointed(root, name)) is not None:
                 return root, tag
         if name == BEST:
             raise ConfigError(
@@ -219,12 +224,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str]:
         root, tag = os.path.split(os.path.abspath(path.rstrip("/")))
         return root, tag
     for root in (path, os.path.join(path, "checkpoints")):
-        latest = os.path.join(root, LATEST)
-        if os.path.isfile(latest):
-            with open(latest) as f:
-                tag = f.read().strip()
-            if not os.path.isfile(os.path.join(root, tag, META)):
-                raise ConfigError(f"checkpoint {root}: 'latest' names {tag}, which is missing or incomplete")
+        if (tag := _pointed(root, LATEST)) is not None:
             return root, tag
     raise ConfigError(
         f"{path} holds no lilt_ds checkpoint (no {META}, and no 'latest' in it or in "

@@ -214,17 +214,6 @@ def format_retrieval_table(metrics: dict, ks: Sequence[int] = RECALL_KS) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def format_classification_table(metrics: dict) -> str:
-    return "\n".join(
-        [
-            "| images | classes | top-1 | top-5 | mean per-class recall |",
-            "|---:|---:|---:|---:|---:|",
-            f"| {metrics['num_images']} | {metrics['num_classes']} | {metrics['top1']:.2f} | {metrics['top5']:.2f} "
-            f"| {metrics['mean_per_class_recall']:.2f} |",
-        ]
-    )
-
-
 def format_datasets_table(results: list[dict]) -> str:
     """One row per dataset: classification accuracies, or retrieval recall both ways."""
     lines = [
@@ -235,12 +224,10 @@ def format_datasets_table(results: list[dict]) -> str:
         m = r["metrics"]
         if r["task"] == CLASSIFICATION:
             cells = [m["top1"], m["top5"], m["mean_per_class_recall"], None, None, None, None]
-            images = m["num_images"]
         else:
             cells = [None, None, None, m["txt_r1"], m["txt_r5"], m["img_r1"], m["img_r5"]]
-            images = m["num_images"]
         text = " | ".join("" if c is None else f"{c:.2f}" for c in cells)
-        lines.append(f"| {r['dataset']} | {images} | {text} |")
+        lines.append(f"| {r['dataset']} | {m['num_images']} | {text} |")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from .data.loader import has_retrieval_eval
 from .errors import ConfigError
 
 RETRIEVAL_METRICS = tuple(
@@ -46,7 +47,7 @@ class MetricWatch:
 def check_watched_metrics(cfg) -> None:
     """``checkpoint.keep_best`` and ``train.early_stopping.metric`` name a metric the run measures."""
     data, evaluation = cfg.data, cfg.eval
-    retrieval_data = data.eval_file is not None or (not data.train_files and data.train_shards is None)
+    retrieval_data = has_retrieval_eval(data)
     by_steps = evaluation.every_steps is not None
     measured = {
         **dict.fromkeys(RETRIEVAL_METRICS, retrieval_data and (evaluation.every_epochs > 0 or by_steps)),

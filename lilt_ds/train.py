@@ -143,7 +143,6 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg.model)
         self.model = model if model is not None else build_model(cfg)
         mean, std, size = self.model.vision.mean, self.model.vision.std, self.model.vision.image_size
-        self.pixel_stats = (mean, std)
         data = resolve_data_config(cfg.data)
         self.loader = build_train_loader(
             data,
@@ -230,7 +229,7 @@ class Trainer:
 
     def to_device(self, batch: dict) -> dict:
         """A loader batch as the model's inputs on this rank's device (``to_device``)."""
-        return to_device(batch, self.device, self.dtype, *self.pixel_stats)
+        return to_device(batch, self.device, self.dtype, self.model.vision.mean, self.model.vision.std)
 
     def resume(self) -> None:
         """Load the first of the resume candidates that every rank loads (``--resume auto``: else the next
@@ -519,6 +518,12 @@ class Trainer:
                 write_clip_benchmark(self.output_dir, {**record, "step": self.step, "epoch": self.epoch})
         return metrics
 
+    @property
+    def watches(self) -> dict[str, MetricWatch]:
+        """The held-out metrics this run watches, by what they serve (saved in every checkpoint)."""
+        watched = {"keep_best": self.keep_best, "early_stopping": self.early_stopping}
+        return {name: watch for name, watch in watched.items() if watch is not None}
+
     def watch(self, metrics: dict) -> None:
         """After an evaluation (every rank measured the same numbers, so every rank decides alike): save
         and mark a new best checkpoint (checkpoint.keep_best), and end the run once the early-stopping
@@ -572,11 +577,7 @@ class Trainer:
             "sampler": self.loader.sampler.state_dict(),
             "bad_samples": self.loader.dataset.bad_samples.state_dict(),
             "nonfinite_total": self.nonfinite_total,
-            "watches": {
-                name: watch.state_dict()
-                for name, watch in (("keep_best", self.keep_best), ("early_stopping", self.early_stopping))
-                if watch is not None
-            },
+            "watches": {name: watch.state_dict() for name, watch in self.watches.items()},
         }
         meta = {
             "identity": self.identity,
@@ -605,8 +606,8 @@ class Trainer:
         if "bad_samples" in state:  # checkpoints before it was saved have none
             self.loader.dataset.bad_samples.load_state_dict(state["bad_samples"])
         self.restored_rng = state.get("rng")
-        for name, watch in (("keep_best", self.keep_best), ("early_stopping", self.early_stopping)):
-            if watch is not None and name in state.get("watches", {}):
+        for name, watch in self.watches.items():
+            if name in state.get("watches", {}):
                 watch.load_state_dict(state["watches"][name])
         if self.scheduler is not None:  # the schedule continues even when its state was not loaded
             self.scheduler.step(self.step)

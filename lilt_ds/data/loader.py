@@ -190,7 +190,7 @@ def build_eval_data(
     cfg = resolve_data_config(data_cfg)
     if cfg.eval_file is not None:
         path, image_root = cfg.eval_file, cfg.eval_image_root
-    elif not cfg.train_files and cfg.train_shards is None:
+    elif trains_on_demo(cfg):
         demo = _demo(cfg)
         path, image_root = demo["eval"], demo["image_root"]
     else:
@@ -208,6 +208,16 @@ def build_eval_data(
         index_cache=cfg.index_cache,
         preprocess=preprocess,
     )
+
+
+def trains_on_demo(cfg: DataSettings) -> bool:
+    """No training data is configured: the run trains on the built-in demo, and evaluates on its split."""
+    return not cfg.train_files and cfg.train_shards is None
+
+
+def has_retrieval_eval(cfg: DataSettings) -> bool:
+    """Whether build_eval_data finds held-out retrieval data (data.eval_file, or the demo's split)."""
+    return cfg.eval_file is not None or trains_on_demo(cfg)
 
 
 def _demo(cfg: DataSettings) -> dict[str, str]:

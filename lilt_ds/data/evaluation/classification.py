@@ -45,19 +45,8 @@ class ClassificationImages(Dataset):
         return {"image": self.transform(image), "index": index}
 
 
-def _from_folder(root: str, classnames, setting: str):
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise DataError(
-            f"{setting} = {root!r} has no class folder and no CIFAR pickles: put the images of class C in "
-            f"{os.path.join(root, 'C')}/, or give the folder of CIFAR's test pickles (cifar-10-batches-py)"
-        )
-    if classnames == IMAGENET:
-        names = imagenet_names_for(root, classes, setting)
-    elif classnames is not None:
-        names = _named(list(classnames), len(classes), root)
-    else:
-        names = [c.replace("_", " ") for c in classes]
+def _from_folder(root: str, classes: list[str]):
+    """Every image of the class folders ``classes`` of ``root``, and its class index."""
     paths, labels = [], []
     for label, name in enumerate(classes):
         files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -68,7 +57,28 @@ def _from_folder(root: str, classnames, setting: str):
             )
         paths += [os.path.join(root, name, f) for f in files]
         labels += [label] * len(files)
-    return paths, labels, names
+    return paths, labels
+
+
+def _folder_classes(source: str, classnames, setting: str) -> tuple[list[str], list[str]] | None:
+    """A folder source's layout, checked without reading an image: None for CIFAR's pickles, else its
+    class folders (sorted) and their names (the folders', ImageNet's for synsets, or ``classnames``)."""
+    if is_cifar_folder(source) is not None:
+        if classnames == IMAGENET:
+            raise DataError(f"{setting} = {source!r} is CIFAR: imagenet class names are for ImageNet's synset folders")
+        return None
+    classes = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
+    if not classes:
+        raise DataError(
+            f"{setting} = {source!r} has no class folder: it is in neither the ImageFolder layout (one sub-folder "
+            f"per class: the images of class C in {os.path.join(source, 'C')}/) nor CIFAR's (test_batch and "
+            "batches.meta, or test and meta): check the path"
+        )
+    if classnames == IMAGENET:
+        return classes, imagenet_names_for(source, classes, setting)
+    if classnames is not None:
+        return classes, _named(list(classnames), len(classes), source)
+    return classes, [c.replace("_", " ") for c in classes]
 
 
 def _named(names: list[str], count: int, source: str) -> list[str]:
@@ -123,19 +133,17 @@ def build_classification_data(
             f"{setting} = {source!r} does not exist: give a folder with one sub-folder per class, CIFAR's "
             "pickles, or a JSON list of {image, label}"
         )
-    if os.path.isdir(source) and (cifar := is_cifar_folder(source)) is not None:
-        images = CifarImages(source, cifar, transform)
-        if classnames == IMAGENET:
-            raise DataError(
-                f"{setting} = {source!r} is {cifar}: imagenet class names are for ImageNet's synset folders"
-            )
-        if classnames is not None:
-            images.classnames = _named(list(classnames), len(images.classnames), source)
-        return images
     if source.endswith(".json"):
         paths, labels, names = _from_json(source, image_root, None if classnames == IMAGENET else classnames)
     else:
-        paths, labels, names = _from_folder(source, classnames, setting)
+        found = _folder_classes(source, classnames, setting)
+        if found is None:
+            images = CifarImages(source, is_cifar_folder(source), transform)
+            if classnames is not None:
+                images.classnames = _named(list(classnames), len(images.classnames), source)
+            return images
+        classes, names = found
+        paths, labels = _from_folder(source, classes)
     if not paths:
         raise DataError(f"classification data {source} is empty: it lists no image")
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -223,17 +231,4 @@ def check_classification_source(source: str, classnames, setting: str) -> None:
             f"{setting} = {source!r}: expected a folder with one sub-folder per class, CIFAR's pickles, "
             "or a JSON list of {image, label}"
         )
-    if is_cifar_folder(source) is not None:
-        if classnames == IMAGENET:
-            raise DataError(f"{setting} = {source!r} is CIFAR: imagenet class names are for ImageNet's synset folders")
-        return
-    classes = sorted(d for d in os.listdir(source) if os.path.isdir(os.path.join(source, d)))
-    if not classes:
-        raise DataError(
-            f"{setting} = {source!r} is in neither the ImageFolder layout (one sub-folder per class) nor CIFAR's "
-            "(test_batch and batches.meta, or test and meta): check the path"
-        )
-    if classnames == IMAGENET:
-        imagenet_names_for(source, classes, setting)
-    elif classnames is not None:
-        _named(list(classnames), len(classes), source)
+    _folder_classes(source, classnames, setting)

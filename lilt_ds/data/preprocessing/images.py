@@ -51,14 +51,18 @@ def largest_reduction(crop_width: float, crop_height: float, size: int) -> int:
     return next((r for r in REDUCTIONS if min(crop_width, crop_height) / r >= 2 * size), 1)
 
 
+def encoded_bytes(image: Image.Image) -> torch.Tensor:
+    """The whole file of an opened (not yet decoded) image, as uint8 [N]: what torchvision's decoders take."""
+    image.fp.seek(0)
+    return torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8)
+
+
 def decode_jpeg_rgb(image: Image.Image) -> torch.Tensor:
     """An opened JPEG's pixels as uint8 [3, H, W], decoded by torchvision straight into the tensor (the
     same libjpeg-turbo as PIL, the same pixels, without PIL's copies into an array). UndecodableImage
     when they do not decode."""
-    image.fp.seek(0)
-    data = torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8)
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB)
+        return decode_jpeg(encoded_bytes(image), mode=ImageReadMode.RGB)
     except RuntimeError as err:
         # torchvision's messages start with the function and its C++ source line: keep what follows them
         raise UndecodableImage(f"JPEG decoding: {str(err).split(', ', 2)[-1].strip()}") from err

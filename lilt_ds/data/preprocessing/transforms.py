@@ -15,12 +15,13 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 from torchvision import transforms as T
+from torchvision.transforms.functional import pil_modes_mapping
 from torchvision.transforms.v2 import functional as F2
 
 from ...schema import AugmentSettings, as_section
 from ..errors import DataError
 from .device_decode import EncodedCrop
-from .images import decode_jpeg_rgb, largest_reduction, load_rgb
+from .images import decode_jpeg_rgb, encoded_bytes, largest_reduction, load_rgb
 from .source_transforms import source_eval_transform
 
 _RANDAUGMENT_SECTION = re.compile(r"(m|n|mmax|inc)\d+|(p|mstd)\d+(\.\d*)?|t[a-z0-9]+")
@@ -72,7 +73,6 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
         "grayscale": 0.0,
     },
 }
-_PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 INTERPOLATIONS = {
     "bicubic": T.InterpolationMode.BICUBIC,
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -195,7 +195,7 @@ class TrainTransform:
     ):
         self.size, self.aug = image_size, aug
         self.interpolation = INTERPOLATIONS[aug.interpolation]
-        # the crop step's parameters (it is not called: __call__ draws with its get_params and decodes for it)
+        # the crop step's parameters (it is not called: __call__ draws with random_resized_box and decodes for it)
         self.crop = (
             T.Resize((image_size, image_size), interpolation=self.interpolation)
             if aug.scale is None and aug.ratio is None
@@ -238,9 +238,7 @@ class TrainTransform:
         box = self.box(image)
         if self.on_device and image.format == "JPEG" and not self.normalize:
             flip = self.aug.hflip and bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip's draw
-            image.fp.seek(0)
-            data = torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8)
-            return EncodedCrop(data, box, flip, self.size, self.aug.interpolation)
+            return EncodedCrop(encoded_bytes(image), box, flip, self.size, self.aug.interpolation)
         pixels = self.augment(self.resized_crop(image, *box))
         return self.normalized.tensor(pixels) if self.normalize else pixels.contiguous()
 
@@ -253,8 +251,7 @@ class TrainTransform:
         decode straight into a tensor (torchvision) and other formats through PIL, and torch's
         vectorised antialiased kernel resizes the box."""
         if isinstance(self.crop, T.Resize):  # preset none: exactly the evaluation transform's pixels
-            resized = load_rgb(image).resize((self.size, self.size), _PIL_FILTERS[self.aug.interpolation])
-            return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+            return _chw(load_rgb(image).resize((self.size, self.size), pil_modes_mapping[self.interpolation]))
         full_width, full_height = image.size
         reduction = largest_reduction(width, height, self.size)
         if reduction == 1 and image.format == "JPEG" and image.fp is not None:
@@ -264,9 +261,8 @@ class TrainTransform:
             if image.size != (full_width, full_height):
                 sx, sy = image.width / full_width, image.height / full_height
                 box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
-                resized = image.resize((self.size, self.size), _PIL_FILTERS[self.aug.interpolation], box=box)
-                return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
-            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+                return _chw(image.resize((self.size, self.size), pil_modes_mapping[self.interpolation], box=box))
+            pixels = _chw(image)
         return F2.resized_crop(pixels, top, left, height, width, [self.size] * 2, self.interpolation, antialias=True)
 
     def augment(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -275,8 +271,7 @@ class TrainTransform:
             return pixels
         if not self.on_pil:
             return self.after(pixels)
-        out = self.after(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
-        return torch.from_numpy(np.asarray(out.convert("RGB")).copy()).permute(2, 0, 1)
+        return _chw(self.after(Image.fromarray(pixels.permute(1, 2, 0).numpy())).convert("RGB"))
 
     def with_normalize(self) -> TrainTransform:
         """This transform with float output, normalised in the worker (the feature cache's views)."""
@@ -287,6 +282,11 @@ class TrainTransform:
     def __repr__(self) -> str:
         where = "in the worker" if self.normalize else "on the device"
         return f"TrainTransform(size={self.size}, augment={dataclasses.asdict(self.aug)}, {self.normalized!r} {where})"
+
+
+def _chw(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a writable uint8 [3, H, W] tensor (a view of one copy of its pixels)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
 def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], preprocess: dict | None = None):
