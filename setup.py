@@ -30,6 +30,7 @@ COMMANDS = [
     "check_hostfile",
     "make_demo",
     "make_shards",
+    "plot_run",
 ]  # lilt-<name> runs lilt_ds.cli.<name>
 
 setup(
@@ -70,6 +71,7 @@ setup(
         "s3": SHARDS + ["s3fs"],
         "tables": ["pyarrow"],  # CSV/TSV, Parquet and datasets folders as data.train_files
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],  # logging.tensorboard: torch's SummaryWriter needs it
         "bench": DEMO + ["open_clip_torch"],  # benchmarks/throughput.py: OpenCLIP's step beside ours
         # omegaconf: the original LilT checkpoint fixture saves its OmegaConf config; ruff: .ci/run's linter,
         # pinned so that a new release's rules do not fail a clean checkout
@@ -80,6 +82,7 @@ setup(
         "test": DEMO
         + SHARDS
         + ["img2dataset", "s3fs", "moto[server]", "pyarrow", "datasets", "scikit-image", "clip-benchmark"]
+        + ["tensorboard"]
         + ["pytest", "pytest-timeout", "matplotlib", "open_clip_torch", "omegaconf", "ruff==0.17.6"],
     },
 )

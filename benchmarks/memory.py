@@ -33,7 +33,13 @@ from lilt_ds.memory import (
     usable_bytes,
 )
 from lilt_ds.models import build_model
-from lilt_ds.tools.memory_report import estimate_rows, estimate_table, plot_estimates, write_csv
+from lilt_ds.tools.memory_report import (
+    estimate_rows,
+    estimate_table,
+    plot_estimates,
+    plot_micro_batch_curves,
+    write_csv,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = ("clip", "lit", "lilt_ln", "lilt_bitfit", "lilt", "lilt_lora")
@@ -57,15 +63,19 @@ def experiment_config(preset: str, size: str, checkpointing: bool):
 
 
 def estimates_for(cfg, ds_configs: dict, args, budget: int):
-    """Activations measured once for the experiment config, then one estimate per ds_config."""
+    """Activations measured once for the experiment config, then per ds_config the estimate at the micro
+    batch and the GiB per GPU at each of ``args.curve_batches``."""
     activations = profile_activations(cfg, torch.bfloat16, args.probe_batch)
     inventory = ParameterInventory.of(build_model(cfg, load_weights=False, device="meta"))
-    return activations, [
-        MemoryModel(cfg, ds, args.world_size, activations=activations, inventory=inventory).estimate(
-            args.micro_batch, budget
-        )
-        for ds in ds_configs.values()
-    ]
+    models = {
+        name: MemoryModel(cfg, ds, args.world_size, activations=activations, inventory=inventory)
+        for name, ds in ds_configs.items()
+    }
+    curves = {
+        name: [(batch, model.estimate(batch).gpu_total / GIB) for batch in args.curve_batches]
+        for name, model in models.items()
+    }
+    return activations, [model.estimate(args.micro_batch, budget) for model in models.values()], curves
 
 
 def summary_cell(estimate) -> str:
@@ -81,6 +91,7 @@ def main():
     parser.add_argument("--gpu-memory", default="32GB")
     parser.add_argument("--headroom", type=float, default=0.1)
     parser.add_argument("--probe-batch", type=int, default=2)
+    parser.add_argument("--curve-batches", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
     parser.add_argument("--output_dir", default=os.path.join("outputs", "benchmarks", "memory"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -115,12 +126,14 @@ def main():
         summary = ["| model | ckpt | " + " | ".join(DS_CONFIGS) + " |", "|---|---|" + "---|" * len(DS_CONFIGS)]
         for checkpointing in (False, True):
             ckpt = "yes" if checkpointing else "no"
-            estimates = []
+            estimates, by_micro_batch = [], {name: {} for name in DS_CONFIGS}
             for preset in PRESETS:
                 cfg = experiment_config(preset, size, checkpointing)
-                activations, by_ds_config = estimates_for(cfg, ds_configs, args, budget)
+                activations, by_ds_config, curves = estimates_for(cfg, ds_configs, args, budget)
                 estimates += by_ds_config
                 model = describe_model(cfg)
+                for name, points in curves.items():
+                    by_micro_batch[name][model] = points
                 per_sample.append(
                     f"| {size}/{size} | {model} | {ckpt} | {activations.bytes_per_sample() / MIB:.1f} "
                     f"| {activations.bytes_per_sample(zero3_linear=True) / MIB:.1f} |"
@@ -140,6 +153,13 @@ def main():
             with open(f"{stem}.md", "w") as f:
                 f.write(f"{title}\n\n{estimate_table(estimates)}\n")
             plot_estimates(estimates, f"{stem}.png", title)
+            plot_micro_batch_curves(
+                by_micro_batch,
+                budget / GIB,
+                f"{stem}-by-micro-batch.png",
+                f"{size}/{size}, 256 px, {args.world_size} GPUs, {'with' if checkpointing else 'without'} activation "
+                f"checkpointing: GiB per GPU against the micro batch; dashed: {args.gpu_memory} less headroom",
+            )
             csv_rows += [{"towers": f"{size}/{size}", **row} for row in estimate_rows(estimates)]
             if not checkpointing:
                 zero2 = [e for e in estimates if e.settings.stage == 2 and e.settings.offload_optimizer == "none"]
@@ -165,7 +185,8 @@ def main():
         "included (`zero_optimization.memory_efficient_linear`, on by default); plain autograd keeps the "
         "input only when the weight trains. Frozen towers that still backpropagate (LilT) pay for it.",
         "",
-        f"Charts and tables by category: `{args.output_dir}/*.png`, `*.md`, `memory.csv`. "
+        f"Charts and tables by category: `{args.output_dir}/*.png` (`*-by-micro-batch.png`: GiB per GPU "
+        f"against the micro batch, a panel per ds_config, a line per model), `*.md`, `memory.csv`. "
         f"Benchmark time: {time.perf_counter() - start:.0f} s.",
         "",
     ]

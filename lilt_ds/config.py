@@ -14,6 +14,7 @@ the ds_config is resolved (:func:`lilt_ds.engine.resolve_ds_config`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Iterable
 
 from .data import check_zeroshot, resolve_data_config
@@ -126,6 +127,15 @@ def check_cache(cfg: ExperimentConfig) -> None:
         )
 
 
+def check_tensorboard(cfg: ExperimentConfig) -> None:
+    """``logging.tensorboard`` needs the tensorboard package (torch's SummaryWriter imports it)."""
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "logging.tensorboard = true, but the tensorboard package is not installed: "
+            'pip install -e ".[tensorboard]" (or pip install tensorboard), or set logging.tensorboard=false'
+        )
+
+
 # ---------------------------------------------------------------------------------- the pass
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` checked in full, with what loading resolves (the image size, the data section) filled in."""
@@ -140,6 +150,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_cache(cfg)
     check_zeroshot(cfg.eval.classification)
     check_watched_metrics(cfg)
+    check_tensorboard(cfg)
     return cfg
 
 

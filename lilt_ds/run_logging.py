@@ -1,8 +1,10 @@
 """What a run reports: the log file, the progress bar, periodic metrics (the loader's share of the step
-time among them), wandb and results.jsonl.
+time among them), wandb, TensorBoard events and results.jsonl.
 
 wandb is optional in every sense: missing, offline or failing, it never stops a run. Without
-credentials it logs offline (``wandb sync`` uploads later).
+credentials it logs offline (``wandb sync`` uploads later). TensorBoard events are written by
+lilt_ds (torch's SummaryWriter), not by DeepSpeed's monitor, which knows the loss and the learning
+rate only: the same scalars as the log line, under ``train/`` and ``eval/`` as in wandb.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class MetricLogger:
         self.results_path = os.path.join(output_dir, "results.jsonl")
         self.steps_path = os.path.join(output_dir, "steps.jsonl")
         self.wandb = start_wandb(cfg, output_dir) if rank == 0 else None
+        self.tensorboard = None
+        if rank == 0 and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self.window_samples, self.window_time, self.window_wait, self.bar = 0, 0.0, 0.0, None
         self.data_wait_warned = False
 
@@ -129,8 +136,7 @@ class MetricLogger:
         metrics["samples_seen"] = seen
         with open(self.steps_path, "a") as f:  # full precision, for comparing runs step by step
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        self.publish("train", metrics, step)
 
     def warn_data_wait(self, data_wait: float) -> None:
         """Once per run: the loader cannot keep up, and what helps."""
@@ -155,8 +161,17 @@ class MetricLogger:
         with open(self.results_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         log.info("eval epoch %d step %d: %s", epoch, step, " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        self.publish("eval", metrics, step)
+
+    def publish(self, prefix: str, metrics: dict, step: int) -> None:
+        """Scalars to wandb and TensorBoard, where on."""
         if self.wandb is not None:
-            self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{prefix}/{key}", value, step)
+            self.tensorboard.flush()
 
     def event(self, step: int, epoch: int, record: dict) -> None:
         """A line of results.jsonl that is not an evaluation (early stopping)."""
@@ -168,6 +183,8 @@ class MetricLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.wandb is not None:
             try:
                 self.wandb.finish()

@@ -660,6 +660,9 @@ class LoggingSettings:
         minimum=0.0,
         maximum=1.0,
     )
+    tensorboard: bool = setting(
+        False, "rank 0 writes the log's scalars as TensorBoard events in OUTPUT_DIR/tensorboard (the tensorboard extra)"
+    )
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,28 @@ def fp32_ds_configs(tmp_path_factory):
         paths[stage] = str(folder / f"zero{stage}_fp32.json")
         json.dump(ds, open(paths[stage], "w"))
     return paths
+
+
+def _logged_run(rank, world_size, out):
+    from lilt_ds.config import load_config
+    from lilt_ds.train import Trainer
+
+    overrides = [f"output_dir={out}", "train.max_steps=4", "logging.data_wait_warning=1e-6", "logging.tensorboard=true"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = Trainer(
+        load_config("lilt", tiny_training_overrides(out, overrides)), os.path.join(root, "ds_configs", "zero2.json")
+    )
+    run.run()
+    run.engine.destroy()
+    return {}
+
+
+@pytest.fixture(scope="session")
+def logged_run(tmp_path_factory):
+    """What a real run writes: 4 steps on one gloo rank, a data-wait warning limit below any wait,
+    TensorBoard on (shared by the logging and the plotting tests)."""
+    from tests.distributed import run_ranks
+
+    tmp = tmp_path_factory.mktemp("logged")
+    run_ranks(_logged_run, 1, tmp, str(tmp / "run"))
+    return tmp / "run"

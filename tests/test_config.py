@@ -286,3 +286,15 @@ def test_zero_shot_classification_mistakes_are_refused_at_load_time(override, me
     extra = [] if "data=" in override else [f"eval.classification.data={tmp_path}"]
     with pytest.raises(LiltError, match=message):
         load_config("lilt", [override, *extra])
+
+
+def test_tensorboard_without_its_package_is_refused_at_load(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"logging.tensorboard = true, but the tensorboard package is not installed"):
+        load_config("demo", ["logging.tensorboard=true"])
+    assert load_config("demo", ["logging.tensorboard=false"]).logging.tensorboard is False

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from lilt_ds.config import ConfigError, load_config
@@ -170,6 +171,28 @@ def test_largest_micro_batch_is_the_last_one_under_the_budget():
     assert estimate.fits and estimate.largest_micro_batch == 16
     assert not memory.estimate(17, budget).fits
     assert memory.largest_micro_batch(memory.estimate(1).gpu_total - 1) == 0
+
+
+def test_the_micro_batch_chart_draws_every_ds_config_and_model_from_the_estimates(tmp_path):
+    from lilt_ds.engine import load_ds_config
+    from lilt_ds.tools.memory_report import plot_micro_batch_curves
+
+    batches = [4, 8, 16, 32]
+    curves = {
+        name: {
+            mode: [
+                (b, MemoryModel(tiny(mode), load_ds_config(ds_config(name)), 4).estimate(b).gpu_total / GIB)
+                for b in batches
+            ]
+            for mode in ("clip", "lilt")
+        }
+        for name in ("zero2", "zero3")
+    }
+    path = plot_micro_batch_curves(curves, 0.5, str(tmp_path / "by-micro-batch.png"), "tiny/tiny")
+    image = Image.open(path)
+    assert image.size == (1000, 400) and len(set(image.convert("L").getdata())) > 10  # two panels, drawn
+    assert curves["zero3"]["clip"][-1][1] < curves["zero2"]["clip"][-1][1]  # ZeRO-3 partitions the weights
+    assert all(a[1] < b[1] for a, b in zip(curves["zero2"]["lilt"], curves["zero2"]["lilt"][1:]))  # grows with batch
 
 
 # -------------------------------------------------------------------------------- real engines

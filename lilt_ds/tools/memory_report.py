@@ -181,6 +181,42 @@ def plot_estimates(estimates: list[MemoryEstimate], path: str, title: str) -> st
     return path
 
 
+def plot_micro_batch_curves(
+    curves: dict[str, dict[str, list[tuple[int, float]]]], budget_gib: float | None, path: str, title: str
+) -> str | None:
+    """GiB per GPU against the micro batch, a panel per ds_config (``curves[ds_config][model]`` =
+    [(micro batch, GiB)]), a line per model, the budget as a dashed line; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    columns = min(3, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), sharey=True, squeeze=False)
+    for ax, (ds_name, by_model) in zip(axes.flat, curves.items()):
+        for model, points in by_model.items():
+            ax.plot(*zip(*points), marker="o", markersize=3, label=model)
+        if budget_gib is not None:
+            ax.axhline(budget_gib, color="black", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_title(ds_name, fontsize=10)
+        ax.set_xlabel("micro batch per GPU")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("GiB per GPU")
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(estimates: list[MemoryEstimate], output_dir: str, stem: str, title: str) -> list[str]:
     """``<stem>.md``, ``<stem>.csv`` and ``<stem>.png`` in ``output_dir``; returns the paths written."""
     os.makedirs(output_dir, exist_ok=True)

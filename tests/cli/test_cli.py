@@ -109,6 +109,7 @@ def test_every_long_flag_takes_both_spellings():
             "checkpoint /no/such/run does not exist",
         ),
         ("make_shards", ["--json", "/no/such.json", "--out", "/tmp/never"], "/no/such.json"),
+        ("plot_run", ["/no/such/run"], "/no/such/run has no steps.jsonl: give a run's output_dir"),
     ],
 )
 def test_every_command_reports_a_mistake_as_an_error_line(name, argv, message):
