@@ -12,11 +12,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_preset_loads():
-    for name in ["clip", "lit", "lilt", "lilt_ln", "lilt_bitfit", "lilt_lora", "demo"]:
+    for name in ["clip", "lit", "lilt", "lilt_ln", "lilt_bitfit", "lilt_lora", "lilt_small", "demo"]:
         assert name in available_presets()
         cfg = load_config(name)
         assert cfg.mode in ("clip", "lit", "lilt")
         assert cfg.config_name == name
+
+
+def test_the_small_data_preset_is_lilt_with_a_recipe():
+    small, lilt = load_config("lilt_small"), load_config("lilt")
+    assert small.mode == lilt.mode and small.model == lilt.model  # the same towers and unlock sets
+    scale = small.train.lr_scale
+    assert scale.vision == scale.text > scale.heads == 1  # the towers' few parameters take larger steps
+    assert small.checkpoint.keep_best == "r_mean" and small.eval.every_epochs == 1
+    assert small.data.augment.preset == "none" and lilt.data.augment.preset == "lilt"  # the paper preset as it was
 
 
 def test_overrides_dotted_alias_and_yaml_values():

@@ -23,6 +23,7 @@ def total_percent(output: str) -> float:
     "preset,low,high",
     [
         ("lilt", 6.5, 7.5),
+        ("lilt_small", 6.5, 7.5),
         ("lilt_ln", 0.0, 0.5),
         ("lilt_bitfit", 0.0, 0.5),
         ("lit", 50, 60),
