@@ -72,6 +72,7 @@ setup(
         "tables": ["pyarrow"],  # CSV/TSV, Parquet and datasets folders as data.train_files
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],  # logging.tensorboard: torch's SummaryWriter needs it
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.25"],  # the site in docs/: mkdocs build --strict
         "bench": DEMO + ["open_clip_torch"],  # benchmarks/throughput.py: OpenCLIP's step beside ours
         # omegaconf: the original LilT checkpoint fixture saves its OmegaConf config; ruff: .ci/run's linter,
         # pinned so that a new release's rules do not fail a clean checkout
