@@ -31,7 +31,7 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", help="tower preset of both towers")
     parser.add_argument("--image-size", type=int, default=224)
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--compile", default="inductor", help="torch.compile backend of the compiled variant")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--output", default=os.path.join("outputs", "benchmarks", "efficiency.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from step_runners import OursStep, benchmark_config, synthetic_batch, time_interleaved  # a sibling
 
@@ -114,4 +114,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from lilt_ds.cli import run
+
+    run(main)

@@ -743,4 +743,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    from lilt_ds.runtime import end_process  # installed by now (--install, --wheels)
+
+    end_process(status)
+    sys.exit(status)

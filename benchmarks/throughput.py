@@ -271,7 +271,7 @@ def targets_section(size, rows_by_mode, clip_refs, args) -> list[str]:
     return out + [""]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], help="tower presets (vision and text)")
     parser.add_argument("--modes", nargs="+", default=["clip", "lit", "lilt"], choices=list(tp.MODES))
@@ -321,7 +321,7 @@ def main():
         "(lilt_ds.allocator; default), or the C library's own settings for all",
     )
     parser.add_argument("--output", default=os.path.join("outputs", "benchmarks", "throughput", "throughput.md"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         import open_clip
     except ImportError:
@@ -455,6 +455,12 @@ def main():
             f.write(f"\nProfile: {title}\n\n```\n{table}\n```\n")
 
 
-if __name__ == "__main__":
+def _in_a_process_group(argv=None):
     with process_group_scope():
-        main()
+        main(argv)
+
+
+if __name__ == "__main__":
+    from lilt_ds.cli import run
+
+    run(_in_a_process_group)

@@ -18,6 +18,8 @@ import time
 import psutil
 import torch
 
+from . import ds_compat
+
 log = logging.getLogger("lilt_ds")
 
 
@@ -117,12 +119,12 @@ class MetricLogger:
         if step % self.cfg.train.log_every and step != 1:
             return
         per_device = self.window_samples / max(self.window_time, 1e-9)
-        scale = engine.module.logit_scale.detach().float()
+        scale = _logit_scale(engine.module.logit_scale)
         data_wait = self.window_wait / max(self.window_wait + self.window_time, 1e-9)
         metrics = {
             "loss": loss,
             "lr": engine.get_lr()[0],
-            "logit_scale": scale.exp().item() if scale.numel() else float("nan"),
+            "logit_scale": scale,
             "samples_per_s": per_device * self.world_size,
             "samples_per_s_per_device": per_device,
             "data_wait": data_wait,
@@ -190,3 +192,11 @@ class MetricLogger:
                 self.wandb.finish()
             except Exception:  # noqa: BLE001
                 pass
+
+
+def _logit_scale(param: torch.Tensor) -> float:
+    """exp(logit_scale) read on rank 0 alone, also under ZeRO-3: rank 0's partition starts at element 0."""
+    held = param if param.numel() else ds_compat.zero3_partition(param)
+    if held is None or held.numel() == 0:
+        return float("nan")
+    return held.detach().flatten()[0].float().exp().item()

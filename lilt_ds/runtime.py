@@ -9,6 +9,7 @@ without it every rank would use ``cuda:0`` and ranks >= 1 fail at their first co
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -158,10 +159,12 @@ def init_distributed(timeout_s: float | None = None) -> World:
     """
     import deepspeed
 
+    global _joined_a_group
     if not torch.distributed.is_initialized():
         world = launched_world()
         if world.launcher != "deepspeed/torchrun":
             os.environ.update(world.environment())
+        _joined_a_group = True
     device = bind_device()
     announce_deepspeed_builds()  # the CPU accelerator JIT-builds its shared-memory collectives here
     if timeout_s is None:
@@ -169,6 +172,29 @@ def init_distributed(timeout_s: float | None = None) -> World:
     else:
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     return World(torch.distributed.get_rank(), torch.distributed.get_world_size(), device)
+
+
+_joined_a_group = False  # set once this process has joined a process group (init_distributed)
+
+
+def end_process(code) -> None:
+    """End a command that joined a process group with ``sys.exit(code)``'s status, skipping finalization.
+
+    The atexit handlers run (logging, multiprocessing's workers, trackers), then the process exits
+    without Python's finalization: there, a C++ thread of torch.distributed that asks for the GIL is
+    stopped inside a destructor and aborts the process ("terminate called without an active
+    exception", status -6) after the run had finished and saved everything; a scheduler would mark
+    the job failed. A process that never joined a group returns and exits normally.
+    """
+    if not _joined_a_group:
+        return
+    if isinstance(code, str):  # sys.exit("message"): the message on stderr, status 1
+        print(code, file=sys.stderr)
+    status = 1 if isinstance(code, str) else int(code or 0)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @contextlib.contextmanager

@@ -47,10 +47,31 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main, argv=None) -> None:
-    """``main(argv)``, a user's mistake reported as ``error: ...`` with exit status 1."""
+    """``main(argv)``, a user's mistake reported as ``error: ...`` with exit status 1; a status that
+    ``main`` returns (an int) is the exit status.
+
+    With the process's own arguments (``argv`` None: a console script, ``python -m``, a launcher)
+    the command owns the process: one that joined a process group ends through
+    :func:`lilt_ds.runtime.end_process`.
+    """
     from lilt_ds.errors import LiltError
 
     try:
-        main(argv)
-    except LiltError as e:
-        sys.exit(f"error: {e}")
+        try:
+            status = main(argv)
+        except LiltError as e:
+            sys.exit(f"error: {e}")
+        if status:
+            sys.exit(status)
+    except SystemExit as e:
+        if argv is None:
+            _end(e.code)
+        raise
+    if argv is None:
+        _end(0)
+
+
+def _end(code) -> None:
+    runtime = sys.modules.get("lilt_ds.runtime")  # loaded by every command that joins a group
+    if runtime is not None:
+        runtime.end_process(code)

@@ -209,3 +209,46 @@ def test_lilt_pretrain_trains_from_any_directory_with_a_packaged_ds_config_name(
     assert not os.path.exists(tmp_path / "ds_configs")  # the name, not a folder here
     assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
     assert json.loads((out / "results.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+ENDS_IN_A_GROUP = """
+import atexit, os, sys
+from lilt_ds.cli import run
+from lilt_ds.errors import ConfigError
+from lilt_ds.runtime import init_distributed, process_group_scope
+
+
+class Finalized:
+    def __del__(self, write=os.write):  # sys.stderr, even the module's globals, may be gone by then
+        write(2, b"finalized")
+
+
+kept = Finalized()  # collected at interpreter finalization, the step a joined process skips
+
+
+def main(argv):
+    atexit.register(print, "atexit ran")
+    with process_group_scope():
+        init_distributed()
+    print("unflushed", end="")
+    {ending}
+
+
+run(main)
+"""
+
+
+@pytest.mark.parametrize(
+    "ending, status, stderr",
+    [("return 75", 75, ""), ("raise ConfigError('train.lr = -1: expected a number > 0')", 1, "error: train.lr = -1")],
+)
+def test_a_command_that_joined_a_group_keeps_its_status_and_output_and_skips_finalization(
+    tmp_path, ending, status, stderr
+):
+    script = tmp_path / "command.py"
+    script.write_text(ENDS_IN_A_GROUP.replace("{ending}", ending))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == status, result.stderr[-2000:]
+    assert result.stdout.endswith("unflushedatexit ran\n")
+    assert stderr in result.stderr and "finalized" not in result.stderr and "Traceback" not in result.stderr
