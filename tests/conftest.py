@@ -90,15 +90,18 @@ def fp32_ds_configs(tmp_path_factory):
     return paths
 
 
-def _logged_run(rank, world_size, out):
+def tiny_trainer(out, *extra):
+    """A Trainer of the tiny lilt run, 4 steps into ``out``, on ZeRO-2 (in a process of run_ranks)."""
     from lilt_ds.config import load_config
     from lilt_ds.train import Trainer
 
-    overrides = [f"output_dir={out}", "train.max_steps=4", "logging.data_wait_warning=1e-6", "logging.tensorboard=true"]
+    cfg = load_config("lilt", tiny_training_overrides(out, [f"output_dir={out}", "train.max_steps=4", *extra]))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = Trainer(
-        load_config("lilt", tiny_training_overrides(out, overrides)), os.path.join(root, "ds_configs", "zero2.json")
-    )
+    return Trainer(cfg, os.path.join(root, "ds_configs", "zero2.json"))
+
+
+def _logged_run(rank, world_size, out):
+    run = tiny_trainer(out, "logging.data_wait_warning=1e-6", "logging.tensorboard=true")
     run.run()
     run.engine.destroy()
     return {}

@@ -3,29 +3,18 @@ steps.jsonl record, and the one warning when it is too large; the same scalars a
 read back with TensorBoard's own reader; a real run on one gloo rank."""
 
 import json
-import os
 
 import pytest
 
-from lilt_ds.config import load_config
-from tests.conftest import tiny_training_overrides
+from tests.conftest import tiny_trainer
 from tests.distributed import run_ranks
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def trainer(out, *extra):
-    from lilt_ds.train import Trainer
-
-    cfg = load_config("lilt", tiny_training_overrides(out, [f"output_dir={out}", "train.max_steps=4", *extra]))
-    return Trainer(cfg, os.path.join(ROOT, "ds_configs", "zero2.json"))
 
 
 def _refused(rank, world_size, out):
     from lilt_ds.errors import ConfigError
 
     try:
-        trainer(out, "data.decode=device", "data.augment.preset=openclip")
+        tiny_trainer(out, "data.decode=device", "data.augment.preset=openclip")
     except ConfigError as err:
         return {"error": str(err)}
     return {"error": None}

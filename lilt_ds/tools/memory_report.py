@@ -29,6 +29,7 @@ from ..memory import (
 )
 from ..memory.estimate import check_headroom
 from ..runtime import GPU_TARGET, init_distributed, present_device, process_group_scope
+from .charts import pyplot
 
 
 def estimate_rows(estimates: list[MemoryEstimate]) -> list[dict]:
@@ -149,12 +150,8 @@ def write_csv(rows: list[dict], path: str) -> str:
 
 def plot_estimates(estimates: list[MemoryEstimate], path: str, title: str) -> str | None:
     """Stacked bars of GPU GiB by category, one bar per estimate, the budget as a line; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(estimates) + 2), 5.5))
     x = range(len(estimates))
@@ -186,12 +183,8 @@ def plot_micro_batch_curves(
 ) -> str | None:
     """GiB per GPU against the micro batch, a panel per ds_config (``curves[ds_config][model]`` =
     [(micro batch, GiB)]), a line per model, the budget as a dashed line; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     columns = min(3, len(curves))
     rows = -(-len(curves) // columns)

@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 
 from lilt_ds.errors import LiltError
 
-# (key of steps.jsonl, panel title, y scale)
+from .charts import pyplot
+
+# (key of steps.jsonl, panel title)
 STEP_PANELS = [
-    ("loss", "training loss", "linear"),
-    ("lr", "learning rate", "linear"),
-    ("logit_scale", "logit scale (1 / temperature)", "linear"),
-    ("samples_per_s", "samples/s (all ranks)", "linear"),
-    ("data_wait", "share of time waiting for data", "linear"),
+    ("loss", "training loss"),
+    ("lr", "learning rate"),
+    ("logit_scale", "logit scale (1 / temperature)"),
+    ("samples_per_s", "samples/s (all ranks)"),
+    ("data_wait", "share of time waiting for data"),
 ]
 RECALL = (("txt_r1", "i->t R@1", "-"), ("img_r1", "t->i R@1", "--"))
 
@@ -47,22 +49,17 @@ def read_run(folder: str) -> RunRecords:
 
 def plot_runs(runs: list[RunRecords], path: str):
     """The six panels of ``runs`` saved as a PNG at ``path``; returns the figure (closed) for its data."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LiltError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+    plt = pyplot()
+    if plt is None:
+        raise LiltError('plotting needs matplotlib: pip install -e ".[plot]"')
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     panels = list(axes.flat)
-    for ax, (key, title, scale) in zip(panels, STEP_PANELS):
+    for ax, (key, title) in zip(panels, STEP_PANELS):
         for run in runs:
             points = [(r["step"], r[key]) for r in run.steps if key in r]
             if points:
                 ax.plot(*zip(*points), label=run.name)
         ax.set_title(title, fontsize=10)
-        ax.set_yscale(scale)
         ax.set_xlabel("step")
     recall = panels[-1]
     for index, run in enumerate(runs):

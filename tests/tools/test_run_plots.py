@@ -21,7 +21,7 @@ def test_every_panel_draws_the_run_s_records(logged_run, tmp_path):
     runs = [read_run(str(logged_run)), read_run(str(other))]
     figure = plot_runs(runs, str(tmp_path / "curves.png"))
     panels = figure.axes
-    for ax, (key, _, _) in zip(panels, STEP_PANELS):
+    for ax, (key, _) in zip(panels, STEP_PANELS):
         lines = ax.get_lines()
         assert [line.get_label() for line in lines] == ["run", "other"]
         for line, run in zip(lines, runs):
