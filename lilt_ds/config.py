@@ -156,11 +156,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 def load_config(name: str = "demo", overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Resolve a preset name or YAML path, then the overrides, into a config checked in full."""
+    return validate(parse_config(name, overrides))
+
+
+def parse_config(name: str = "demo", overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """The preset or YAML with the overrides, every key known and every value of its type and range;
+    nothing resolved or looked up yet (files, towers): :func:`validate` does that."""
     ours, original = split_flags(overrides)
     draft = read_config(name, ours)
     apply_flags(draft.values, original, explicit=dict(parse_override(text)[:2] for text in ours))
     cfg = parse(ExperimentConfig, draft.values, source=f"config {name}")
-    return validate(dataclasses.replace(cfg, config_name=draft.name, extras=draft.extras))
+    return dataclasses.replace(cfg, config_name=draft.name, extras=draft.extras)
 
 
 def config_from_dict(values: dict) -> ExperimentConfig:
