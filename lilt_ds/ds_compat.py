@@ -3,7 +3,8 @@
 DeepSpeed has no public API for a few things lilt_ds needs: the fp32 master fragment of one
 parameter under ZeRO-0/1/2 (to clamp the temperature there), turning off ZeRO-0's self-all-reduce on
 one rank, torch's own ``F.linear`` after a ZeRO-3 engine replaced it, the ZeRO-3 attributes of a
-parameter, and the step count of CPU Adam's C++ optimizer (for an exact resume). Each function here
+parameter, the step count of CPU Adam's C++ optimizer (for an exact resume), and the shared-memory
+file of the CPU accelerator's all-reduce (DeepSpeed never removes it). Each function here
 knows the layouts of the tested versions (``TESTED``, pinned in setup.py) and raises
 :class:`UnknownLayout` on anything else, so a renamed attribute stops a run with a message instead
 of silently changing what it does. ``PRIVATE`` lists every attribute used; a test checks them
@@ -11,6 +12,8 @@ against the installed DeepSpeed.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -27,6 +30,7 @@ PRIVATE = {
     "an engine's optimizer wrapper (ZeRO, FP16/BF16)": ("optimizer",),
     "deepspeed.ops.adam.cpu_adam:DeepSpeedCPUAdam": ("ds_opt_adam", "opt_id"),
     "deepspeed.ops.adam.fused_adam:FusedAdam": ("multi_tensor_adam", "_dummy_overflow_buf", "adam_w_mode"),
+    "deepspeed.comm.torch:TorchBackend": ("shm_comm_op",),
 }
 """Owner -> the private attributes lilt_ds reads or writes on it (on an engine, an optimizer of that
 class, a parameter it manages, or the class itself)."""
@@ -202,3 +206,16 @@ def replay_cpu_adam_steps(optimizer) -> int:
         for group in adam.param_groups:  # as the optimizer's step calls it: group by group
             update(step, group, dummy)
     return last
+
+
+def shm_allreduce_file(rank: int) -> str | None:
+    """The /dev/shm file this rank's DeepSpeed CPU accelerator all-reduces through when every rank is
+    on one machine (``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, about
+    65 MiB of RAM); None for a backend without one. DeepSpeed creates it at init and never unlinks it."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.comm.torch import TorchBackend
+
+    if not isinstance(ds_comm.cdb, TorchBackend) or ds_comm.cdb.shm_comm_op is None:
+        return None
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from . import ds_compat
 from .errors import ConfigError
 from .world import launched_world
 
@@ -199,19 +200,24 @@ def end_process(code) -> None:
 
 @contextlib.contextmanager
 def process_group_scope():
-    """Destroy, once the block succeeds, the process group it created (through init_distributed).
+    """Destroy, once the block succeeds, the process group it created (through init_distributed), and
+    remove the shared-memory file DeepSpeed's CPU accelerator made for it (it would stay in RAM).
 
     Left to interpreter exit, gloo's worker threads can still hold DeepSpeed's async work and abort
     the process ("terminate called without an active exception") after the work finished. A group
     that existed before the block stays, and so does any group after an error (other ranks may
-    still be in a collective, where destroying would hang).
+    still be in a collective, where destroying would hang, or still opening this rank's file).
     """
     existed = torch.distributed.is_initialized()
     yield
     if not existed and torch.distributed.is_initialized():
         import deepspeed.comm
 
+        shm_file = ds_compat.shm_allreduce_file(torch.distributed.get_rank())
         deepspeed.comm.destroy_process_group()
+        if shm_file is not None:  # every rank opened it at init; the mappings outlive the name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(shm_file)
 
 
 @dataclass(frozen=True)

@@ -312,3 +312,23 @@ def test_joining_the_process_group_wraps_deepspeeds_builds():
 
     runtime.announce_deepspeed_builds()
     assert getattr(OpBuilder.jit_load, "announces", False)
+
+
+def _shm_file_lifetime(rank, world_size):
+    from lilt_ds import ds_compat
+    from lilt_ds.runtime import init_distributed, process_group_scope
+
+    os.environ["LOCAL_SIZE"] = str(world_size)  # every rank on this machine, as the launcher says: shm all-reduce
+    with process_group_scope():
+        init_distributed()
+        path = ds_compat.shm_allreduce_file(rank)
+        torch.distributed.barrier()
+        during = path is not None and os.path.exists(path)
+    return {"during": during, "after": path is not None and os.path.exists(path)}
+
+
+def test_the_cpu_accelerators_shared_memory_file_goes_with_the_process_group(tmp_path):
+    """DeepSpeed leaves /dev/shm/deepspeed_allreduce_buffer_* (RAM) behind every CPU run; ours remove it."""
+    from tests.distributed import run_ranks
+
+    assert run_ranks(_shm_file_lifetime, 2, tmp_path) == [{"during": True, "after": False}] * 2
