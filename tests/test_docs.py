@@ -3,10 +3,8 @@ flags as its own parser reads them, each command's and benchmark's flags as its 
 every --config/--overrides as the config schema reads them (keys, types, ranges; files and towers are
 not looked up: the docs' paths are the reader's). A flag renamed or a key moved fails here."""
 
-import contextlib
 import glob
 import importlib
-import importlib.util
 import os
 import re
 import shlex
@@ -83,8 +81,7 @@ class Parsed(Exception):
         self.args_ = args
 
 
-@contextlib.contextmanager
-def stopping_after_parse(monkeypatch):
+def stop_after_parse(monkeypatch) -> None:
     """Every argparse parser stops the program right after it parsed: nothing runs."""
     import argparse
 
@@ -94,18 +91,6 @@ def stopping_after_parse(monkeypatch):
         raise Parsed(original(self, args, namespace))
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
-    yield
-
-
-def benchmark_main(name: str):
-    folder = os.path.join(ROOT, "benchmarks")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)  # the benchmarks import their siblings
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(folder, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module.main
 
 
 COMMANDS = sorted({(page, command) for page, command in shown_commands()})
@@ -134,11 +119,12 @@ def test_a_shown_command_parses(page, command, monkeypatch):
         main = importlib.import_module(f"lilt_ds.cli.{name}").main
     else:
         assert os.path.isfile(os.path.join(ROOT, "benchmarks", f"{name}.py")), f"{page}: no benchmark {name}"
-        main = benchmark_main(name)
+        main = importlib.import_module(name).main  # benchmarks/ is on the path (pyproject.toml), as for a script
     if kind == "cli" and not arguments and not command.endswith("..."):  # a command named in prose
         return
     monkeypatch.setattr(sys, "argv", [name, *arguments])
-    with stopping_after_parse(monkeypatch), pytest.raises(Parsed) as parsed:
+    stop_after_parse(monkeypatch)
+    with pytest.raises(Parsed) as parsed:
         main()
     args = parsed.value.args_
     if getattr(args, "overrides", None) is not None and getattr(args, "config", None) is not None:
